@@ -1,0 +1,31 @@
+# twinview: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are installed first and pinned here so that pip never pulls a newer (multi-GB)
+# build; pyproject.toml only states the compatible range. Override on other machines, e.g.
+#   make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/twinview demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/cifar10_quick.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,1 @@
+"""twinview.evaluate: frozen-feature extraction and kNN evaluation."""

@@ -1,0 +1,342 @@
+"""Typed run configuration: one dataclass per component, YAML recipes and dotted overrides on top.
+
+Defaults are defined once, here. A recipe (``configs/*.yaml``) and command-line overrides such as
+``optim.lr=0.3`` only override them. Keys are checked against the dataclasses here (so an error names
+the key and lists the valid ones); OmegaConf's structured configs do the merging and type conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class DataConfig:
+    """Where the training images are and how the CPU side prepares them.
+
+    Attributes:
+        path: An image folder (walked recursively) or ``builtin:digits`` for the embedded demo set.
+            Required: empty is an error.
+        image_size: Side of the square uint8 images the loader returns (shorter side resized,
+            then centre-cropped). Augmentation crops are made from these.
+        num_workers: DataLoader worker processes that decode and resize.
+    """
+
+    path: str = ""
+    image_size: int = 32
+    num_workers: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    """The SimCLR view recipe (Chen et al. 2020), applied on the training device with Kornia.
+
+    Attributes:
+        recipe: Name of the view recipe.
+        crop_size: Output side of each view; ``0`` means ``data.image_size``.
+        crop_scale: Area range of the random resized crop.
+        crop_ratio: Aspect-ratio range of the random resized crop.
+        flip_p: Probability of a horizontal flip.
+        jitter_strength: s in (0.8s, 0.8s, 0.8s, 0.2s) for brightness, contrast, saturation, hue.
+        jitter_p: Probability of applying colour jitter.
+        grayscale_p: Probability of converting a view to grayscale.
+        blur_p: Probability of Gaussian blur (the recipe leaves it off for images <= 32 px).
+        blur_kernel_frac: Blur kernel side as a fraction of the view side (rounded up to odd).
+        blur_sigma: Range of the blur's standard deviation.
+    """
+
+    recipe: str = "simclr"
+    crop_size: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+    jitter_strength: float = 1.0
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_kernel_frac: float = 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and projection head.
+
+    Attributes:
+        backbone: Any ``timm`` model name; created with ``num_classes=0`` (pooled features).
+        cifar_stem: For ResNets on small images: 3x3 stride-1 first conv and no max-pool.
+        proj_hidden_dim: Hidden width of the MLP projection head.
+        proj_dim: Output width of the projection head (the space the loss sees).
+        proj_layers: Number of linear layers in the head (>= 1).
+    """
+
+    backbone: str = "resnet18"
+    cifar_stem: bool = False
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    proj_layers: int = 2
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective.
+
+    Attributes:
+        name: ``simclr`` (NT-Xent over two views).
+        temperature: Softmax temperature of NT-Xent.
+    """
+
+    name: str = "simclr"
+    temperature: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and per-step learning-rate schedule (timm's optimiser factory and cosine scheduler).
+
+    Attributes:
+        name: Any optimiser timm's ``create_optimizer_v2`` knows (``sgd``, ``lars``, ``adamw``, ...).
+        lr: Peak learning rate, reached at the end of warm-up.
+        momentum: Momentum for SGD-like optimisers.
+        weight_decay: Decoupled from norms and biases, which get none.
+        warmup_epochs: Linear warm-up length, in epochs (fractions allowed).
+        min_lr: Final learning rate of the cosine decay.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        epochs: Number of passes over the data.
+        batch_size: Images per process per step (each gives two views).
+        mixed_precision: ``no``, ``fp16`` or ``bf16`` (bf16 also on CPU).
+        cpu: Train on the CPU even where an accelerator is present.
+        seed: Seed for weights, data order and augmentation.
+        output_dir: Parent directory of run directories.
+        run_name: Run directory name; empty means a timestamp.
+        checkpoint_every: Save a resumable checkpoint every N epochs (the last epoch always).
+        log_every: Log loss, lr and throughput every N steps (the only host syncs of the loop).
+        channels_last: Use channels-last memory format for convolutional backbones.
+        max_steps_per_epoch: Cap on steps per epoch (0 = no cap), for smoke tests.
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    mixed_precision: str = "no"
+    cpu: bool = False
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = ""
+    checkpoint_every: int = 1
+    log_every: int = 10
+    channels_last: bool = True
+    max_steps_per_epoch: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of frozen features.
+
+    Attributes:
+        knn_k: Number of neighbours of the weighted kNN classifier.
+        knn_temperature: Temperature of the kNN's exp(sim / T) vote weights.
+        batch_size: Images per forward pass when extracting features.
+    """
+
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    """A whole run: one section per component."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "augment.recipe": ("simclr",),
+    "objective.name": ("simclr",),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not valid; the message names it and the valid ones."""
+
+
+def _check_keys(tree: Any, cls: type, prefix: str, source: str) -> None:
+    """Raises ConfigError for the first key in ``tree`` that ``cls`` (a config dataclass) lacks.
+
+    Args:
+        tree: The plain nested mapping read from a recipe or an override.
+        cls: The dataclass the mapping must fit.
+        prefix: Dotted path of ``cls`` within Config (``""`` for the root).
+        source: Where the mapping came from, for the message.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(tree, dict):
+        example = next(iter(fields))
+        raise ConfigError(
+            f"{source}: '{prefix[:-1]}' is a section, not a value; set its keys, "
+            f"e.g. {prefix}{example}=... Valid keys: {', '.join(prefix + k for k in fields)}."
+        )
+    for key, value in tree.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
+            where = f" in {prefix[:-1]}" if prefix else ""
+            raise ConfigError(
+                f"{source}: unknown config key '{prefix}{key}'.{hint} "
+                f"Valid keys{where}: {', '.join(prefix + k for k in fields)}."
+            )
+        sub = fields[key].default_factory
+        if dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, f"{prefix}{key}.", source)  # type: ignore[arg-type]
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turns an OmegaConf type error into a ConfigError naming the key and the expected type."""
+    full_key = str(getattr(err, "full_key", "") or "")
+    msg = str(getattr(err, "msg", "") or err).splitlines()[0].rstrip(".")
+    expected = ""
+    cls: Any = Config
+    try:
+        for name in full_key.split("."):
+            ftype = {f.name: f for f in dataclasses.fields(cls)}[name]
+            cls = ftype.default_factory
+        expected = f" Expected {ftype.type}."
+    except (KeyError, TypeError, UnboundLocalError):
+        pass
+    return ConfigError(f"{source}: invalid value for '{full_key}': {msg}.{expected}")
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """Resolves a recipe: an existing YAML path, or the name of a recipe shipped in twinview.configs.
+
+    Args:
+        name_or_path: ``configs/demo.yaml``, ``/abs/recipe.yaml`` or a shipped name like ``demo``.
+
+    Returns:
+        The path of the YAML file.
+
+    Raises:
+        ConfigError: If neither a file nor a shipped recipe of that name exists.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("twinview.configs")
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    candidate = shipped / f"{stem}.yaml"
+    if candidate.is_file():
+        return Path(str(candidate))
+    names = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"no recipe file '{name_or_path}' and no shipped recipe '{stem}'. Shipped: {', '.join(names)}.")
+
+
+def _check_choices(cfg: Config) -> None:
+    if not cfg.data.path:
+        raise ConfigError(
+            "data.path is not set: point it at a folder of images, e.g. data.path=/my/images "
+            "(or data.path=builtin:digits for the embedded demo data set)."
+        )
+    for key, valid in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in valid:
+            raise ConfigError(f"invalid value for '{key}': {value!r}. Valid values: {', '.join(valid)}.")
+
+
+def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Builds a Config from the defaults, an optional YAML recipe and dotted overrides.
+
+    Args:
+        recipe: A recipe path or shipped recipe name; ``None`` keeps the defaults.
+        overrides: ``section.key=value`` strings, applied in order after the recipe.
+
+    Returns:
+        The resolved, type-checked Config.
+
+    Raises:
+        ConfigError: On an unknown key, a wrong type, a malformed override or an invalid choice.
+    """
+    base: DictConfig = OmegaConf.structured(Config)
+    if recipe is not None:
+        path = recipe_path(recipe)
+        loaded = OmegaConf.load(path)
+        _check_keys(OmegaConf.to_container(loaded), Config, "", str(path))
+        try:
+            base = OmegaConf.merge(base, loaded)
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.lr=0.3).")
+        dotted = OmegaConf.from_dotlist([item])
+        _check_keys(OmegaConf.to_container(dotted), Config, "", f"override '{item}'")
+        try:
+            base = OmegaConf.merge(base, dotted)
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from None
+    cfg = OmegaConf.to_object(base)
+    assert isinstance(cfg, Config)
+    _check_choices(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """Serialises a Config to YAML that :func:`load_config` reads back to an equal Config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Writes the resolved config (every key, defaults included) to ``path``."""
+    path.write_text(to_yaml(cfg))
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """Returns the config as plain nested dicts (for trackers and JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "as_dict",
+    "load_config",
+    "recipe_path",
+    "save_config",
+    "to_yaml",
+]

@@ -1,0 +1,91 @@
+"""Faster CPU weight gradients for convolutions whose output is tiny (a few pixels).
+
+Why this exists: on AVX2 CPUs, oneDNN (PyTorch's CPU convolution backend) computes the weight
+gradient of a 3x3 convolution with a 1x1 or 2x2 output through a slow ``gemm:jit`` path. For a
+ResNet-18 at 32x32 px (layer3/layer4 run at 2x2 and 1x1), that one kernel took ~680 ms of a ~1.9 s
+SimCLR step at batch 2x256 on the 2-core CI machine, at ~12 GFLOP/s. The same gradient as one
+``unfold`` + matrix product takes ~60 ms (see docs/BENCHMARKS.md). Everything else (forward, input
+gradient, larger outputs, GPUs) keeps PyTorch's own kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_OUTPUT_PIXELS = 4  # measured faster than oneDNN for outputs of 1x1 and 2x2 (bench/cpu_conv.py)
+
+
+class _SmallOutputConv2d(torch.autograd.Function):
+    """``F.conv2d`` whose weight gradient is one unfold + matmul (groups=1, no dilation)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:  # noqa: E501
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # oneDNN's input gradient is fast for these shapes
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            cols = F.unfold(x, weight.shape[2:], padding=ctx.padding, stride=ctx.stride)  # (N, C*kh*kw, L)
+            n, ckk, length = cols.shape
+            g = grad_out.reshape(n, -1, length).permute(1, 0, 2).reshape(-1, n * length)  # (O, N*L)
+            grad_w = (g @ cols.permute(0, 2, 1).reshape(n * length, ckk)).view(weight.shape)  # (O, C*kh*kw)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+class SmallOutputConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that routes CPU float32 training with tiny outputs through the fast path.
+
+    Same parameters and state-dict keys as ``nn.Conv2d``; instances are made by :func:`patch_model`
+    by swapping the class of existing convolutions.
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and self.padding_mode == "zeros"
+            and self.groups == 1
+            and self.dilation == (1, 1)
+            and isinstance(self.padding, tuple)
+        ):
+            out_h = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+            out_w = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+            if out_h * out_w <= MAX_OUTPUT_PIXELS and self.kernel_size != (1, 1):
+                return _SmallOutputConv2d.apply(x, weight, bias, self.stride, self.padding)
+        return super()._conv_forward(x, weight, bias)
+
+
+def patch_model(model: nn.Module) -> int:
+    """Switches every plain ``nn.Conv2d`` in ``model`` to :class:`SmallOutputConv2d`, in place.
+
+    Weights, keys and results are unchanged; only CPU training of small-output convolutions takes
+    the faster weight-gradient path.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        The number of convolutions switched.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = SmallOutputConv2d
+            count += 1
+    return count

@@ -1,0 +1,85 @@
+"""Export a trained backbone as timm-loadable ``model.safetensors`` + ``config.json``.
+
+Uses timm's own ``save_for_hf``, so the folder is exactly what timm writes for the Hugging Face hub:
+``timm.create_model("local-dir:DIR")`` loads it, and so does
+``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/"model.safetensors"))``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from timm.models import save_for_hf
+from torch import nn
+
+from twinview.pretrain.config import Config, as_dict
+from twinview.pretrain.models import normalization_stats
+from twinview.pretrain.runs import load_trained_model
+
+
+def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
+    """Writes the backbone's weights (timm key names) and timm pretrained config to ``out_dir``.
+
+    The pretrained config records the training resolution as ``input_size``, the normalisation the
+    backbone was trained with, ``crop_pct=1.0`` (images were resized, not cropped, to that size) and
+    ``num_classes=0``. A ``twinview`` entry records the recipe. A CIFAR-stem ResNet cannot be rebuilt
+    by timm from its name alone: apply :func:`twinview.pretrain.models.apply_cifar_stem` to
+    ``timm.create_model(arch)`` before loading its ``model.safetensors``.
+
+    Args:
+        backbone: The trained backbone (``num_classes=0``).
+        cfg: The run's config.
+        out_dir: Output folder (created).
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    mean, std = normalization_stats(backbone)
+    size = cfg.data.image_size
+    data_config = {
+        "input_size": (3, size, size),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": mean,
+        "std": std,
+    }
+    # The source cfg describes timm's own ImageNet weights; these are not those.
+    pretrained_cfg: dict[str, Any] = {
+        "tag": f"twinview_{cfg.objective.name}",
+        "num_classes": 0,
+        "paper_ids": "arXiv:2002.05709",
+        "license": None,
+        "origin_url": None,
+    }
+    twinview_info = {
+        "objective": cfg.objective.name,
+        "cifar_stem": cfg.model.cifar_stem,
+        "epochs": cfg.train.epochs,
+        "data": cfg.data.path,
+        "config": as_dict(cfg),
+    }
+    save_for_hf(
+        backbone,
+        str(out_dir),
+        model_config={"pretrained_cfg": pretrained_cfg, "twinview": twinview_info},
+        safe_serialization=True,
+        data_config=data_config,
+    )
+    return out_dir
+
+
+def export_run(run_dir: Path, out_dir: Path) -> Path:
+    """Exports the backbone of a finished run directory.
+
+    Args:
+        run_dir: A run with final weights.
+        out_dir: Output folder.
+
+    Returns:
+        ``out_dir``.
+    """
+    cfg, model = load_trained_model(run_dir)
+    return export_backbone(model.backbone, cfg, out_dir)

@@ -1,0 +1,113 @@
+"""Backbone + projection head, composed (no method class hierarchy).
+
+The backbone is any ``timm`` model created with ``num_classes=0`` so it returns pooled features and
+its state dict keeps timm's key names (what export writes and ``timm.create_model`` loads).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from twinview.pretrain.config import ModelConfig
+
+
+def apply_cifar_stem(backbone: nn.Module) -> nn.Module:
+    """Replaces a ResNet's stem with the CIFAR one: 3x3 stride-1 first conv and no max-pool.
+
+    The 7x7 stride-2 conv + max-pool of ImageNet ResNets shrinks a 32x32 image to 8x8 before the
+    first block; the CIFAR stem (He et al. 2016, Sec. 4.2) keeps 32x32. In place.
+
+    Args:
+        backbone: A timm ResNet-family model with ``conv1`` (a Conv2d) and ``maxpool``.
+
+    Returns:
+        The same module.
+
+    Raises:
+        ValueError: If the model has no plain ``conv1``/``maxpool`` stem.
+    """
+    conv1 = getattr(backbone, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(backbone, "maxpool"):
+        raise ValueError(
+            f"model.cifar_stem needs a ResNet with a single-conv stem (conv1 + maxpool); "
+            f"{type(backbone).__name__} has none. Use e.g. resnet18/resnet34/resnet50."
+        )
+    backbone.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    backbone.maxpool = nn.Identity()
+    return backbone
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """Creates the timm backbone (random init, pooled features) and applies the CIFAR stem if asked.
+
+    Args:
+        cfg: The model section of the config.
+
+    Returns:
+        A module mapping ``(B, 3, H, W)`` to ``(B, num_features)``.
+
+    Raises:
+        ValueError: If timm does not know the name (the message suggests close names).
+    """
+    if not timm.is_model(cfg.backbone):
+        near = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close names: {', '.join(near)}." if near else ""
+        raise ValueError(f"timm has no model '{cfg.backbone}' (model.backbone).{hint}")
+    backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+    if cfg.cifar_stem:
+        apply_cifar_stem(backbone)
+    return backbone
+
+
+def normalization_stats(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The backbone's input mean and std from timm's data config."""
+    data_cfg: dict[str, Any] = timm.data.resolve_data_config({}, model=backbone)
+    return tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+
+
+class ProjectionHead(nn.Sequential):
+    """MLP projection head of SimCLR: ``[Linear -> BN -> ReLU] x (layers-1) -> Linear``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> None:
+        """Args: in_dim: backbone features; hidden_dim: hidden width; out_dim: output; layers: >= 1."""
+        if layers < 1:
+            raise ValueError(f"model.proj_layers must be >= 1, got {layers}.")
+        blocks: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            dim = hidden_dim
+        blocks.append(nn.Linear(dim, out_dim))
+        super().__init__(*blocks)
+
+
+class ContrastiveModel(nn.Module):
+    """A backbone and a projection head; ``forward`` maps images to projections."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        """Args: backbone: maps images to features; head: maps features to projections."""
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, proj_dim)``."""
+        return self.head(self.backbone(images))
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of the backbone's pooled output (timm's ``head_hidden_size`` where a pre-logits layer
+    follows the pooling, as in MobileNetV3; else ``num_features``)."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+def create_model(cfg: ModelConfig) -> ContrastiveModel:
+    """Builds backbone + projection head from the model config."""
+    backbone = create_backbone(cfg)
+    head = ProjectionHead(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
+    return ContrastiveModel(backbone, head)

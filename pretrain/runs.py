@@ -1,0 +1,111 @@
+"""Run directories: their layout, creation, checkpoints and loading a trained model back.
+
+A run directory holds::
+
+    config.yaml          the resolved config (every key)
+    metrics.jsonl        one JSON object per log interval and per epoch
+    checkpoints/epoch_NNNN/   Accelerate save_state() output (model, optimiser, scheduler, RNG, progress)
+    model.safetensors    final weights of backbone + head (``backbone.*``, ``head.*``)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from twinview.pretrain.config import Config, load_config
+from twinview.pretrain.models import ContrastiveModel, create_model
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)$")
+
+
+def new_run_dir(cfg: Config, overwrite: bool = False) -> Path:
+    """Creates the run directory ``train.output_dir / (train.run_name or a timestamp)``.
+
+    Args:
+        cfg: The run's config.
+        overwrite: Allow a directory that already holds a run.
+
+    Returns:
+        The (existing, empty or overwritable) run directory.
+
+    Raises:
+        FileExistsError: If the directory already holds a run and ``overwrite`` is false.
+    """
+    name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.train.output_dir).expanduser() / name
+    if (run_dir / CONFIG_FILE).exists() and not overwrite:
+        raise FileExistsError(
+            f"'{run_dir}' already holds a run. Continue it with `twinview pretrain --resume {run_dir}`, "
+            f"choose another train.run_name, or pass --overwrite."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    """Directory of the checkpoint written after ``epoch`` completed epochs."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{epoch:04d}"
+
+
+def load_run_config(run_dir: Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Reads a run's saved config (plus overrides).
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` holds no config.yaml.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a twinview run directory (no {CONFIG_FILE}).")
+    return load_config(path, overrides)
+
+
+def load_trained_model(run_dir: Path) -> tuple[Config, ContrastiveModel]:
+    """Rebuilds a run's model and loads its final weights (strictly).
+
+    Args:
+        run_dir: A finished run directory.
+
+    Returns:
+        The run's config and the model in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: If the run has no final weights yet.
+    """
+    cfg = load_run_config(run_dir)
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' has no {WEIGHTS_FILE}: the run has not finished. "
+            f"Continue it with `twinview pretrain --resume {run_dir}`."
+        )
+    model = create_model(cfg.model)
+    model.load_state_dict(load_file(weights), strict=True)
+    return cfg, model.eval()
+
+
+def save_weights(model: torch.nn.Module, run_dir: Path) -> Path:
+    """Writes the model's state dict as the run's final ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path = Path(run_dir) / WEIGHTS_FILE
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return path

@@ -1,0 +1,228 @@
+"""The pretraining loop: HF Accelerate on one CPU, one GPU or many processes.
+
+Per step: a uint8 batch arrives on the device, the views are made there (Kornia), both views go
+through the model as one batch, NT-Xent, backward, optimiser step. The loss is accumulated on the
+device and read back only every ``train.log_every`` steps, the loop's only host synchronisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from twinview.augment.views import build_views
+from twinview.pretrain import cpu_conv
+from twinview.pretrain.config import Config, save_config
+from twinview.pretrain.data import ImageFolderDataset, worker_init
+from twinview.pretrain.losses import nt_xent
+from twinview.pretrain.models import create_model, normalization_stats
+from twinview.pretrain.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    checkpoint_path,
+    checkpoints,
+    save_weights,
+)
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class Progress:
+    """Completed epochs and optimiser steps; saved with every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class MetricsLog:
+    """Appends JSON lines to ``RUN_DIR/metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _loader(cfg: Config, dataset: ImageFolderDataset, num_processes: int, pin: bool) -> DataLoader:
+    global_batch = cfg.train.batch_size * num_processes
+    if len(dataset) < global_batch:
+        raise ValueError(
+            f"'{dataset.index.root}' has {len(dataset)} images, fewer than one global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} x {num_processes} processes). Lower train.batch_size."
+        )
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        worker_init_fn=worker_init if workers > 0 else None,
+    )
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
+    """Pretrains a backbone with SimCLR and writes everything into ``run_dir``.
+
+    Args:
+        cfg: The resolved config.
+        run_dir: The run directory (created by the caller; see :mod:`twinview.pretrain.runs`).
+        resume: Continue from the run's latest checkpoint instead of starting afresh.
+
+    Returns:
+        The path of the final ``model.safetensors``.
+    """
+    run_dir = Path(run_dir)
+    if resume and not checkpoints(run_dir):
+        raise FileNotFoundError(f"--resume: '{run_dir}' has no checkpoints to resume from.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Accelerate keeps process-wide singleton state; each run (e.g. several in one notebook or test
+    # session) must be free to choose its own mixed precision.
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=cfg.train.cpu,
+        project_dir=str(run_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.train.seed)
+    device = accelerator.device
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / CONFIG_FILE)
+
+    dataset = ImageFolderDataset(cfg.data.path, cfg.data.image_size)
+    loader = _loader(cfg, dataset, accelerator.num_processes, pin=device.type == "cuda")
+
+    model = create_model(cfg.model)
+    if device.type == "cpu":
+        cpu_conv.patch_model(model)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    mean, std = normalization_stats(model.backbone)
+    augment = build_views(cfg.augment, cfg.data.image_size, mean, std).to(device)
+
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = len(loader)  # per process, after sharding
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = min(int(round(cfg.optim.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=cfg.optim.min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=cfg.optim.lr * 1e-3,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+
+    if resume:
+        found = checkpoints(run_dir)
+        accelerator.load_state(str(found[-1]))
+        accelerator.print(f"Resumed from {found[-1]} (epoch {progress.epoch}, step {progress.step}).")
+
+    metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process)
+    images_per_step = cfg.train.batch_size * accelerator.num_processes
+    log_every = max(1, cfg.train.log_every)
+
+    for epoch in range(progress.epoch, cfg.train.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        epoch_loss = torch.zeros((), device=device)
+        window_loss = torch.zeros((), device=device)
+        epoch_start = window_start = time.perf_counter()
+        window_steps = 0
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
+        for i, (images, _) in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            scheduler.step_update(num_updates=progress.step)
+            view_a, view_b = augment(images)
+            batch = torch.cat([view_a, view_b]).contiguous(memory_format=memory_format)  # (2B, 3, S, S)
+            z_a, z_b = model(batch).chunk(2)  # (B, D) each
+            loss = nt_xent(z_a, z_b, cfg.objective.temperature)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            window_loss += loss.detach()
+            window_steps += 1
+            bar.update(1)
+            if window_steps == log_every or i + 1 == steps_per_epoch:
+                mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps  # host sync
+                now = time.perf_counter()
+                rate = window_steps * images_per_step / (now - window_start)
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                metrics.write(
+                    {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
+                     "lr": lr, "images_per_s": rate}
+                )
+                epoch_loss += window_loss
+                window_loss.zero_()
+                window_steps, window_start = 0, now
+        bar.close()
+        seconds = time.perf_counter() - epoch_start
+        progress.epoch = epoch + 1
+        epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / steps_per_epoch
+        if not math.isfinite(epoch_mean):
+            raise FloatingPointError(f"loss became {epoch_mean} in epoch {epoch + 1}; lower optim.lr.")
+        metrics.write(
+            {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
+             "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds}
+        )
+        if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
+            _save_checkpoint(accelerator, run_dir, progress.epoch)
+
+    accelerator.wait_for_everyone()
+    weights = run_dir / "model.safetensors"
+    if accelerator.is_main_process:
+        weights = save_weights(accelerator.unwrap_model(model), run_dir)
+        accelerator.print(f"Saved weights to {weights}")
+    accelerator.end_training()
+    return weights
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, epoch: int) -> None:
+    """Saves a resumable checkpoint and keeps only the newest ``KEEP_CHECKPOINTS``."""
+    accelerator.save_state(str(checkpoint_path(run_dir, epoch)))
+    if accelerator.is_main_process:
+        for old in checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,65 @@
+"""Shared fixtures: small image folders built by the tests, and the real CIFAR-10 when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = Path(os.environ.get("TWINVIEW_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeps each session's twinview cache (digits, extracted archives) out of the user's home."""
+    monkeypatch.setenv("TWINVIEW_CACHE", str(_session_cache(tmp_path_factory)))
+
+
+_CACHE: list[Path] = []
+
+
+def _session_cache(factory: pytest.TempPathFactory) -> Path:
+    if not _CACHE:
+        shared = os.environ.get("TWINVIEW_TEST_CACHE")
+        _CACHE.append(Path(shared) if shared else factory.mktemp("twinview-cache"))
+    return _CACHE[0]
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 24, seed: int = 0) -> Path:
+    """Writes a labelled folder ``root/class_i/NNN.png`` of images whose class is visible.
+
+    Each class has its own base colour and a bright square at a class-specific corner, plus noise,
+    so a kNN on even a random network can tell classes apart better than chance.
+    """
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(c * 97) % 256, (c * 57 + 80) % 256, (c * 31 + 160) % 256], dtype=np.float64)
+        for i in range(per_class):
+            img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            q = size // 2
+            y, x = (c % 2) * q, ((c // 2) % 2) * q
+            img[y : y + q, x : x + q] = 255
+            Image.fromarray(img.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A labelled folder of 3 classes x 8 images, 24x24 px."""
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real CIFAR-10 (``cifar10-jpeg/{train,test}/<class>/``), extracted once per session."""
+    if not CIFAR_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 archive not found at {CIFAR_ARCHIVE} (only present on the project machines)")
+    from twinview.pretrain.datasets import extract_archive
+
+    return extract_archive(CIFAR_ARCHIVE, _session_cache(tmp_path_factory)) / "cifar10-jpeg"

@@ -1,0 +1,83 @@
+"""Config: defaults, recipes, dotted overrides, and errors that name the key and the valid ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from twinview.pretrain.config import Config, ConfigError, load_config, recipe_path, save_config
+
+
+def test_defaults_are_the_dataclass_defaults() -> None:
+    cfg = load_config(None, ["data.path=/x"])
+    assert cfg.optim == Config().optim and cfg.model == Config().model
+    assert cfg.data.path == "/x"
+
+
+def test_recipe_overrides_and_dotted_overrides_apply_in_order() -> None:
+    cfg = load_config("simclr-cifar10", ["data.path=/imgs", "optim.lr=0.3", "augment.crop_scale=[0.2,1.0]"])
+    assert cfg.optim.lr == 0.3
+    assert cfg.augment.crop_scale == (0.2, 1.0)
+    assert cfg.augment.jitter_strength == 0.5  # from the recipe
+    assert cfg.train.seed == Config().train.seed  # untouched default
+    assert isinstance(cfg.train.epochs, int)
+
+
+def test_shipped_recipes_resolve_by_name_and_path() -> None:
+    assert recipe_path("demo").name == "demo.yaml"
+    assert recipe_path("configs/simclr-cifar10.yaml").name == "simclr-cifar10.yaml"
+    with pytest.raises(ConfigError, match="Shipped: demo, simclr-cifar10"):
+        recipe_path("nope")
+
+
+def test_every_shipped_recipe_loads() -> None:
+    for name in ("demo", "simclr-cifar10"):
+        load_config(name, ["data.path=/imgs"])
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lrr=0.3"])
+    msg = str(err.value)
+    assert "'optim.lrr'" in msg and "Did you mean 'optim.lr'" in msg
+    assert "optim.weight_decay" in msg and "optim.warmup_epochs" in msg
+
+
+def test_unknown_section_lists_sections() -> None:
+    with pytest.raises(ConfigError, match=r"'optimm'.*Valid keys: data, augment, model, objective, optim, train, eval"):
+        load_config(None, ["optimm.lr=1"])
+
+
+def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown config key 'train.epoch'. Did you mean 'train.epochs'"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("optim.lr=abc", "'optim.lr'.*Expected float"),
+        ("train.epochs=1.5", "'train.epochs'.*Expected int"),
+        ("model.cifar_stem=maybe", "'model.cifar_stem'.*Expected bool"),
+        ("data=3", "'data' is a section"),
+        ("train.mixed_precision=fp8", "Valid values: no, fp16, bf16"),
+        ("lr", "not of the form section.key=value"),
+    ],
+)
+def test_wrong_values_are_named(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, ["data.path=/x", override])
+
+
+def test_missing_data_path_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        load_config("simclr-cifar10")
+
+
+def test_saved_config_reads_back_equal(tmp_path: Path) -> None:
+    cfg = load_config("demo", ["optim.lr=0.123", "augment.crop_scale=[0.5,0.9]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -1,0 +1,73 @@
+"""The `twinview` command as a user runs it: pretrain -> evaluate -> export, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from twinview.pretrain.cli import main
+
+TINY = ["data.image_size=24", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
+        "model.proj_hidden_dim=32", "model.proj_dim=16"]
+
+
+def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    code = main(["pretrain", "--config", "simclr-cifar10", f"data.path={image_folder}",
+                 f"train.output_dir={runs}", "train.run_name=cli", *TINY])
+    assert code == 0
+    run_dir = runs / "cli"
+    assert (run_dir / "model.safetensors").is_file()
+
+    code = main(["evaluate", str(run_dir), "--train", str(image_folder), "--test", str(image_folder),
+                 "--baseline", "eval.knn_k=5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "pretrained backbone" in out and "random-init backbone" in out
+    result = json.loads((run_dir / "eval.json").read_text())
+    # Test set == train set, k=5 of 8 per class: each image finds itself first, so top-1 is high.
+    assert result["pretrained"]["knn_top1"] >= 0.9 and result["pretrained"]["k"] == 5
+    assert 0.0 <= result["random_init"]["knn_top1"] <= 1.0
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    assert model(torch.randn(1, 3, 24, 24)).shape == (1, 512)
+
+
+def test_resume_extends_a_finished_run(image_folder: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    assert main(["pretrain", "--config", "demo", f"data.path={image_folder}", f"train.output_dir={runs}",
+                 "train.run_name=r", *TINY]) == 0
+    assert main(["pretrain", "--resume", str(runs / "r"), "train.epochs=2"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (runs / "r" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["pretrain", "--config", "demo", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["pretrain", "--config", "demo", "data.path=/does/not/exist", "train.output_dir={tmp}"], "does not exist"),
+        (["pretrain", "--config", "simclr-cifar10"], "data.path is not set"),
+        (["evaluate", "{tmp}", "--train", "x", "--test", "y"], "not a twinview run directory"),
+        (["export", "{tmp}/nothing", "--out", "{tmp}/e"], "not a twinview run directory"),
+    ],
+)
+def test_errors_are_one_clear_line(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_console_script_is_installed() -> None:
+    bindir = Path(sys.executable).parent
+    result = subprocess.run([str(bindir / "twinview"), "--help"], capture_output=True, text=True, check=True)
+    for command in ("pretrain", "evaluate", "export", "demo"):
+        assert command in result.stdout
