@@ -25,6 +25,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PY) bench/cpu_conv.py
 	$(PY) bench/cifar10_quick.py
 
 clean:

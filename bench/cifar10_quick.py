@@ -11,6 +11,7 @@ Usage: python bench/cifar10_quick.py [--epochs 10] [--archive PATH] [KEY=VALUE .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -73,7 +74,8 @@ def main() -> None:
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     run_dir.mkdir(parents=True)
     started = time.perf_counter()
-    train(cfg, run_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        train(cfg, run_dir)
     train_seconds = time.perf_counter() - started
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]

@@ -4,8 +4,8 @@ Why this exists: on AVX2 CPUs, oneDNN (PyTorch's CPU convolution backend) comput
 gradient of a 3x3 convolution with a 1x1 or 2x2 output through a slow ``gemm:jit`` path. For a
 ResNet-18 at 32x32 px (layer3/layer4 run at 2x2 and 1x1), that one kernel took ~680 ms of a ~1.9 s
 SimCLR step at batch 2x256 on the 2-core CI machine, at ~12 GFLOP/s. The same gradient as one
-``unfold`` + matrix product takes ~60 ms (see docs/BENCHMARKS.md). Everything else (forward, input
-gradient, larger outputs, GPUs) keeps PyTorch's own kernels.
+``unfold`` + matrix product over the kernel taps that touch real input is several times faster (see
+docs/BENCHMARKS.md). The forward pass, larger outputs, eval and GPUs keep PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -19,27 +19,56 @@ from torch import nn
 MAX_OUTPUT_PIXELS = 4  # measured faster than oneDNN for outputs of 1x1 and 2x2 (bench/cpu_conv.py)
 
 
+def live_taps(size: int, kernel: int, stride: int, pad: int, out: int) -> tuple[int, int]:
+    """First and last kernel tap (along one axis) that touches the input at some output position.
+
+    Tap ``i`` reads input rows ``o * stride + i - pad`` for ``o`` in ``[0, out)``; taps that only ever
+    read padding contribute nothing (a 3x3 conv on a 1x1 input uses its centre tap alone).
+    """
+    return max(0, pad - (out - 1) * stride), min(kernel - 1, size + pad - 1)
+
+
 class _SmallOutputConv2d(torch.autograd.Function):
-    """``F.conv2d`` whose weight gradient is one unfold + matmul (groups=1, no dilation)."""
+    """``F.conv2d`` whose gradients use only the live kernel taps (groups=1, no dilation).
+
+    With ``[i0, i1] x [j0, j1]`` the live taps, the input is padded (or cropped) so that the
+    sub-kernel ``w[:, :, i0:i1+1, j0:j1+1]`` with no padding yields the same output. The weight
+    gradient of the sub-kernel is one unfold + matmul; the other taps' gradients are exactly zero.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:  # noqa: E501
+        out = F.conv2d(x, weight, bias, stride, padding)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, bias, stride, padding)
+        ctx.stride, ctx.padding, ctx.out_size = stride, padding, out.shape[2:]
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        (sh, sw), (ph, pw), (oh, ow) = ctx.stride, ctx.padding, ctx.out_size
+        kh, kw = weight.shape[2:]
+        i0, i1 = live_taps(x.shape[2], kh, sh, ph, oh)
+        j0, j1 = live_taps(x.shape[3], kw, sw, pw, ow)
+        ki, kj = i1 - i0 + 1, j1 - j0 + 1
+        top, left = ph - i0, pw - j0  # >= 0: tap `pad` always reads row/column 0
+        bottom = (oh - 1) * sh + ki - x.shape[2] - top  # negative = crop rows no live tap reads
+        right = (ow - 1) * sw + kj - x.shape[3] - left
+        pads = (left, right, top, bottom)
+        w_live = weight[:, :, i0 : i1 + 1, j0 : j1 + 1]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # oneDNN's input gradient is fast for these shapes
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[0]:
+            x_shape = (x.shape[0], x.shape[1], x.shape[2] + top + bottom, x.shape[3] + left + right)
+            grad_xp = torch.nn.grad.conv2d_input(x_shape, w_live, grad_out, ctx.stride)
+            grad_x = F.pad(grad_xp, tuple(-p for p in pads))  # undo the pad/crop
         if ctx.needs_input_grad[1]:
-            cols = F.unfold(x, weight.shape[2:], padding=ctx.padding, stride=ctx.stride)  # (N, C*kh*kw, L)
+            cols = F.unfold(F.pad(x, pads), (ki, kj), stride=ctx.stride)  # (N, C*ki*kj, L)
             n, ckk, length = cols.shape
             g = grad_out.reshape(n, -1, length).permute(1, 0, 2).reshape(-1, n * length)  # (O, N*L)
-            grad_w = (g @ cols.permute(0, 2, 1).reshape(n * length, ckk)).view(weight.shape)  # (O, C*kh*kw)
+            live = (g @ cols.permute(0, 2, 1).reshape(n * length, ckk)).view(w_live.shape)  # (O, C, ki, kj)
+            grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+            grad_w[:, :, i0 : i1 + 1, j0 : j1 + 1] = live
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None, None

@@ -7,7 +7,14 @@ import timm
 import torch
 from torch import nn
 
-from twinview.pretrain.cpu_conv import SmallOutputConv2d, _SmallOutputConv2d, patch_model
+from twinview.pretrain.cpu_conv import SmallOutputConv2d, _SmallOutputConv2d, live_taps, patch_model
+
+
+def test_live_taps() -> None:
+    assert live_taps(size=1, kernel=3, stride=1, pad=1, out=1) == (1, 1)  # centre only
+    assert live_taps(size=2, kernel=3, stride=2, pad=1, out=1) == (1, 2)
+    assert live_taps(size=2, kernel=3, stride=1, pad=1, out=2) == (0, 2)  # all taps
+    assert live_taps(size=4, kernel=3, stride=2, pad=0, out=1) == (0, 2)
 
 
 @pytest.mark.parametrize(
@@ -18,6 +25,9 @@ from twinview.pretrain.cpu_conv import SmallOutputConv2d, _SmallOutputConv2d, pa
         (8, 16, 2, 3, 2, 1, False),  # strided to 1x1
         (8, 8, 3, 3, 2, 1, True),  # 2x2 output, odd input
         (4, 6, 2, 2, 1, 0, False),  # 1x1 output, no padding
+        (4, 6, 4, 3, 2, 0, True),  # 1x1 output that never reads the last row/column (crop)
+        (4, 6, 5, 3, 3, 1, False),  # 2x2 output, stride 3
+        (6, 4, 1, 5, 1, 2, False),  # 5x5 kernel on a 1x1 input: centre tap only
     ],
 )
 def test_function_matches_conv2d(cin: int, cout: int, side: int, k: int, stride: int, pad: int, bias: bool) -> None:
