@@ -2,7 +2,8 @@
 
 For every 3x3 convolution shape of a ResNet-18 at 32x32 px (batch 512 = 2 views x 256), times
 forward+backward with ``nn.Conv2d`` and with :class:`twinview.pretrain.cpu_conv.SmallOutputConv2d`,
-interleaved, and reports medians and their ratio. Prints one JSON object.
+interleaved, and reports medians and their ratio; then the same for a whole ResNet-18 forward +
+backward. Prints one JSON object.
 
 Usage: python bench/cpu_conv.py [--batch 512] [--repeats 7]
 """
@@ -29,6 +30,30 @@ def _time(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     start = time.perf_counter()
     conv(x).backward(grad)
     return time.perf_counter() - start
+
+
+def whole_model(batch: int, repeats: int) -> dict[str, float]:
+    """Forward+backward of ResNet-18 + projection head on ``batch`` 32 px views, both ways, interleaved."""
+    import timm
+
+    from twinview.pretrain.cpu_conv import patch_model
+
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18", num_classes=0).to(memory_format=torch.channels_last)
+    fast = timm.create_model("resnet18", num_classes=0).to(memory_format=torch.channels_last)
+    fast.load_state_dict(ref.state_dict())
+    patch_model(fast)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    times: dict[str, list[float]] = {"pytorch": [], "twinview": []}
+    for _ in range(repeats + 1):
+        for name, model in (("pytorch", ref), ("twinview", fast)):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            model(x).square().mean().backward()
+            times[name].append(time.perf_counter() - start)
+    ms = {k: 1000 * statistics.median(v[1:]) for k, v in times.items()}
+    return {"pytorch_ms": round(ms["pytorch"], 1), "twinview_ms": round(ms["twinview"], 1),
+            "speedup": round(ms["pytorch"] / ms["twinview"], 2)}
 
 
 def main() -> None:
@@ -60,7 +85,8 @@ def main() -> None:
             "speedup": round(ms["pytorch"] / ms["twinview"], 2),
         })
     print(json.dumps({"benchmark": "cpu_conv_fwd_bwd", "batch": args.batch, "threads": torch.get_num_threads(),
-                      "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=2))
+                      "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows,
+                      "resnet18_fwd_bwd_32px": whole_model(args.batch, args.repeats)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_OUTPUT_PIXELS = 4  # measured faster than oneDNN for outputs of 1x1 and 2x2 (bench/cpu_conv.py)
+MAX_OUTPUT_PIXELS = 1  # bench/cpu_conv.py: 3.5-12x faster at 1x1 output, 0.6x at 2x2 (with input grads)
 
 
 def live_taps(size: int, kernel: int, stride: int, pad: int, out: int) -> tuple[int, int]:
