@@ -84,8 +84,7 @@ class SimCLRView(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` uint8/float -> ``(B, 3, size, size)`` normalised float32 view."""
-        views = self.ops(to_unit_float(images))
-        return (views - self.normalize.mean) / self.normalize.std
+        return self.normalize(self.ops(to_unit_float(images)))
 
 
 class MultiView(nn.Module):

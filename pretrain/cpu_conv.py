@@ -1,11 +1,13 @@
-"""Faster CPU weight gradients for convolutions whose output is tiny (a few pixels).
+"""Faster CPU gradients for convolutions whose output is a single pixel.
 
 Why this exists: on AVX2 CPUs, oneDNN (PyTorch's CPU convolution backend) computes the weight
-gradient of a 3x3 convolution with a 1x1 or 2x2 output through a slow ``gemm:jit`` path. For a
-ResNet-18 at 32x32 px (layer3/layer4 run at 2x2 and 1x1), that one kernel took ~680 ms of a ~1.9 s
-SimCLR step at batch 2x256 on the 2-core CI machine, at ~12 GFLOP/s. The same gradient as one
-``unfold`` + matrix product over the kernel taps that touch real input is several times faster (see
-docs/BENCHMARKS.md). The forward pass, larger outputs, eval and GPUs keep PyTorch's own kernels.
+gradient of a 3x3 convolution with a tiny output through a slow ``gemm:jit`` path (~12 GFLOP/s).
+For a ResNet-18 at 32x32 px, whose layer4 runs at 1x1, ``ONEDNN_VERBOSE`` showed that kernel taking
+~850 ms of a ~1.9 s SimCLR step at batch 2x256 on the 2-core CI machine. Computing the gradients
+over only the kernel taps that touch real input (one ``unfold`` + matmul for the weights, oneDNN
+on the live sub-kernel for the input) is 3.7-11x faster for those convs. It was slower (0.6x) for
+2x2 outputs, so only 1-pixel outputs take this path (bench/cpu_conv.py, docs/BENCHMARKS.md). The
+forward pass, larger outputs, eval and GPUs keep PyTorch's own kernels.
 """
 
 from __future__ import annotations

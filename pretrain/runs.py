@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from twinview.pretrain.config import Config, load_config
 from twinview.pretrain.models import ContrastiveModel, create_model
@@ -103,8 +103,6 @@ def load_trained_model(run_dir: Path) -> tuple[Config, ContrastiveModel]:
 
 def save_weights(model: torch.nn.Module, run_dir: Path) -> Path:
     """Writes the model's state dict as the run's final ``model.safetensors``."""
-    from safetensors.torch import save_file
-
     path = Path(run_dir) / WEIGHTS_FILE
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path))

@@ -33,6 +33,7 @@ from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.runs import (
     CONFIG_FILE,
     METRICS_FILE,
+    WEIGHTS_FILE,
     checkpoint_path,
     checkpoints,
     save_weights,
@@ -92,7 +93,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     Args:
         cfg: The resolved config.
-        run_dir: The run directory (created by the caller; see :mod:`twinview.pretrain.runs`).
+        run_dir: The run directory (created if missing; see :mod:`twinview.pretrain.runs`).
         resume: Continue from the run's latest checkpoint instead of starting afresh.
 
     Returns:
@@ -212,7 +213,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
             _save_checkpoint(accelerator, run_dir, progress.epoch)
 
     accelerator.wait_for_everyone()
-    weights = run_dir / "model.safetensors"
+    weights = run_dir / WEIGHTS_FILE
     if accelerator.is_main_process:
         weights = save_weights(accelerator.unwrap_model(model), run_dir)
         accelerator.print(f"Saved weights to {weights}")
