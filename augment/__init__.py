@@ -1,5 +1,17 @@
-"""twinview.augment: contrastive view pipelines made on the accelerator with Kornia."""
+"""twinview.augment: contrastive view pipelines made on the accelerator, batched, per-sample random."""
 
-from twinview.augment.views import MultiView, Normalize, SimCLRView, build_views
+from twinview.augment.recipes import RECIPES
+from twinview.augment.sampling import ViewRNG
+from twinview.augment.views import KorniaViewPipeline, MultiView, Normalize, ViewPipeline, ViewSpec, build_views, view_specs
 
-__all__ = ["MultiView", "Normalize", "SimCLRView", "build_views"]
+__all__ = [
+    "RECIPES",
+    "KorniaViewPipeline",
+    "MultiView",
+    "Normalize",
+    "ViewPipeline",
+    "ViewRNG",
+    "ViewSpec",
+    "build_views",
+    "view_specs",
+]

@@ -1,24 +1,42 @@
-"""Contrastive views made on the training device with Kornia, batched, per-sample random parameters.
+"""Contrastive views made on the training device, batched, with per-sample random parameters.
 
-The data loader hands over uint8 ``(B, 3, S, S)`` batches; everything here runs on the batch's
-device with no per-sample Python loop and no host synchronisation. Kornia draws fresh random
-parameters for every sample (``same_on_batch=False``) and every call, so the two views of an image
-differ, and two copies of one image in a batch get different views. Random numbers come from
-torch's global generator (seeded by the training loop via Accelerate's ``set_seed``).
+The data loader hands over uint8 ``(B, 3, H, W)`` batches (the CPU only decodes and resizes).
+Everything here runs on the batch's device with no per-sample Python loop and no host sync:
+
+* :class:`ViewPipeline` is one view: random resized crop + flip, colour jitter, grayscale, Gaussian
+  blur, solarisation, normalisation with the backbone's mean/std, cast to the output dtype. Every
+  sample draws its own parameters on every call. The ops are the batched ones in
+  :mod:`twinview.augment.functional` (faster than Kornia's where Kornia is slow; tested equal to
+  Kornia's functions). :class:`KorniaViewPipeline` builds the same view from Kornia's modules, as
+  the reference and for comparison (``augment.backend=kornia``).
+* :class:`MultiView` holds one pipeline per view (two global views, optionally asymmetric, plus
+  multi-crop local views at another resolution) and returns the list of view batches.
+
+Seeding: pass a :class:`twinview.augment.sampling.ViewRNG`; the same seed and batch give the same
+views. Without one, parameters come from torch's global generator (``torch.manual_seed``), which
+is also what the Kornia backend always uses.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import kornia.augmentation as K
 import torch
 from torch import nn
 
-from twinview.pretrain.config import AugmentConfig
+from twinview.augment import functional as AF
+from twinview.augment import sampling
+from twinview.augment.sampling import ViewRNG
 
-SMALL_IMAGE_MAX_SIDE = 32  # SimCLR leaves blur off for CIFAR-sized images (Chen et al. 2020, B.9)
+if TYPE_CHECKING:  # config imports the recipes from this package
+    from twinview.pretrain.config import AugmentConfig
+
+# On a CPU, the pipeline works through the batch in chunks of about this many bytes of float32
+# views, so the ~20 elementwise passes of a view hit the cache instead of memory (bench/augment.py).
+CPU_CHUNK_BYTES = 2 << 20
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -53,70 +71,264 @@ def blur_kernel_size(side: int, fraction: float) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-class SimCLRView(nn.Module):
-    """One SimCLR view (Chen et al. 2020): crop, flip, colour jitter, grayscale, blur, normalise.
+@dataclass(frozen=True)
+class ViewSpec:
+    """Everything that defines one view; built from the augment config by :func:`view_specs`.
 
-    Each call draws new parameters for every sample in the batch.
+    Attributes:
+        size: Output side in pixels.
+        crop_scale: Area range of the random resized crop (fraction of the source image).
+        crop_ratio: Aspect-ratio range of the crop.
+        flip_p: Probability of a horizontal flip.
+        brightness: Brightness factor range ``[1 - b, 1 + b]``.
+        contrast: Contrast factor range.
+        saturation: Saturation factor range.
+        hue: Hue shift range ``[-h, h]`` in turns (at most 0.5).
+        jitter_p: Probability of colour jitter.
+        grayscale_p: Probability of grayscale.
+        blur_p: Probability of Gaussian blur (0 disables it).
+        blur_kernel: Odd blur kernel side.
+        blur_sigma: Range of the blur's standard deviation, in pixels.
+        solarize_p: Probability of solarisation.
+        solarize_threshold: Pixels at or above it (in [0, 1]) are inverted.
     """
 
-    def __init__(self, cfg: AugmentConfig, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Builds the Kornia pipeline.
+    size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_kernel: int = 3
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
 
-        Args:
-            cfg: Recipe parameters.
-            size: Output side of the view in pixels.
-            mean: Backbone normalisation mean.
-            std: Backbone normalisation standard deviation.
+
+def view_specs(cfg: AugmentConfig, image_size: int) -> list[ViewSpec]:
+    """The views a resolved augment config describes: two global views, then the local ones.
+
+    Blur is left off for views smaller than ``cfg.blur_min_size`` (SimCLR does not blur CIFAR).
+
+    Args:
+        cfg: The augment section, with the recipe's values filled in (``load_config`` does that).
+        image_size: Side of the loader's images; the global view side when ``cfg.crop_size`` is 0.
+    """
+    unset = [k for k in ("crop_scale", "brightness", "blur_p", "solarize_p") if getattr(cfg, k) is None]
+    if unset:
+        raise ValueError(f"augment keys {unset} are unset; resolve the recipe first (load_config does).")
+    s = cfg.jitter_strength
+    size = cfg.crop_size or image_size
+    common = {
+        "crop_ratio": tuple(cfg.crop_ratio),
+        "flip_p": cfg.flip_p,
+        "brightness": cfg.brightness * s,
+        "contrast": cfg.contrast * s,
+        "saturation": cfg.saturation * s,
+        "hue": min(0.5, cfg.hue * s),
+        "jitter_p": cfg.jitter_p,
+        "grayscale_p": cfg.grayscale_p,
+        "blur_sigma": tuple(cfg.blur_sigma),
+        "solarize_threshold": cfg.solarize_threshold,
+    }
+
+    def spec(side: int, scale: Sequence[float], blur_p: float, solarize_p: float) -> ViewSpec:
+        blur = blur_p if side >= cfg.blur_min_size else 0.0
+        kernel = blur_kernel_size(side, cfg.blur_kernel_frac)
+        return ViewSpec(side, tuple(scale), blur_p=blur, blur_kernel=kernel, solarize_p=solarize_p, **common)
+
+    specs = [spec(size, cfg.crop_scale, cfg.blur_p[i], cfg.solarize_p[i]) for i in range(2)]
+    local_size = cfg.local_crop_size or max(1, round(size * 96 / 224))  # DINO: 96 px locals for 224 px globals
+    specs += [spec(local_size, cfg.local_crop_scale, cfg.local_blur_p, 0.0)] * cfg.local_crops
+    return specs
+
+
+class ViewPipeline(nn.Module):
+    """One view: crop + flip, colour jitter, grayscale, blur, solarise, normalise, all batched."""
+
+    def __init__(
+        self,
+        spec: ViewSpec,
+        mean: Sequence[float],
+        std: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Args:
+        spec: The view's parameters.
+        mean: Backbone normalisation mean (timm data config).
+        std: Backbone normalisation std.
+        dtype: Output dtype (e.g. bfloat16 for mixed-precision training).
         """
         super().__init__()
-        s = cfg.jitter_strength
+        self.spec, self.dtype = spec, dtype
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / std_t, persistent=False)  # (x - mean) / std = x * scale + shift
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, images: torch.Tensor, rng: ViewRNG | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` uint8 or [0, 1] float -> ``(B, 3, size, size)`` normalised view in ``dtype``."""
+        s, device = self.spec, images.device
+        gen = rng.generator if rng is not None else None
+        host = rng.host if rng is not None else None
+        n, _, height, width = images.shape
+        # every parameter of the whole batch is drawn first, so the result does not depend on chunking
+        boxes = sampling.crop_boxes(n, height, width, s.crop_scale, s.crop_ratio, gen, device)
+        flips = sampling.coin(n, s.flip_p, gen, device)
+        factors = sampling.jitter_factors(n, s.brightness, s.contrast, s.saturation, s.hue, gen, device)
+        order = sampling.permutation(4, host if host is not None else torch.default_generator)
+        jitter = sampling.coin(n, s.jitter_p, gen, device)
+        gray = sampling.coin(n, s.grayscale_p, gen, device)
+        sigma = sampling.uniform((n,), *s.blur_sigma, gen, device)
+        blur = sampling.coin(n, s.blur_p, gen, device)
+        solar = sampling.coin(n, s.solarize_p, gen, device)
+
+        out = torch.empty((n, 3, s.size, s.size), dtype=self.dtype, device=device)
+        on_cpu = device.type == "cpu"
+        chunk = max(1, CPU_CHUNK_BYTES // (3 * s.size * s.size * 4)) if on_cpu else n
+        for start in range(0, n, chunk):  # chunks of the batch, not samples: bounded by cache, not by B
+            part = slice(start, start + chunk)
+            x = AF.resized_crop(to_unit_float(images[part]), boxes[part], flips[part], (s.size, s.size))
+            if s.jitter_p > 0:
+                f, m = factors[part], jitter[part]
+                _apply(x, m, on_cpu, lambda v, i: AF.color_jitter_(v, _identity_where_not(f, m) if i is None else f[i], order))
+            if s.grayscale_p > 0:
+                m = gray[part]
+                _apply(x, m, on_cpu, lambda v, i: AF.random_grayscale_(v, m) if i is None else AF.grayscale(v).expand_as(v))
+            if s.blur_p > 0:
+                sd, m = sigma[part], blur[part]
+                _apply(x, m, on_cpu, lambda v, i: AF.gaussian_blur(v, sd * m if i is None else sd[i], s.blur_kernel))
+            if s.solarize_p > 0:
+                m = solar[part]
+                _apply(x, m, on_cpu, lambda v, i: AF.solarize_(v, m if i is None else _all(v), s.solarize_threshold))
+            if self.dtype == torch.float32:
+                torch.addcmul(self.shift, x, self.scale, out=out[part])
+            else:
+                out[part] = torch.addcmul(self.shift, x, self.scale)
+        return out
+
+
+def _all(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+
+
+def _identity_where_not(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Colour-jitter factors with the identity ``(1, 1, 1, 0)`` where ``mask`` is not set."""
+    return torch.where(mask[:, None], factors, factors.new_tensor([1.0, 1.0, 1.0, 0.0]))
+
+
+def _apply(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    on_cpu: bool,
+    op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> None:
+    """Applies ``op`` to the samples of ``x`` where ``mask`` is set, writing into ``x``.
+
+    On a CPU the chosen samples are gathered first (reading the mask costs no device sync there),
+    so a p=0.2 op runs on a fifth of the batch. On an accelerator ``op`` runs on the whole batch
+    with ``index=None`` and must itself leave unchosen samples unchanged (identity parameters):
+    no host synchronisation.
+
+    Args:
+        x: ``(N, 3, H, W)`` views, modified in place.
+        mask: ``(N,)`` bool, the samples the op applies to.
+        on_cpu: Whether ``x`` lives on the CPU.
+        op: ``op(images, index)``, returns the new images; ``index`` selects the per-sample parameters.
+    """
+    if on_cpu:
+        index = mask.nonzero().squeeze(1)
+        if index.numel():
+            x[index] = op(x[index], index)
+    else:
+        x.copy_(op(x, None))
+
+
+class KorniaViewPipeline(nn.Module):
+    """The same view built from Kornia's augmentation modules (reference; ``augment.backend=kornia``).
+
+    Kornia draws from torch's global generator; seed it with ``torch.manual_seed``.
+    """
+
+    def __init__(
+        self, spec: ViewSpec, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+    ) -> None:
+        """Args: as :class:`ViewPipeline`."""
+        super().__init__()
+        s = spec
         ops: list[nn.Module] = [
-            K.RandomResizedCrop((size, size), scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio)),
-            K.RandomHorizontalFlip(p=cfg.flip_p),
-            K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p),
-            K.RandomGrayscale(p=cfg.grayscale_p),
+            K.RandomResizedCrop((s.size, s.size), scale=s.crop_scale, ratio=s.crop_ratio),
+            K.RandomHorizontalFlip(p=s.flip_p),
         ]
-        if cfg.blur_p > 0 and size > SMALL_IMAGE_MAX_SIDE:
-            k = blur_kernel_size(size, cfg.blur_kernel_frac)
-            ops.append(K.RandomGaussianBlur((k, k), tuple(cfg.blur_sigma), p=cfg.blur_p))
+        if s.jitter_p > 0:
+            ops.append(K.ColorJitter(s.brightness, s.contrast, s.saturation, s.hue, p=s.jitter_p))
+        if s.grayscale_p > 0:
+            ops.append(K.RandomGrayscale(p=s.grayscale_p))
+        if s.blur_p > 0:
+            ops.append(K.RandomGaussianBlur((s.blur_kernel, s.blur_kernel), s.blur_sigma, p=s.blur_p))
+        if s.solarize_p > 0:
+            ops.append(K.RandomSolarize(thresholds=(s.solarize_threshold, s.solarize_threshold), additions=0.0, p=s.solarize_p))
         self.ops = nn.Sequential(*ops)
         self.normalize = Normalize(mean, std)
+        self.dtype = dtype
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` uint8/float -> ``(B, 3, size, size)`` normalised float32 view."""
-        return self.normalize(self.ops(to_unit_float(images)))
+    def forward(self, images: torch.Tensor, rng: ViewRNG | None = None) -> torch.Tensor:
+        """As :meth:`ViewPipeline.forward`; ``rng`` is not used (Kornia uses the global generator)."""
+        return self.normalize(self.ops(to_unit_float(images))).to(self.dtype)
 
 
 class MultiView(nn.Module):
-    """Applies one pipeline per view to the same batch and returns the list of view batches."""
+    """One pipeline per view; maps a batch to the list of its view batches.
 
-    def __init__(self, views: Sequence[nn.Module]) -> None:
-        """Args: views: One module per view (they may be the same recipe or asymmetric)."""
+    ``forward(images)`` returns ``[global_1, global_2, local_1, ...]``. The uint8 batch is converted
+    to float once and shared by every view.
+    """
+
+    def __init__(self, views: Sequence[nn.Module], rng: ViewRNG | None = None) -> None:
+        """Args: views: One module per view. rng: Random state shared by the views (None: global RNG)."""
         super().__init__()
         self.views = nn.ModuleList(views)
+        self.rng = rng
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, 3, H, W)`` -> list of ``(B, 3, S, S)`` views, one per pipeline."""
-        return [view(images) for view in self.views]
+        """``(B, 3, H, W)`` -> list of ``(B, 3, S_v, S_v)`` views, one per pipeline."""
+        if images.dtype == torch.uint8 and len(self.views) > 1:
+            images = to_unit_float(images)
+        return [view(images, self.rng) for view in self.views]
 
 
 def build_views(
-    cfg: AugmentConfig, image_size: int, mean: Sequence[float], std: Sequence[float], num_views: int = 2
+    cfg: AugmentConfig,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> MultiView:
-    """Builds the multi-view augmentation for a recipe.
+    """Builds the multi-view augmentation that an augment config describes.
 
     Args:
-        cfg: The augment section of the config.
-        image_size: Side of the loader's images (used when ``cfg.crop_size`` is 0).
+        cfg: The resolved augment section.
+        image_size: Side of the loader's images (the global view side when ``cfg.crop_size`` is 0).
         mean: Backbone normalisation mean.
         std: Backbone normalisation standard deviation.
-        num_views: Number of views per image.
+        seed: Seeds the views' own generators; ``None`` draws from torch's global generator.
+        device: Where the views are made (the module and its generators are placed there).
+        dtype: Output dtype of the views.
 
     Returns:
-        A module mapping a batch to a list of ``num_views`` view batches.
+        A module mapping a batch to ``[global_1, global_2, local_1, ...]``.
     """
-    if cfg.recipe != "simclr":
-        raise ValueError(f"unknown augment.recipe '{cfg.recipe}'. Recipes: simclr.")
-    size = cfg.crop_size or image_size
-    return MultiView([SimCLRView(cfg, size, mean, std) for _ in range(num_views)])
+    cls = {"fast": ViewPipeline, "kornia": KorniaViewPipeline}[cfg.backend]
+    views = [cls(spec, mean, std, dtype) for spec in view_specs(cfg, image_size)]
+    rng = ViewRNG(seed, device) if seed is not None else None
+    return MultiView(views, rng).to(device)
+

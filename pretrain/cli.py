@@ -1,4 +1,4 @@
-"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``export`` and ``demo``."""
+"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``export``, ``preview`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the backbone as timm-loadable safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+
+def _add_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "preview",
+        help="write a PNG grid of images and their augmented views",
+        description="Render originals and their views for a recipe, e.g. "
+        "twinview preview --data DIR --recipe byol --out views.png augment.local_crops=4",
+    )
+    p.add_argument("--data", required=True, help="image folder (or builtin:digits)")
+    p.add_argument("--recipe", default=None, help="augment recipe: simclr, moco_v2, byol, moco_v3")
+    p.add_argument("--config", default=None, help="recipe YAML whose augment section to use")
+    p.add_argument("--out", default="views.png", help="output PNG (default: views.png)")
+    p.add_argument("--num", type=int, default=8, help="number of images (rows)")
+    p.add_argument("--size", type=int, default=None, help="side the images are loaded at (data.image_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. augment.jitter_strength=0.5")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +111,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from twinview.augment.preview import preview
+
+    overrides = [f"data.path={args.data}"]
+    if args.recipe:
+        overrides.append(f"augment.recipe={args.recipe}")
+    if args.size:
+        overrides.append(f"data.image_size={args.size}")
+    cfg = load_config(args.config, overrides + list(args.overrides))
+    out = preview(cfg, Path(args.out), num_images=args.num, seed=args.seed)
+    print(f"Wrote {out} ({cfg.augment.recipe} views of {args.num} images from {args.data}).")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from twinview.evaluate.report import evaluate_knn, random_init_backbone
     from twinview.pretrain.datasets import materialize_digits
@@ -138,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_preview(sub)
     _add_demo(sub)
     return parser
 
 
-_COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo}
+_COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "export": cmd_export, "preview": cmd_preview,
+             "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,10 +12,12 @@ import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from twinview.augment.recipes import RECIPES, recipe_values
 
 
 @dataclass
@@ -37,33 +39,61 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The SimCLR view recipe (Chen et al. 2020), applied on the training device with Kornia.
+    """The contrastive views, made on the training device (``twinview.augment``).
+
+    Keys marked *recipe* default to ``None``: ``augment.recipe`` fills them with the paper's values
+    (``twinview.augment.recipes``); setting one in YAML or on the command line overrides the recipe.
+    Per-view keys take one value for each of the two global views, e.g. ``augment.blur_p=[1.0,0.1]``.
 
     Attributes:
-        recipe: Name of the view recipe.
-        crop_size: Output side of each view; ``0`` means ``data.image_size``.
-        crop_scale: Area range of the random resized crop.
+        recipe: ``simclr``, ``moco_v2``, ``byol`` or ``moco_v3``.
+        backend: ``fast`` (twinview's batched ops) or ``kornia`` (Kornia's modules, the reference).
+        crop_size: Output side of each global view; ``0`` means ``data.image_size``.
+        crop_scale: *recipe*. Area range of the random resized crop.
         crop_ratio: Aspect-ratio range of the random resized crop.
         flip_p: Probability of a horizontal flip.
-        jitter_strength: s in (0.8s, 0.8s, 0.8s, 0.2s) for brightness, contrast, saturation, hue.
-        jitter_p: Probability of applying colour jitter.
-        grayscale_p: Probability of converting a view to grayscale.
-        blur_p: Probability of Gaussian blur (the recipe leaves it off for images <= 32 px).
+        brightness: *recipe*. Brightness factor range ``[1 - b, 1 + b]`` (times ``jitter_strength``).
+        contrast: *recipe*. Contrast factor range (times ``jitter_strength``).
+        saturation: *recipe*. Saturation factor range (times ``jitter_strength``).
+        hue: *recipe*. Hue shift range in turns (times ``jitter_strength``, at most 0.5).
+        jitter_strength: SimCLR's colour-distortion strength s, multiplying the four ranges above.
+        jitter_p: *recipe*. Probability of applying colour jitter.
+        grayscale_p: *recipe*. Probability of converting a view to grayscale.
+        blur_p: *recipe*, per view. Probability of Gaussian blur.
         blur_kernel_frac: Blur kernel side as a fraction of the view side (rounded up to odd).
-        blur_sigma: Range of the blur's standard deviation.
+        blur_sigma: Range of the blur's standard deviation, in pixels.
+        blur_min_size: Views smaller than this are never blurred (SimCLR leaves CIFAR unblurred).
+        solarize_p: *recipe*, per view. Probability of solarisation.
+        solarize_threshold: Pixels at or above this value (in [0, 1]) are inverted.
+        local_crops: Number of extra multi-crop local views (0: none).
+        local_crop_size: Side of the local views; ``0`` means 96/224 of the global side.
+        local_crop_scale: Area range of the local crops.
+        local_blur_p: Blur probability of the local views.
     """
 
     recipe: str = "simclr"
+    backend: str = "fast"
     crop_size: int = 0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: Optional[tuple[float, float]] = None
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip_p: float = 0.5
+    brightness: Optional[float] = None
+    contrast: Optional[float] = None
+    saturation: Optional[float] = None
+    hue: Optional[float] = None
     jitter_strength: float = 1.0
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
+    jitter_p: Optional[float] = None
+    grayscale_p: Optional[float] = None
+    blur_p: Optional[tuple[float, float]] = None
     blur_kernel_frac: float = 0.1
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_min_size: int = 33
+    solarize_p: Optional[tuple[float, float]] = None
+    solarize_threshold: float = 0.5
+    local_crops: int = 0
+    local_crop_size: int = 0
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    local_blur_p: float = 0.5
 
 
 @dataclass
@@ -179,7 +209,8 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "augment.recipe": ("simclr",),
+    "augment.recipe": tuple(RECIPES),
+    "augment.backend": ("fast", "kornia"),
     "objective.name": ("simclr",),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -272,6 +303,13 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"invalid value for '{key}': {value!r}. Valid values: {', '.join(valid)}.")
 
 
+def _fill_recipe(augment: AugmentConfig) -> None:
+    """Sets every augment key left unset to the value of ``augment.recipe``."""
+    for key, value in recipe_values(augment.recipe).items():
+        if getattr(augment, key) is None:
+            setattr(augment, key, value)
+
+
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Builds a Config from the defaults, an optional YAML recipe and dotted overrides.
 
@@ -306,6 +344,7 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
     cfg = OmegaConf.to_object(base)
     assert isinstance(cfg, Config)
     _check_choices(cfg)
+    _fill_recipe(cfg.augment)
     return cfg
 
 

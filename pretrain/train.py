@@ -1,6 +1,6 @@
 """The pretraining loop: HF Accelerate on one CPU, one GPU or many processes.
 
-Per step: a uint8 batch arrives on the device, the views are made there (Kornia), both views go
+Per step: a uint8 batch arrives on the device, the views are made there (twinview.augment), both views go
 through the model as one batch, NT-Xent, backward, optimiser step. The loss is accumulated on the
 device and read back only every ``train.log_every`` steps, the loop's only host synchronisation.
 """
@@ -126,7 +126,21 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     mean, std = normalization_stats(model.backbone)
-    augment = build_views(cfg.augment, cfg.data.image_size, mean, std).to(device)
+    if cfg.augment.local_crops:
+        raise ValueError(
+            f"augment.local_crops={cfg.augment.local_crops}: objective '{cfg.objective.name}' uses two views "
+            "and no multi-crop local views; set augment.local_crops=0."
+        )
+    view_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    augment = build_views(
+        cfg.augment,
+        cfg.data.image_size,
+        mean,
+        std,
+        seed=cfg.train.seed * 1_000_003 + accelerator.process_index,  # each process its own stream
+        device=device,
+        dtype=view_dtype if device.type == "cuda" else torch.float32,
+    )
 
     optimizer = create_optimizer_v2(
         model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
@@ -147,7 +161,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         t_in_epochs=False,
     )
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_for_checkpointing(scheduler, progress, augment.rng)
 
     if resume:
         found = checkpoints(run_dir)

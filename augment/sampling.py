@@ -1,0 +1,136 @@
+"""Random parameters for a batch of views, drawn on the batch's device with no host synchronisation.
+
+Every draw takes an explicit ``torch.Generator`` (or ``None`` for torch's global generator), so a
+seeded :class:`ViewRNG` makes the same batch give the same views. Decisions that the host must know
+(the colour-jitter order) come from a CPU generator kept next to the device one, so a CUDA pipeline
+never waits for the GPU to learn them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+CROP_TRIES = 10  # as torchvision's RandomResizedCrop.get_params
+
+
+class ViewRNG:
+    """The random state of an augmentation pipeline: a device generator and a CPU generator.
+
+    ``state_dict`` / ``load_state_dict`` make it checkpointable (Accelerate's
+    ``register_for_checkpointing``), so a resumed run draws the views it would have drawn.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        """Args: seed: Seeds both generators. device: Where per-sample parameters are drawn."""
+        self.device = torch.device(device)
+        self.host = torch.Generator("cpu")
+        self.host.manual_seed(seed)
+        self.generator = self.host if self.device.type == "cpu" else torch.Generator(self.device)
+        if self.generator is not self.host:
+            self.generator.manual_seed(seed + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"host": self.host.get_state()}
+        if self.generator is not self.host:
+            state["device"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.host.set_state(state["host"])
+        if self.generator is not self.host:
+            self.generator.set_state(state["device"])
+
+
+def uniform(
+    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Samples ``U[low, high)`` of the given shape (float32) on ``device``."""
+    return torch.rand(shape, generator=generator, device=device).mul_(high - low).add_(low)
+
+
+def coin(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``n`` independent Bernoulli(p) draws as a bool tensor. Always draws, so p does not shift the stream."""
+    return torch.rand((n,), generator=generator, device=device) < p
+
+
+def crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Random-resized-crop boxes with torchvision's semantics, vectorised over the batch.
+
+    For each sample: up to 10 tries of an area fraction ``U(scale)`` and a log-uniform aspect ratio;
+    the first crop that fits (integer sides) is placed uniformly at an integer offset. When no try
+    fits, the whole image is taken, cropped centrally to the nearest allowed ratio (as torchvision).
+
+    Args:
+        n: Number of boxes.
+        height: Source image height.
+        width: Source image width.
+        scale: Range of the crop area as a fraction of the image area.
+        ratio: Range of the crop's width / height.
+        generator: Random generator (``None``: torch's global one).
+        device: Device of the result.
+
+    Returns:
+        ``(n, 4)`` float32 boxes ``[x0, y0, w, h]`` in source pixels.
+    """
+    area = float(height * width)
+    target = uniform((n, CROP_TRIES), scale[0], scale[1], generator, device).mul_(area)
+    log_r = uniform((n, CROP_TRIES), math.log(ratio[0]), math.log(ratio[1]), generator, device)
+    aspect = log_r.exp_()
+    w = (target * aspect).sqrt_().round_()  # (n, tries)
+    h = (target / aspect).sqrt_().round_()
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting try (0 when none fits)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)  # (n,)
+    any_fit = fits.any(dim=1)
+
+    in_ratio = width / height  # fallback: torchvision's central crop at the clamped ratio
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_fit, w, torch.full_like(w, fw))
+    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    u = torch.rand((2, n), generator=generator, device=device)
+    x0 = torch.where(any_fit, (u[0] * (width - w + 1)).floor_(), torch.full_like(w, (width - fw) // 2))
+    y0 = torch.where(any_fit, (u[1] * (height - h + 1)).floor_(), torch.full_like(h, (height - fh) // 2))
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def jitter_factors(
+    n: int,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Per-sample colour-jitter factors with torchvision's ranges.
+
+    Brightness, contrast and saturation factors are ``U[max(0, 1 - s), 1 + s]``; the hue shift is
+    ``U[-hue, hue]`` in turns. The identity is ``(1, 1, 1, 0)``.
+
+    Returns:
+        ``(n, 4)`` float32 factors: brightness, contrast, saturation, hue.
+    """
+    lows = torch.tensor([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue], device=device)
+    highs = torch.tensor([1 + brightness, 1 + contrast, 1 + saturation, hue], device=device)
+    return torch.rand((n, 4), generator=generator, device=device).mul_(highs - lows).add_(lows)
+
+
+def permutation(k: int, generator: torch.Generator) -> list[int]:
+    """A random order of ``range(k)`` from a CPU generator (the host needs it to pick the ops)."""
+    return torch.randperm(k, generator=generator).tolist()
