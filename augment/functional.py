@@ -69,8 +69,8 @@ def adjust_brightness_(images: torch.Tensor, factor: torch.Tensor) -> torch.Tens
 
 def adjust_contrast_(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blends each image with the mean of its luma: ``f * x + (1 - f) * mean``, clipped, in place."""
-    means = images.mean(dim=(2, 3)) @ images.new_tensor(LUMA)  # (N,): mean luma = luma of channel means
-    torch.lerp(means.view(-1, 1, 1, 1), images, factor.view(-1, 1, 1, 1), out=images)
+    means = grayscale(images.mean(dim=(2, 3), keepdim=True))  # (N, 1, 1, 1): mean luma = luma of channel means
+    torch.lerp(means, images, factor.view(-1, 1, 1, 1), out=images)
     return images.clamp_(0.0, 1.0)
 
 

@@ -126,9 +126,12 @@ def jitter_factors(
     Returns:
         ``(n, 4)`` float32 factors: brightness, contrast, saturation, hue.
     """
-    lows = torch.tensor([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue], device=device)
-    highs = torch.tensor([1 + brightness, 1 + contrast, 1 + saturation, hue], device=device)
-    return torch.rand((n, 4), generator=generator, device=device).mul_(highs - lows).add_(lows)
+    factors = torch.rand((n, 4), generator=generator, device=device)
+    ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
+              (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
+    for column, (low, high) in enumerate(ranges):  # Python scalars: no host-to-device copy
+        factors[:, column].mul_(high - low).add_(low)
+    return factors
 
 
 def permutation(k: int, generator: torch.Generator) -> list[int]:

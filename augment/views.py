@@ -219,7 +219,9 @@ def _all(x: torch.Tensor) -> torch.Tensor:
 
 def _identity_where_not(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Colour-jitter factors with the identity ``(1, 1, 1, 0)`` where ``mask`` is not set."""
-    return torch.where(mask[:, None], factors, factors.new_tensor([1.0, 1.0, 1.0, 0.0]))
+    identity = torch.ones_like(factors[:1])
+    identity[:, 3] = 0.0
+    return torch.where(mask[:, None], factors, identity)
 
 
 def _apply(

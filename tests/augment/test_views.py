@@ -184,3 +184,19 @@ def test_unknown_recipe_and_wrong_per_view_type_are_config_errors() -> None:
         _cfg("augment.recipe=swav")
     with pytest.raises(ConfigError, match="augment.blur_p"):
         _cfg("augment.blur_p=0.5")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
+def test_cuda_views_make_no_host_synchronisation() -> None:
+    x = _batch(8, 64).cuda()
+    cfg = _cfg("augment.recipe=byol", "augment.local_crops=2")
+    views = build_views(cfg, 64, MEAN, STD, seed=0, device="cuda", dtype=torch.bfloat16)
+    views(x)  # warm-up (kernel caches)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = views(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(v.device.type == "cuda" and v.dtype == torch.bfloat16 for v in out)
+    cpu = build_views(cfg, 64, MEAN, STD, seed=0)(x.cpu())
+    assert cpu[0].shape == out[0].shape
