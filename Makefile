@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(PY) bench/cpu_conv.py
+	$(PY) bench/augment.py
 	$(PY) bench/cifar10_quick.py
 
 clean:
