@@ -1,18 +1,30 @@
-"""Contrastive losses: pure functions of embeddings, ``(z_a, z_b) -> scalar``."""
+"""Contrastive and metric-learning losses: pure functions of embeddings that return a scalar.
+
+Shapes in comments: ``N`` samples on this process, ``M = world * N`` over all processes, ``D``
+embedding width, ``K`` size of a bank of negatives. Losses that contrast against other samples take
+their negatives from every process when ``torch.distributed`` is initialised, through an all-gather
+that keeps the gradient (:func:`twinview.pretrain.distributed.gather_with_grad`): each process
+scores its own anchors against all candidates, so the mean of the per-process losses (what DDP
+optimises) equals the loss of one process on the concatenated batch, gradients included.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from twinview.pretrain import distributed
+
+TRIPLET_MINING = ("batch_all", "batch_hard", "semi_hard")
+
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """NT-Xent, the normalized temperature-scaled cross entropy of SimCLR (Chen et al., ICML 2020).
 
-    With ``z`` the 2N L2-normalised embeddings of both views and ``s_ij = z_i . z_j / t``, each
-    sample i has exactly one positive p(i) (the other view of the same image) and 2N - 2 negatives:
+    With ``z`` the 2M L2-normalised embeddings of both views and ``s_ij = z_i . z_j / t``, each
+    sample i has exactly one positive p(i) (the other view of the same image) and 2M - 2 negatives:
 
-        l_i = -log( exp(s_{i,p(i)}) / sum_{k != i} exp(s_ik) ),    L = 1/(2N) sum_i l_i
+        l_i = -log( exp(s_{i,p(i)}) / sum_{k != i} exp(s_ik) ),    L = 1/(2M) sum_i l_i
 
     Args:
         z_a: ``(N, D)`` embeddings of the first views.
@@ -20,11 +32,156 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.2) -> t
         temperature: t > 0.
 
     Returns:
-        The scalar mean loss over all 2N anchors (computed in float32).
+        The mean loss over this process's 2N anchors (computed in float32).
     """
     n = z_a.shape[0]
-    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, D)
-    logits = z @ z.T / temperature  # (2N, 2N)
-    logits.fill_diagonal_(float("-inf"))  # an anchor is never its own negative
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # (2N,) index of p(i)
+    a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)  # (N, D)
+    a_all, b_all = distributed.gather_with_grad(a), distributed.gather_with_grad(b)  # (M, D)
+    m, offset = a_all.shape[0], distributed.rank() * n
+    anchors = torch.cat([a, b])  # (2N, D)
+    logits = anchors @ torch.cat([a_all, b_all]).T / temperature  # (2N, 2M)
+    local = torch.arange(n, device=a.device) + offset  # this process's rows among the M
+    self_index = torch.cat([local, local + m])  # (2N,) each anchor's own column
+    logits[torch.arange(2 * n, device=a.device), self_index] = float("-inf")  # never its own negative
+    targets = torch.cat([local + m, local])  # (2N,) the other view
     return F.cross_entropy(logits, targets)
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """InfoNCE with an external bank of negatives (Oord et al. 2018; MoCo, He et al., CVPR 2020).
+
+        l_i = -log( exp(q_i . k_i / t) / (exp(q_i . k_i / t) + sum_j exp(q_i . n_j / t)) )
+
+    with q, k and the negatives L2-normalised; L is the mean over the N queries.
+
+    Args:
+        query: ``(N, D)`` queries.
+        key: ``(N, D)`` positive keys (row i for query i); usually from a momentum encoder, detached.
+        negatives: ``(K, D)`` bank of negative keys (the MoCo queue); no gradient flows into it.
+        temperature: t > 0.
+
+    Returns:
+        The scalar mean loss.
+    """
+    q = F.normalize(query.float(), dim=1)  # (N, D)
+    k = F.normalize(key.float(), dim=1)  # (N, D)
+    bank = F.normalize(negatives.float().detach(), dim=1)  # (K, D)
+    positive = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    logits = torch.cat([positive, q @ bank.T], dim=1) / temperature  # (N, 1 + K)
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss, L^sup_out of Khosla et al., NeurIPS 2020 (eq. 2).
+
+    Over all views z (L2-normalised) with A(i) every other view and P(i) the views with i's label:
+
+        l_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i . z_p / t) / sum_{a in A(i)} exp(z_i . z_a / t) )
+
+    Anchors with no positive are left out of the mean. With two views per image and every image its
+    own class, this is NT-Xent.
+
+    Args:
+        z: ``(N, D)`` embeddings, all views stacked (e.g. ``cat([z_a, z_b])``).
+        labels: ``(N,)`` integer labels (repeat them for each view).
+        temperature: t > 0.
+
+    Returns:
+        The mean loss over this process's anchors that have a positive.
+    """
+    n = z.shape[0]
+    x = F.normalize(z.float(), dim=1)  # (N, D)
+    x_all = distributed.gather_with_grad(x)  # (M, D)
+    labels_all = distributed.gather(labels)  # (M,)
+    local = torch.arange(n, device=x.device) + distributed.rank() * n
+    logits = x @ x_all.T / temperature  # (N, M)
+    not_self = torch.ones_like(logits, dtype=torch.bool)
+    not_self[torch.arange(n, device=x.device), local] = False
+    log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
+    positive = (labels[:, None] == labels_all[None, :]) & not_self  # (N, M)
+    count = positive.sum(dim=1)  # (N,)
+    per_anchor = -(log_prob * positive).sum(dim=1) / count.clamp_min(1)
+    has = count > 0
+    return (per_anchor * has).sum() / has.sum().clamp_min(1)
+
+
+def pairwise_contrastive(z_1: torch.Tensor, z_2: torch.Tensor, dissimilar: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Margin contrastive loss of Hadsell, Chopra and LeCun, CVPR 2006 (a Siamese encoder on pairs).
+
+        L = mean over pairs of (1 - Y) * 1/2 * D^2 + Y * 1/2 * max(0, m - D)^2
+
+    with D the Euclidean distance between the pair's embeddings and Y = 1 for a dissimilar pair.
+
+    Args:
+        z_1: ``(N, D)`` embeddings of the first images of the pairs.
+        z_2: ``(N, D)`` embeddings of the second images.
+        dissimilar: ``(N,)`` Y: 1 (or True) where the pair is dissimilar, 0 where similar.
+        margin: m > 0, how far apart dissimilar pairs must be before they stop contributing.
+
+    Returns:
+        The scalar mean loss.
+    """
+    y = dissimilar.to(torch.float32)  # (N,)
+    squared = (z_1.float() - z_2.float()).pow(2).sum(dim=1)  # (N,) D^2, smooth at 0
+    distance = squared.clamp_min(1e-12).sqrt()
+    return ((1 - y) * 0.5 * squared + y * 0.5 * F.relu(margin - distance).pow(2)).mean()
+
+
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """``(N, D)`` -> ``(N, N)`` Euclidean distances (gradient 0, not NaN, on the diagonal)."""
+    x = x.float()
+    squared = (x * x).sum(dim=1)
+    d2 = squared[:, None] + squared[None, :] - 2 * x @ x.T
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def triplet(z: torch.Tensor, labels: torch.Tensor, margin: float = 0.2, mining: str = "batch_hard") -> torch.Tensor:
+    """Triplet margin loss with online mining inside the batch (Euclidean distances d).
+
+    ``max(0, d(a, p) - d(a, n) + m)`` over triplets of an anchor a, a positive p (same label, not a)
+    and a negative n (another label), chosen by ``mining``:
+
+    * ``batch_all``: every valid triplet; the mean over those with a non-zero loss
+      (Hermans, Beyer, Leibe 2017, "In Defense of the Triplet Loss").
+    * ``batch_hard``: per anchor, its farthest positive and nearest negative; mean over anchors
+      that have both (Hermans et al. 2017).
+    * ``semi_hard``: per (anchor, positive) pair, the nearest negative farther than the positive,
+      ``d(a, p) < d(a, n)``; when none is, the farthest negative (FaceNet, Schroff et al. 2015, as
+      TensorFlow's ``triplet_semihard_loss``); mean over pairs.
+
+    Args:
+        z: ``(N, D)`` embeddings (normalise them first for distances in [0, 2]).
+        labels: ``(N,)`` integer labels.
+        margin: m >= 0.
+        mining: One of ``batch_all``, ``batch_hard``, ``semi_hard``.
+
+    Returns:
+        The scalar loss (0 when the batch has no valid triplet).
+    """
+    if mining not in TRIPLET_MINING:
+        raise ValueError(f"unknown triplet mining '{mining}'. Valid: {', '.join(TRIPLET_MINING)}.")
+    d = pairwise_distances(z)  # (N, N)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    pos, neg = same & ~eye, ~same  # (N, N) masks
+    # Means over masks divide by max(count, 1): 0 for a batch without valid triplets, no host sync.
+    if mining == "batch_all":
+        losses = F.relu(d[:, :, None] - d[:, None, :] + margin)  # (a, p, n)
+        active = pos[:, :, None] & neg[:, None, :] & (losses > 0)
+        return torch.where(active, losses, 0.0).sum() / active.sum().clamp_min(1)
+    if mining == "batch_hard":
+        hardest_pos = (d * pos).amax(dim=1)  # distances >= 0, so masked entries (0) never win
+        hardest_neg = d.masked_fill(~neg, float("inf")).amin(dim=1)
+        ok = pos.any(dim=1) & neg.any(dim=1)
+        losses = F.relu(hardest_pos - hardest_neg + margin)
+        return torch.where(ok, losses, 0.0).sum() / ok.sum().clamp_min(1)
+    # semi_hard: for each (a, p), negatives farther than d(a, p)
+    d_ap = d[:, :, None]  # (a, p, 1)
+    d_an = d[:, None, :]  # (a, 1, n)
+    farther = neg[:, None, :] & (d_an > d_ap)  # (a, p, n)
+    nearest_farther = d_an.expand_as(farther).masked_fill(~farther, float("inf")).amin(dim=2)  # (a, p)
+    farthest = d.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True).expand_as(nearest_farther)
+    chosen = torch.where(farther.any(dim=2), nearest_farther, farthest)  # (a, p)
+    ok = pos & neg.any(dim=1, keepdim=True)
+    losses = F.relu(d - chosen + margin)
+    return torch.where(ok, losses, 0.0).sum() / ok.sum().clamp_min(1)

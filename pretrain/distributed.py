@@ -1,0 +1,74 @@
+"""Collectives the objectives need, correct with and without ``torch.distributed``.
+
+Without an initialised process group every function here is the identity, so a loss written with
+them runs unchanged on one CPU, one GPU or many processes launched by ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """Number of processes (1 without an initialised process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's index (0 without an initialised process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each process the gradient of its own rows, summed over every
+    process's loss (an all-reduce of the full gradient, then this process's slice).
+
+    ``torch.distributed.all_gather`` alone returns tensors with no gradient path, which silently
+    drops the gradient that flows through other processes' negatives; ``torch.distributed.nn``'s
+    version exists but its backward has changed between releases, so the contract is kept here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``(n, ...)`` per process -> ``(world * n, ...)``, rows in rank order, differentiable.
+
+    Every process must pass the same shape. Identity on a single process.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """``(n, ...)`` per process -> ``(world * n, ...)`` in rank order, without gradient (MoCo keys)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``x`` from process ``src`` on every process (in place); identity on a single process."""
+    if world_size() > 1:
+        dist.broadcast(x, src)
+    return x

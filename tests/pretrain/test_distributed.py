@@ -1,0 +1,94 @@
+"""Losses across 2 CPU processes (gloo) equal one process on the concatenated batch, gradients too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from twinview.pretrain import distributed
+from twinview.pretrain.losses import nt_xent, supcon
+
+WORLD = 2
+N, D_IN, D = 6, 5, 4  # per-process batch, input and embedding widths
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x_a = torch.randn(WORLD * N, D_IN, generator=g, dtype=torch.float64)
+    x_b = torch.randn(WORLD * N, D_IN, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (WORLD * N,), generator=g)
+    return x_a, x_b, labels
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(D_IN, D).double()
+
+
+def _losses(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    z_a, z_b = model(x_a), model(x_b)
+    return {"nt_xent": nt_xent(z_a, z_b, 0.2), "supcon": supcon(torch.cat([z_a, z_b]), labels.repeat(2), 0.1)}
+
+
+def _reference() -> dict[str, tuple[float, list[torch.Tensor]]]:
+    x_a, x_b, labels = _data()
+    out = {}
+    for name in ("nt_xent", "supcon"):
+        model = _model()
+        loss = _losses(model, x_a, x_b, labels)[name]
+        loss.backward()
+        out[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    return out
+
+
+def _worker(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x_a, x_b, labels = _data()
+        rows = slice(rank * N, (rank + 1) * N)
+        out = {"gathered": distributed.gather(torch.full((2,), float(rank)))}
+        for name in ("nt_xent", "supcon"):
+            model = nn.parallel.DistributedDataParallel(_model())
+            loss = _losses(model, x_a[rows], x_b[rows], labels[rows])[name]
+            loss.backward()  # DDP averages the parameter gradients over the processes
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            out[name] = (mean_loss.item() / WORLD, [p.grad.clone() for p in model.parameters()])
+        torch.save(out, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "out")), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "supcon"])
+def test_two_processes_match_one_process_on_the_whole_batch(two_process_results: list[dict], name: str) -> None:
+    expected_loss, expected_grads = _reference()[name]
+    for result in two_process_results:
+        loss, grads = result[name]
+        assert loss == pytest.approx(expected_loss, rel=1e-6)  # the losses compute in float32
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gather_puts_rows_in_rank_order(two_process_results: list[dict]) -> None:
+    for result in two_process_results:
+        assert result["gathered"].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_single_process_collectives_are_identities() -> None:
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.gather_with_grad(x) is x and torch.equal(distributed.gather(x), x)
