@@ -13,6 +13,7 @@ from torch import nn
 
 from twinview.pretrain import distributed
 from twinview.pretrain.losses import nt_xent, supcon
+from twinview.pretrain.moco import KeyQueue, encode_keys_without_bn_leak
 
 WORLD = 2
 N, D_IN, D = 6, 5, 4  # per-process batch, input and embedding widths
@@ -60,6 +61,15 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             out[name] = (mean_loss.item() / WORLD, [p.grad.clone() for p in model.parameters()])
+        queue = KeyQueue(size=8, dim=3)
+        for step in range(3):  # 3 x (2 processes x 2 keys) = 12 > 8: wraps around
+            queue.enqueue(torch.full((2, 3), 10.0 * step + rank) + torch.arange(3.0))
+        out["queue"] = queue.keys.clone()
+        torch.manual_seed(0)
+        linear = nn.Linear(D_IN, 3).double()  # same weights on both processes
+        generator = torch.Generator().manual_seed(1)
+        out["shuffled_keys"] = encode_keys_without_bn_leak(linear, x_a[rows], splits=1, generator=generator)
+        out["direct_keys"] = linear(x_a[rows]).detach()
         torch.save(out, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -86,6 +96,23 @@ def test_two_processes_match_one_process_on_the_whole_batch(two_process_results:
 def test_gather_puts_rows_in_rank_order(two_process_results: list[dict]) -> None:
     for result in two_process_results:
         assert result["gathered"].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_queue_is_identical_on_every_process_and_holds_everyones_keys(two_process_results: list[dict]) -> None:
+    first, second = (r["queue"] for r in two_process_results)
+    assert torch.equal(first, second)
+    # step 2 (rank 0, rank 1) overwrote rows 0-3; rows 4-7 still hold step 1 (rank 0, rank 1)
+    rows = [round(float(v), 4) for v in first[:, 0] * (first[:, 0] ** 2 + first[:, 1] ** 2 + first[:, 2] ** 2) ** -0.5]
+    expected = []
+    for step, rank in [(2, 0), (2, 0), (2, 1), (2, 1), (1, 0), (1, 0), (1, 1), (1, 1)]:
+        v = torch.tensor([10.0 * step + rank]) + torch.arange(3.0)
+        expected.append(round(float(v[0] / v.norm()), 4))
+    assert rows == expected
+
+
+def test_shuffle_bn_gives_each_process_the_keys_of_its_own_images(two_process_results: list[dict]) -> None:
+    for result in two_process_results:
+        torch.testing.assert_close(result["shuffled_keys"], result["direct_keys"])
 
 
 def test_single_process_collectives_are_identities() -> None:
