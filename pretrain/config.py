@@ -30,11 +30,14 @@ class DataConfig:
         image_size: Side of the square uint8 images the loader returns (shorter side resized,
             then centre-cropped). Augmentation crops are made from these.
         num_workers: DataLoader worker processes that decode and resize.
+        samples_per_class: K of the P x K batches of the supervised objectives (P =
+            train.batch_size / K classes per batch).
     """
 
     path: str = ""
     image_size: int = 32
     num_workers: int = 2
+    samples_per_class: int = 4
 
 
 @dataclass
@@ -106,6 +109,7 @@ class ModelConfig:
         proj_hidden_dim: Hidden width of the MLP projection head.
         proj_dim: Output width of the projection head (the space the loss sees).
         proj_layers: Number of linear layers in the head (>= 1).
+        predictor_hidden_dim: Hidden width of the predictor MLP (built for MoCo v3 only).
     """
 
     backbone: str = "resnet18"
@@ -113,19 +117,36 @@ class ModelConfig:
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     proj_layers: int = 2
+    predictor_hidden_dim: int = 512
 
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective.
+    """The training objective (``twinview.pretrain.methods``).
 
     Attributes:
-        name: ``simclr`` (NT-Xent over two views).
-        temperature: Softmax temperature of NT-Xent.
+        name: ``simclr``, ``moco_v2``, ``moco_v3`` (self-supervised) or ``supcon``, ``triplet``,
+            ``contrastive`` (supervised metric learning on a class-labelled folder).
+        temperature: Softmax temperature (NT-Xent, InfoNCE, SupCon).
+        momentum: Key-encoder EMA momentum m (MoCo): ``theta_k <- m theta_k + (1 - m) theta_q``.
+        momentum_schedule: ``constant``, or ``cosine`` from ``momentum`` to 1 over the run.
+        queue_size: MoCo v2's number of negative keys; a multiple of the global batch.
+        bn_splits: MoCo v2 on one process: keys are encoded in this many groups with their own
+            batch-norm statistics (split BN; 1 turns it off). Several processes use shuffle BN.
+        symmetric: MoCo v2: also contrast the second view's query with the first view's key.
+        margin: Margin of the ``triplet`` and ``contrastive`` losses (embeddings are L2-normalised).
+        mining: Triplet mining: ``batch_hard``, ``batch_all`` or ``semi_hard``.
     """
 
     name: str = "simclr"
     temperature: float = 0.2
+    momentum: float = 0.99
+    momentum_schedule: str = "constant"
+    queue_size: int = 4096
+    bn_splits: int = 8
+    symmetric: bool = False
+    margin: float = 0.5
+    mining: str = "batch_hard"
 
 
 @dataclass
@@ -211,7 +232,9 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "augment.recipe": tuple(RECIPES),
     "augment.backend": ("fast", "kornia"),
-    "objective.name": ("simclr",),
+    "objective.name": ("simclr", "moco_v2", "moco_v3", "supcon", "triplet", "contrastive"),
+    "objective.momentum_schedule": ("constant", "cosine"),
+    "objective.mining": ("batch_hard", "batch_all", "semi_hard"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 

@@ -87,17 +87,28 @@ class ProjectionHead(nn.Sequential):
 
 
 class ContrastiveModel(nn.Module):
-    """A backbone and a projection head; ``forward`` maps images to projections."""
+    """A backbone, a projection head and, for MoCo v3, a predictor on top of the head."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        """Args: backbone: maps images to features; head: maps features to projections."""
+    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module | None = None) -> None:
+        """Args: backbone: maps images to features; head: maps features to projections;
+        predictor: optional MLP applied to projections when ``forward(..., predict=True)``."""
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.predictor = predictor
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, proj_dim)``."""
-        return self.head(self.backbone(images))
+    def forward(self, images: torch.Tensor, predict: bool = False) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, proj_dim)`` projections (predictions with ``predict=True``).
+
+        The predictor runs inside ``forward`` so that distributed data parallel sees every
+        parameter used in its forward pass.
+        """
+        z = self.head(self.backbone(images))
+        if predict:
+            if self.predictor is None:
+                raise ValueError("this model has no predictor (only objective.name=moco_v3 builds one)")
+            return self.predictor(z)
+        return z
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -106,8 +117,9 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
-def create_model(cfg: ModelConfig) -> ContrastiveModel:
-    """Builds backbone + projection head from the model config."""
+def create_model(cfg: ModelConfig, predictor: bool = False) -> ContrastiveModel:
+    """Builds backbone + projection head (+ MoCo v3's 2-layer predictor) from the model config."""
     backbone = create_backbone(cfg)
     head = ProjectionHead(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
-    return ContrastiveModel(backbone, head)
+    pred = ProjectionHead(cfg.proj_dim, cfg.predictor_hidden_dim, cfg.proj_dim, 2) if predictor else None
+    return ContrastiveModel(backbone, head, pred)

@@ -96,7 +96,7 @@ def load_trained_model(run_dir: Path) -> tuple[Config, ContrastiveModel]:
             f"'{run_dir}' has no {WEIGHTS_FILE}: the run has not finished. "
             f"Continue it with `twinview pretrain --resume {run_dir}`."
         )
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, predictor=cfg.objective.name == "moco_v3")
     model.load_state_dict(load_file(weights), strict=True)
     return cfg, model.eval()
 

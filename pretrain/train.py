@@ -1,7 +1,8 @@
 """The pretraining loop: HF Accelerate on one CPU, one GPU or many processes.
 
-Per step: a uint8 batch arrives on the device, the views are made there (twinview.augment), both views go
-through the model as one batch, NT-Xent, backward, optimiser step. The loss is accumulated on the
+Per step: a uint8 batch arrives on the device, the views are made there (twinview.augment), the
+method (twinview.pretrain.methods: SimCLR, MoCo v2/v3 or a supervised metric loss) computes the
+loss, backward, optimiser step, then the method's own update (the MoCo momentum encoder). The loss is accumulated on the
 device and read back only every ``train.log_every`` steps, the loop's only host synchronisation.
 """
 
@@ -28,8 +29,9 @@ from twinview.augment.views import build_views
 from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, save_config
 from twinview.pretrain.data import ImageFolderDataset, worker_init
-from twinview.pretrain.losses import nt_xent
+from twinview.pretrain.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
+from twinview.pretrain.pk_sampler import PKBatchSampler
 from twinview.pretrain.runs import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -69,6 +71,7 @@ class MetricsLog:
 
 
 def _loader(cfg: Config, dataset: ImageFolderDataset, num_processes: int, pin: bool) -> DataLoader:
+    """Random batches, or class-balanced P x K batches for the supervised objectives."""
     global_batch = cfg.train.batch_size * num_processes
     if len(dataset) < global_batch:
         raise ValueError(
@@ -76,20 +79,45 @@ def _loader(cfg: Config, dataset: ImageFolderDataset, num_processes: int, pin: b
             f"(train.batch_size={cfg.train.batch_size} x {num_processes} processes). Lower train.batch_size."
         )
     workers = cfg.data.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=workers > 0,
-        worker_init_fn=worker_init if workers > 0 else None,
-    )
+    common = {
+        "num_workers": workers,
+        "pin_memory": pin,
+        "persistent_workers": workers > 0,
+        "worker_init_fn": worker_init if workers > 0 else None,
+    }
+    if cfg.objective.name in SUPERVISED:
+        if not dataset.index.labeled:
+            raise ValueError(
+                f"objective.name={cfg.objective.name} trains on labels, but '{dataset.index.root}' has no class "
+                "sub-folders. Use a folder with one sub-folder per class, or a self-supervised objective."
+            )
+        k = cfg.data.samples_per_class
+        if cfg.train.batch_size % k:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.samples_per_class={k}.")
+        sampler = PKBatchSampler(dataset.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)
+
+
+def _check_objective(cfg: Config, num_processes: int) -> None:
+    """Objective settings that cannot work, refused before any compute."""
+    o, global_batch = cfg.objective, cfg.train.batch_size * num_processes
+    if o.name in ("simclr", "moco_v3") and cfg.train.batch_size < 2 and num_processes == 1:
+        raise ValueError(f"objective.name={o.name} needs at least 2 images per batch (train.batch_size).")
+    if o.name == "moco_v2":
+        keys_per_step = global_batch * (2 if o.symmetric else 1)
+        if o.queue_size % keys_per_step:
+            raise ValueError(
+                f"objective.queue_size={o.queue_size} must be a multiple of the keys added per step, {keys_per_step} "
+                f"(train.batch_size={cfg.train.batch_size} x {num_processes} processes"
+                f"{' x 2 views (symmetric)' if o.symmetric else ''})."
+            )
+    if o.name == "moco_v2" and num_processes == 1 and o.bn_splits > 1 and cfg.train.batch_size % o.bn_splits:
+        raise ValueError(f"objective.bn_splits={o.bn_splits} must divide train.batch_size={cfg.train.batch_size}.")
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
-    """Pretrains a backbone with SimCLR and writes everything into ``run_dir``.
+    """Pretrains a backbone with the configured objective and writes everything into ``run_dir``.
 
     Args:
         cfg: The resolved config.
@@ -117,10 +145,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / CONFIG_FILE)
 
+    _check_objective(cfg, accelerator.num_processes)
     dataset = ImageFolderDataset(cfg.data.path, cfg.data.image_size)
     loader = _loader(cfg, dataset, accelerator.num_processes, pin=device.type == "cuda")
+    pk_sampler = loader.batch_sampler if isinstance(loader.batch_sampler, PKBatchSampler) else None
 
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, predictor=cfg.objective.name == "moco_v3")
     if device.type == "cpu":
         cpu_conv.patch_model(model)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -142,6 +172,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         dtype=view_dtype if device.type == "cuda" else torch.float32,
     )
 
+    method = create_method(cfg, model).to(device)  # momentum encoder, queue: state of the method
     optimizer = create_optimizer_v2(
         model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
     )
@@ -161,7 +192,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         t_in_epochs=False,
     )
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress, augment.rng)
+    accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method)
 
     if resume:
         found = checkpoints(run_dir)
@@ -174,7 +205,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     for epoch in range(progress.epoch, cfg.train.epochs):
         loader.set_epoch(epoch)
+        if pk_sampler is not None:
+            pk_sampler.set_epoch(epoch)
         model.train()
+        method.train()
         epoch_loss = torch.zeros((), device=device)
         window_loss = torch.zeros((), device=device)
         epoch_start = window_start = time.perf_counter()
@@ -185,17 +219,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
             disable=not accelerator.is_main_process,
             dynamic_ncols=True,
         )
-        for i, (images, _) in enumerate(loader):
+        for i, (images, labels) in enumerate(loader):
             if i >= steps_per_epoch:
                 break
             scheduler.step_update(num_updates=progress.step)
-            view_a, view_b = augment(images)
-            batch = torch.cat([view_a, view_b]).contiguous(memory_format=memory_format)  # (2B, 3, S, S)
-            z_a, z_b = model(batch).chunk(2)  # (B, D) each
-            loss = nt_xent(z_a, z_b, cfg.objective.temperature)
+            views = [v.contiguous(memory_format=memory_format) for v in augment(images)]  # (B, 3, S, S) each
+            loss = method(model, views, labels)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            method.after_step(accelerator.unwrap_model(model), progress.step, total_steps)
             progress.step += 1
             window_loss += loss.detach()
             window_steps += 1

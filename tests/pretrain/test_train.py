@@ -58,8 +58,21 @@ def test_run_directory_holds_config_metrics_checkpoints_and_weights(image_folder
         new_run_dir(cfg)
 
 
-def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(image_folder: Path, tmp_path: Path) -> None:
-    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=straight")
+OBJECTIVES = {
+    "simclr": [],
+    "moco_v2": ["objective.queue_size=16", "objective.bn_splits=2"],
+    "moco_v3": ["model.predictor_hidden_dim=32", "objective.momentum_schedule=cosine"],
+    "supcon": [],
+    "triplet": ["objective.mining=semi_hard"],
+    "contrastive": [],
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(image_folder: Path, tmp_path: Path, objective: str) -> None:
+    """Bitwise on CPU, for every objective: MoCo's key encoder, queue and shuffle RNG are checkpointed."""
+    extra = [f"objective.name={objective}", *OBJECTIVES[objective]]
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=straight", *extra)
     straight = new_run_dir(cfg)
     train(cfg, straight)
 
@@ -74,6 +87,55 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(image_folder: Pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("objective", ["moco_v2", "moco_v3", "supcon"])
+def test_each_objective_trains_and_its_weights_load_and_export(image_folder: Path, tmp_path: Path, objective: str) -> None:
+    import timm
+
+    from twinview.pretrain.export import export_run
+
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", f"objective.name={objective}", *OBJECTIVES[objective])
+    run_dir = new_run_dir(cfg)
+    train(cfg, run_dir)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir))
+    _, model = load_trained_model(run_dir)  # strict: the predictor of moco_v3 is part of the weights
+    assert (model.predictor is not None) == (objective == "moco_v3")
+    export_run(run_dir, tmp_path / "export")
+    exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model.backbone(x))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["objective.name=moco_v2", "objective.queue_size=20"], "queue_size=20 must be a multiple of the keys added per step, 8"),
+        (["objective.name=moco_v2", "objective.queue_size=24", "objective.symmetric=true"], "multiple of the keys added per step, 16"),
+        (["objective.name=moco_v2", "objective.bn_splits=3"], "bn_splits=3 must divide train.batch_size=8"),
+        (["objective.name=supcon", "data.samples_per_class=3"], "multiple of data.samples_per_class=3"),
+        (["objective.name=triplet", "data.samples_per_class=2"], "needs 4 classes but the data has 3"),
+        (["train.batch_size=1"], "at least 2 images"),
+    ],
+)
+def test_objective_settings_that_cannot_work_fail_before_training(
+    image_folder: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    cfg = _cfg(image_folder, tmp_path / "runs", *extra)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        train(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_supervised_objective_on_an_unlabeled_folder_is_a_clear_error(image_folder: Path, tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(image_folder.rglob("*.png"))):
+        shutil.copy(f, flat / f"{i:03d}.png")
+    cfg = _cfg(flat, tmp_path / "runs", "objective.name=supcon")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        train(cfg, tmp_path / "r")
 
 
 def test_resume_without_checkpoints_is_an_error(image_folder: Path, tmp_path: Path) -> None:
