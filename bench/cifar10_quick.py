@@ -5,7 +5,7 @@ cache; timm ``resnet18`` with its standard stem at 32x32, batch 256, recipe ``si
 (k=200, T=0.1) of the full 10,000-image test set against those 10,000 training images, for the
 trained backbone and for a random-init copy. Prints one JSON object.
 
-Usage: python bench/cifar10_quick.py [--epochs 10] [--archive PATH] [KEY=VALUE ...]
+Usage: python bench/cifar10_quick.py [--epochs 10] [--recipe simclr-cifar10] [--archive PATH] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=Path(os.environ.get("TWINVIEW_CIFAR10", DEFAULT_ARCHIVE)))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--recipe", default="simclr-cifar10", help="shipped recipe (simclr-cifar10, moco-v2-cifar10, ...)")
     parser.add_argument("--output-dir", default=str(cache_dir() / "bench-runs"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
     root = extract_archive(args.archive) / "cifar10-jpeg"
     train_dir = quick_subset(root, PER_CLASS)
     cfg = load_config(
-        "simclr-cifar10",
+        args.recipe,
         [
             f"data.path={train_dir}",
             f"train.epochs={args.epochs}",
@@ -91,6 +92,8 @@ def main() -> None:
                 "benchmark": "cifar10_quick",
                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"torch {torch.__version__}, cuda={torch.cuda.is_available()}",
+                "recipe": args.recipe,
+                "objective": cfg.objective.name,
                 "backbone": cfg.model.backbone,
                 "epochs": cfg.train.epochs,
                 "batch_size": cfg.train.batch_size,

@@ -93,16 +93,18 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> t
     x = F.normalize(z.float(), dim=1)  # (N, D)
     x_all = distributed.gather_with_grad(x)  # (M, D)
     labels_all = distributed.gather(labels)  # (M,)
-    local = torch.arange(n, device=x.device) + distributed.rank() * n
-    logits = x @ x_all.T / temperature  # (N, M)
-    not_self = torch.ones_like(logits, dtype=torch.bool)
-    not_self[torch.arange(n, device=x.device), local] = False
-    log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
-    positive = (labels[:, None] == labels_all[None, :]) & not_self  # (N, M)
+    rows = torch.arange(n, device=x.device)
+    local = rows + distributed.rank() * n
+    logits = x @ x_all.T / temperature  # (N, M), the only N x M float tensor of the forward besides one where()
+    logits[rows, local] = float("-inf")  # in place: an anchor is not in its own denominator
+    log_denominator = torch.logsumexp(logits, dim=1)  # (N,)
+    positive = labels[:, None] == labels_all[None, :]  # (N, M) bool
+    positive[rows, local] = False
     count = positive.sum(dim=1)  # (N,)
-    per_anchor = -(log_prob * positive).sum(dim=1) / count.clamp_min(1)
+    positive_logits = torch.where(positive, logits, 0.0).sum(dim=1)  # (N,)
+    per_anchor = -(positive_logits - count * log_denominator) / count.clamp_min(1)
     has = count > 0
-    return (per_anchor * has).sum() / has.sum().clamp_min(1)
+    return torch.where(has, per_anchor, 0.0).sum() / has.sum().clamp_min(1)
 
 
 def pairwise_contrastive(z_1: torch.Tensor, z_2: torch.Tensor, dissimilar: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
