@@ -105,6 +105,8 @@ class ModelConfig:
 
     Attributes:
         backbone: Any ``timm`` model name; created with ``num_classes=0`` (pooled features).
+        kwargs: Extra keyword arguments for ``timm.create_model``, e.g. a ViT at 32 px:
+            ``model.kwargs.img_size=32 model.kwargs.patch_size=4``. Exported with the weights.
         cifar_stem: For ResNets on small images: 3x3 stride-1 first conv and no max-pool.
         proj_hidden_dim: Hidden width of the MLP projection head.
         proj_dim: Output width of the projection head (the space the loss sees).
@@ -113,6 +115,7 @@ class ModelConfig:
     """
 
     backbone: str = "resnet18"
+    kwargs: dict[str, Any] = field(default_factory=dict)
     cifar_stem: bool = False
     proj_hidden_dim: int = 512
     proj_dim: int = 128

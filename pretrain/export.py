@@ -65,6 +65,7 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
         backbone,
         str(out_dir),
         model_config={"pretrained_cfg": pretrained_cfg, "twinview": twinview_info},
+        model_args=dict(cfg.model.kwargs) or None,  # timm passes these to create_model on load
         safe_serialization=True,
         data_config=data_config,
     )

@@ -58,7 +58,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         near = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close names: {', '.join(near)}." if near else ""
         raise ValueError(f"timm has no model '{cfg.backbone}' (model.backbone).{hint}")
-    backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+    backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **dict(cfg.kwargs))
     if cfg.cifar_stem:
         apply_cifar_stem(backbone)
     return backbone

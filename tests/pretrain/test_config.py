@@ -27,13 +27,18 @@ def test_recipe_overrides_and_dotted_overrides_apply_in_order() -> None:
 def test_shipped_recipes_resolve_by_name_and_path() -> None:
     assert recipe_path("demo").name == "demo.yaml"
     assert recipe_path("configs/simclr-cifar10.yaml").name == "simclr-cifar10.yaml"
-    with pytest.raises(ConfigError, match="Shipped: demo, simclr-cifar10"):
+    with pytest.raises(ConfigError, match="Shipped: demo, moco-v2-cifar10, simclr-cifar10, supcon-cifar10"):
         recipe_path("nope")
 
 
 def test_every_shipped_recipe_loads() -> None:
-    for name in ("demo", "simclr-cifar10"):
+    for name in ("demo", "simclr-cifar10", "moco-v2-cifar10", "supcon-cifar10"):
         load_config(name, ["data.path=/imgs"])
+
+
+def test_model_kwargs_take_dotted_timm_arguments() -> None:
+    cfg = load_config(None, ["data.path=/imgs", "model.kwargs.img_size=32", "model.kwargs.patch_size=4"])
+    assert cfg.model.kwargs == {"img_size": 32, "patch_size": 4}
 
 
 def test_unknown_key_names_the_key_and_the_valid_ones() -> None:

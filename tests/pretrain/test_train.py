@@ -89,13 +89,20 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(image_folder: Pat
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("objective", ["moco_v2", "moco_v3", "supcon"])
-def test_each_objective_trains_and_its_weights_load_and_export(image_folder: Path, tmp_path: Path, objective: str) -> None:
+VIT = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model.kwargs.patch_size=8"]
+
+
+@pytest.mark.parametrize(
+    ("objective", "backbone"), [("moco_v2", []), ("moco_v3", []), ("moco_v3", VIT), ("supcon", [])], ids=["moco_v2", "moco_v3", "moco_v3-vit", "supcon"]
+)
+def test_each_objective_trains_and_its_weights_load_and_export(
+    image_folder: Path, tmp_path: Path, objective: str, backbone: list[str]
+) -> None:
     import timm
 
     from twinview.pretrain.export import export_run
 
-    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", f"objective.name={objective}", *OBJECTIVES[objective])
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", f"objective.name={objective}", *OBJECTIVES[objective], *backbone)
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir))
