@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from twinview.pretrain.distributed import all_gather_objects, rank, world_size
+
 CROP_TRIES = 10  # as torchvision's RandomResizedCrop.get_params
 
 
@@ -32,16 +34,29 @@ class ViewRNG:
         if self.generator is not self.host:
             self.generator.manual_seed(seed + 1)
 
-    def state_dict(self) -> dict[str, Any]:
+    def _own_state(self) -> dict[str, Any]:
         state = {"host": self.host.get_state()}
         if self.generator is not self.host:
-            state["device"] = self.generator.get_state()
+            state["device"] = self.generator.get_state().cpu()
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        """Every process's generator states, in rank order.
+
+        Each process has its own stream, but Accelerate writes registered objects from the main
+        process only, so the states are gathered (a collective: every process must call this).
+        """
+        return {"per_rank": all_gather_objects(self._own_state())}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.host.set_state(state["host"])
+        """Restores this process's own generator states."""
+        per_rank = state["per_rank"]
+        if len(per_rank) != world_size():
+            raise ValueError(f"the checkpoint holds views RNG states of {len(per_rank)} processes, not {world_size()}")
+        own = per_rank[rank()]
+        self.host.set_state(own["host"])
         if self.generator is not self.host:
-            self.generator.set_state(state["device"])
+            self.generator.set_state(own["device"])
 
 
 def uniform(

@@ -72,3 +72,23 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if world_size() > 1:
         dist.broadcast(x, src)
     return x
+
+
+def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies a CPU tensor to ``device`` without making the host wait (pinned, non-blocking on CUDA).
+
+    A plain ``.to("cuda")`` of pageable memory synchronises the stream; random draws made on the
+    host (from CPU generators that every process seeds alike) use this instead.
+    """
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` on a single process."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

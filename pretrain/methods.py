@@ -22,6 +22,7 @@ from torch import nn
 from twinview.pretrain import distributed
 from twinview.pretrain.config import Config
 from twinview.pretrain.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
+from twinview.pretrain.distributed import to_device_async
 from twinview.pretrain.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
 
 SUPERVISED = ("supcon", "triplet", "contrastive")
@@ -82,7 +83,7 @@ class MoCo(nn.Module):
             k_a, k_b = self._keys(views[0]), self._keys(views[1])
             # in-batch keys of every process are the negatives; x 2t as in the paper's code
             loss = _in_batch_info_nce(q_a, k_b, self.temperature) + _in_batch_info_nce(q_b, k_a, self.temperature)
-            return loss * self.temperature
+            return loss * 2 * self.temperature
         if self.symmetric:
             q_a, q_b = _two(model, views)
             k_a, k_b = self._keys(views[0]), self._keys(views[1])
@@ -135,7 +136,7 @@ class Supervised(nn.Module):
         # dissimilar pair (a second view of another class), drawn at random on the device
         a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
         same = labels[:, None] == labels[None, :]
-        scores = torch.rand(same.shape, generator=self.generator).to(a.device)
+        scores = to_device_async(torch.rand(same.shape, generator=self.generator), a.device)
         positive = scores.masked_fill(~same, -1.0).argmax(dim=1)  # itself at worst
         negative = scores.masked_fill(same, -1.0).argmax(dim=1)
         y = torch.cat([torch.zeros_like(labels), torch.ones_like(labels)])

@@ -111,7 +111,7 @@ def encode_keys_without_bn_leak(
     world = distributed.world_size()
     if world > 1:
         everyone = distributed.gather(images)  # (world * n, ...)
-        perm = torch.randperm(everyone.shape[0], generator=generator, device="cpu").to(images.device)
+        perm = distributed.to_device_async(torch.randperm(everyone.shape[0], generator=generator), images.device)
         distributed.broadcast(perm)
         mine = perm[distributed.rank() * n : (distributed.rank() + 1) * n]
         keys = distributed.gather(encoder(everyone[mine]))  # keys of everyone[perm]
@@ -123,7 +123,7 @@ def encode_keys_without_bn_leak(
         return encoder(images)
     if n % splits:
         raise ValueError(f"objective.bn_splits={splits} must divide the per-process batch ({n}).")
-    perm = torch.randperm(n, generator=generator, device="cpu").to(images.device)
+    perm = distributed.to_device_async(torch.randperm(n, generator=generator), images.device)
     keys = torch.cat([encoder(chunk) for chunk in images[perm].chunk(splits)])
     out = torch.empty_like(keys)
     out[perm] = keys

@@ -94,6 +94,11 @@ def _loader(cfg: Config, dataset: ImageFolderDataset, num_processes: int, pin: b
         k = cfg.data.samples_per_class
         if cfg.train.batch_size % k:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.samples_per_class={k}.")
+        if cfg.train.batch_size // k < 2:
+            raise ValueError(
+                f"P x K batches of train.batch_size={cfg.train.batch_size} with data.samples_per_class={k} hold one "
+                "class: there would be no negatives. Use at least 2 classes per batch."
+            )
         sampler = PKBatchSampler(dataset.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)
@@ -224,7 +229,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 break
             scheduler.step_update(num_updates=progress.step)
             views = [v.contiguous(memory_format=memory_format) for v in augment(images)]  # (B, 3, S, S) each
-            loss = method(model, views, labels)
+            with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
+                loss = method(model, views, labels)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -70,6 +70,13 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         generator = torch.Generator().manual_seed(1)
         out["shuffled_keys"] = encode_keys_without_bn_leak(linear, x_a[rows], splits=1, generator=generator)
         out["direct_keys"] = linear(x_a[rows]).detach()
+        from twinview.augment.sampling import ViewRNG
+
+        views_rng = ViewRNG(seed=10 + rank)
+        state = views_rng.state_dict()  # collective: every process's state
+        first = torch.rand(3, generator=views_rng.generator)
+        views_rng.load_state_dict(state)
+        out["views_rng"] = (len(state["per_rank"]), first, torch.rand(3, generator=views_rng.generator))
         torch.save(out, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -113,6 +120,15 @@ def test_queue_is_identical_on_every_process_and_holds_everyones_keys(two_proces
 def test_shuffle_bn_gives_each_process_the_keys_of_its_own_images(two_process_results: list[dict]) -> None:
     for result in two_process_results:
         torch.testing.assert_close(result["shuffled_keys"], result["direct_keys"])
+
+
+def test_views_rng_checkpoint_restores_each_processs_own_stream(two_process_results: list[dict]) -> None:
+    draws = []
+    for result in two_process_results:
+        count, first, replayed = result["views_rng"]
+        assert count == WORLD and torch.equal(first, replayed)
+        draws.append(first)
+    assert not torch.equal(draws[0], draws[1])  # the processes' streams differ
 
 
 def test_single_process_collectives_are_identities() -> None:

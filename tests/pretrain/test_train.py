@@ -124,6 +124,7 @@ def test_each_objective_trains_and_its_weights_load_and_export(
         (["objective.name=supcon", "data.samples_per_class=3"], "multiple of data.samples_per_class=3"),
         (["objective.name=triplet", "data.samples_per_class=2"], "needs 4 classes but the data has 3"),
         (["train.batch_size=1"], "at least 2 images"),
+        (["objective.name=contrastive", "data.samples_per_class=8"], "hold one class"),
     ],
 )
 def test_objective_settings_that_cannot_work_fail_before_training(
