@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(PY) bench/cpu_conv.py
 	$(PY) bench/augment.py
+	$(PY) bench/losses.py
 	$(PY) bench/cifar10_quick.py
 
 clean:

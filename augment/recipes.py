@@ -46,19 +46,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "blur_p": (1.0, 0.1),
         "solarize_p": (0.0, 0.2),
     },
-    # Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers": BYOL's views.
-    "moco_v3": {
-        "crop_scale": (0.08, 1.0),
-        "brightness": 0.4,
-        "contrast": 0.4,
-        "saturation": 0.2,
-        "hue": 0.1,
-        "jitter_p": 0.8,
-        "grayscale_p": 0.2,
-        "blur_p": (1.0, 0.1),
-        "solarize_p": (0.0, 0.2),
-    },
 }
+
+# Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers": BYOL's views.
+RECIPES["moco_v3"] = dict(RECIPES["byol"])
 
 RECIPE_KEYS = frozenset(key for values in RECIPES.values() for key in values)
 
