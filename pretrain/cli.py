@@ -11,6 +11,7 @@ from typing import Sequence
 
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, load_config
+from twinview.pretrain.decode import BadImage
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, BadImage) as err:
         print(f"twinview {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,19 +25,27 @@ class DataConfig:
     """Where the training images are and how the CPU side prepares them.
 
     Attributes:
-        path: An image folder (walked recursively) or ``builtin:digits`` for the embedded demo set.
+        path: An image folder (walked recursively), a ``.txt``/``.csv`` file list (``path[,label]``
+            per line) or ``builtin:digits`` for the embedded demo set.
             Required: empty is an error.
         image_size: Side of the square uint8 images the loader returns (shorter side resized,
             then centre-cropped). Augmentation crops are made from these.
         num_workers: DataLoader worker processes that decode and resize.
         samples_per_class: K of the P x K batches of the supervised objectives (P =
             train.batch_size / K classes per batch).
+        strict: Stop at the first file that cannot be decoded, instead of skipping it (skipped
+            files are listed with their reason in RUN_DIR/skipped_files.txt).
+        cache: ``none`` (decode every epoch), ``disk`` (decode once into a memory-mapped uint8
+            array under the cache directory, reused across runs) or ``device`` (that array held on
+            the training device; batches are indexed there, with no DataLoader workers).
     """
 
     path: str = ""
     image_size: int = 32
     num_workers: int = 2
     samples_per_class: int = 4
+    strict: bool = False
+    cache: str = "none"
 
 
 @dataclass
@@ -235,6 +243,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "augment.recipe": tuple(RECIPES),
     "augment.backend": ("fast", "kornia"),
+    "data.cache": ("none", "disk", "device"),
     "objective.name": ("simclr", "moco_v2", "moco_v3", "supcon", "triplet", "contrastive"),
     "objective.momentum_schedule": ("constant", "cosine"),
     "objective.mining": ("batch_hard", "batch_all", "semi_hard"),

@@ -6,18 +6,19 @@ small uint8 tensor to move to the accelerator, where the views are made.
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from twinview.pretrain.datasets import resolve_path
+from twinview.pretrain.decode import BadImage, decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+FILE_LIST_SUFFIXES = (".txt", ".csv")
 UNLABELED = -1
 
 
@@ -87,43 +88,110 @@ def scan_folder(path: str | Path) -> FolderIndex:
     return FolderIndex(root=root, files=tuple(files), labels=labels, classes=classes)
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decodes an image to RGB, resizes its shorter side to ``size`` and centre-crops a square.
+def scan_file_list(path: Path) -> FolderIndex:
+    """Reads a ``.txt`` or ``.csv`` list: one image path per line, optionally ``,label``.
 
-    Args:
-        path: Image file.
-        size: Output side in pixels.
-
-    Returns:
-        A ``(3, size, size)`` uint8 tensor.
+    Relative paths are relative to the list's folder. A first CSV row whose second column is
+    ``label`` is a header. Labels are any strings; they are numbered in sorted order.
     """
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger than needed
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    rows = [r for r in csv.reader(path.read_text().splitlines()) if r and r[0].strip() and not r[0].startswith("#")]
+    if rows and len(rows[0]) > 1 and rows[0][1].strip().lower() == "label":
+        rows = rows[1:]
+    if not rows:
+        raise ValueError(f"the file list '{path}' names no images.")
+    files = tuple((path.parent / r[0].strip()).resolve() if not Path(r[0].strip()).is_absolute() else Path(r[0].strip())
+                  for r in rows)
+    names = [r[1].strip() for r in rows if len(r) > 1 and r[1].strip()]
+    if names and len(names) != len(rows):
+        raise ValueError(f"'{path}': some lines have a label and some do not; label all of them or none.")
+    if not names:
+        return FolderIndex(root=path, files=files, labels=(UNLABELED,) * len(files), classes=())
+    classes = tuple(sorted(set(names)))
+    lookup = {name: i for i, name in enumerate(classes)}
+    return FolderIndex(root=path, files=files, labels=tuple(lookup[n] for n in names), classes=classes)
+
+
+def scan_source(path: str | Path) -> FolderIndex:
+    """An image folder (walked recursively) or a ``.txt`` / ``.csv`` file list."""
+    resolved = resolve_path(str(path))
+    if resolved.is_file() and resolved.suffix.lower() in FILE_LIST_SUFFIXES:
+        return scan_file_list(resolved)
+    return scan_folder(path)
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Decodes an image to a ``(3, size, size)`` uint8 tensor (see :func:`decode_image`).
+
+    Raises:
+        BadImage: When the file cannot be used.
+    """
+    return torch.from_numpy(decode_image(path, size)).permute(2, 0, 1).contiguous()
+
+
+class SkipLog:
+    """Where data-loader workers record the files they skipped (one small file per process).
+
+    Workers are separate processes, so each appends ``path<TAB>reason`` lines to its own file in
+    ``directory``; the training loop gathers them with :meth:`collect` at the end of an epoch.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def record(self, path: Path, reason: str) -> None:
+        with (self.directory / f"{os.getpid()}.tsv").open("a") as f:
+            f.write(f"{path}\t{reason}\n")
+
+    def collect(self) -> dict[str, str]:
+        """Every recorded file and its reason (each file once)."""
+        found: dict[str, str] = {}
+        for part in sorted(self.directory.glob("*.tsv")):
+            for line in part.read_text().splitlines():
+                name, _, reason = line.partition("\t")
+                found.setdefault(name, reason)
+        return found
 
 
 class ImageFolderDataset(Dataset):
-    """Decoded, resized images of a folder as ``(uint8 (3,S,S) tensor, label)`` pairs."""
+    """Decoded, resized images of a folder or file list as ``(uint8 (3,S,S) tensor, label)`` pairs.
 
-    def __init__(self, path: str | Path, image_size: int) -> None:
-        """Indexes the folder.
+    A file that cannot be decoded is replaced by the next good one (so every batch keeps its size),
+    recorded in the skip log with its reason, and never read again by this worker. With
+    ``strict=True`` it raises instead.
+    """
+
+    def __init__(self, path: str | Path, image_size: int, strict: bool = False, skip_log: SkipLog | None = None) -> None:
+        """Indexes the source.
 
         Args:
-            path: A directory (walked recursively) or a ``builtin:`` data set name.
+            path: A directory (walked recursively), a ``.txt``/``.csv`` file list or a ``builtin:`` name.
             image_size: Side of the returned square images.
+            strict: Raise on the first bad file instead of skipping it.
+            skip_log: Where skipped files are recorded (none: only counted in ``self.bad``).
         """
-        self.index = scan_folder(path)
-        self.image_size = image_size
+        self.index = scan_source(path)
+        self.image_size, self.strict, self.skip_log = image_size, strict, skip_log
+        self.bad: dict[int, str] = {}  # this process's known bad items and their reasons
 
     def __len__(self) -> int:
         return len(self.index.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.index.files[i], self.image_size), self.index.labels[i]
+        n = len(self)
+        for j in (i + step for step in range(n)):
+            j %= n
+            if j in self.bad:
+                continue
+            try:
+                return load_image(self.index.files[j], self.image_size), self.index.labels[j]
+            except BadImage as err:
+                if self.strict:
+                    raise BadImage(f"{self.index.files[j]}: {err} (data.strict=true)") from None
+                self.bad[j] = str(err)
+                if self.skip_log is not None:
+                    self.skip_log.record(self.index.files[j], str(err))
+        raise BadImage(f"none of the {n} files of '{self.index.root}' could be decoded")
 
 
 def worker_init(_: int) -> None:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from twinview.augment.views import build_views
 from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, save_config
-from twinview.pretrain.data import ImageFolderDataset, worker_init
+from twinview.pretrain.cache import CachedDataset, DeviceBatches, build_or_load
+from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
 from twinview.pretrain.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.pk_sampler import PKBatchSampler
@@ -42,6 +43,7 @@ from twinview.pretrain.runs import (
 )
 
 KEEP_CHECKPOINTS = 2
+SKIPPED_FILE = "skipped_files.txt"
 
 
 @dataclass
@@ -70,7 +72,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _loader(cfg: Config, dataset: ImageFolderDataset, num_processes: int, pin: bool) -> DataLoader:
+def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoader:
     """Random batches, or class-balanced P x K batches for the supervised objectives."""
     global_batch = cfg.train.batch_size * num_processes
     if len(dataset) < global_batch:
@@ -102,6 +104,50 @@ def _loader(cfg: Config, dataset: ImageFolderDataset, num_processes: int, pin: b
         sampler = PKBatchSampler(dataset.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)
+
+
+def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any, PKBatchSampler | None]:
+    """The batches of a run: decoded every epoch, from the disk cache, or from the device cache."""
+    d = cfg.data
+    if d.cache == "none":
+        dataset: Any = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
+    else:
+        with accelerator.main_process_first():  # rank 0 builds; the others then find it built
+            cache = build_or_load(scan_source(d.path), d.image_size, workers=d.num_workers, strict=d.strict)
+        for path, reason in cache.skipped.items():
+            skip_log.record(Path(path), reason)
+        accelerator.print(f"Decoded cache: {cache.path} ({len(cache.kept)} images, {len(cache.skipped)} skipped)")
+        dataset = CachedDataset(cache)
+        if d.cache == "device":
+            _loader(cfg, dataset, accelerator.num_processes, pin=False)  # the same checks as a DataLoader
+            pk = None
+            if cfg.objective.name in SUPERVISED:
+                k = d.samples_per_class
+                pk = PKBatchSampler(cache.index.labels, cfg.train.batch_size // k, k,
+                                    seed=cfg.train.seed + 7919 * accelerator.process_index)
+            batches = DeviceBatches(cache, accelerator.device, cfg.train.batch_size, cfg.train.seed,
+                                    accelerator.process_index, accelerator.num_processes, pk)
+            return batches, None
+    loader = _loader(cfg, dataset, accelerator.num_processes, pin=accelerator.device.type == "cuda")
+    return loader, loader.batch_sampler if isinstance(loader.batch_sampler, PKBatchSampler) else None
+
+
+def _report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
+    """Merges every process's skipped files into ``RUN_DIR/skipped_files.txt``; returns the count."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return 0
+    found: dict[str, str] = {}
+    for part in sorted((run_dir / ".skipped").glob("rank*")):
+        for name, reason in SkipLog(part).collect().items():
+            found.setdefault(name, reason)
+    if found:
+        (run_dir / SKIPPED_FILE).write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(found.items())))
+        accelerator.print(
+            f"epoch {epoch}: {len(found)} file(s) could not be decoded and were skipped; "
+            f"see {run_dir / SKIPPED_FILE} (data.strict=true stops at the first one instead)."
+        )
+    return len(found)
 
 
 def _check_objective(cfg: Config, num_processes: int) -> None:
@@ -151,9 +197,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         save_config(cfg, run_dir / CONFIG_FILE)
 
     _check_objective(cfg, accelerator.num_processes)
-    dataset = ImageFolderDataset(cfg.data.path, cfg.data.image_size)
-    loader = _loader(cfg, dataset, accelerator.num_processes, pin=device.type == "cuda")
-    pk_sampler = loader.batch_sampler if isinstance(loader.batch_sampler, PKBatchSampler) else None
+    skip_log = SkipLog(run_dir / ".skipped" / f"rank{accelerator.process_index}")
+    loader, pk_sampler = _data(cfg, accelerator, skip_log)
 
     model = create_model(cfg.model, predictor=cfg.objective.name == "moco_v3")
     if device.type == "cpu":
@@ -181,7 +226,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     optimizer = create_optimizer_v2(
         model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(loader, DataLoader):  # the device cache batches itself, per process
+        loader = accelerator.prepare(loader)
     steps_per_epoch = len(loader)  # per process, after sharding
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -258,9 +305,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / steps_per_epoch
         if not math.isfinite(epoch_mean):
             raise FloatingPointError(f"loss became {epoch_mean} in epoch {epoch + 1}; lower optim.lr.")
+        skipped = _report_skipped(run_dir, accelerator, epoch + 1)
         metrics.write(
             {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
-             "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds}
+             "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds,
+             "skipped_files": skipped}
         )
         if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
             _save_checkpoint(accelerator, run_dir, progress.epoch)
