@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from twinview.augment.views import build_views
 from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, save_config
-from twinview.pretrain.cache import CachedDataset, DeviceBatches, build_or_load
+from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
 from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
 from twinview.pretrain.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
@@ -87,6 +87,8 @@ def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoa
         "persistent_workers": workers > 0,
         "worker_init_fn": worker_init if workers > 0 else None,
     }
+    if isinstance(dataset, CachedDataset):
+        common["collate_fn"] = batched_collate  # the cache reads whole batches (__getitems__)
     if cfg.objective.name in SUPERVISED:
         if not dataset.index.labeled:
             raise ValueError(

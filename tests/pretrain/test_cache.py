@@ -105,3 +105,13 @@ def test_training_without_cache_skips_a_bad_file_mid_epoch(image_folder: Path, t
                                 "train.batch_size=25", "train.epochs=1", f"train.output_dir={tmp_path}", "train.run_name=s"])
     with pytest.raises(BadImage, match="fake.jpg"):
         train(strict, tmp_path / "s")
+
+
+def test_batched_reads_equal_item_reads_in_the_batch_order(image_folder: Path, tmp_path: Path) -> None:
+    dataset = CachedDataset(build_or_load(scan_source(image_folder), 8, workers=1, root=tmp_path))
+    indices = [17, 3, 9, 3, 0]
+    images, labels = dataset.__getitems__(indices)
+    assert images.shape == (5, 3, 8, 8)
+    for row, i in enumerate(indices):
+        item, label = dataset[i]
+        assert torch.equal(images[row], item) and labels[row].item() == label

@@ -1,0 +1,132 @@
+"""Images per second delivered to the training step: JPEG decoding in workers vs the decoded cache.
+
+Three paths, on the same files, in the same run:
+
+* ``jpeg``: ``ImageFolderDataset`` (PIL decode + resize) in a DataLoader with ``--workers`` workers;
+* ``disk_cache``: ``data.cache=disk``, the memory-mapped uint8 array, read a whole batch at a time
+  (``__getitems__``) by a DataLoader with no workers (the reads are memory copies);
+* ``device_cache``: ``data.cache=device``, the array on the training device, batches indexed there.
+
+Each pass iterates one epoch of shuffled batches of ``--batch`` and touches every batch (a sum on
+the device), so the figure is what a training step could consume. Median of ``--repeats`` epochs
+after one warm-up epoch; the cache is built before timing (its build time is reported too).
+Data sets: real CIFAR-10 (the 50,000 training JPEGs, 32 px) when the archive is present, and
+synthetic 256 px JPEGs the benchmark writes (``--synthetic N``) loaded at 224 px.
+
+Usage: python bench/data.py [--workers 2] [--batch 256] [--synthetic 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data import ImageFolderDataset, scan_source, worker_init
+from twinview.pretrain.datasets import cache_dir, extract_archive
+
+DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def synthetic_jpegs(n: int, side: int = 256) -> Path:
+    """Writes ``n`` smooth colour JPEGs of ``side`` px once into the cache; returns the folder."""
+    folder = cache_dir() / f"bench-jpeg-{side}-{n}"
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / f"class_{i % 10}"
+        sub.mkdir(parents=True, exist_ok=True)
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((side, side), Image.Resampling.BICUBIC).save(sub / f"{i:05d}.jpg", quality=90)
+    done.touch()
+    return folder
+
+
+def epoch_seconds(batches: Callable[[], Iterable[Any]], device: torch.device, repeats: int) -> tuple[float, int]:
+    """Median seconds of one epoch over ``repeats`` after a warm-up, and the images per epoch."""
+    times, count = [], 0
+    for r in range(repeats + 1):
+        total = torch.zeros((), device=device, dtype=torch.long)
+        count = 0
+        start = time.perf_counter()
+        for images, _ in batches():
+            images = images.to(device, non_blocking=True)
+            total += images[:, 0, 0, 0].long().sum()  # touch the batch where the step would run
+            count += images.shape[0]
+        total.item()
+        if r:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), count
+
+
+def measure(folder: Path, size: int, workers: int, batch: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    row: dict[str, Any] = {"data": str(folder), "image_size": size}
+    jpeg = ImageFolderDataset(folder, size)
+    row["images"] = len(jpeg)
+    loader = DataLoader(jpeg, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        worker_init_fn=worker_init, persistent_workers=workers > 0)
+    seconds, n = epoch_seconds(lambda: loader, device, repeats)
+    row["jpeg_images_per_s"] = n / seconds
+    del loader
+
+    start = time.perf_counter()
+    cache = build_or_load(scan_source(folder), size, workers=workers)
+    row["cache_build_or_load_s"] = time.perf_counter() - start
+    row["cache_mb"] = cache.path.stat().st_size / 2**20
+    cached = DataLoader(CachedDataset(cache), batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                        collate_fn=batched_collate)
+    seconds, n = epoch_seconds(lambda: cached, device, repeats)
+    row["disk_cache_images_per_s"] = n / seconds
+
+    on_device = DeviceBatches(cache, device, batch, seed=0)
+    seconds, n = epoch_seconds(lambda: on_device, device, repeats)
+    row["device_cache_images_per_s"] = n / seconds
+    row["disk_cache_vs_jpeg"] = row["disk_cache_images_per_s"] / row["jpeg_images_per_s"]
+    row["device_cache_vs_jpeg"] = row["device_cache_images_per_s"] / row["jpeg_images_per_s"]
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, default=Path(os.environ.get("TWINVIEW_CIFAR10", DEFAULT_ARCHIVE)))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--synthetic", type=int, default=2000, help="number of 256 px JPEGs for the 224 px case")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    if args.archive.is_file():
+        root = extract_archive(args.archive) / "cifar10-jpeg"
+        results.append(measure(root / "train", 32, args.workers, args.batch, args.repeats, device))
+    else:
+        print(f"CIFAR-10 archive not found at {args.archive}; skipping that case", file=sys.stderr)
+    if args.synthetic:
+        results.append(measure(synthetic_jpegs(args.synthetic), 224, args.workers, args.batch, args.repeats, device))
+    print(json.dumps({
+        "benchmark": "data",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"device={device}",
+        "workers": args.workers,
+        "batch": args.batch,
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
