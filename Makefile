@@ -28,6 +28,7 @@ bench: install
 	$(PY) bench/cpu_conv.py
 	$(PY) bench/augment.py
 	$(PY) bench/losses.py
+	$(PY) bench/data.py
 	$(PY) bench/cifar10_quick.py
 
 clean:
