@@ -26,7 +26,8 @@ class DataConfig:
 
     Attributes:
         path: An image folder (walked recursively), a ``.txt``/``.csv`` file list (``path[,label]``
-            per line) or ``builtin:digits`` for the embedded demo set.
+            per line), a Hugging Face source (``hf:owner/name``, ``hf:imagefolder:/dir``, a
+            ``save_to_disk`` folder, ``.parquet``/``.arrow`` files) or ``builtin:digits``.
             Required: empty is an error.
         image_size: Side of the square uint8 images the loader returns (shorter side resized,
             then centre-cropped). Augmentation crops are made from these.
@@ -38,6 +39,10 @@ class DataConfig:
         cache: ``none`` (decode every epoch), ``disk`` (decode once into a memory-mapped uint8
             array under the cache directory, reused across runs) or ``device`` (that array held on
             the training device; batches are indexed there, with no DataLoader workers).
+        split: Split of a Hugging Face source (``hf:owner/name``, a ``save_to_disk`` folder, ...).
+        image_column: Its image column; empty: the one ``datasets.Image`` feature.
+        label_column: Its label column; empty: the one ``ClassLabel`` feature, if any.
+        streaming: Stream a Hugging Face source (needs ``train.max_steps_per_epoch``).
     """
 
     path: str = ""
@@ -46,6 +51,10 @@ class DataConfig:
     samples_per_class: int = 4
     strict: bool = False
     cache: str = "none"
+    split: str = "train"
+    image_column: str = ""
+    label_column: str = ""
+    streaming: bool = False
 
 
 @dataclass

@@ -30,6 +30,7 @@ from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, save_config
 from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
 from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
+from twinview.pretrain.hf_source import HFImageDataset, HFStreamingDataset, is_hf_source
 from twinview.pretrain.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.pk_sampler import PKBatchSampler
@@ -111,6 +112,23 @@ def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoa
 def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any, PKBatchSampler | None]:
     """The batches of a run: decoded every epoch, from the disk cache, or from the device cache."""
     d = cfg.data
+    if is_hf_source(d.path):
+        if d.cache != "none":
+            raise ValueError("data.cache works with image folders and file lists; a Hugging Face source keeps its own "
+                             "Arrow cache. Set data.cache=none.")
+        if d.streaming:
+            if not cfg.train.max_steps_per_epoch:
+                raise ValueError("data.streaming=true has no epoch length: set train.max_steps_per_epoch.")
+            if cfg.objective.name in SUPERVISED:
+                raise ValueError("the supervised objectives need P x K batches, which a streamed source cannot give.")
+            stream = HFStreamingDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
+                                        accelerator.process_index, accelerator.num_processes, cfg.train.seed)
+            loader = DataLoader(stream, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
+                                worker_init_fn=worker_init if d.num_workers else None, pin_memory=accelerator.device.type == "cuda")
+            return _StreamBatches(loader, stream, accelerator.device, cfg.train.max_steps_per_epoch), None
+        dataset_hf = HFImageDataset(d.path, d.image_size, d.split, d.image_column, d.label_column)
+        loader = _loader(cfg, dataset_hf, accelerator.num_processes, pin=accelerator.device.type == "cuda")
+        return loader, loader.batch_sampler if isinstance(loader.batch_sampler, PKBatchSampler) else None
     if d.cache == "none":
         dataset: Any = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
     else:
@@ -132,6 +150,28 @@ def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any
             return batches, None
     loader = _loader(cfg, dataset, accelerator.num_processes, pin=accelerator.device.type == "cuda")
     return loader, loader.batch_sampler if isinstance(loader.batch_sampler, PKBatchSampler) else None
+
+
+class _StreamBatches:
+    """Fixed-length epochs over a streamed source: ``steps`` batches per epoch, moved to the device."""
+
+    def __init__(self, loader: DataLoader, stream: HFStreamingDataset, device: torch.device, steps: int) -> None:
+        self.loader, self.stream, self.device, self.steps = loader, stream, device, steps
+        self._it: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._it is None:
+            self.stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Any:
+        if self._it is None:
+            self._it = iter(self.loader)  # one endless stream across epochs
+        for _ in range(self.steps):
+            images, labels = next(self._it)
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
 def _report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
@@ -229,7 +269,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if isinstance(loader, DataLoader):  # the device cache batches itself, per process
+    if isinstance(loader, DataLoader):  # the device cache and streams batch themselves, per process
         loader = accelerator.prepare(loader)
     steps_per_epoch = len(loader)  # per process, after sharding
     if cfg.train.max_steps_per_epoch:
