@@ -152,15 +152,11 @@ class CachedDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch in one read (the DataLoader calls this instead of per-item ``__getitem__``).
 
-        Rows are read in file order (one pass over the map) and put back in the batch's order.
         Returns ``(B, 3, S, S)`` uint8 in channels-last memory (no transposing copy) and ``(B,)`` labels;
         pair it with :func:`batched_collate`.
         """
-        order = np.argsort(indices)
-        rows = self.cache.kept[np.asarray(indices)[order]]
-        block = torch.from_numpy(self.cache.images[rows])  # (B, S, S, 3), one fancy-index copy
-        back = torch.from_numpy(np.argsort(order))
-        images = block.index_select(0, back) if len(indices) > 1 else block
+        rows = self.cache.kept[np.asarray(indices)]
+        images = torch.from_numpy(self.cache.images[rows])  # (B, S, S, 3): one fancy-index copy, batch order
         labels = torch.tensor([self.index.labels[i] for i in indices], dtype=torch.long)
         return images.permute(0, 3, 1, 2), labels
 
