@@ -1,7 +1,9 @@
-"""kNN evaluation of a backbone on a labelled train/test pair of image folders."""
+"""Evaluation of a frozen backbone on a labelled train/test pair: kNN, retrieval, verification,
+diagnostics, linear probe, and the Markdown report."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,6 +11,8 @@ from torch import nn
 
 from twinview.evaluate.features import extract_features
 from twinview.evaluate.knn import knn_accuracy
+from twinview.evaluate.linear_probe import linear_probe, state_checksum
+from twinview.evaluate.metrics import collapse_warning, effective_rank, retrieval_metrics, uniformity, verification_metrics
 from twinview.pretrain.config import Config
 from twinview.pretrain.data import ImageFolderDataset
 from twinview.pretrain.models import create_backbone, normalization_stats
@@ -25,8 +29,10 @@ def evaluate_knn(
     train_path: str,
     test_path: str,
     device: torch.device | None = None,
+    probe: bool = False,
 ) -> dict[str, Any]:
-    """Extracts frozen features of both folders and scores the test set with weighted kNN.
+    """Extracts frozen features of both folders and scores them: kNN, retrieval (test queries against
+    the train gallery), verification on test pairs, diagnostics and optionally a linear probe.
 
     Args:
         backbone: The (trained) backbone.
@@ -34,9 +40,12 @@ def evaluate_knn(
         train_path: Labelled reference folder (class sub-folders).
         test_path: Labelled query folder with the same class names.
         device: Where to run; defaults to CUDA when available.
+        probe: Also train and score a linear probe on the frozen features.
 
     Returns:
-        ``{"knn_top1", "knn_top5", "k", "temperature", "num_train", "num_test"}``.
+        ``knn_top1``, ``knn_top5``, ``k``, ``temperature``, ``num_train``, ``num_test``, and the
+        ``retrieval``, ``verification``, ``diagnostics`` (and ``linear_probe``) sections, plus
+        ``backbone_unchanged`` (the backbone's weights and buffers were not modified).
 
     Raises:
         ValueError: If a folder is unlabeled or the class names differ.
@@ -53,17 +62,72 @@ def evaluate_knn(
         )
     mean, std = normalization_stats(backbone)
     kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device)
+    before = state_checksum(backbone)
     train_x, train_y = extract_features(backbone, train_set, mean, std, **kwargs)
     test_x, test_y = extract_features(backbone, test_set, mean, std, **kwargs)
     acc = knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    return {
+    result: dict[str, Any] = {
         "knn_top1": acc["top1"],
         "knn_top5": acc["top5"],
         "k": cfg.eval.knn_k,
         "temperature": cfg.eval.knn_temperature,
         "num_train": len(train_set),
         "num_test": len(test_set),
+        "retrieval": retrieval_metrics(test_x, test_y, train_x, train_y),  # test queries, train gallery
+        "verification": verification_metrics(*_pairs(test_x, test_y)),
+        "diagnostics": _diagnostics(test_x),
     }
+    if probe:
+        result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.train.seed)
+    result["backbone_unchanged"] = state_checksum(backbone) == before
+    return result
+
+
+DIAGNOSTIC_SAMPLE = 2000
+VERIFICATION_PAIRS = 20000
+
+
+def _diagnostics(features: torch.Tensor) -> dict[str, Any]:
+    """Uniformity and effective rank of (a sample of) the test features, with a collapse warning."""
+    g = torch.Generator().manual_seed(0)
+    sample = features[torch.randperm(len(features), generator=g)[:DIAGNOSTIC_SAMPLE]]
+    return {"uniformity": uniformity(sample), "effective_rank": effective_rank(sample), "dims": features.shape[1],
+            "collapse_warning": collapse_warning(sample)}
+
+
+def _pairs(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine scores of random genuine and impostor pairs of the test set, about half each."""
+    g = torch.Generator().manual_seed(0)
+    n = len(labels)
+    a = torch.randint(0, n, (4 * VERIFICATION_PAIRS,), generator=g)
+    b = torch.randint(0, n, (4 * VERIFICATION_PAIRS,), generator=g)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    same = labels[a] == labels[b]
+    genuine, impostor = same.nonzero().squeeze(1)[:VERIFICATION_PAIRS], (~same).nonzero().squeeze(1)[:VERIFICATION_PAIRS]
+    pick = torch.cat([genuine, impostor])
+    x = torch.nn.functional.normalize(features, dim=1)
+    return (x[a[pick]] * x[b[pick]]).sum(dim=1), same[pick]
+
+
+def write_report(result: dict[str, Any], path: Path, title: str) -> Path:
+    """A Markdown report of an evaluation (what ``twinview evaluate`` writes as RUN_DIR/report.md)."""
+    lines = [f"# {title}", ""]
+    for name, r in result.items():
+        lines += [f"## {name}", "", "| metric | value |", "| --- | --- |",
+                  f"| kNN top-1 / top-5 (k={r['k']}, T={r['temperature']}) | {r['knn_top1']:.4f} / {r['knn_top5']:.4f} |"]
+        if "linear_probe" in r:
+            p = r["linear_probe"]
+            lines.append(f"| linear probe top-1 / top-5 (wd {p['weight_decay']:g}) | {p['probe_top1']:.4f} / {p['probe_top5']:.4f} |")
+        lines += [f"| {k} | {v:.4f} |" for k, v in r["retrieval"].items()]
+        lines += [f"| {k} | {v:.4f} |" for k, v in r["verification"].items()]
+        d = r["diagnostics"]
+        lines += [f"| uniformity | {d['uniformity']:.4f} |", f"| effective rank (of {d['dims']}) | {d['effective_rank']:.1f} |",
+                  f"| images train / test | {r['num_train']} / {r['num_test']} |", ""]
+        if d["collapse_warning"]:
+            lines += [f"**Warning:** {d['collapse_warning']}.", ""]
+    path.write_text("\n".join(lines))
+    return path
 
 
 def random_init_backbone(cfg: Config) -> nn.Module:

@@ -32,6 +32,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, help="labelled reference folder (class sub-folders)")
     p.add_argument("--test", required=True, help="labelled query folder")
     p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy of the backbone")
+    p.add_argument("--linear-probe", action="store_true", help="also train and score a linear probe on frozen features")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.knn_temperature=0.07")
 
 
@@ -82,24 +83,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _print_knn(label: str, result: dict) -> None:
-    print(f"{label:<22} kNN top-1 {result['knn_top1']:.4f}  top-5 {result['knn_top5']:.4f}")
+    line = f"{label:<22} kNN top-1 {result['knn_top1']:.4f}  top-5 {result['knn_top5']:.4f}"
+    if "linear_probe" in result:
+        line += f"  linear probe top-1 {result['linear_probe']['probe_top1']:.4f}"
+    if "retrieval" in result:
+        line += f"  MAP@R {result['retrieval']['map@r']:.4f}  ROC AUC {result['verification']['roc_auc']:.4f}"
+    print(line)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from twinview.evaluate.report import evaluate_knn, random_init_backbone
+    from twinview.evaluate.report import evaluate_knn, random_init_backbone, write_report
     from twinview.pretrain.runs import load_trained_model
 
     _, model = load_trained_model(Path(args.run_dir))
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
-    result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test)}
+    result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test, probe=args.linear_probe)}
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
-        result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test)
+        result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe)
         _print_knn("random-init backbone", result["random_init"])
+    for name, r in result.items():
+        if r["diagnostics"]["collapse_warning"]:
+            print(f"warning ({name}): {r['diagnostics']['collapse_warning']}")
     out = Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Wrote {out}")
+    report = write_report(result, Path(args.run_dir) / "report.md", f"Evaluation of {args.run_dir}")
+    print(f"Wrote {out} and {report}")
     return 0
 
 

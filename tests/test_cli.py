@@ -26,7 +26,7 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
     assert (run_dir / "model.safetensors").is_file()
 
     code = main(["evaluate", str(run_dir), "--train", str(image_folder), "--test", str(image_folder),
-                 "--baseline", "eval.knn_k=5"])
+                 "--baseline", "--linear-probe", "eval.knn_k=5"])
     assert code == 0
     out = capsys.readouterr().out
     assert "pretrained backbone" in out and "random-init backbone" in out
@@ -34,6 +34,12 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
     # Test set == train set, k=5 of 8 per class: each image finds itself first, so top-1 is high.
     assert result["pretrained"]["knn_top1"] >= 0.9 and result["pretrained"]["k"] == 5
     assert 0.0 <= result["random_init"]["knn_top1"] <= 1.0
+    pretrained = result["pretrained"]
+    assert pretrained["backbone_unchanged"] and 0.0 <= pretrained["linear_probe"]["probe_top1"] <= 1.0
+    assert set(pretrained["retrieval"]) == {"recall@1", "recall@5", "recall@10", "precision@1", "map@r"}
+    assert 0.0 <= pretrained["verification"]["roc_auc"] <= 1.0 and pretrained["diagnostics"]["dims"] == 512
+    report = (run_dir / "report.md").read_text()
+    assert "## pretrained" in report and "## random_init" in report and "linear probe top-1" in report
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
