@@ -30,6 +30,7 @@ def evaluate_knn(
     test_path: str,
     device: torch.device | None = None,
     probe: bool = False,
+    plots_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Extracts frozen features of both folders and scores them: kNN, retrieval (test queries against
     the train gallery), verification on test pairs, diagnostics and optionally a linear probe.
@@ -41,6 +42,7 @@ def evaluate_knn(
         test_path: Labelled query folder with the same class names.
         device: Where to run; defaults to CUDA when available.
         probe: Also train and score a linear probe on the frozen features.
+        plots_dir: Also draw the embedding map and a nearest-neighbour grid there.
 
     Returns:
         ``knn_top1``, ``knn_top5``, ``k``, ``temperature``, ``num_train``, ``num_test``, and the
@@ -79,8 +81,31 @@ def evaluate_knn(
     }
     if probe:
         result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.train.seed)
+    if plots_dir is not None:
+        result["plots"] = _plots(Path(plots_dir), train_set, train_x, test_set, test_x)
     result["backbone_unchanged"] = state_checksum(backbone) == before
     return result
+
+
+def _plots(folder: Path, train_set: Any, train_x: torch.Tensor, test_set: Any, test_x: torch.Tensor) -> list[str]:
+    from twinview.evaluate import plots  # matplotlib only when plots are asked for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    test_y = torch.tensor(test_set.index.labels)
+    train_y = torch.tensor(train_set.index.labels)
+    emb = plots.embedding_map(test_x, test_y, test_set.index.classes, folder / "embeddings.png")
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randperm(len(test_set), generator=g)[:6]
+    sims = torch.nn.functional.normalize(test_x[queries], dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
+    near = sims.topk(6, dim=1).indices.flatten().unique()  # only the gallery images the grid shows
+    gallery = {int(j): train_set[int(j)][0] for j in near}
+    gallery_idx = torch.tensor(sorted(gallery))
+    grid = plots.retrieval_grid(
+        torch.stack([test_set[int(i)][0] for i in queries]), test_y[queries], test_x[queries],
+        torch.stack([gallery[int(j)] for j in gallery_idx]), train_y[gallery_idx], train_x[gallery_idx],
+        folder / "neighbours.png",
+    )
+    return [str(emb), str(grid)]
 
 
 DIAGNOSTIC_SAMPLE = 2000

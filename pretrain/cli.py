@@ -98,7 +98,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _, model = load_trained_model(Path(args.run_dir))
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
-    result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test, probe=args.linear_probe)}
+    from twinview.evaluate.plots import training_curves
+
+    plots_dir = Path(args.run_dir) / "plots"
+    result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test, probe=args.linear_probe,
+                                         plots_dir=plots_dir)}
+    result["pretrained"]["plots"].append(str(training_curves(Path(args.run_dir) / "metrics.jsonl", plots_dir / "training.png")))
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
         result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe)
@@ -109,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     report = write_report(result, Path(args.run_dir) / "report.md", f"Evaluation of {args.run_dir}")
-    print(f"Wrote {out} and {report}")
+    print(f"Wrote {out}, {report} and plots in {plots_dir}/")
     return 0
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -40,6 +41,12 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
     assert 0.0 <= pretrained["verification"]["roc_auc"] <= 1.0 and pretrained["diagnostics"]["dims"] == 512
     report = (run_dir / "report.md").read_text()
     assert "## pretrained" in report and "## random_init" in report and "linear probe top-1" in report
+    from PIL import Image
+
+    for name in ("training.png", "embeddings.png", "neighbours.png"):
+        png = Image.open(run_dir / "plots" / name).convert("L")
+        assert png.size[0] > 300 and png.size[1] > 200
+        assert len(np.unique(np.asarray(png))) > 20, name  # a drawn figure, not a blank canvas
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
