@@ -7,6 +7,7 @@ Uses timm's own ``save_for_hf``, so the folder is exactly what timm writes for t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,56 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
     return out_dir
 
 
+def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = None) -> Path:
+    """Writes ``README.md``: what was trained, how, on what, its evaluation, and how to load it."""
+    o, a, t = cfg.objective, cfg.augment, cfg.train
+    lines = [
+        f"# {cfg.model.backbone}, self-supervised with twinview ({o.name})",
+        "",
+        "Backbone weights (no classifier) in timm's format, trained without labels unless the objective is supervised.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| architecture | `{cfg.model.backbone}`{' (CIFAR stem)' if cfg.model.cifar_stem else ''}"
+        f"{' ' + json.dumps(dict(cfg.model.kwargs)) if cfg.model.kwargs else ''} |",
+        f"| objective | `{o.name}`, temperature {o.temperature} |",
+        f"| views | recipe `{a.recipe}`, {cfg.data.image_size} px |",
+        f"| data | `{cfg.data.path}` |",
+        f"| schedule | {t.epochs} epochs, batch {t.batch_size} per process, `{cfg.optim.name}` lr {cfg.optim.lr}, "
+        f"weight decay {cfg.optim.weight_decay}, warm-up {cfg.optim.warmup_epochs} epoch(s) + cosine |",
+        f"| precision | {t.mixed_precision} |",
+        "",
+    ]
+    if evaluation:
+        lines += ["## Evaluation (frozen features)", "", "| backbone | metric | value |", "| --- | --- | --- |"]
+        for name, r in evaluation.items():
+            lines.append(f"| {name} | kNN top-1 / top-5 (k={r['k']}) | {r['knn_top1']:.4f} / {r['knn_top5']:.4f} |")
+            if "linear_probe" in r:
+                lines.append(f"| {name} | linear probe top-1 | {r['linear_probe']['probe_top1']:.4f} |")
+            if "retrieval" in r:
+                lines.append(f"| {name} | MAP@R / recall@1 | {r['retrieval']['map@r']:.4f} / {r['retrieval']['recall@1']:.4f} |")
+        lines.append("")
+    else:
+        lines += ["Not evaluated yet: `twinview evaluate RUN_DIR --train DIR --test DIR` before exporting adds the numbers.", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "import timm",
+        f'model = timm.create_model("local-dir:{out_dir}", pretrained=True, num_classes=10)  # fine-tune',
+        "```",
+        "",
+    ]
+    path = Path(out_dir) / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def export_run(run_dir: Path, out_dir: Path) -> Path:
-    """Exports the backbone of a finished run directory.
+    """Exports the backbone of a finished run directory, with a model card (``README.md``) that
+    includes the run's evaluation when ``twinview evaluate`` has written ``eval.json``.
 
     Args:
         run_dir: A run with final weights.
@@ -83,4 +132,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
         ``out_dir``.
     """
     cfg, model = load_trained_model(run_dir)
-    return export_backbone(model.backbone, cfg, out_dir)
+    export_backbone(model.backbone, cfg, out_dir)
+    eval_file = Path(run_dir) / "eval.json"
+    model_card(cfg, Path(out_dir), json.loads(eval_file.read_text()) if eval_file.is_file() else None)
+    return Path(out_dir)

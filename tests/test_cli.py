@@ -49,6 +49,9 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
         assert len(np.unique(np.asarray(png))) > 20, name  # a drawn figure, not a blank canvas
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "resnet18" in card and "simclr" in card
+    assert f"| pretrained | kNN top-1 / top-5 (k=5) | {result['pretrained']['knn_top1']:.4f}" in card
     model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     assert model(torch.randn(1, 3, 24, 24)).shape == (1, 512)
 
