@@ -174,6 +174,20 @@ class _StreamBatches:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
+def _monitor(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -> dict[str, float]:
+    """kNN top-1/top-5 of the current backbone on the monitor's hold-out (main process; others wait)."""
+    from twinview.evaluate.report import evaluate_knn
+
+    result: dict[str, float] = {}
+    if accelerator.is_main_process:
+        backbone = accelerator.unwrap_model(model).backbone
+        scores = evaluate_knn(backbone, cfg, cfg.eval.monitor_train, cfg.eval.monitor_test, device=accelerator.device)
+        result = {"knn_top1": scores["knn_top1"], "knn_top5": scores["knn_top5"]}
+        accelerator.print(f"monitor: kNN top-1 {result['knn_top1']:.4f} top-5 {result['knn_top5']:.4f}")
+    accelerator.wait_for_everyone()
+    return result
+
+
 def _report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
     """Merges every process's skipped files into ``RUN_DIR/skipped_files.txt``; returns the count."""
     accelerator.wait_for_everyone()
@@ -193,7 +207,9 @@ def _report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
 
 
 def _check_objective(cfg: Config, num_processes: int) -> None:
-    """Objective settings that cannot work, refused before any compute."""
+    """Objective (and monitor) settings that cannot work, refused before any compute."""
+    if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
+        raise ValueError("eval.monitor_every needs eval.monitor_train and eval.monitor_test (labelled folders).")
     o, global_batch = cfg.objective, cfg.train.batch_size * num_processes
     if o.name in ("simclr", "moco_v3") and cfg.train.batch_size < 2 and num_processes == 1:
         raise ValueError(f"objective.name={o.name} needs at least 2 images per batch (train.batch_size).")
@@ -348,11 +364,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         if not math.isfinite(epoch_mean):
             raise FloatingPointError(f"loss became {epoch_mean} in epoch {epoch + 1}; lower optim.lr.")
         skipped = _report_skipped(run_dir, accelerator, epoch + 1)
-        metrics.write(
-            {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
-             "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds,
-             "skipped_files": skipped}
-        )
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
+                  "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds,
+                  "skipped_files": skipped}
+        if cfg.eval.monitor_every and (epoch + 1) % cfg.eval.monitor_every == 0:
+            record.update(_monitor(cfg, accelerator, model))
+        metrics.write(record)
         if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
             _save_checkpoint(accelerator, run_dir, progress.epoch)
 

@@ -195,3 +195,15 @@ def test_real_cifar10_short_run_lowers_the_loss(cifar10_root: Path, tmp_path: Pa
         before = nt_xent(initial.train()(view_a), initial(view_b), cfg.objective.temperature).item()
         after = nt_xent(trained.train()(view_a), trained(view_b), cfg.objective.temperature).item()
     assert after < before - 0.05, (before, after)
+
+
+def test_online_knn_monitor_is_logged_every_n_epochs(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "eval.monitor_every=1", "eval.knn_k=5",
+               f"eval.monitor_train={image_folder}", f"eval.monitor_test={image_folder}")
+    run_dir = new_run_dir(cfg)
+    train(cfg, run_dir)
+    epochs = [r for r in _metrics(run_dir) if r["kind"] == "epoch"]
+    assert [("knn_top1" in e) for e in epochs] == [True, True]
+    assert all(0.0 <= e["knn_top1"] <= e["knn_top5"] <= 1.0 for e in epochs)
+    with pytest.raises(ValueError, match="monitor_train"):
+        train(_cfg(image_folder, tmp_path / "runs", "eval.monitor_every=1"), tmp_path / "bad")
