@@ -40,6 +40,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the backbone as timm-loadable safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
 
 
 def _add_preview(sub: argparse._SubParsersAction) -> None:
@@ -121,8 +122,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from twinview.pretrain.export import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.out))
-    print(f"Exported backbone to {out}/ (model.safetensors, config.json).")
+    out = export_run(Path(args.run_dir), Path(args.out), onnx=args.onnx)
+    print(f"Exported backbone to {out}/ (model.safetensors, config.json, README.md{', model.onnx' if args.onnx else ''}).")
     print(f'Load it with: timm.create_model("local-dir:{out}")')
     return 0
 

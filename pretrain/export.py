@@ -8,6 +8,7 @@ Uses timm's own ``save_for_hf``, so the folder is exactly what timm writes for t
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,33 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
     return out_dir
 
 
+def export_onnx(backbone: nn.Module, size: int, path: Path) -> Path:
+    """Writes the backbone as ONNX (input ``images`` (B, 3, size, size) normalised, output
+    ``features`` (B, D)), with a dynamic batch axis.
+
+    Uses PyTorch's TorchScript-based exporter (``dynamo=False``): the newer torch.export-based one
+    needs the separate ``onnxscript`` package, and the TorchScript one handles timm's CNNs and ViTs.
+    """
+    import torch
+
+    was_training = backbone.training
+    backbone.eval()
+    example = torch.randn(2, 3, size, size)
+    with warnings.catch_warnings():  # the deprecation notice of the TorchScript exporter, chosen above
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        _onnx_export(torch, backbone, example, path)
+    backbone.train(was_training)
+    return Path(path)
+
+
+def _onnx_export(torch: Any, backbone: nn.Module, example: Any, path: Path) -> None:
+    torch.onnx.export(
+        backbone, (example,), str(path), dynamo=False, opset_version=17,
+        input_names=["images"], output_names=["features"],
+        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+    )
+
+
 def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = None) -> Path:
     """Writes ``README.md``: what was trained, how, on what, its evaluation, and how to load it."""
     o, a, t = cfg.objective, cfg.augment, cfg.train
@@ -120,13 +148,14 @@ def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = N
     return path
 
 
-def export_run(run_dir: Path, out_dir: Path) -> Path:
+def export_run(run_dir: Path, out_dir: Path, onnx: bool = False) -> Path:
     """Exports the backbone of a finished run directory, with a model card (``README.md``) that
     includes the run's evaluation when ``twinview evaluate`` has written ``eval.json``.
 
     Args:
         run_dir: A run with final weights.
         out_dir: Output folder.
+        onnx: Also write ``model.onnx`` (see :func:`export_onnx`).
 
     Returns:
         ``out_dir``.
@@ -135,4 +164,6 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     export_backbone(model.backbone, cfg, out_dir)
     eval_file = Path(run_dir) / "eval.json"
     model_card(cfg, Path(out_dir), json.loads(eval_file.read_text()) if eval_file.is_file() else None)
+    if onnx:
+        export_onnx(model.backbone, cfg.data.image_size, Path(out_dir) / "model.onnx")
     return Path(out_dir)

@@ -87,3 +87,18 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([str(bindir / "twinview"), "--help"], capture_output=True, text=True, check=True)
     for command in ("pretrain", "evaluate", "export", "demo"):
         assert command in result.stdout
+
+
+def test_onnx_export_gives_the_same_features(image_folder: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra; install it to check ONNX")
+    runs = tmp_path / "runs"
+    assert main(["pretrain", f"data.path={image_folder}", f"train.output_dir={runs}", "train.run_name=o", *TINY]) == 0
+    assert main(["export", str(runs / "o"), "--out", str(tmp_path / "export"), "--onnx"]) == 0
+    from twinview.pretrain.runs import load_trained_model
+
+    _, model = load_trained_model(runs / "o")
+    x = torch.randn(3, 3, 24, 24)
+    session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model.backbone(x), atol=1e-4, rtol=1e-4)
