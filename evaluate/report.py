@@ -3,6 +3,7 @@ diagnostics, linear probe, and the Markdown report."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def evaluate_knn(
     device: torch.device | None = None,
     probe: bool = False,
     plots_dir: Path | None = None,
+    features_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Extracts frozen features of both folders and scores them: kNN, retrieval (test queries against
     the train gallery), verification on test pairs, diagnostics and optionally a linear probe.
@@ -43,6 +45,8 @@ def evaluate_knn(
         device: Where to run; defaults to CUDA when available.
         probe: Also train and score a linear probe on the frozen features.
         plots_dir: Also draw the embedding map and a nearest-neighbour grid there.
+        features_dir: Cache the extracted features of each split there, keyed by the folder, the
+            image size and the backbone's weights, so a second evaluation skips the extraction.
 
     Returns:
         ``knn_top1``, ``knn_top5``, ``k``, ``temperature``, ``num_train``, ``num_test``, and the
@@ -65,8 +69,8 @@ def evaluate_knn(
     mean, std = normalization_stats(backbone)
     kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device)
     before = state_checksum(backbone)
-    train_x, train_y = extract_features(backbone, train_set, mean, std, **kwargs)
-    test_x, test_y = extract_features(backbone, test_set, mean, std, **kwargs)
+    train_x, train_y = _cached_features(backbone, before, train_set, mean, std, kwargs, features_dir)
+    test_x, test_y = _cached_features(backbone, before, test_set, mean, std, kwargs, features_dir)
     acc = knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     result: dict[str, Any] = {
         "knn_top1": acc["top1"],
@@ -106,6 +110,23 @@ def _plots(folder: Path, train_set: Any, train_x: torch.Tensor, test_set: Any, t
         folder / "neighbours.png",
     )
     return [str(emb), str(grid)]
+
+
+def _cached_features(backbone: nn.Module, checksum: float, dataset: Any, mean: Any, std: Any, kwargs: dict[str, Any],
+                     folder: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if folder is None:
+        return extract_features(backbone, dataset, mean, std, **kwargs)
+    key = hashlib.sha256(repr((str(dataset.index.root), dataset.image_size, len(dataset), checksum)).encode()).hexdigest()[:16]
+    path = Path(folder) / f"{Path(dataset.index.root).name}-{key}.pt"
+    if path.is_file():
+        cached = torch.load(path)
+        return cached["features"], cached["labels"]
+    features, labels = extract_features(backbone, dataset, mean, std, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"features": features, "labels": labels}, tmp)
+    tmp.replace(path)
+    return features, labels
 
 
 DIAGNOSTIC_SAMPLE = 2000

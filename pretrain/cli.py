@@ -102,12 +102,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinview.evaluate.plots import training_curves
 
     plots_dir = Path(args.run_dir) / "plots"
+    features_dir = Path(args.run_dir) / "features"
     result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test, probe=args.linear_probe,
-                                         plots_dir=plots_dir)}
+                                         plots_dir=plots_dir, features_dir=features_dir)}
     result["pretrained"]["plots"].append(str(training_curves(Path(args.run_dir) / "metrics.jsonl", plots_dir / "training.png")))
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
-        result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe)
+        result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe,
+                                             features_dir=features_dir)
         _print_knn("random-init backbone", result["random_init"])
     for name, r in result.items():
         if r["diagnostics"]["collapse_warning"]:

@@ -81,3 +81,22 @@ def test_alignment_uniformity_and_rank_hand_values() -> None:
     assert effective_rank(collapsed) < 1.1 and "collapsed" in collapse_warning(collapsed)
     assert collapse_warning(torch.randn(100, 8)) is None
     assert math.isfinite(uniformity(torch.randn(50, 4)))
+
+
+def test_features_are_cached_per_split_and_reused(image_folder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from twinview.evaluate import report
+    from twinview.pretrain.config import load_config
+
+    cfg = load_config(None, [f"data.path={image_folder}", "data.image_size=24", "data.num_workers=0", "eval.knn_k=5"])
+    backbone = report.random_init_backbone(cfg)
+    first = report.evaluate_knn(backbone, cfg, str(image_folder), str(image_folder), features_dir=tmp_path / "f")
+    cached = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert len(cached) == 1  # train and test are the same folder: one entry
+    calls = []
+    original = report.extract_features
+    report.extract_features = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[assignment]
+    try:
+        second = report.evaluate_knn(backbone, cfg, str(image_folder), str(image_folder), features_dir=tmp_path / "f")
+    finally:
+        report.extract_features = original  # type: ignore[assignment]
+    assert not calls and second["knn_top1"] == first["knn_top1"]
