@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
+SIMILARITY_BUDGET = 1 << 28  # float32 similarities per block: 1 GiB
+
+
 def knn_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -18,7 +21,7 @@ def knn_scores(
     num_classes: int,
     k: int = 200,
     temperature: float = 0.1,
-    chunk_size: int = 1024,
+    chunk_size: int = 0,
 ) -> torch.Tensor:
     """Class scores of every test sample: ``score[c] = sum_{j in kNN, y_j = c} exp(cos(x, x_j) / T)``.
 
@@ -29,7 +32,8 @@ def knn_scores(
         num_classes: Number of classes C.
         k: Neighbours per query (capped at N).
         temperature: T of the vote weights.
-        chunk_size: Queries per block, so memory stays ``chunk_size x N``.
+        chunk_size: Queries per block, so memory stays ``chunk_size x N``; 0 picks it so that a
+            block holds at most ``SIMILARITY_BUDGET`` similarities (1M x 100k runs in ~1 GB blocks).
 
     Returns:
         ``(M, C)`` float32 scores.
@@ -37,6 +41,7 @@ def knn_scores(
     train = F.normalize(train_features.float(), dim=1)  # (N, D)
     labels = train_labels.to(train.device).long()
     k = min(k, train.shape[0])
+    chunk_size = chunk_size or max(1, min(4096, SIMILARITY_BUDGET // max(train.shape[0], 1)))
     out = []
     for start in range(0, test_features.shape[0], chunk_size):
         query = F.normalize(test_features[start : start + chunk_size].float().to(train.device), dim=1)  # (m, D)
