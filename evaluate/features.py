@@ -1,8 +1,10 @@
-"""Frozen-backbone feature extraction, batched on the device."""
+"""Frozen-backbone feature extraction, batched on the device, sharded over processes when launched
+with several (``accelerate launch``): each process extracts its share and ``gather_for_metrics``
+puts every feature back, in dataset order, on every process."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ def extract_features(
     batch_size: int = 512,
     num_workers: int = 2,
     device: torch.device | str = "cpu",
+    accelerator: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the frozen backbone (eval mode) over a dataset of ``(uint8 image, label)`` pairs.
 
@@ -32,6 +35,8 @@ def extract_features(
         batch_size: Images per forward pass.
         num_workers: Decoding workers.
         device: Where to run the backbone.
+        accelerator: An ``accelerate.Accelerator`` of several processes: the data set is split
+            among them and the features gathered (duplicates from padding dropped).
 
     Returns:
         ``(N, D)`` float32 features on the CPU and ``(N,)`` int64 labels, in dataset order.
@@ -48,10 +53,16 @@ def extract_features(
         worker_init_fn=worker_init if num_workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
+    sharded = accelerator is not None and accelerator.num_processes > 1
+    if sharded:
+        loader = accelerator.prepare_data_loader(loader)  # type: ignore[union-attr]
     feats, labels = [], []
     for images, targets in loader:
         x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        feats.append(backbone(x).float().cpu())
-        labels.append(torch.as_tensor(targets))
+        f, t = backbone(x).float(), torch.as_tensor(targets, device=x.device)
+        if sharded:
+            f, t = accelerator.gather_for_metrics((f, t))  # type: ignore[union-attr]
+        feats.append(f.cpu())
+        labels.append(t.cpu())
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()

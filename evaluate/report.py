@@ -13,7 +13,14 @@ from torch import nn
 from twinview.evaluate.features import extract_features
 from twinview.evaluate.knn import knn_accuracy
 from twinview.evaluate.linear_probe import linear_probe, state_checksum
-from twinview.evaluate.metrics import collapse_warning, effective_rank, retrieval_metrics, uniformity, verification_metrics
+from twinview.evaluate.metrics import (
+    alignment,
+    collapse_warning,
+    effective_rank,
+    retrieval_metrics,
+    uniformity,
+    verification_metrics,
+)
 from twinview.pretrain.config import Config
 from twinview.pretrain.data import ImageFolderDataset
 from twinview.pretrain.models import create_backbone, normalization_stats
@@ -33,6 +40,7 @@ def evaluate_knn(
     probe: bool = False,
     plots_dir: Path | None = None,
     features_dir: Path | None = None,
+    accelerator: Any | None = None,
 ) -> dict[str, Any]:
     """Extracts frozen features of both folders and scores them: kNN, retrieval (test queries against
     the train gallery), verification on test pairs, diagnostics and optionally a linear probe.
@@ -47,6 +55,8 @@ def evaluate_knn(
         plots_dir: Also draw the embedding map and a nearest-neighbour grid there.
         features_dir: Cache the extracted features of each split there, keyed by the folder, the
             image size and the backbone's weights, so a second evaluation skips the extraction.
+        accelerator: With several processes (``accelerate launch``), extraction is split among them
+            and gathered; every process then holds all features and computes the same metrics.
 
     Returns:
         ``knn_top1``, ``knn_top5``, ``k``, ``temperature``, ``num_train``, ``num_test``, and the
@@ -67,7 +77,7 @@ def evaluate_knn(
             f"class folders differ: train has {list(train_set.index.classes)}, test has {list(test_set.index.classes)}."
         )
     mean, std = normalization_stats(backbone)
-    kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device)
+    kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device, accelerator=accelerator)
     before = state_checksum(backbone)
     train_x, train_y = _cached_features(backbone, before, train_set, mean, std, kwargs, features_dir)
     test_x, test_y = _cached_features(backbone, before, test_set, mean, std, kwargs, features_dir)
@@ -81,7 +91,7 @@ def evaluate_knn(
         "num_test": len(test_set),
         "retrieval": retrieval_metrics(test_x, test_y, train_x, train_y),  # test queries, train gallery
         "verification": verification_metrics(*_pairs(test_x, test_y)),
-        "diagnostics": _diagnostics(test_x),
+        "diagnostics": {**_diagnostics(test_x), "alignment": _alignment(backbone, cfg, test_set, device)},
     }
     if probe:
         result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.train.seed)
@@ -133,6 +143,26 @@ DIAGNOSTIC_SAMPLE = 2000
 VERIFICATION_PAIRS = 20000
 
 
+ALIGNMENT_SAMPLE = 512
+
+
+@torch.no_grad()
+def _alignment(backbone: nn.Module, cfg: Config, dataset: Any, device: torch.device) -> float:
+    """Wang & Isola's alignment of two augmented views (the run's recipe, seeded) of test images."""
+    from twinview.augment.views import build_views
+
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randperm(len(dataset), generator=g)[:ALIGNMENT_SAMPLE].tolist()
+    images = torch.stack([dataset[i][0] for i in picks]).to(device)
+    mean, std = normalization_stats(backbone)
+    view_a, view_b = build_views(cfg.augment, cfg.data.image_size, mean, std, seed=0, device=device)(images)[:2]
+    was_training = backbone.training
+    backbone.eval()
+    result = alignment(backbone(view_a).float(), backbone(view_b).float())
+    backbone.train(was_training)
+    return result
+
+
 def _diagnostics(features: torch.Tensor) -> dict[str, Any]:
     """Uniformity and effective rank of (a sample of) the test features, with a collapse warning."""
     g = torch.Generator().manual_seed(0)
@@ -168,7 +198,8 @@ def write_report(result: dict[str, Any], path: Path, title: str) -> Path:
         lines += [f"| {k} | {v:.4f} |" for k, v in r["retrieval"].items()]
         lines += [f"| {k} | {v:.4f} |" for k, v in r["verification"].items()]
         d = r["diagnostics"]
-        lines += [f"| uniformity | {d['uniformity']:.4f} |", f"| effective rank (of {d['dims']}) | {d['effective_rank']:.1f} |",
+        lines += [f"| alignment (two views) | {d['alignment']:.4f} |", f"| uniformity | {d['uniformity']:.4f} |",
+                  f"| effective rank (of {d['dims']}) | {d['effective_rank']:.1f} |",
                   f"| images train / test | {r['num_train']} / {r['num_test']} |", ""]
         if d["collapse_warning"]:
             lines += [f"**Warning:** {d['collapse_warning']}.", ""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,14 +103,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinview.evaluate.plots import training_curves
 
     plots_dir = Path(args.run_dir) / "plots"
-    features_dir = Path(args.run_dir) / "features"
+    accelerator, main_process = None, True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch ... evaluate`: split the extraction
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        main_process = accelerator.is_main_process
+    features_dir = Path(args.run_dir) / "features" if accelerator is None else None
     result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test, probe=args.linear_probe,
-                                         plots_dir=plots_dir, features_dir=features_dir)}
+                                         plots_dir=plots_dir if main_process else None, features_dir=features_dir,
+                                         accelerator=accelerator)}
+    if not main_process:
+        if args.baseline:
+            evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, accelerator=accelerator)
+        return 0
     result["pretrained"]["plots"].append(str(training_curves(Path(args.run_dir) / "metrics.jsonl", plots_dir / "training.png")))
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
         result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe,
-                                             features_dir=features_dir)
+                                             features_dir=features_dir, accelerator=accelerator)
         _print_knn("random-init backbone", result["random_init"])
     for name, r in result.items():
         if r["diagnostics"]["collapse_warning"]:

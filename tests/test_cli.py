@@ -39,6 +39,7 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
     assert pretrained["backbone_unchanged"] and 0.0 <= pretrained["linear_probe"]["probe_top1"] <= 1.0
     assert set(pretrained["retrieval"]) == {"recall@1", "recall@5", "recall@10", "precision@1", "map@r"}
     assert 0.0 <= pretrained["verification"]["roc_auc"] <= 1.0 and pretrained["diagnostics"]["dims"] == 512
+    assert 0.0 <= pretrained["diagnostics"]["alignment"] <= 4.0  # squared distance of unit vectors
     report = (run_dir / "report.md").read_text()
     assert "## pretrained" in report and "## random_init" in report and "linear probe top-1" in report
     from PIL import Image
