@@ -28,8 +28,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="kNN top-1/top-5 of a run's frozen backbone")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("evaluate", help="kNN, retrieval, verification, diagnostics (and a linear probe) of a frozen backbone")
+    p.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export")
     p.add_argument("--train", required=True, help="labelled reference folder (class sub-folders)")
     p.add_argument("--test", required=True, help="labelled query folder")
     p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy of the backbone")
@@ -95,10 +95,9 @@ def _print_knn(label: str, result: dict) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinview.evaluate.report import evaluate_knn, random_init_backbone, write_report
-    from twinview.pretrain.runs import load_trained_model
+    from twinview.pretrain.runs import load_backbone_for_evaluation
 
-    _, model = load_trained_model(Path(args.run_dir))
-    cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+    cfg, backbone = load_backbone_for_evaluation(Path(args.run_dir), args.overrides)
     print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
     from twinview.evaluate.plots import training_curves
 
@@ -110,14 +109,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         accelerator = Accelerator()
         main_process = accelerator.is_main_process
     features_dir = Path(args.run_dir) / "features" if accelerator is None else None
-    result = {"pretrained": evaluate_knn(model.backbone, cfg, args.train, args.test, probe=args.linear_probe,
+    result = {"pretrained": evaluate_knn(backbone, cfg, args.train, args.test, probe=args.linear_probe,
                                          plots_dir=plots_dir if main_process else None, features_dir=features_dir,
                                          accelerator=accelerator)}
     if not main_process:
         if args.baseline:
             evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, accelerator=accelerator)
         return 0
-    result["pretrained"]["plots"].append(str(training_curves(Path(args.run_dir) / "metrics.jsonl", plots_dir / "training.png")))
+    if (Path(args.run_dir) / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
+        result["pretrained"]["plots"].append(str(training_curves(Path(args.run_dir) / "metrics.jsonl", plots_dir / "training.png")))
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
         result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe,

@@ -50,6 +50,10 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
         assert len(np.unique(np.asarray(png))) > 20, name  # a drawn figure, not a blank canvas
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    export_dir = tmp_path / "export"
+    assert main(["evaluate", str(export_dir), "--train", str(image_folder), "--test", str(image_folder), "eval.knn_k=5"]) == 0
+    from_export = json.loads((export_dir / "eval.json").read_text())["pretrained"]
+    assert from_export["knn_top1"] == pytest.approx(result["pretrained"]["knn_top1"])  # same backbone, same numbers
     card = (tmp_path / "export" / "README.md").read_text()
     assert "resnet18" in card and "simclr" in card
     assert f"| pretrained | kNN top-1 / top-5 (k=5) | {result['pretrained']['knn_top1']:.4f}" in card
@@ -73,7 +77,7 @@ def test_resume_extends_a_finished_run(image_folder: Path, tmp_path: Path) -> No
         (["pretrain", "--config", "demo", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
         (["pretrain", "--config", "demo", "data.path=/does/not/exist", "train.output_dir={tmp}"], "does not exist"),
         (["pretrain", "--config", "simclr-cifar10"], "data.path is not set"),
-        (["evaluate", "{tmp}", "--train", "x", "--test", "y"], "not a twinview run directory"),
+        (["evaluate", "{tmp}", "--train", "x", "--test", "y"], "neither a twinview run directory (config.yaml) nor an export"),
         (["export", "{tmp}/nothing", "--out", "{tmp}/e"], "not a twinview run directory"),
     ],
 )
