@@ -75,15 +75,20 @@ def verification_metrics(scores: torch.Tensor, same: torch.Tensor, far: float = 
     order = all_scores.argsort()
     ranks = torch.empty_like(all_scores)
     sorted_scores = all_scores[order]
-    uniq, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     avg_rank = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
     ranks[order] = avg_rank[inverse]
     auc = (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
-    # ROC over every threshold (accept when score >= t)
-    thresholds = torch.cat([uniq.flip(0), uniq.new_tensor([-math.inf])])
-    tar = (pos[None, :] >= thresholds[:, None]).double().mean(dim=1)
-    fars = (neg[None, :] >= thresholds[:, None]).double().mean(dim=1)
+    # ROC over every threshold t (accept when score >= t), from one descending sort: at the last
+    # pair of each tie group, the cumulative counts are the accepted genuine / impostor pairs
+    desc = all_scores.argsort(descending=True)
+    is_pos = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()[desc]
+    s_desc = all_scores[desc]
+    group_end = torch.cat([s_desc[1:] != s_desc[:-1], torch.tensor([True])])
+    zero = torch.zeros(1, dtype=torch.float64)
+    tar = torch.cat([zero, is_pos.cumsum(0)[group_end] / len(pos)])
+    fars = torch.cat([zero, (1 - is_pos).cumsum(0)[group_end] / len(neg)])
     frr = 1 - tar
     i = int((fars - frr).abs().argmin())
     eer = float((fars[i] + frr[i]) / 2)

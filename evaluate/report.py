@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from twinview.evaluate.features import extract_features
+from twinview.pretrain.cache import cache_key
 from twinview.evaluate.knn import knn_accuracy
 from twinview.evaluate.linear_probe import linear_probe, state_checksum
 from twinview.evaluate.metrics import (
@@ -126,7 +127,8 @@ def _cached_features(backbone: nn.Module, checksum: float, dataset: Any, mean: A
                      folder: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     if folder is None:
         return extract_features(backbone, dataset, mean, std, **kwargs)
-    key = hashlib.sha256(repr((str(dataset.index.root), dataset.image_size, len(dataset), checksum)).encode()).hexdigest()[:16]
+    # the files (paths, sizes, mtimes, labels) and the weights: a changed folder or backbone gets new features
+    key = hashlib.sha256(f"{cache_key(dataset.index, dataset.image_size)}:{checksum!r}".encode()).hexdigest()[:16]
     path = Path(folder) / f"{Path(dataset.index.root).name}-{key}.pt"
     if path.is_file():
         cached = torch.load(path)

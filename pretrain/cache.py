@@ -90,7 +90,7 @@ def build_or_load(index: FolderIndex, size: int, workers: int = 0, strict: bool 
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
     with open(folder / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then find it built
-        if not meta.is_file():
+        if not (meta.is_file() and npy.is_file()):
             _build(index, size, workers, strict, npy, meta)
     info = json.loads(meta.read_text())
     if strict and info["skipped"]:
@@ -171,7 +171,7 @@ class DeviceBatches:
 
     Each epoch draws a permutation (from ``seed`` and the epoch, the same on every process); each
     process takes every ``world``-th item of it and cuts full batches. With a ``batch_sampler``
-    (the P x K sampler) its index lists are used instead. On a CPU the image batches live in two
+    (the P x K sampler, seeded alike on every process) its batches are dealt round-robin. On a CPU the image batches live in two
     reused buffers: a batch is valid until the next-but-one batch is drawn.
     """
 
@@ -199,12 +199,13 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         if self.batch_sampler is not None:
-            return len(self.batch_sampler)  # type: ignore[arg-type]
+            return len(self.batch_sampler) // self.world  # type: ignore[arg-type]
         return (len(self.labels) // self.world) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.batch_sampler is not None:
-            batches = (torch.tensor(b) for b in self.batch_sampler)  # type: ignore[attr-defined]
+        if self.batch_sampler is not None:  # the same sampler on every process: deal its batches round-robin
+            dealt = (b for i, b in enumerate(self.batch_sampler) if i % self.world == self.rank)  # type: ignore[attr-defined]
+            batches = (torch.tensor(b) for _, b in zip(range(len(self)), dealt))
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             mine = torch.randperm(len(self.labels), generator=g)[self.rank :: self.world]

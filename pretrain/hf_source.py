@@ -147,10 +147,14 @@ class HFStreamingDataset(IterableDataset):
         # one share per process; datasets itself splits a share among the DataLoader workers
         data = split_dataset_by_node(self.data, rank=self.rank, world_size=self.world) if self.world > 1 else self.data
         while True:  # the training loop cuts epochs with train.max_steps_per_epoch
+            produced = 0
             for row in data.shuffle(seed=self.seed + self.epoch, buffer_size=1000):
                 try:
                     image = to_square_rgb(row[self.image_column], self.image_size)
                 except BadImage:
                     continue
+                produced += 1
                 yield image, int(row[self.label_column]) if self.label_column else UNLABELED
             self.epoch += 1
+            if not produced:  # e.g. a DataLoader worker that got no shard: end, do not spin
+                return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,12 @@ def new_run_dir(cfg: Config, overwrite: bool = False) -> Path:
             f"'{run_dir}' already holds a run. Continue it with `twinview pretrain --resume {run_dir}`, "
             f"choose another train.run_name, or pass --overwrite."
         )
+    if overwrite and (run_dir / CONFIG_FILE).exists():
+        # the previous run's checkpoints, logs and skip lists must not mix with the new run's
+        for stale in (CHECKPOINT_DIR, ".skipped", "features", "plots"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
+        for stale in (METRICS_FILE, WEIGHTS_FILE, "skipped_files.txt", "eval.json", "report.md"):
+            (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -132,8 +132,9 @@ def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any
     if d.cache == "none":
         dataset: Any = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
     else:
-        with accelerator.main_process_first():  # rank 0 builds; the others then find it built
-            cache = build_or_load(scan_source(d.path), d.image_size, workers=d.num_workers, strict=d.strict)
+        # the cache's file lock makes one process build while the others wait (no collective
+        # barrier, which would time out on a long build under NCCL)
+        cache = build_or_load(scan_source(d.path), d.image_size, workers=d.num_workers, strict=d.strict)
         for path, reason in cache.skipped.items():
             skip_log.record(Path(path), reason)
         accelerator.print(f"Decoded cache: {cache.path} ({len(cache.kept)} images, {len(cache.skipped)} skipped)")
@@ -143,8 +144,7 @@ def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any
             pk = None
             if cfg.objective.name in SUPERVISED:
                 k = d.samples_per_class
-                pk = PKBatchSampler(cache.index.labels, cfg.train.batch_size // k, k,
-                                    seed=cfg.train.seed + 7919 * accelerator.process_index)
+                pk = PKBatchSampler(cache.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
             batches = DeviceBatches(cache, accelerator.device, cfg.train.batch_size, cfg.train.seed,
                                     accelerator.process_index, accelerator.num_processes, pk)
             return batches, None
@@ -170,7 +170,10 @@ class _StreamBatches:
         if self._it is None:
             self._it = iter(self.loader)  # one endless stream across epochs
         for _ in range(self.steps):
-            images, labels = next(self._it)
+            try:
+                images, labels = next(self._it)
+            except StopIteration:
+                raise ValueError("the streamed data set produced no decodable images") from None
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 

@@ -115,3 +115,18 @@ def test_batched_reads_equal_item_reads_in_the_batch_order(image_folder: Path, t
     for row, i in enumerate(indices):
         item, label = dataset[i]
         assert torch.equal(images[row], item) and labels[row].item() == label
+
+
+def test_device_batches_deal_p_x_k_batches_round_robin(image_folder: Path, tmp_path: Path) -> None:
+    from twinview.pretrain.pk_sampler import PKBatchSampler
+
+    cache = build_or_load(scan_source(image_folder), 8, workers=1, root=tmp_path)
+    single = list(PKBatchSampler(cache.index.labels, 2, 2, seed=3))  # 6 batches of 4
+    got = []
+    for rank in range(2):
+        batches = DeviceBatches(cache, torch.device("cpu"), 4, seed=0, rank=rank, world=2,
+                                batch_sampler=PKBatchSampler(cache.index.labels, 2, 2, seed=3))
+        assert len(batches) == 3  # half of the sampler's batches each, not all of them
+        got.append([labels.tolist() for _, labels in batches])
+    expected = [[[cache.index.labels[i] for i in b] for b in single[r::2]] for r in range(2)]
+    assert got == expected

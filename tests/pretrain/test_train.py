@@ -207,3 +207,15 @@ def test_online_knn_monitor_is_logged_every_n_epochs(image_folder: Path, tmp_pat
     assert all(0.0 <= e["knn_top1"] <= e["knn_top5"] <= 1.0 for e in epochs)
     with pytest.raises(ValueError, match="monitor_train"):
         train(_cfg(image_folder, tmp_path / "runs", "eval.monitor_every=1"), tmp_path / "bad")
+
+
+def test_overwrite_starts_clean(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=same")
+    train(cfg, new_run_dir(cfg))
+    (tmp_path / "runs" / "same" / "skipped_files.txt").write_text("old\treason\n")
+    again = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "train.run_name=same")
+    run_dir = new_run_dir(again, overwrite=True)
+    assert not (run_dir / "skipped_files.txt").exists() and not checkpoints(run_dir)
+    train(again, run_dir)
+    assert [p.name for p in checkpoints(run_dir)] == ["epoch_0001"]
+    assert [r["epoch"] for r in _metrics(run_dir) if r["kind"] == "epoch"] == [1]
