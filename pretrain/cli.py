@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, load_config
@@ -69,7 +69,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from twinview.pretrain.runs import load_run_config, new_run_dir
-    from twinview.pretrain.train import train
+    from twinview.pretrain.train import TrainingInterrupted, train
+
+    try:
+        return _pretrain(args, load_run_config, new_run_dir, train)
+    except TrainingInterrupted as stop:
+        print(f"twinview pretrain: interrupted by {stop}", file=sys.stderr)
+        return 128 + stop.signum
+
+
+def _pretrain(args: argparse.Namespace, load_run_config: Any, new_run_dir: Any, train: Any) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)

@@ -28,7 +28,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)$")
+_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")  # epoch end, or an interrupt mid-epoch
 
 
 def new_run_dir(cfg: Config, overwrite: bool = False) -> Path:
@@ -66,13 +66,16 @@ def checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [((int(m.group(1)), int(m.group(2) or -1)), p) for p in root.iterdir()
+             if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
-def checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    """Directory of the checkpoint written after ``epoch`` completed epochs."""
-    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{epoch:04d}"
+def checkpoint_path(run_dir: Path, epoch: int, step: int | None = None) -> Path:
+    """Directory of the checkpoint written after ``epoch`` completed epochs (and, for an interrupt
+    in the next epoch, after global ``step``)."""
+    name = f"epoch_{epoch:04d}" + (f"_step_{step:07d}" if step is not None else "")
+    return Path(run_dir) / CHECKPOINT_DIR / name
 
 
 def load_run_config(run_dir: Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,73 +311,85 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method)
 
     if resume:
-        found = checkpoints(run_dir)
-        accelerator.load_state(str(found[-1]))
-        accelerator.print(f"Resumed from {found[-1]} (epoch {progress.epoch}, step {progress.step}).")
+        loaded = _load_latest(accelerator, run_dir)
+        accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
 
     metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process)
     images_per_step = cfg.train.batch_size * accelerator.num_processes
     log_every = max(1, cfg.train.log_every)
 
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        loader.set_epoch(epoch)
-        if pk_sampler is not None:
-            pk_sampler.set_epoch(epoch)
-        model.train()
-        method.train()
-        epoch_loss = torch.zeros((), device=device)
-        window_loss = torch.zeros((), device=device)
-        epoch_start = window_start = time.perf_counter()
-        window_steps = 0
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not accelerator.is_main_process,
-            dynamic_ncols=True,
-        )
-        for i, (images, labels) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            scheduler.step_update(num_updates=progress.step)
-            views = [v.contiguous(memory_format=memory_format) for v in augment(images)]  # (B, 3, S, S) each
-            with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
-                loss = method(model, views, labels)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step(accelerator.unwrap_model(model), progress.step, total_steps)
-            progress.step += 1
-            window_loss += loss.detach()
-            window_steps += 1
-            bar.update(1)
-            if window_steps == log_every or i + 1 == steps_per_epoch:
-                mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps  # host sync
-                now = time.perf_counter()
-                rate = window_steps * images_per_step / (now - window_start)
-                lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-                metrics.write(
-                    {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
-                     "lr": lr, "images_per_s": rate}
-                )
-                epoch_loss += window_loss
-                window_loss.zero_()
-                window_steps, window_start = 0, now
-        bar.close()
-        seconds = time.perf_counter() - epoch_start
-        progress.epoch = epoch + 1
-        epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / steps_per_epoch
-        if not math.isfinite(epoch_mean):
-            raise FloatingPointError(f"loss became {epoch_mean} in epoch {epoch + 1}; lower optim.lr.")
-        skipped = _report_skipped(run_dir, accelerator, epoch + 1)
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
-                  "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds,
-                  "skipped_files": skipped}
-        if cfg.eval.monitor_every and (epoch + 1) % cfg.eval.monitor_every == 0:
-            record.update(_monitor(cfg, accelerator, model))
-        metrics.write(record)
-        if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
-            _save_checkpoint(accelerator, run_dir, progress.epoch)
+    with _StopRequest() as stop:
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            loader.set_epoch(epoch)
+            if pk_sampler is not None:
+                pk_sampler.set_epoch(epoch)
+            model.train()
+            method.train()
+            epoch_loss = torch.zeros((), device=device)
+            window_loss = torch.zeros((), device=device)
+            epoch_start = window_start = time.perf_counter()
+            window_steps = 0
+            skip = max(0, progress.step - epoch * steps_per_epoch)  # resumed mid-epoch: batches already done
+            bar = tqdm(
+                initial=skip,
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                disable=not accelerator.is_main_process,
+                dynamic_ncols=True,
+            )
+            for i, (images, labels) in enumerate(loader):
+                if i >= steps_per_epoch:
+                    break
+                if i < skip:  # same seeded order as the interrupted run; the views RNG was restored
+                    continue
+                scheduler.step_update(num_updates=progress.step)
+                views = [v.contiguous(memory_format=memory_format) for v in augment(images)]  # (B, 3, S, S) each
+                with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
+                    loss = method(model, views, labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step(accelerator.unwrap_model(model), progress.step, total_steps)
+                progress.step += 1
+                window_loss += loss.detach()
+                window_steps += 1
+                bar.update(1)
+                if window_steps == log_every or i + 1 == steps_per_epoch:
+                    mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps  # host sync
+                    now = time.perf_counter()
+                    rate = window_steps * images_per_step / (now - window_start)
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    metrics.write(
+                        {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
+                         "lr": lr, "images_per_s": rate}
+                    )
+                    epoch_loss += window_loss
+                    window_loss.zero_()
+                    window_steps, window_start = 0, now
+                if stop.signal is not None:
+                    bar.close()
+                    saved = _save_checkpoint(accelerator, run_dir, progress.epoch, progress.step)
+                    raise TrainingInterrupted(
+                        f"{signal.Signals(stop.signal).name} at step {progress.step} (epoch {epoch + 1}): the step "
+                        f"finished and {saved} was written. Resume with: twinview pretrain --resume {run_dir}",
+                        stop.signal,
+                    )
+            bar.close()
+            seconds = time.perf_counter() - epoch_start
+            progress.epoch = epoch + 1
+            epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / steps_per_epoch
+            if not math.isfinite(epoch_mean):
+                raise FloatingPointError(f"loss became {epoch_mean} in epoch {epoch + 1}; lower optim.lr.")
+            skipped = _report_skipped(run_dir, accelerator, epoch + 1)
+            record = {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
+                      "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds,
+                      "skipped_files": skipped}
+            if cfg.eval.monitor_every and (epoch + 1) % cfg.eval.monitor_every == 0:
+                record.update(_monitor(cfg, accelerator, model))
+            metrics.write(record)
+            if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
+                _save_checkpoint(accelerator, run_dir, progress.epoch)
 
     accelerator.wait_for_everyone()
     weights = run_dir / WEIGHTS_FILE
@@ -385,9 +400,64 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     return weights
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, epoch: int) -> None:
-    """Saves a resumable checkpoint and keeps only the newest ``KEEP_CHECKPOINTS``."""
-    accelerator.save_state(str(checkpoint_path(run_dir, epoch)))
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, epoch: int, step: int | None = None) -> Path:
+    """Saves a resumable checkpoint atomically and keeps only the newest ``KEEP_CHECKPOINTS``.
+
+    Every process writes into ``NAME.partial``; the main process renames it once all are done, so a
+    run killed while saving leaves no directory that looks like a checkpoint.
+    """
+    final = checkpoint_path(run_dir, epoch, step)
+    partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
         for old in checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _load_latest(accelerator: Accelerator, run_dir: Path) -> Path:
+    """Loads the newest checkpoint that loads; a corrupt one is reported and the previous one used."""
+    found = checkpoints(run_dir)
+    for candidate in reversed(found):
+        try:
+            accelerator.load_state(str(candidate))
+            return candidate
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+            accelerator.print(f"Checkpoint {candidate} cannot be loaded ({type(err).__name__}: {err}); trying an older one.")
+    raise FileNotFoundError(f"--resume: none of the {len(found)} checkpoints of '{run_dir}' could be loaded.")
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after checkpointing; ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequest:
+    """Remembers SIGTERM/SIGINT so the loop can finish its step, checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
