@@ -180,6 +180,11 @@ class OptimConfig:
         weight_decay: Decoupled from norms and biases, which get none.
         warmup_epochs: Linear warm-up length, in epochs (fractions allowed).
         min_lr: Final learning rate of the cosine decay.
+        lr_scaling: ``none``, ``linear`` (lr x global batch / base_batch_size, Goyal et al. 2017) or
+            ``sqrt`` (lr x sqrt(global batch / base_batch_size), SimCLR's choice for LARS); the
+            resulting peak lr is logged.
+        base_batch_size: The global batch ``lr`` refers to when scaling.
+        clip_grad_norm: Clip the global gradient norm to this value before each step (0: off).
     """
 
     name: str = "sgd"
@@ -188,6 +193,9 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     min_lr: float = 0.0
+    lr_scaling: str = "none"
+    base_batch_size: int = 256
+    clip_grad_norm: float = 0.0
 
 
 @dataclass
@@ -206,6 +214,8 @@ class TrainConfig:
         log_every: Log loss, lr and throughput every N steps (the only host syncs of the loop).
         channels_last: Use channels-last memory format for convolutional backbones.
         max_steps_per_epoch: Cap on steps per epoch (0 = no cap), for smoke tests.
+        log_with: Also log to an Accelerate tracker: ``tensorboard`` (event files in
+            RUN_DIR/tensorboard) or ``wandb`` (when installed); metrics.jsonl is always written.
     """
 
     epochs: int = 10
@@ -219,6 +229,7 @@ class TrainConfig:
     log_every: int = 10
     channels_last: bool = True
     max_steps_per_epoch: int = 0
+    log_with: str = "none"
 
 
 @dataclass
@@ -264,6 +275,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "objective.momentum_schedule": ("constant", "cosine"),
     "objective.mining": ("batch_hard", "batch_all", "semi_hard"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.log_with": ("none", "tensorboard", "wandb"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 
 

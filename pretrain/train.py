@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from twinview.augment.views import build_views
 from twinview.pretrain import cpu_conv
-from twinview.pretrain.config import Config, save_config
+from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
 from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
 from twinview.pretrain.hf_source import HFImageDataset, HFStreamingDataset, is_hf_source
@@ -65,15 +65,47 @@ class Progress:
 
 
 class MetricsLog:
-    """Appends JSON lines to ``RUN_DIR/metrics.jsonl`` (main process only)."""
+    """Appends JSON lines to ``RUN_DIR/metrics.jsonl`` (main process only), and the numbers to the
+    Accelerate trackers when there are any."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, accelerator: Accelerator | None = None) -> None:
+        self.path, self.enabled, self.accelerator = path, enabled, accelerator
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and "step" in record:
+            numbers = {f"{record['kind']}/{k}": v for k, v in record.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            self.accelerator.log(numbers, step=int(record["step"]))
+
+
+def scaled_lr(cfg: Config, num_processes: int) -> float:
+    """``optim.lr`` scaled by the global batch (``optim.lr_scaling``)."""
+    ratio = cfg.train.batch_size * num_processes / cfg.optim.base_batch_size
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.lr_scaling]
+    return cfg.optim.lr * factor
+
+
+def _check_tracker(name: str) -> None:
+    """Fails before any compute when the tracker's package is missing."""
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+    try:
+        __import__(module)
+    except ImportError:
+        raise ValueError(f"train.log_with={name} needs the '{module}' package: pip install {module}") from None
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat ``section.key`` scalars (trackers take flat hyperparameters)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoader:
@@ -249,12 +281,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     # Accelerate keeps process-wide singleton state; each run (e.g. several in one notebook or test
     # session) must be free to choose its own mixed precision.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    tracker = None if cfg.train.log_with == "none" else cfg.train.log_with
+    if tracker:
+        _check_tracker(tracker)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         cpu=cfg.train.cpu,
         project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=tracker,
     )
+    if tracker:
+        accelerator.project_configuration.logging_dir = str(run_dir)
+        accelerator.init_trackers("tensorboard" if tracker == "tensorboard" else run_dir.name, config=_flat(as_dict(cfg)))
     set_seed(cfg.train.seed)
     device = accelerator.device
     if accelerator.is_main_process:
@@ -287,8 +326,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     )
 
     method = create_method(cfg, model).to(device)  # momentum encoder, queue: state of the method
+    peak_lr = scaled_lr(cfg, accelerator.num_processes)
     optimizer = create_optimizer_v2(
-        model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
+        model, opt=cfg.optim.name, lr=peak_lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(loader, DataLoader):  # the device cache and streams batch themselves, per process
@@ -303,7 +343,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         t_initial=max(total_steps - warmup_steps, 1),
         lr_min=cfg.optim.min_lr,
         warmup_t=warmup_steps,
-        warmup_lr_init=cfg.optim.lr * 1e-3,
+        warmup_lr_init=peak_lr * 1e-3,
         warmup_prefix=True,
         t_in_epochs=False,
     )
@@ -314,7 +354,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         loaded = _load_latest(accelerator, run_dir)
         accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
 
-    metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process)
+    metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process, accelerator if tracker else None)
+    if not resume:
+        metrics.write({"kind": "run", "peak_lr": peak_lr, "lr_scaling": cfg.optim.lr_scaling,
+                       "global_batch": cfg.train.batch_size * accelerator.num_processes})
     images_per_step = cfg.train.batch_size * accelerator.num_processes
     log_every = max(1, cfg.train.log_every)
 
@@ -347,6 +390,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
                     loss = method(model, views, labels)
                 accelerator.backward(loss)
+                if cfg.optim.clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_step(accelerator.unwrap_model(model), progress.step, total_steps)

@@ -49,7 +49,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_weights(image_folder
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(steps) == 6 and [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # 24 images / 8 = 3 steps x 2
     assert [e["epoch"] for e in epochs] == [1, 2] and all(e["seconds"] > 0 for e in epochs)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] != "run")
     assert steps[0]["lr"] < steps[1]["lr"]  # warm-up over the first 1.5 steps, then cosine decay
     assert steps[-1]["lr"] < steps[2]["lr"]
     assert [p.name for p in checkpoints(run_dir)] == ["epoch_0001", "epoch_0002"]
@@ -105,7 +105,7 @@ def test_each_objective_trains_and_its_weights_load_and_export(
     cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", f"objective.name={objective}", *OBJECTIVES[objective], *backbone)
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir) if r["kind"] != "run")
     _, model = load_trained_model(run_dir)  # strict: the predictor of moco_v3 is part of the weights
     assert (model.predictor is not None) == (objective == "moco_v3")
     export_run(run_dir, tmp_path / "export")
@@ -162,7 +162,7 @@ def test_bf16_mixed_precision_on_cpu_trains(image_folder: Path, tmp_path: Path) 
     cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "train.mixed_precision=bf16", "train.cpu=true")
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir) if r["kind"] != "run")
 
 
 @pytest.mark.slow
@@ -219,3 +219,25 @@ def test_overwrite_starts_clean(image_folder: Path, tmp_path: Path) -> None:
     train(again, run_dir)
     assert [p.name for p in checkpoints(run_dir)] == ["epoch_0001"]
     assert [r["epoch"] for r in _metrics(run_dir) if r["kind"] == "epoch"] == [1]
+
+
+def test_lr_scaling_clipping_and_tensorboard(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "optim.lr_scaling=linear", "optim.base_batch_size=256",
+               "train.log_with=tensorboard", "train.run_name=tb")
+    run_dir = new_run_dir(cfg)
+    train(cfg, run_dir)
+    run = [r for r in _metrics(run_dir) if r["kind"] == "run"][0]
+    assert run["peak_lr"] == pytest.approx(0.1 * 8 / 256) and run["global_batch"] == 8
+    assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert load_config(None, ["data.path=x", "optim.lr_scaling=sqrt"]).optim.lr_scaling == "sqrt"
+
+    # plain SGD with a clipped norm of 1e-8: one step moves every weight by at most lr * 1e-8
+    clipped = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "train.max_steps_per_epoch=1", "optim.name=momentum", "optim.momentum=0",
+                   "optim.weight_decay=0", "optim.warmup_epochs=0", "optim.clip_grad_norm=1e-8", "train.run_name=clip")
+    run_dir = new_run_dir(clipped)
+    train(clipped, run_dir)
+    torch.manual_seed(clipped.train.seed)
+    initial = create_model(clipped.model).state_dict()
+    final = load_file(run_dir / "model.safetensors")
+    moved = max((final[k].float() - initial[k].float()).abs().max().item() for k in final if "running" not in k and "num_batches" not in k)
+    assert moved <= 0.1 * 1e-8 * 1.01
