@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -56,14 +56,14 @@ def synthetic_jpegs(n: int, side: int = 256) -> Path:
     return folder
 
 
-def epoch_seconds(batches: Callable[[], Iterable[Any]], device: torch.device, repeats: int) -> tuple[float, int]:
+def epoch_seconds(batches: Iterable[Any], device: torch.device, repeats: int) -> tuple[float, int]:
     """Median seconds of one epoch over ``repeats`` after a warm-up, and the images per epoch."""
     times, count = [], 0
     for r in range(repeats + 1):
         total = torch.zeros((), device=device, dtype=torch.long)
         count = 0
         start = time.perf_counter()
-        for images, _ in batches():
+        for images, _ in batches:
             images = images.to(device, non_blocking=True)
             total += images[:, 0, 0, 0].long().sum()  # touch the batch where the step would run
             count += images.shape[0]
@@ -79,7 +79,7 @@ def measure(folder: Path, size: int, workers: int, batch: int, repeats: int, dev
     row["images"] = len(jpeg)
     loader = DataLoader(jpeg, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                         worker_init_fn=worker_init, persistent_workers=workers > 0)
-    seconds, n = epoch_seconds(lambda: loader, device, repeats)
+    seconds, n = epoch_seconds(loader, device, repeats)
     row["jpeg_images_per_s"] = n / seconds
     del loader
 
@@ -89,11 +89,11 @@ def measure(folder: Path, size: int, workers: int, batch: int, repeats: int, dev
     row["cache_mb"] = cache.path.stat().st_size / 2**20
     cached = DataLoader(CachedDataset(cache), batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
                         collate_fn=batched_collate)
-    seconds, n = epoch_seconds(lambda: cached, device, repeats)
+    seconds, n = epoch_seconds(cached, device, repeats)
     row["disk_cache_images_per_s"] = n / seconds
 
     on_device = DeviceBatches(cache, device, batch, seed=0)
-    seconds, n = epoch_seconds(lambda: on_device, device, repeats)
+    seconds, n = epoch_seconds(on_device, device, repeats)
     row["device_cache_images_per_s"] = n / seconds
     row["disk_cache_vs_jpeg"] = row["disk_cache_images_per_s"] / row["jpeg_images_per_s"]
     row["device_cache_vs_jpeg"] = row["device_cache_images_per_s"] / row["jpeg_images_per_s"]

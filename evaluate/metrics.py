@@ -70,18 +70,9 @@ def verification_metrics(scores: torch.Tensor, same: torch.Tensor, far: float = 
     pos, neg = scores[same], scores[~same]
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("verification needs both genuine and impostor pairs.")
-    # AUC = P(pos > neg) + 1/2 P(pos == neg), by ranks (Mann-Whitney U), ties averaged
-    all_scores = torch.cat([pos, neg])
-    order = all_scores.argsort()
-    ranks = torch.empty_like(all_scores)
-    sorted_scores = all_scores[order]
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    avg_rank = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
-    ranks[order] = avg_rank[inverse]
-    auc = (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
     # ROC over every threshold t (accept when score >= t), from one descending sort: at the last
     # pair of each tie group, the cumulative counts are the accepted genuine / impostor pairs
+    all_scores = torch.cat([pos, neg])
     desc = all_scores.argsort(descending=True)
     is_pos = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()[desc]
     s_desc = all_scores[desc]
@@ -89,6 +80,8 @@ def verification_metrics(scores: torch.Tensor, same: torch.Tensor, far: float = 
     zero = torch.zeros(1, dtype=torch.float64)
     tar = torch.cat([zero, is_pos.cumsum(0)[group_end] / len(pos)])
     fars = torch.cat([zero, (1 - is_pos).cumsum(0)[group_end] / len(neg)])
+    # the trapezoids count a tie between a genuine and an impostor pair as half: P(pos > neg) + P(=)/2
+    auc = torch.trapezoid(tar, fars)
     frr = 1 - tar
     i = int((fars - frr).abs().argmin())
     eer = float((fars[i] + frr[i]) / 2)

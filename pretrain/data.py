@@ -10,6 +10,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -19,6 +20,7 @@ from twinview.pretrain.decode import BadImage, decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 FILE_LIST_SUFFIXES = (".txt", ".csv")
+T = TypeVar("T")
 UNLABELED = -1
 
 
@@ -178,20 +180,47 @@ class ImageFolderDataset(Dataset):
         return len(self.index.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        n = len(self)
-        for j in (i + step for step in range(n)):
-            j %= n
-            if j in self.bad:
-                continue
-            try:
-                return load_image(self.index.files[j], self.image_size), self.index.labels[j]
-            except BadImage as err:
-                if self.strict:
-                    raise BadImage(f"{self.index.files[j]}: {err} (data.strict=true)") from None
-                self.bad[j] = str(err)
-                if self.skip_log is not None:
-                    self.skip_log.record(self.index.files[j], str(err))
-        raise BadImage(f"none of the {n} files of '{self.index.root}' could be decoded")
+        return first_decodable(
+            i, len(self), lambda j: (load_image(self.index.files[j], self.image_size), self.index.labels[j]),
+            lambda j: self.index.files[j], self.bad, self.strict, self.skip_log,
+        )
+
+
+def first_decodable(
+    i: int,
+    n: int,
+    load: Callable[[int], T],
+    name: Callable[[int], Path],
+    bad: dict[int, str],
+    strict: bool,
+    skip_log: SkipLog | None,
+) -> T:
+    """Item ``i``, or when it cannot be decoded the next one that can (so a batch keeps its size).
+
+    A failing item is remembered in ``bad`` (never tried again by this process) and recorded in the
+    skip log; with ``strict`` the first failure raises instead.
+
+    Args:
+        i: The requested item.
+        n: Number of items.
+        load: Loads item j; raises :class:`BadImage`.
+        name: The file (or row) of item j, for messages.
+        bad: This process's known bad items and their reasons (updated).
+        strict: Raise on the first bad item.
+        skip_log: Where skipped items are recorded.
+    """
+    for j in ((i + step) % n for step in range(n)):
+        if j in bad:
+            continue
+        try:
+            return load(j)
+        except BadImage as err:
+            if strict:
+                raise BadImage(f"{name(j)}: {err} (data.strict=true)") from None
+            bad[j] = str(err)
+            if skip_log is not None:
+                skip_log.record(name(j), str(err))
+    raise BadImage(f"none of the {n} items could be decoded (see data.strict, skipped_files.txt)")
 
 
 def worker_init(_: int) -> None:

@@ -37,6 +37,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def square_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded image, upright (EXIF), as 8-bit RGB, shorter side resized to ``size`` and centre-cropped.
+
+    Returns:
+        A ``(size, size, 3)`` uint8 array.
+    """
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    if img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
 def decode_image(path: str | Path, size: int) -> np.ndarray:
     """Decodes, orients and converts an image, resizes its shorter side to ``size`` and centre-crops.
 
@@ -65,11 +77,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
             with Image.open(path) as img:
                 img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger
                 img.load()  # decode fully now, so truncation shows here
-                img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                if img.size != (size, size):
-                    img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
-                return np.asarray(img, dtype=np.uint8).copy()
+                return square_rgb(img, size)
     except BadImage:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:

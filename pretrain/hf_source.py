@@ -16,18 +16,18 @@ worker takes its own shard, and ``train.max_steps_per_epoch`` sets the epoch len
 from __future__ import annotations
 
 import glob
+import io
 from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
-import numpy as np
-from datasets.distributed import split_dataset_by_node
 import torch
-from PIL import Image, ImageOps
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from twinview.pretrain.data import UNLABELED, FolderIndex
-from twinview.pretrain.decode import BadImage, _to_rgb
+from twinview.pretrain.data import UNLABELED, FolderIndex, SkipLog, first_decodable
+from twinview.pretrain.decode import BadImage, square_rgb
 
 HF_PREFIX = "hf:"
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -88,11 +88,9 @@ def pick_columns(features: datasets.Features, image_column: str, label_column: s
 def to_square_rgb(image: Any, size: int) -> torch.Tensor:
     """A decoded ``datasets`` image (PIL, or a path/bytes dict) -> ``(3, size, size)`` uint8."""
     try:
-        img = image if isinstance(image, Image.Image) else Image.open(image["path"] if image.get("path") else image["bytes"])
-        img = _to_rgb(ImageOps.exif_transpose(img))
-        if img.size != (size, size):
-            img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if not isinstance(image, Image.Image):  # an undecoded {"path", "bytes"} cell
+            image = Image.open(image["path"] if image.get("path") else io.BytesIO(image["bytes"]))
+        return torch.from_numpy(square_rgb(image, size)).permute(2, 0, 1)
     except Exception as err:  # noqa: BLE001 - a bad row is skipped like a bad file
         raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
 
@@ -100,7 +98,8 @@ def to_square_rgb(image: Any, size: int) -> torch.Tensor:
 class HFImageDataset(Dataset):
     """A map-style ``datasets`` source as ``(uint8 (3,S,S), label)`` items; bad rows are replaced."""
 
-    def __init__(self, path: str, image_size: int, split: str = "train", image_column: str = "", label_column: str = "") -> None:
+    def __init__(self, path: str, image_size: int, split: str = "train", image_column: str = "", label_column: str = "",
+                 strict: bool = False, skip_log: SkipLog | None = None) -> None:
         self.data = load_source(path, split, streaming=False)
         self.image_column, self.label_column = pick_columns(self.data.features, image_column, label_column)
         self.image_size = image_size
@@ -112,22 +111,21 @@ class HFImageDataset(Dataset):
             labels, classes = (UNLABELED,) * len(self.data), ()
         self.index = FolderIndex(root=Path(path), files=tuple(Path(f"{path}#{i}") for i in range(len(self.data))),
                                  labels=labels, classes=classes)
+        self.strict, self.skip_log = strict, skip_log
         self.bad: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        n = len(self)
-        for j in (i + step for step in range(n)):
-            j %= n
-            if j in self.bad:
-                continue
-            try:
-                return to_square_rgb(self.data[j][self.image_column], self.image_size), self.index.labels[j]
-            except BadImage as err:
-                self.bad[j] = str(err)
-        raise BadImage(f"none of the {n} rows of '{self.index.root}' could be decoded")
+        return first_decodable(i, len(self), self._load, lambda j: self.index.files[j], self.bad, self.strict, self.skip_log)
+
+    def _load(self, j: int) -> tuple[torch.Tensor, int]:
+        try:
+            cell = self.data[j][self.image_column]  # datasets decodes the Image feature here
+        except Exception as err:  # noqa: BLE001 - a row that does not decode is a bad row
+            raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
+        return to_square_rgb(cell, self.image_size), self.index.labels[j]
 
 
 class HFStreamingDataset(IterableDataset):

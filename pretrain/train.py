@@ -108,14 +108,35 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoader:
-    """Random batches, or class-balanced P x K batches for the supervised objectives."""
+def _pk_sampler(cfg: Config, dataset: Any, num_processes: int) -> PKBatchSampler | None:
+    """Checks the data against the batch settings; the P x K sampler for the supervised objectives."""
     global_batch = cfg.train.batch_size * num_processes
     if len(dataset) < global_batch:
         raise ValueError(
             f"'{dataset.index.root}' has {len(dataset)} images, fewer than one global batch of {global_batch} "
             f"(train.batch_size={cfg.train.batch_size} x {num_processes} processes). Lower train.batch_size."
         )
+    if cfg.objective.name not in SUPERVISED:
+        return None
+    if not dataset.index.labeled:
+        raise ValueError(
+            f"objective.name={cfg.objective.name} trains on labels, but '{dataset.index.root}' has no class "
+            "sub-folders. Use a folder with one sub-folder per class, or a self-supervised objective."
+        )
+    k = cfg.data.samples_per_class
+    if cfg.train.batch_size % k:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.samples_per_class={k}.")
+    if cfg.train.batch_size // k < 2:
+        raise ValueError(
+            f"P x K batches of train.batch_size={cfg.train.batch_size} with data.samples_per_class={k} hold one "
+            "class: there would be no negatives. Use at least 2 classes per batch."
+        )
+    return PKBatchSampler(dataset.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
+
+
+def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoader:
+    """Random batches, or class-balanced P x K batches for the supervised objectives."""
+    sampler = _pk_sampler(cfg, dataset, num_processes)
     workers = cfg.data.num_workers
     common = {
         "num_workers": workers,
@@ -125,21 +146,7 @@ def _loader(cfg: Config, dataset: Any, num_processes: int, pin: bool) -> DataLoa
     }
     if isinstance(dataset, CachedDataset):
         common["collate_fn"] = batched_collate  # the cache reads whole batches (__getitems__)
-    if cfg.objective.name in SUPERVISED:
-        if not dataset.index.labeled:
-            raise ValueError(
-                f"objective.name={cfg.objective.name} trains on labels, but '{dataset.index.root}' has no class "
-                "sub-folders. Use a folder with one sub-folder per class, or a self-supervised objective."
-            )
-        k = cfg.data.samples_per_class
-        if cfg.train.batch_size % k:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.samples_per_class={k}.")
-        if cfg.train.batch_size // k < 2:
-            raise ValueError(
-                f"P x K batches of train.batch_size={cfg.train.batch_size} with data.samples_per_class={k} hold one "
-                "class: there would be no negatives. Use at least 2 classes per batch."
-            )
-        sampler = PKBatchSampler(dataset.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
+    if sampler is not None:
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)
 
@@ -161,7 +168,8 @@ def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any
             loader = DataLoader(stream, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
                                 worker_init_fn=worker_init if d.num_workers else None, pin_memory=accelerator.device.type == "cuda")
             return _StreamBatches(loader, stream, accelerator.device, cfg.train.max_steps_per_epoch), None
-        dataset_hf = HFImageDataset(d.path, d.image_size, d.split, d.image_column, d.label_column)
+        dataset_hf = HFImageDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
+                                    strict=d.strict, skip_log=skip_log)
         loader = _loader(cfg, dataset_hf, accelerator.num_processes, pin=accelerator.device.type == "cuda")
         return loader, loader.batch_sampler if isinstance(loader.batch_sampler, PKBatchSampler) else None
     if d.cache == "none":
@@ -175,11 +183,7 @@ def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any
         accelerator.print(f"Decoded cache: {cache.path} ({len(cache.kept)} images, {len(cache.skipped)} skipped)")
         dataset = CachedDataset(cache)
         if d.cache == "device":
-            _loader(cfg, dataset, accelerator.num_processes, pin=False)  # the same checks as a DataLoader
-            pk = None
-            if cfg.objective.name in SUPERVISED:
-                k = d.samples_per_class
-                pk = PKBatchSampler(cache.index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
+            pk = _pk_sampler(cfg, dataset, accelerator.num_processes)  # the same sampler on every process
             batches = DeviceBatches(cache, accelerator.device, cfg.train.batch_size, cfg.train.seed,
                                     accelerator.process_index, accelerator.num_processes, pk)
             return batches, None

@@ -79,3 +79,20 @@ def test_column_detection_and_its_errors(hf_dataset: datasets.Dataset) -> None:
     assert pick_columns(two, "b", "") == ("b", None)
     with pytest.raises(ValueError, match="'nope' is not a column"):
         pick_columns(two, "nope", "")
+
+
+def test_a_corrupt_row_is_replaced_and_listed(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
+    from twinview.pretrain.data import SkipLog
+    from twinview.pretrain.decode import BadImage
+
+    rows = hf_dataset.cast_column("img", datasets.Image(decode=False))[:]
+    rows["img"][4] = {"path": None, "bytes": b"not an image"}
+    broken = datasets.Dataset.from_dict(rows, features=hf_dataset.features)
+    broken.save_to_disk(str(tmp_path / "broken"))
+    log = SkipLog(tmp_path / "skipped")
+    ds = HFImageDataset(str(tmp_path / "broken"), 24, skip_log=log)
+    image, label = ds[4]  # the next row stands in
+    assert image.shape == (3, 24, 24) and label == hf_dataset[5]["label"]
+    assert list(log.collect()) == [f"{tmp_path / 'broken'}#4"]
+    with pytest.raises(BadImage, match="#4: cannot decode"):
+        HFImageDataset(str(tmp_path / "broken"), 24, strict=True)[4]
