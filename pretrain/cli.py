@@ -69,6 +69,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from twinview.pretrain.runs import load_run_config, new_run_dir
+    from twinview.pretrain.step_guard import NonFiniteTraining
     from twinview.pretrain.train import TrainingInterrupted, train
 
     try:
@@ -76,6 +77,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(f"twinview pretrain: interrupted by {stop}", file=sys.stderr)
         return 128 + stop.signum
+    except NonFiniteTraining as err:
+        print(f"twinview pretrain: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 def _pretrain(args: argparse.Namespace, load_run_config: Any, new_run_dir: Any, train: Any) -> int:

@@ -204,7 +204,8 @@ class TrainConfig:
 
     Attributes:
         epochs: Number of passes over the data.
-        batch_size: Images per process per step (each gives two views).
+        batch_size: Images per process per forward pass (each gives two views). The global batch
+            of an optimiser step is batch_size x processes x grad_accumulation.
         mixed_precision: ``no``, ``fp16`` or ``bf16`` (bf16 also on CPU).
         cpu: Train on the CPU even where an accelerator is present.
         seed: Seed for weights, data order and augmentation.
@@ -216,6 +217,15 @@ class TrainConfig:
         max_steps_per_epoch: Cap on steps per epoch (0 = no cap), for smoke tests.
         log_with: Also log to an Accelerate tracker: ``tensorboard`` (event files in
             RUN_DIR/tensorboard) or ``wandb`` (when installed); metrics.jsonl is always written.
+        grad_accumulation: Forward/backward passes per optimiser step. The in-batch objectives
+            (simclr, moco_v3, supcon, triplet, contrastive) then find negatives, positives and
+            pairs within each pass only; see docs/TRAINING.md.
+        max_nonfinite_steps: A step whose loss or gradient is NaN/inf is skipped (weights,
+            optimiser and MoCo state unchanged) and counted; after this many in a row training
+            stops. 0 turns the check off.
+        nonfinite_check: How a skip is applied: ``sync`` reads the flag on the host each step,
+            ``device`` never does (keeps a copy of the weights and optimiser state to restore),
+            ``auto`` is sync on a CPU, where it is free, and device elsewhere.
     """
 
     epochs: int = 10
@@ -230,6 +240,9 @@ class TrainConfig:
     channels_last: bool = True
     max_steps_per_epoch: int = 0
     log_with: str = "none"
+    grad_accumulation: int = 1
+    max_nonfinite_steps: int = 10
+    nonfinite_check: str = "auto"
 
 
 @dataclass
@@ -276,6 +289,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "objective.mining": ("batch_hard", "batch_all", "semi_hard"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.log_with": ("none", "tensorboard", "wandb"),
+    "train.nonfinite_check": ("auto", "sync", "device"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 

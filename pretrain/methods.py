@@ -1,7 +1,8 @@
 """Training methods: backbone + head (the trained model) composed with a loss and any extra state.
 
 A method is a small module called once per step, ``method(model, views, labels) -> loss``, and
-``method.after_step(online, step, total_steps)`` after the optimiser step. Its state (the MoCo
+``method.after_step(online, step, total_steps, apply)`` after the optimiser step (``apply``: None, or
+a 0-dim bool flag on the device that is False for a skipped non-finite step). Its state (the MoCo
 momentum encoder and queue) is checkpointed with the run. Selected by ``objective.name``:
 
 * ``simclr``: NT-Xent over two views, negatives from every process.
@@ -44,7 +45,7 @@ class SimCLR(nn.Module):
         z_a, z_b = _two(model, views)
         return nt_xent(z_a, z_b, self.temperature)
 
-    def after_step(self, online: nn.Module, step: int, total_steps: int) -> None:
+    def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
         """Nothing to update."""
 
 
@@ -97,10 +98,11 @@ class MoCo(nn.Module):
         self.queue.enqueue(k)
         return loss
 
-    def after_step(self, online: nn.Module, step: int, total_steps: int) -> None:
-        """The momentum update of the key encoder (cosine-scheduled to 1 when configured)."""
+    def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
+        """The momentum update of the key encoder (cosine-scheduled to 1 when configured); none where
+        ``apply`` is False."""
         m = cosine_momentum(self.momentum, 1.0, step, total_steps) if self.schedule == "cosine" else self.momentum
-        self.key.update(nn.Sequential(online.backbone, online.head), m)
+        self.key.update(nn.Sequential(online.backbone, online.head), m, apply)
 
 
 def _in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -142,7 +144,7 @@ class Supervised(nn.Module):
         y = torch.cat([torch.zeros_like(labels), torch.ones_like(labels)])
         return pairwise_contrastive(torch.cat([a, a]), torch.cat([b[positive], b[negative]]), y, self.margin)
 
-    def after_step(self, online: nn.Module, step: int, total_steps: int) -> None:
+    def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
         """Nothing to update."""
 
 

@@ -33,13 +33,23 @@ class MomentumEncoder(nn.Module):
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, online: nn.Module, momentum: float) -> None:
-        """Moves each key parameter towards its online counterpart."""
+    def update(self, online: nn.Module, momentum: float, apply: torch.Tensor | None = None) -> None:
+        """Moves each key parameter towards its online counterpart.
+
+        Args:
+            online: The online encoder.
+            momentum: m of the update.
+            apply: Optional 0-dim bool on the device; where False the key encoder is left as it is
+                (a skipped step), decided without a host sync.
+        """
         key = list(self.encoder.parameters())
         query = [p.detach() for p in online.parameters()]
         if len(key) != len(query):
             raise ValueError("the momentum encoder and the online encoder have different parameters")
-        torch._foreach_lerp_(key, query, 1.0 - momentum)
+        if apply is None:
+            torch._foreach_lerp_(key, query, 1.0 - momentum)
+        else:  # lerp with weight 0 returns the key exactly
+            torch._foreach_lerp_(key, query, apply.to(key[0].dtype) * (1.0 - momentum))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

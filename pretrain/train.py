@@ -1,13 +1,17 @@
 """The pretraining loop: HF Accelerate on one CPU, one GPU or many processes.
 
-Per step: a uint8 batch arrives on the device, the views are made there (twinview.augment), the
-method (twinview.pretrain.methods: SimCLR, MoCo v2/v3 or a supervised metric loss) computes the
-loss, backward, optimiser step, then the method's own update (the MoCo momentum encoder). The loss is accumulated on the
-device and read back only every ``train.log_every`` steps, the loop's only host synchronisation.
+Per optimiser step: ``train.grad_accumulation`` uint8 batches arrive on the device, the views are
+made there (twinview.augment), the method (twinview.pretrain.methods: SimCLR, MoCo v2/v3 or a
+supervised metric loss) computes the loss, backward; then the optimiser step and the method's own
+update (the MoCo momentum encoder), both skipped when the loss or gradient is not finite
+(twinview.pretrain.step_guard). Loss, gradient norm and counters are summed on the device and read
+back every ``train.log_every`` steps, the loop's host synchronisation (on accelerators the only
+one; on a CPU, where it is free, the finite check also reads its flag every step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -37,6 +41,7 @@ from twinview.pretrain.hf_source import HFImageDataset, HFStreamingDataset, is_h
 from twinview.pretrain.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.pk_sampler import PKBatchSampler
+from twinview.pretrain.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.runs import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -248,6 +253,30 @@ def _report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
     return len(found)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuses, before any compute, a ``train.mixed_precision`` the device cannot run."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError(
+            "train.mixed_precision=fp16 is not supported on a CPU (no fp16 loss scaling there, and fp16 matmuls "
+            "are slow); use train.mixed_precision=bf16 or no."
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"train.mixed_precision=bf16 is not supported by {name} (bf16 needs compute capability "
+                         ">= 8.0, e.g. A100/H100); use train.mixed_precision=fp16 or no.")
+
+
+def _check_training(cfg: Config) -> None:
+    """Loop settings that cannot work, refused before any compute."""
+    t = cfg.train
+    if t.grad_accumulation < 1:
+        raise ValueError(f"train.grad_accumulation={t.grad_accumulation} must be >= 1 (1: no accumulation).")
+    if t.max_nonfinite_steps < 0:
+        raise ValueError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0: no check).")
+    if t.batch_size < 1:
+        raise ValueError(f"train.batch_size={t.batch_size} must be >= 1.")
+
+
 def _check_objective(cfg: Config, num_processes: int) -> None:
     """Objective (and monitor) settings that cannot work, refused before any compute."""
     if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
@@ -285,6 +314,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     # Accelerate keeps process-wide singleton state; each run (e.g. several in one notebook or test
     # session) must be free to choose its own mixed precision.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    _check_training(cfg)
+    check_precision(cfg.train.mixed_precision, PartialState(cpu=cfg.train.cpu).device)
     tracker = None if cfg.train.log_with == "none" else cfg.train.log_with
     if tracker:
         _check_tracker(tracker)
@@ -337,9 +368,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(loader, DataLoader):  # the device cache and streams batch themselves, per process
         loader = accelerator.prepare(loader)
-    steps_per_epoch = len(loader)  # per process, after sharding
+    accumulation = cfg.train.grad_accumulation
+    steps_per_epoch = len(loader) // accumulation  # optimiser steps per process, after sharding
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.grad_accumulation={accumulation} needs at least that many batches per process and "
+                         f"epoch; there are {len(loader)}. Lower train.grad_accumulation or train.batch_size.")
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = min(int(round(cfg.optim.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     scheduler = CosineLRScheduler(
@@ -351,19 +386,31 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method)
 
+    metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process, accelerator if tracker else None)
+    images_per_step = cfg.train.batch_size * accelerator.num_processes * accumulation
+    if not resume:
+        metrics.write({"kind": "run", "peak_lr": peak_lr, "lr_scaling": cfg.optim.lr_scaling,
+                       "global_batch": images_per_step, "grad_accumulation": accumulation})
+    log_every = max(1, cfg.train.log_every)
+    multi = accelerator.num_processes > 1
+    guard = None
+    if cfg.train.max_nonfinite_steps > 0:
+        guard = StepGuard(model, method, optimizer, resolve_mode(cfg.train.nonfinite_check, device), device,
+                          all_reduce_min=_all_reduce_min if multi else None)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method, *([guard] if guard else []))
     if resume:
         loaded = _load_latest(accelerator, run_dir)
         accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
+    check_grads = guard is not None and accelerator.scaler is None  # fp16: the GradScaler skips bad gradients
+    parameters = list(model.parameters())
+    online = accelerator.unwrap_model(model)
 
-    metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process, accelerator if tracker else None)
-    if not resume:
-        metrics.write({"kind": "run", "peak_lr": peak_lr, "lr_scaling": cfg.optim.lr_scaling,
-                       "global_batch": cfg.train.batch_size * accelerator.num_processes})
-    images_per_step = cfg.train.batch_size * accelerator.num_processes
-    log_every = max(1, cfg.train.log_every)
+    def after_step(apply: torch.Tensor | None) -> None:
+        method.after_step(online, progress.step, total_steps, apply)
+
+    skipped_total = skipped_before = guard.read_and_reset()[0] if guard is not None else 0
 
     with _StopRequest() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
@@ -372,68 +419,99 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 pk_sampler.set_epoch(epoch)
             model.train()
             method.train()
-            epoch_loss = torch.zeros((), device=device)
-            window_loss = torch.zeros((), device=device)
-            epoch_start = window_start = time.perf_counter()
-            window_steps = 0
-            skip = max(0, progress.step - epoch * steps_per_epoch)  # resumed mid-epoch: batches already done
-            bar = tqdm(
-                initial=skip,
-                total=steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                disable=not accelerator.is_main_process,
-                dynamic_ncols=True,
-            )
+            window = _Window(device, time.perf_counter())  # sums stay on the device until a log point
+            epoch_loss_sum, epoch_good = 0.0, 0.0
+            epoch_start = time.perf_counter()
+            done = max(0, progress.step - epoch * steps_per_epoch)  # resumed mid-epoch: steps already done
+            bar = tqdm(initial=done, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=not accelerator.is_main_process, dynamic_ncols=True)
+            micro, step_loss = 0, torch.zeros((), device=device)
             for i, (images, labels) in enumerate(loader):
-                if i >= steps_per_epoch:
+                if i >= steps_per_epoch * accumulation:
                     break
-                if i < skip:  # same seeded order as the interrupted run; the views RNG was restored
+                if i < done * accumulation:  # same seeded order as the interrupted run; views RNG restored
                     continue
-                scheduler.step_update(num_updates=progress.step)
+                if micro == 0:
+                    scheduler.step_update(num_updates=progress.step)
+                    if guard is not None:
+                        guard.begin()
+                last = micro == accumulation - 1
                 views = [v.contiguous(memory_format=memory_format) for v in augment(images)]  # (B, 3, S, S) each
-                with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
-                    loss = method(model, views, labels)
-                accelerator.backward(loss)
+                # no gradient all-reduce until the last pass of the step
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
+                        loss = method(model, views, labels)
+                    accelerator.backward(loss / accumulation if accumulation > 1 else loss)
+                step_loss = step_loss + loss.detach()
+                micro += 1
+                if not last:
+                    continue
+                loss_value = step_loss / accumulation if accumulation > 1 else step_loss
+                micro, step_loss = 0, torch.zeros((), device=device)
+                norm = None
                 if cfg.optim.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                optimizer.step()
+                    norm = accelerator.clip_grad_norm_(parameters, cfg.optim.clip_grad_norm)
+                elif check_grads:
+                    norm = grad_norm(parameters)
+                if guard is None:
+                    optimizer.step()
+                    after_step(None)
+                    ok = torch.ones((), dtype=torch.bool, device=device)
+                else:
+                    ok = guard.finite(loss_value, norm if check_grads else None)
+                    guard.apply(ok, after_step)
                 optimizer.zero_grad(set_to_none=True)
-                method.after_step(accelerator.unwrap_model(model), progress.step, total_steps)
                 progress.step += 1
-                window_loss += loss.detach()
-                window_steps += 1
+                window.add(loss_value, ok, norm)
                 bar.update(1)
-                if window_steps == log_every or i + 1 == steps_per_epoch:
-                    mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps  # host sync
-                    now = time.perf_counter()
-                    rate = window_steps * images_per_step / (now - window_start)
-                    lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-                    metrics.write(
-                        {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
-                         "lr": lr, "images_per_s": rate}
-                    )
-                    epoch_loss += window_loss
-                    window_loss.zero_()
-                    window_steps, window_start = 0, now
-                if stop.signal is not None:
+                at_end = progress.step == (epoch + 1) * steps_per_epoch
+                too_many = guard is not None and guard.mode == "sync" and guard.host_run >= cfg.train.max_nonfinite_steps
+                if not (window.steps == log_every or at_end or too_many or (stop.signal is not None and not multi)):
+                    continue
+                # a log point: the loop's host sync; the processes also agree here on a signal one got
+                loss_sum, good, norm_sum, stop_votes = accelerator.reduce(
+                    window.vector(stop.signal is not None), "sum").tolist()
+                skipped_total, worst_run = guard.read_and_reset() if guard is not None else (0, 0)
+                now = time.perf_counter()
+                rate = window.steps * images_per_step / (now - window.start)
+                lr = optimizer.param_groups[0]["lr"]
+                mean_loss = loss_sum / good if good else None
+                bar.set_postfix(loss=f"{mean_loss:.4f}" if good else "nan", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                record: dict[str, Any] = {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
+                                          "lr": lr, "images_per_s": rate}
+                if window.has_norm and good:
+                    record["grad_norm"] = norm_sum / good
+                if guard is not None:
+                    record["skipped_steps"] = skipped_total
+                metrics.write(record)
+                epoch_loss_sum, epoch_good = epoch_loss_sum + loss_sum, epoch_good + good
+                window.reset(now)
+                if worst_run >= cfg.train.max_nonfinite_steps > 0:
                     bar.close()
+                    metrics.write({"kind": "stopped", "reason": "non-finite", "step": progress.step, "epoch": epoch + 1})
+                    raise NonFiniteTraining(_nonfinite_message(cfg, run_dir, worst_run, progress.step, epoch + 1))
+                if stop_votes:
+                    bar.close()
+                    signum = stop.signal or signal.SIGTERM  # another process got it
                     saved = _save_checkpoint(accelerator, run_dir, progress.epoch, progress.step)
                     raise TrainingInterrupted(
-                        f"{signal.Signals(stop.signal).name} at step {progress.step} (epoch {epoch + 1}): the step "
+                        f"{signal.Signals(signum).name} at step {progress.step} (epoch {epoch + 1}): the step "
                         f"finished and {saved} was written. Resume with: twinview pretrain --resume {run_dir}",
-                        stop.signal,
+                        signum,
                     )
             bar.close()
             seconds = time.perf_counter() - epoch_start
             progress.epoch = epoch + 1
-            epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / steps_per_epoch
-            if not math.isfinite(epoch_mean):
+            epoch_mean = epoch_loss_sum / epoch_good if epoch_good else float("nan")
+            if guard is None and not math.isfinite(epoch_mean):
                 raise FloatingPointError(f"loss became {epoch_mean} in epoch {epoch + 1}; lower optim.lr.")
             skipped = _report_skipped(run_dir, accelerator, epoch + 1)
-            record = {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": epoch_mean,
-                      "seconds": seconds, "images_per_s": steps_per_epoch * images_per_step / seconds,
-                      "skipped_files": skipped}
+            record = {"kind": "epoch", "epoch": epoch + 1, "step": progress.step,
+                      "loss": epoch_mean if epoch_good else None, "seconds": seconds,
+                      "images_per_s": (steps_per_epoch - done) * images_per_step / seconds, "skipped_files": skipped}
+            if guard is not None:
+                record["skipped_steps"] = skipped_total - skipped_before
+                skipped_before = skipped_total
             if cfg.eval.monitor_every and (epoch + 1) % cfg.eval.monitor_every == 0:
                 record.update(_monitor(cfg, accelerator, model))
             metrics.write(record)
@@ -447,6 +525,51 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         accelerator.print(f"Saved weights to {weights}")
     accelerator.end_training()
     return weights
+
+
+class _Window:
+    """Sums over the steps since the last log point, kept on the device: loss and gradient norm of
+    the good (finite) steps and their count."""
+
+    def __init__(self, device: torch.device, start: float) -> None:
+        self.sums = torch.zeros(3, device=device)
+        self.steps, self.start, self.has_norm = 0, start, False
+
+    def add(self, loss: torch.Tensor, ok: torch.Tensor, norm: torch.Tensor | None) -> None:
+        zero = torch.zeros((), device=self.sums.device)
+        norm_term = zero if norm is None else torch.where(ok, norm.float(), zero)
+        self.sums += torch.stack([torch.where(ok, loss.float(), zero), ok.float(), norm_term])
+        self.steps += 1
+        self.has_norm |= norm is not None
+
+    def vector(self, stop: bool) -> torch.Tensor:
+        """The sums plus this process's stop vote, for one all-reduce."""
+        return torch.cat([self.sums, torch.full((1,), float(stop), device=self.sums.device)])
+
+    def reset(self, start: float) -> None:
+        self.sums.zero_()
+        self.steps, self.start = 0, start
+
+
+def _all_reduce_min(flag: torch.Tensor) -> torch.Tensor:
+    """The minimum of a tensor over processes (on the device, no host sync)."""
+    flag = flag.clone()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return flag
+
+
+def _nonfinite_message(cfg: Config, run_dir: Path, run: int, step: int, epoch: int) -> str:
+    saved = checkpoints(run_dir)
+    if saved:
+        then = f"the newest checkpoint, {saved[-1]}, is intact. Continue from it with: twinview pretrain --resume {run_dir} optim.lr=..."
+    else:
+        then = "no checkpoint had been written yet. Start again with: twinview pretrain --overwrite ... optim.lr=..."
+    return (
+        f"{run} optimiser steps in a row had a non-finite loss or gradient (up to step {step}, epoch {epoch}). Each "
+        f"was skipped, so the weights are those of the last finite step, and training stopped "
+        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optim.lr, set optim.clip_grad_norm "
+        f"(e.g. 1.0) or use train.mixed_precision=no/bf16; {then}"
+    )
 
 
 def _save_checkpoint(accelerator: Accelerator, run_dir: Path, epoch: int, step: int | None = None) -> Path:

@@ -1,0 +1,161 @@
+"""Skipping optimiser steps whose loss or gradient is not finite, without a host sync per step.
+
+A step is *skipped* when its loss or its global gradient norm is NaN or infinite (on any process):
+the model's parameters and buffers (batch-norm statistics), the optimiser state and the method's
+state (MoCo momentum encoder and queue) are left as they were before the step. The data position,
+the learning-rate schedule and the random streams move on, as in ``torch.amp.GradScaler``. Skipped
+steps are counted; the loop stops training after ``train.max_nonfinite_steps`` of them in a row.
+
+Two ways to apply the decision, with the same result (tested bitwise equal):
+
+* ``sync``: the finite flag is read on the host and a bad step is not applied. On a CPU this costs
+  nothing (the host has already waited for the step), so ``auto`` picks it there.
+* ``device``: nothing is read on the host. Parameters and optimiser state are copied before the
+  optimiser step and put back with ``torch.where(ok, new, old)`` after it; the counters stay on the
+  device until the loop's next logging point, where it syncs anyway. It costs one copy and one
+  select over parameters and optimiser state per step (bandwidth only) and one extra copy of them
+  in memory. ``auto`` picks it on accelerators.
+
+Under fp16 with a ``GradScaler`` only the loss is checked: the scaler already skips steps with
+non-finite (scaled) gradients, which are expected while it calibrates, and should not count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+AfterStep = Callable[[Optional[torch.Tensor]], None]
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training stopped after too many non-finite steps in a row."""
+
+
+class StepGuard:
+    """Decides per optimiser step whether it is finite and applies it only if so.
+
+    Usage per step: ``begin()`` before the forward passes, then after backward (and clipping)
+    ``ok = finite(loss, grad_norm)`` and ``apply(ok, after_step)`` in place of
+    ``optimizer.step(); method.after_step(...)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        mode: str,
+        device: torch.device,
+        all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Args:
+            model: The trained model (possibly DDP-wrapped).
+            method: The method whose buffers (MoCo queue, key encoder statistics) a skip restores.
+            optimizer: The (possibly Accelerate-wrapped) optimiser.
+            mode: ``sync`` or ``device`` (see the module docstring).
+            device: Where the counters live.
+            all_reduce_min: Makes the flag agree across processes (None: one process).
+        """
+        if mode not in ("sync", "device"):
+            raise ValueError(f"unknown step guard mode '{mode}'")
+        self.model, self.method, self.optimizer, self.mode = model, method, optimizer, mode
+        self.all_reduce_min = all_reduce_min
+        self.buffers = [b for b in itertools.chain(model.buffers(), method.buffers())]
+        self.buffer_copies = [torch.empty_like(b) for b in self.buffers]
+        self.shadow: list[torch.Tensor] = []
+        # counters: skipped steps in total, the current run of skips, the longest run since reset
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.run = torch.zeros((), dtype=torch.long, device=device)
+        self.worst_run = torch.zeros((), dtype=torch.long, device=device)
+        self.host_run = 0  # sync mode only: the current run, known on the host without a further sync
+
+    def begin(self) -> None:
+        """Remembers the buffers the forward passes will update (batch-norm statistics, queue)."""
+        if self.buffers:
+            torch._foreach_copy_(self.buffer_copies, self.buffers)
+
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """A 0-dim bool on the device: loss and gradient norm finite on every process."""
+        ok = torch.isfinite(loss.detach())
+        if grad_norm is not None:
+            ok = ok & torch.isfinite(grad_norm)
+        if self.all_reduce_min is not None:
+            ok = self.all_reduce_min(ok.to(torch.int32)).bool()
+        return ok
+
+    @torch.no_grad()
+    def apply(self, ok: torch.Tensor, after_step: AfterStep) -> None:
+        """The optimiser step and ``after_step(apply)`` where ``ok``; restores the buffers where not.
+
+        ``after_step`` gets None (``sync``: only called for a good step) or the flag itself
+        (``device``), which it must use to leave its state unchanged on a bad step.
+        """
+        bad = ~ok
+        self.skipped += bad
+        self.run.add_(1).mul_(bad)
+        torch.maximum(self.worst_run, self.run, out=self.worst_run)
+        state = self._optimizer_state()
+        if self.mode == "sync" or not state:  # device mode's first step: no state to copy yet
+            if bool(ok):  # host sync (free on a CPU; once per run on an accelerator)
+                self.optimizer.step()
+                after_step(None)
+                self.host_run = 0
+            else:
+                torch._foreach_copy_(self.buffers, self.buffer_copies)
+                self.host_run += 1
+            return
+        live = [p.data for p in self._parameters()] + state
+        if [s.shape for s in self.shadow] != [t.shape for t in live]:
+            self.shadow = [torch.empty_like(t) for t in live]
+        torch._foreach_copy_(self.shadow, live)
+        self.optimizer.step()
+        for new, old in zip(live, self.shadow):
+            torch.where(ok, new, old, out=new)
+        after_step(ok)
+        for new, old in zip(self.buffers, self.buffer_copies):
+            torch.where(ok, new, old, out=new)
+
+    def read_and_reset(self) -> tuple[int, int]:
+        """(skipped steps in total, longest run of skips since the last call): a host sync."""
+        skipped, worst = (int(v) for v in torch.stack([self.skipped, self.worst_run]).tolist())
+        self.worst_run.copy_(self.run)
+        return skipped, worst
+
+    def state_dict(self) -> dict[str, int]:
+        """The counters, checkpointed with the run (a resumed run keeps counting the same run)."""
+        return {"skipped": int(self.skipped), "run": int(self.run)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped.fill_(state["skipped"])
+        self.run.fill_(state["run"])
+        self.host_run = state["run"]
+        self.worst_run.fill_(state["run"])
+
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _optimizer_state(self) -> list[torch.Tensor]:
+        """The optimiser's tensor state (momentum buffers, Adam moments, step counters)."""
+        return [
+            value
+            for per_param in self.optimizer.state.values()
+            for value in per_param.values()
+            if isinstance(value, torch.Tensor)
+        ]
+
+
+def resolve_mode(setting: str, device: torch.device) -> str:
+    """``train.nonfinite_check``: ``auto`` is ``sync`` on a CPU (free there) and ``device`` elsewhere."""
+    if setting == "auto":
+        return "sync" if device.type == "cpu" else "device"
+    return setting
+
+
+def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients, on the device (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

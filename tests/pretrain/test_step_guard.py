@@ -1,0 +1,115 @@
+"""Skipping non-finite steps: a skipped step is exactly a step that never ran, in both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from twinview.pretrain.moco import MomentumEncoder
+from twinview.pretrain.step_guard import StepGuard, grad_norm, resolve_mode
+
+BAD = {2, 3, 6}  # steps whose loss is made NaN
+
+
+def _setup(optimizer_name: str) -> tuple[nn.Module, MomentumEncoder, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    key = MomentumEncoder(model)
+    if optimizer_name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    return model, key, opt
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(6, 5, generator=g) for _ in range(n)]
+
+
+def _loss(model: nn.Module, key: MomentumEncoder, x: torch.Tensor, bad: bool) -> torch.Tensor:
+    loss = (model(x) - key(x)).pow(2).mean() + model(x).pow(2).mean()
+    return loss * float("nan") if bad else loss
+
+
+def _state(model: nn.Module, key: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    opt_state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return [t.detach().clone() for t in [*model.state_dict().values(), *key.state_dict().values(), *opt_state]]
+
+
+def _guarded(mode: str, optimizer_name: str, steps: int = 8) -> tuple[list[torch.Tensor], StepGuard]:
+    model, key, opt = _setup(optimizer_name)
+    guard = StepGuard(model, key, opt, mode, torch.device("cpu"))
+    for i, x in enumerate(_batches(steps)):
+        guard.begin()
+        loss = _loss(model, key, x, bad=i in BAD)  # the forward updates batch-norm statistics, NaN included
+        loss.backward()
+        ok = guard.finite(loss, grad_norm(list(model.parameters())))
+        guard.apply(ok, lambda apply: key.update(model, 0.9, apply))
+        opt.zero_grad(set_to_none=True)
+    return _state(model, key, opt), guard
+
+
+def _reference(optimizer_name: str, steps: int = 8) -> list[torch.Tensor]:
+    """The bad steps simply not run at all."""
+    model, key, opt = _setup(optimizer_name)
+    for i, x in enumerate(_batches(steps)):
+        if i in BAD:
+            continue
+        _loss(model, key, x, bad=False).backward()
+        opt.step()
+        key.update(model, 0.9)
+        opt.zero_grad(set_to_none=True)
+    return _state(model, key, opt)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("mode", ["sync", "device"])
+def test_a_skipped_step_leaves_weights_buffers_optimizer_and_key_encoder_as_if_it_never_ran(mode: str, optimizer_name: str) -> None:
+    got, guard = _guarded(mode, optimizer_name)
+    want = _reference(optimizer_name)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+        assert torch.isfinite(a.float()).all()
+    assert guard.read_and_reset() == (3, 2)  # 3 skipped; the longest run is steps 2-3
+
+
+def test_a_bad_first_step_in_device_mode_creates_no_optimizer_state() -> None:
+    model, key, opt = _setup("sgd")
+    guard = StepGuard(model, key, opt, "device", torch.device("cpu"))
+    guard.begin()
+    loss = _loss(model, key, _batches(1)[0], bad=True)
+    loss.backward()
+    guard.apply(guard.finite(loss, grad_norm(list(model.parameters()))), lambda apply: key.update(model, 0.9, apply))
+    assert not opt.state
+
+
+def test_counters_track_the_current_run_and_survive_a_checkpoint() -> None:
+    model, key, opt = _setup("sgd")
+    guard = StepGuard(model, key, opt, "sync", torch.device("cpu"))
+    for flag in [False, False, True, False, False, False]:
+        guard.begin()
+        guard.apply(torch.tensor(flag), lambda apply: None)
+    assert guard.read_and_reset() == (5, 3)
+    assert guard.read_and_reset() == (5, 3)  # the run of 3 is still going
+    restored = StepGuard(model, key, opt, "device", torch.device("cpu"))
+    restored.load_state_dict(guard.state_dict())
+    restored.begin()
+    restored.apply(torch.tensor(False), lambda apply: None)
+    assert restored.read_and_reset() == (6, 4)
+
+
+def test_the_gradient_norm_is_the_global_l2_norm() -> None:
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([4.0, 0.0])
+    assert grad_norm([a, b]).item() == pytest.approx(5.0)
+    b.grad[0] = float("inf")
+    assert not torch.isfinite(grad_norm([a, b]))
+
+
+def test_auto_mode_syncs_on_a_cpu_only() -> None:
+    assert resolve_mode("auto", torch.device("cpu")) == "sync"
+    assert resolve_mode("auto", torch.device("cuda", 0)) == "device"
+    assert resolve_mode("device", torch.device("cpu")) == "device"
