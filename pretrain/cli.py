@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, load_config
@@ -68,33 +68,34 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from twinview.pretrain.runs import load_run_config, new_run_dir
+    from twinview.pretrain.runs import load_run_config, new_shared_run_dir
     from twinview.pretrain.step_guard import NonFiniteTraining
     from twinview.pretrain.train import TrainingInterrupted, train
 
     try:
-        return _pretrain(args, load_run_config, new_run_dir, train)
+        if args.resume:
+            run_dir = Path(args.resume)
+            cfg = load_run_config(run_dir, args.overrides)
+            train(cfg, run_dir, resume=True)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = new_shared_run_dir(cfg, overwrite=args.overwrite)  # one directory for all processes
+            _main_print(f"Run directory: {run_dir}")
+            train(cfg, run_dir)
     except TrainingInterrupted as stop:
         print(f"twinview pretrain: interrupted by {stop}", file=sys.stderr)
         return 128 + stop.signum
     except NonFiniteTraining as err:
         print(f"twinview pretrain: stopped: {err}", file=sys.stderr)
         return 3
-
-
-def _pretrain(args: argparse.Namespace, load_run_config: Any, new_run_dir: Any, train: Any) -> int:
-
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir, args.overrides)
-        train(cfg, run_dir, resume=True)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = new_run_dir(cfg, overwrite=args.overwrite)
-        print(f"Run directory: {run_dir}")
-        train(cfg, run_dir)
-    print(f"Done. Run directory: {run_dir}")
+    _main_print(f"Done. Run directory: {run_dir}")
     return 0
+
+
+def _main_print(message: str) -> None:
+    """Prints once under ``accelerate launch`` (from the process of rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
 
 
 def _print_knn(label: str, result: dict) -> None:
@@ -111,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinview.pretrain.runs import load_backbone_for_evaluation
 
     cfg, backbone = load_backbone_for_evaluation(Path(args.run_dir), args.overrides)
-    print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
+    _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
     from twinview.evaluate.plots import training_curves
 
     plots_dir = Path(args.run_dir) / "plots"
@@ -119,7 +120,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch ... evaluate`: split the extraction
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        from twinview.pretrain.distributed import use_cpu
+
+        accelerator = Accelerator(cpu=use_cpu(False))  # CPU-only machines: see use_cpu
         main_process = accelerator.is_main_process
     features_dir = Path(args.run_dir) / "features" if accelerator is None else None
     result = {"pretrained": evaluate_knn(backbone, cfg, args.train, args.test, probe=args.linear_probe,

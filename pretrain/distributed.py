@@ -92,3 +92,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def use_cpu(cpu_setting: bool) -> bool:
+    """Whether Accelerate must be told ``cpu=True``: asked for, or no accelerator on the machine.
+
+    Accelerate counts the processes of ``accelerate launch``/``torchrun`` on a machine without an
+    accelerator only when told ``cpu=True``; otherwise each process trains alone.
+    """
+    return cpu_setting or not torch.accelerator.is_available()

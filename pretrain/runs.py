@@ -61,6 +61,29 @@ def new_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     return run_dir
 
 
+def new_shared_run_dir(cfg: Config, overwrite: bool = False) -> Path:
+    """:func:`new_run_dir` for every launched process: the main process creates the directory
+    and shares its path (a timestamp name would differ between processes), or its error."""
+    from accelerate.state import PartialState
+
+    from twinview.pretrain.distributed import use_cpu
+
+    state = PartialState(cpu=use_cpu(cfg.train.cpu))
+    if state.num_processes == 1:
+        return new_run_dir(cfg, overwrite)
+    outcome: list[Path | Exception | None] = [None]
+    if state.is_main_process:
+        try:
+            outcome[0] = new_run_dir(cfg, overwrite)
+        except (FileExistsError, OSError) as err:
+            outcome[0] = err
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    assert isinstance(outcome[0], Path)
+    return outcome[0]
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint directories, oldest first."""
     root = Path(run_dir) / CHECKPOINT_DIR

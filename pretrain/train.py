@@ -36,6 +36,7 @@ from twinview.augment.views import build_views
 from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.distributed import use_cpu
 from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
 from twinview.pretrain.hf_source import HFImageDataset, HFStreamingDataset, is_hf_source
 from twinview.pretrain.methods import SUPERVISED, create_method
@@ -315,13 +316,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     # session) must be free to choose its own mixed precision.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     _check_training(cfg)
-    check_precision(cfg.train.mixed_precision, PartialState(cpu=cfg.train.cpu).device)
+    cpu = use_cpu(cfg.train.cpu)
+    check_precision(cfg.train.mixed_precision, PartialState(cpu=cpu).device)
     tracker = None if cfg.train.log_with == "none" else cfg.train.log_with
     if tracker:
         _check_tracker(tracker)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        cpu=cfg.train.cpu,
+        cpu=cpu,
         project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=tracker,
