@@ -105,7 +105,8 @@ class StepGuard:
                 after_step(None)
                 self.host_run = 0
             else:
-                torch._foreach_copy_(self.buffers, self.buffer_copies)
+                if self.buffers:
+                    torch._foreach_copy_(self.buffers, self.buffer_copies)
                 self.host_run += 1
             return
         live = [p.data for p in self._parameters()] + state

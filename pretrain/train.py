@@ -77,6 +77,14 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, accelerator: Accelerator | None = None) -> None:
         self.path, self.enabled, self.accelerator = path, enabled, accelerator
 
+    def drop_after(self, step: int) -> None:
+        """Forgets records of steps after ``step``: a resumed run redoes them (e.g. after kill -9)."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+            if len(kept) < len(lines):
+                self.path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
@@ -283,8 +291,9 @@ def _check_objective(cfg: Config, num_processes: int) -> None:
     if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
         raise ValueError("eval.monitor_every needs eval.monitor_train and eval.monitor_test (labelled folders).")
     o, global_batch = cfg.objective, cfg.train.batch_size * num_processes
-    if o.name in ("simclr", "moco_v3") and cfg.train.batch_size < 2 and num_processes == 1:
-        raise ValueError(f"objective.name={o.name} needs at least 2 images per batch (train.batch_size).")
+    if o.name in ("simclr", "moco_v3") and cfg.train.batch_size < 2:
+        raise ValueError(f"objective.name={o.name} needs at least 2 images per process and batch "
+                         f"(train.batch_size={cfg.train.batch_size}): batch-norm statistics of one image are degenerate.")
     if o.name == "moco_v2":
         keys_per_step = global_batch * (2 if o.symmetric else 1)
         if o.queue_size % keys_per_step:
@@ -405,6 +414,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     if resume:
         loaded = _load_latest(accelerator, run_dir)
         accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
+        metrics.drop_after(progress.step)
     check_grads = guard is not None and accelerator.scaler is None  # fp16: the GradScaler skips bad gradients
     parameters = list(model.parameters())
     online = accelerator.unwrap_model(model)

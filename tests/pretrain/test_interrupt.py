@@ -72,3 +72,38 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(image_folder: Path,
     train(cfg, broken, resume=True)
     assert "cannot be loaded" in capsys.readouterr().out
     _same_weights(broken / "model.safetensors", straight / "model.safetensors")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=12", *SMALL,
+            "train.checkpoint_every=4"]
+    cmd = [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args, "train.run_name=killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    metrics = run_dir / "metrics.jsonl"
+
+    def last_step() -> int:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return max([json.loads(line).get("step", 0) for line in lines if line.endswith("}")], default=0)
+
+    deadline = time.time() + 120
+    while time.time() < deadline and last_step() < 4 * 6 + 3:  # checkpoint after epoch 4 (step 24), then 3 more steps
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = checkpoints(run_dir)
+    assert saved and "_step_" not in saved[-1].name
+    lost_from = int(saved[-1].name.split("_")[1]) * 6
+    assert last_step() > lost_from  # work after the checkpoint existed and is lost
+
+    resumed = subprocess.run([sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(run_dir)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"step {lost_from})" in resumed.stdout  # "Resumed from ... (epoch E, step S)."
+    cfg = load_config(None, args + ["train.run_name=straight"])
+    train(cfg, new_run_dir(cfg))
+    _same_weights(run_dir / "model.safetensors", tmp_path / "straight" / "model.safetensors")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps == list(range(1, 12 * 6 + 1))  # the redone steps are logged once

@@ -113,3 +113,20 @@ def test_auto_mode_syncs_on_a_cpu_only() -> None:
     assert resolve_mode("auto", torch.device("cpu")) == "sync"
     assert resolve_mode("auto", torch.device("cuda", 0)) == "device"
     assert resolve_mode("device", torch.device("cpu")) == "device"
+
+
+@pytest.mark.parametrize("mode", ["sync", "device"])
+def test_a_model_without_buffers_skips_too(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = StepGuard(model, nn.Module(), opt, mode, torch.device("cpu"))
+    for bad in (False, True):
+        before = [p.detach().clone() for p in model.parameters()]
+        guard.begin()
+        loss = model(torch.ones(3, 4)).sum() * (float("inf") if bad else 1.0)
+        loss.backward()
+        guard.apply(guard.finite(loss, grad_norm(list(model.parameters()))), lambda apply: None)
+        opt.zero_grad(set_to_none=True)
+        changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+        assert changed == [not bad, not bad]

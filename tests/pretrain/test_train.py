@@ -241,3 +241,21 @@ def test_lr_scaling_clipping_and_tensorboard(image_folder: Path, tmp_path: Path)
     final = load_file(run_dir / "model.safetensors")
     moved = max((final[k].float() - initial[k].float()).abs().max().item() for k in final if "running" not in k and "num_batches" not in k)
     assert moved <= 0.1 * 1e-8 * 1.01
+
+
+def test_mixed_precision_the_device_cannot_run_is_refused_before_compute(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twinview.pretrain.train import check_precision
+
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.mixed_precision=fp16", "train.run_name=fp16")
+    run_dir = tmp_path / "runs" / "fp16"
+    with pytest.raises(ValueError, match="train.mixed_precision=fp16 is not supported on a CPU"):
+        train(cfg, run_dir)
+    assert not (run_dir / "metrics.jsonl").exists()  # nothing ran
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ValueError, match="bf16 is not supported by Tesla V100"):
+        check_precision("bf16", torch.device("cuda", 0))
+    check_precision("bf16", torch.device("cpu"))  # bf16 autocast runs on CPUs
+    check_precision("no", torch.device("cpu"))

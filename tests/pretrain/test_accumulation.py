@@ -1,0 +1,126 @@
+"""Gradient accumulation, and exact mid-epoch resume with it and with MoCo's queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twinview.pretrain import methods
+from twinview.pretrain.config import load_config
+from twinview.pretrain.runs import checkpoints, new_run_dir
+from twinview.pretrain.train import TrainingInterrupted, train
+
+# No batch-dependent computation (ViT: layer norm; linear head) and views without random parameters
+PER_SAMPLE = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model.kwargs.patch_size=8",
+              "model.proj_layers=1", "model.proj_dim=16", "augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]",
+              "augment.flip_p=0.0", "augment.jitter_p=0.0", "augment.grayscale_p=0.0", "augment.blur_p=[0.0,0.0]",
+              "augment.solarize_p=[0.0,0.0]", "optim.name=sgd"]
+COMMON = ["data.image_size=24", "data.num_workers=0", "train.log_every=1", "optim.lr=0.05", "optim.warmup_epochs=0.5",
+          "train.epochs=2"]
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _per_sample_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A loss that is a mean of independent per-image terms, so micro-batches must add up to the batch."""
+    return ((z_a - 1.0) ** 2 + (z_b + 0.5) ** 2).sum(dim=1).mean()
+
+
+def test_two_accumulated_passes_of_4_equal_one_step_of_8_for_a_per_image_loss(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(methods, "nt_xent", _per_sample_loss)
+    runs = {}
+    lr = "optim.lr=0.002"
+    for name, batch, k in [("big", 8, 1), ("accumulated", 4, 2)]:
+        cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *COMMON, *PER_SAMPLE,
+                                 f"train.batch_size={batch}", f"train.grad_accumulation={k}", f"train.run_name={name}", lr])
+        runs[name] = new_run_dir(cfg)
+        train(cfg, runs[name])
+    big, acc = _records(runs["big"], "step"), _records(runs["accumulated"], "step")
+    assert [r["step"] for r in acc] == [r["step"] for r in big] == list(range(1, 7))  # 24 images / 8, 2 epochs
+    for a, b in zip(big, acc):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["lr"] == a["lr"]
+    assert _records(runs["accumulated"], "run")[0]["global_batch"] == 8
+    x, y = load_file(runs["big"] / "model.safetensors"), load_file(runs["accumulated"] / "model.safetensors")
+    for key in x:
+        torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-6)
+
+
+def test_more_accumulation_than_batches_is_a_clear_error(image_folder: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *COMMON,
+                             "train.batch_size=8", "train.grad_accumulation=4"])
+    with pytest.raises(ValueError, match="train.grad_accumulation=4 needs at least"):
+        train(cfg, new_run_dir(cfg))
+
+
+def _signal_on_call(fn: Callable[..., torch.Tensor], call: int) -> Callable[..., torch.Tensor]:
+    calls = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, in the middle of a step
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+RESUMED = {
+    "moco_v2": (["objective.name=moco_v2", "objective.queue_size=16", "objective.bn_splits=2"], "info_nce"),
+    "moco_v2-accumulated": (["objective.name=moco_v2", "objective.queue_size=16", "objective.bn_splits=2",
+                             "train.grad_accumulation=2"], "info_nce"),
+    "simclr-accumulated": (["train.grad_accumulation=2"], "nt_xent"),
+}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_a_mid_epoch_interrupt_resumes_bitwise(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    extra, loss_name = RESUMED[name]
+    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *COMMON, "model.backbone=resnet18",
+            "model.proj_hidden_dim=32", "model.proj_dim=16", "train.batch_size=4", "train.epochs=3", *extra]
+    straight_cfg = load_config(None, [*args, "train.run_name=straight"])
+    train(straight_cfg, new_run_dir(straight_cfg))
+
+    cfg = load_config(None, [*args, "train.run_name=interrupted"])
+    run_dir = new_run_dir(cfg)
+    monkeypatch.setattr(methods, loss_name, _signal_on_call(getattr(methods, loss_name), 9))  # epoch 2, mid-step
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        train(cfg, run_dir)
+    monkeypatch.undo()
+    saved = checkpoints(run_dir)[-1]
+    assert "_step_" in saved.name
+    k = 2 if "accumulated" in name else 1
+    assert int(saved.name.split("_step_")[1]) == -(-9 // k)  # the step that held the 9th pass, completed
+
+    train(cfg, run_dir, resume=True)
+    x, y = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+    assert _records(run_dir, "epoch")[-1]["step"] == _records(tmp_path / "straight", "epoch")[-1]["step"]
+    if name.startswith("moco"):  # the queue and key encoder came back exactly too
+        a = torch.load(_method_state(tmp_path / "straight"), weights_only=False)
+        b = torch.load(_method_state(run_dir), weights_only=False)
+        assert torch.equal(a["queue.keys"], b["queue.keys"])
+        assert all(torch.equal(a[key], b[key]) for key in a if key.startswith("key."))
+
+
+def _method_state(run_dir: Path) -> Path:
+    """The method's (MoCo) state file in the newest checkpoint: the largest custom_checkpoint."""
+    files = sorted(checkpoints(run_dir)[-1].glob("custom_checkpoint_*.pkl"), key=lambda p: p.stat().st_size)
+    return files[-1]
