@@ -212,14 +212,17 @@ class TrainConfig:
         output_dir: Parent directory of run directories.
         run_name: Run directory name; empty means a timestamp.
         checkpoint_every: Save a resumable checkpoint every N epochs (the last epoch always).
+        keep_checkpoints: How many of the newest checkpoints are kept (older ones are deleted).
         log_every: Log loss, lr and throughput every N steps (the only host syncs of the loop).
         channels_last: Use channels-last memory format for convolutional backbones.
         max_steps_per_epoch: Cap on steps per epoch (0 = no cap), for smoke tests.
         log_with: Also log to an Accelerate tracker: ``tensorboard`` (event files in
             RUN_DIR/tensorboard) or ``wandb`` (when installed); metrics.jsonl is always written.
-        grad_accumulation: Forward/backward passes per optimiser step. The in-batch objectives
-            (simclr, moco_v3, supcon, triplet, contrastive) then find negatives, positives and
-            pairs within each pass only; see docs/TRAINING.md.
+        grad_accumulation: Forward/backward passes per optimiser step.
+        grad_accumulation_mode: ``cached``: the loss sees all passes of a step at once, as one
+            big batch would (GradCache; one extra forward per pass). ``independent``: each pass
+            has its own loss, so in-batch negatives, positives and mined triplets come from one
+            pass. See docs/TRAINING.md.
         max_nonfinite_steps: A step whose loss or gradient is NaN/inf is skipped (weights,
             optimiser and MoCo state unchanged) and counted; after this many in a row training
             stops. 0 turns the check off.
@@ -236,11 +239,13 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str = ""
     checkpoint_every: int = 1
+    keep_checkpoints: int = 2
     log_every: int = 10
     channels_last: bool = True
     max_steps_per_epoch: int = 0
     log_with: str = "none"
     grad_accumulation: int = 1
+    grad_accumulation_mode: str = "cached"
     max_nonfinite_steps: int = 10
     nonfinite_check: str = "auto"
 
@@ -290,6 +295,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.log_with": ("none", "tensorboard", "wandb"),
     "train.nonfinite_check": ("auto", "sync", "device"),
+    "train.grad_accumulation_mode": ("cached", "independent"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 

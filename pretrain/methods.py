@@ -1,6 +1,10 @@
 """Training methods: backbone + head (the trained model) composed with a loss and any extra state.
 
-A method is a small module called once per step, ``method(model, views, labels) -> loss``, and
+A method is a small module called once per forward pass, ``method(model, views, labels) -> loss``,
+which is ``loss(embed(model, views), keys(views), labels)``: ``embed`` is the path with gradient
+(the trained model), ``keys`` the path without (MoCo's momentum encoder), ``loss`` the objective on
+their outputs. Gradient accumulation in ``cached`` mode (twinview.pretrain.accumulation) calls the
+three parts itself, so the loss sees every pass of an optimiser step at once. Then
 ``method.after_step(online, step, total_steps, apply)`` after the optimiser step (``apply``: None, or
 a 0-dim bool flag on the device that is False for a skipped non-finite step). Its state (the MoCo
 momentum encoder and queue) is checkpointed with the run. Selected by ``objective.name``:
@@ -41,9 +45,18 @@ class SimCLR(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        z_a, z_b = _two(model, views)
+    def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(_two(model, views))  # z_a, z_b: (N, D)
+
+    def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return []
+
+    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = outputs
         return nt_xent(z_a, z_b, self.temperature)
+
+    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.embed(model, views), self.keys(views), labels)
 
     def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
         """Nothing to update."""
@@ -78,25 +91,38 @@ class MoCo(nn.Module):
             return self.key(images)
         return encode_keys_without_bn_leak(self.key.encoder, images, self.bn_splits, self.generator)
 
-    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Queries: v3's predictions of both views, v2's projections of one view (both if symmetric)."""
         if self.version == 3:
-            q_a, q_b = _two(model, views, predict=True)  # (N, D) predictor outputs
-            k_a, k_b = self._keys(views[0]), self._keys(views[1])
+            return list(_two(model, views, predict=True))  # q_a, q_b: (N, D)
+        return list(_two(model, views)) if self.symmetric else [model(views[0])]
+
+    def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Momentum-encoder keys, no gradient: of both views (v3, symmetric v2) or of the second."""
+        if self.version == 3 or self.symmetric:
+            return [self._keys(views[0]), self._keys(views[1])]  # k_a, k_b
+        return [self._keys(views[1])]
+
+    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """InfoNCE; v2 then adds this step's keys to the queue."""
+        if self.version == 3:
+            (q_a, q_b), (k_a, k_b) = outputs, keys
             # in-batch keys of every process are the negatives; x 2t as in the paper's code
             loss = _in_batch_info_nce(q_a, k_b, self.temperature) + _in_batch_info_nce(q_b, k_a, self.temperature)
             return loss * 2 * self.temperature
+        negatives = self.queue.keys.clone()
         if self.symmetric:
-            q_a, q_b = _two(model, views)
-            k_a, k_b = self._keys(views[0]), self._keys(views[1])
-            negatives = self.queue.keys.clone()
+            (q_a, q_b), (k_a, k_b) = outputs, keys
             loss = (info_nce(q_a, k_b, negatives, self.temperature) + info_nce(q_b, k_a, negatives, self.temperature)) / 2
             self.queue.enqueue(torch.cat([k_a, k_b]))
             return loss
-        q = model(views[0])
-        k = self._keys(views[1])
-        loss = info_nce(q, k, self.queue.keys.clone(), self.temperature)
+        (q,), (k,) = outputs, keys
+        loss = info_nce(q, k, negatives, self.temperature)
         self.queue.enqueue(k)
         return loss
+
+    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.embed(model, views), self.keys(views), labels)
 
     def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
         """The momentum update of the key encoder (cosine-scheduled to 1 when configured); none where
@@ -128,8 +154,17 @@ class Supervised(nn.Module):
     def load_state_dict(self, state, strict: bool = True):  # type: ignore[no-untyped-def]
         self.generator.set_state(state["pair_generator"])
 
+    def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(_two(model, views))  # z_a, z_b: (N, D)
+
+    def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return []
+
     def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        z_a, z_b = _two(model, views)
+        return self.loss(self.embed(model, views), self.keys(views), labels)
+
+    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = outputs
         if self.name == "supcon":
             return supcon(torch.cat([z_a, z_b]), labels.repeat(2), self.temperature)
         if self.name == "triplet":

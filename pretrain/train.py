@@ -11,7 +11,6 @@ one; on a CPU, where it is free, the finite check also reads its flag every step
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from twinview.augment.views import build_views
+from twinview.pretrain.accumulation import Accumulator
 from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
@@ -52,7 +52,6 @@ from twinview.pretrain.runs import (
     save_weights,
 )
 
-KEEP_CHECKPOINTS = 2
 SKIPPED_FILE = "skipped_files.txt"
 
 
@@ -282,6 +281,8 @@ def _check_training(cfg: Config) -> None:
         raise ValueError(f"train.grad_accumulation={t.grad_accumulation} must be >= 1 (1: no accumulation).")
     if t.max_nonfinite_steps < 0:
         raise ValueError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0: no check).")
+    if t.keep_checkpoints < 1:
+        raise ValueError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1.")
     if t.batch_size < 1:
         raise ValueError(f"train.batch_size={t.batch_size} must be >= 1.")
 
@@ -295,11 +296,13 @@ def _check_objective(cfg: Config, num_processes: int) -> None:
         raise ValueError(f"objective.name={o.name} needs at least 2 images per process and batch "
                          f"(train.batch_size={cfg.train.batch_size}): batch-norm statistics of one image are degenerate.")
     if o.name == "moco_v2":
-        keys_per_step = global_batch * (2 if o.symmetric else 1)
+        passes = cfg.train.grad_accumulation if cfg.train.grad_accumulation_mode == "cached" else 1
+        keys_per_step = global_batch * passes * (2 if o.symmetric else 1)
         if o.queue_size % keys_per_step:
             raise ValueError(
-                f"objective.queue_size={o.queue_size} must be a multiple of the keys added per step, {keys_per_step} "
+                f"objective.queue_size={o.queue_size} must be a multiple of the keys added at once, {keys_per_step} "
                 f"(train.batch_size={cfg.train.batch_size} x {num_processes} processes"
+                f"{f' x {passes} cached accumulation passes' if passes > 1 else ''}"
                 f"{' x 2 views (symmetric)' if o.symmetric else ''})."
             )
     if o.name == "moco_v2" and num_processes == 1 and o.bn_splits > 1 and cfg.train.batch_size % o.bn_splits:
@@ -418,6 +421,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     check_grads = guard is not None and accelerator.scaler is None  # fp16: the GradScaler skips bad gradients
     parameters = list(model.parameters())
     online = accelerator.unwrap_model(model)
+    accumulator = Accumulator(accelerator, model, method, accumulation, cfg.train.grad_accumulation_mode)
 
     def after_step(apply: torch.Tensor | None) -> None:
         method.after_step(online, progress.step, total_steps, apply)
@@ -437,29 +441,20 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
             done = max(0, progress.step - epoch * steps_per_epoch)  # resumed mid-epoch: steps already done
             bar = tqdm(initial=done, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not accelerator.is_main_process, dynamic_ncols=True)
-            micro, step_loss = 0, torch.zeros((), device=device)
             for i, (images, labels) in enumerate(loader):
                 if i >= steps_per_epoch * accumulation:
                     break
                 if i < done * accumulation:  # same seeded order as the interrupted run; views RNG restored
                     continue
-                if micro == 0:
+                if not accumulator.pending:
                     scheduler.step_update(num_updates=progress.step)
                     if guard is not None:
                         guard.begin()
-                last = micro == accumulation - 1
                 views = [v.contiguous(memory_format=memory_format) for v in augment(images)]  # (B, 3, S, S) each
-                # no gradient all-reduce until the last pass of the step
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
-                        loss = method(model, views, labels)
-                    accelerator.backward(loss / accumulation if accumulation > 1 else loss)
-                step_loss = step_loss + loss.detach()
-                micro += 1
-                if not last:
+                accumulator.add(views, labels)
+                if not accumulator.full():
                     continue
-                loss_value = step_loss / accumulation if accumulation > 1 else step_loss
-                micro, step_loss = 0, torch.zeros((), device=device)
+                loss_value = accumulator.finish()
                 norm = None
                 if cfg.optim.clip_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(parameters, cfg.optim.clip_grad_norm)
@@ -505,7 +500,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if stop_votes:
                     bar.close()
                     signum = stop.signal or signal.SIGTERM  # another process got it
-                    saved = _save_checkpoint(accelerator, run_dir, progress.epoch, progress.step)
+                    saved = _save_checkpoint(accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch, progress.step)
                     raise TrainingInterrupted(
                         f"{signal.Signals(signum).name} at step {progress.step} (epoch {epoch + 1}): the step "
                         f"finished and {saved} was written. Resume with: twinview pretrain --resume {run_dir}",
@@ -528,7 +523,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 record.update(_monitor(cfg, accelerator, model))
             metrics.write(record)
             if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
-                _save_checkpoint(accelerator, run_dir, progress.epoch)
+                _save_checkpoint(accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch)
 
     accelerator.wait_for_everyone()
     weights = run_dir / WEIGHTS_FILE
@@ -584,8 +579,8 @@ def _nonfinite_message(cfg: Config, run_dir: Path, run: int, step: int, epoch: i
     )
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, epoch: int, step: int | None = None) -> Path:
-    """Saves a resumable checkpoint atomically and keeps only the newest ``KEEP_CHECKPOINTS``.
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, keep: int, epoch: int, step: int | None = None) -> Path:
+    """Saves a resumable checkpoint atomically and keeps only the newest ``keep``.
 
     Every process writes into ``NAME.partial``; the main process renames it once all are done, so a
     run killed while saving leaves no directory that looks like a checkpoint.
@@ -600,7 +595,7 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, epoch: int, step: 
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        for old in checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -80,18 +80,21 @@ def _signal_on_call(fn: Callable[..., torch.Tensor], call: int) -> Callable[...,
     return wrapped
 
 
+MOCO = ["objective.name=moco_v2", "objective.queue_size=16", "objective.bn_splits=2"]
+# extra settings, the loss function that sends SIGTERM, on which call, and the step then checkpointed
+# (24 images / 4 per pass: 6 passes per epoch; a cached step calls its loss once, an independent pass once each)
 RESUMED = {
-    "moco_v2": (["objective.name=moco_v2", "objective.queue_size=16", "objective.bn_splits=2"], "info_nce"),
-    "moco_v2-accumulated": (["objective.name=moco_v2", "objective.queue_size=16", "objective.bn_splits=2",
-                             "train.grad_accumulation=2"], "info_nce"),
-    "simclr-accumulated": (["train.grad_accumulation=2"], "nt_xent"),
+    "moco_v2": ([*MOCO], "info_nce", 9, 9),
+    "moco_v2-cached": ([*MOCO, "train.grad_accumulation=2"], "info_nce", 5, 5),
+    "simclr-cached": (["train.grad_accumulation=2"], "nt_xent", 5, 5),
+    "simclr-independent": (["train.grad_accumulation=2", "train.grad_accumulation_mode=independent"], "nt_xent", 9, 5),
 }
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("name", list(RESUMED))
 def test_a_mid_epoch_interrupt_resumes_bitwise(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    extra, loss_name = RESUMED[name]
+    extra, loss_name, call, step = RESUMED[name]
     args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *COMMON, "model.backbone=resnet18",
             "model.proj_hidden_dim=32", "model.proj_dim=16", "train.batch_size=4", "train.epochs=3", *extra]
     straight_cfg = load_config(None, [*args, "train.run_name=straight"])
@@ -99,14 +102,13 @@ def test_a_mid_epoch_interrupt_resumes_bitwise(image_folder: Path, tmp_path: Pat
 
     cfg = load_config(None, [*args, "train.run_name=interrupted"])
     run_dir = new_run_dir(cfg)
-    monkeypatch.setattr(methods, loss_name, _signal_on_call(getattr(methods, loss_name), 9))  # epoch 2, mid-step
+    monkeypatch.setattr(methods, loss_name, _signal_on_call(getattr(methods, loss_name), call))  # epoch 2, mid-step
     with pytest.raises(TrainingInterrupted, match="SIGTERM"):
         train(cfg, run_dir)
     monkeypatch.undo()
     saved = checkpoints(run_dir)[-1]
     assert "_step_" in saved.name
-    k = 2 if "accumulated" in name else 1
-    assert int(saved.name.split("_step_")[1]) == -(-9 // k)  # the step that held the 9th pass, completed
+    assert int(saved.name.split("_step_")[1]) == step  # the step during which the signal came, completed
 
     train(cfg, run_dir, resume=True)
     x, y = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run_dir / "model.safetensors")
@@ -124,3 +126,85 @@ def _method_state(run_dir: Path) -> Path:
     """The method's (MoCo) state file in the newest checkpoint: the largest custom_checkpoint."""
     files = sorted(checkpoints(run_dir)[-1].glob("custom_checkpoint_*.pkl"), key=lambda p: p.stat().st_size)
     return files[-1]
+
+
+def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
+    from twinview.pretrain.methods import create_method
+    from twinview.pretrain.models import create_model
+
+    extra = {"moco_v2": ["objective.queue_size=32", "objective.bn_splits=2"], "triplet": ["objective.mining=semi_hard"]}
+    cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
+                             "model.kwargs.patch_size=8", "model.kwargs.drop_rate=0.2", "model.proj_hidden_dim=32",
+                             "model.proj_dim=16", "model.predictor_hidden_dim=16", f"objective.name={objective}",
+                             *extra.get(objective, [])])
+    torch.manual_seed(0)
+    model = create_model(cfg.model, predictor=objective == "moco_v3")  # dropout in the ViT, batch norm in the head
+    method = create_method(cfg, model)
+    return cfg, model.train(), method.train()
+
+
+@pytest.mark.parametrize("objective", ["simclr", "moco_v2", "moco_v3", "supcon", "triplet", "contrastive"])
+def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(objective: str) -> None:
+    """Reference: every pass forwarded with gradient kept (the memory cached mode saves), one loss
+    over all of them. Same dropout masks, batch norm per pass, statistics updated once per pass."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from twinview.pretrain.accumulation import Accumulator
+
+    _, model, method = _objective_setup(objective)
+    g = torch.Generator().manual_seed(3)
+    passes = [([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.tensor([0, 0, 1, 1]) + 2 * i)
+              for i in range(3)]
+    ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
+
+    torch.manual_seed(7)
+    outs, keys = [], []
+    for views, _ in passes:
+        outs.append(ref_method.embed(ref_model, views))
+        keys.append(ref_method.keys(views))
+    ref_loss = ref_method.loss([torch.cat(p) for p in zip(*outs)], [torch.cat(p) for p in zip(*keys)],
+                               torch.cat([lab for _, lab in passes]))
+    ref_loss.backward()
+    ref_rng = torch.get_rng_state()
+
+    torch.manual_seed(7)
+    acc = Accumulator(Accelerator(cpu=True), model, method, passes=3, mode="cached")
+    for views, labels in passes:
+        acc.add(views, labels)
+    assert acc.full()
+    loss = acc.finish()
+    assert torch.equal(torch.get_rng_state(), ref_rng)  # the run's random stream continues as without caching
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), ref_model.named_buffers()):
+        torch.testing.assert_close(b, c[1], rtol=1e-6, atol=1e-7, msg=name)  # updated once per pass, not twice
+    for (name, b), c in zip(method.state_dict().items(), ref_method.state_dict().values()):
+        if isinstance(b, torch.Tensor):
+            torch.testing.assert_close(b, c, msg=name)  # the MoCo queue got every pass's keys once
+
+
+def test_independent_accumulation_averages_per_pass_losses() -> None:
+    """Reference: each pass's own loss, gradients averaged over the passes."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from twinview.pretrain.accumulation import Accumulator
+
+    _, model, method = _objective_setup("simclr")
+    g = torch.Generator().manual_seed(3)
+    passes = [([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
+    torch.manual_seed(7)
+    losses = [ref_method(ref_model, views, labels) for views, labels in passes]
+    (sum(losses) / 2).backward()
+    torch.manual_seed(7)
+    acc = Accumulator(Accelerator(cpu=True), model, method, passes=2, mode="independent")
+    for views, labels in passes:
+        acc.add(views, labels)
+    torch.testing.assert_close(acc.finish(), (sum(losses) / 2).detach())
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

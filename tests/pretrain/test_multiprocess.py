@@ -40,10 +40,14 @@ def _steps(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch on POSIX")
-def test_two_processes_match_one_process_with_the_same_global_batch(image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_process", [["train.batch_size=4"], ["train.batch_size=2", "train.grad_accumulation=2"]],
+                         ids=["4-per-process", "2x2-cached-accumulation"])
+def test_two_processes_match_one_process_with_the_same_global_batch(image_folder: Path, tmp_path: Path, per_process: list[str]) -> None:
+    """NT-Xent over the global batch: negatives gathered from both processes (and, with cached
+    accumulation, from every pass), gradients averaged by DDP."""
     common = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SETUP]
 
-    two = _launch(["pretrain", *common, "train.batch_size=4", "train.run_name=two"], 2, tmp_path)
+    two = _launch(["pretrain", *common, *per_process, "train.run_name=two"], 2, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("Run directory:") == 2  # printed once at the start, once at the end
     cfg = load_config(None, [*common, "train.batch_size=8", "train.run_name=one"])

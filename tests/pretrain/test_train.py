@@ -259,3 +259,10 @@ def test_mixed_precision_the_device_cannot_run_is_refused_before_compute(
         check_precision("bf16", torch.device("cuda", 0))
     check_precision("bf16", torch.device("cpu"))  # bf16 autocast runs on CPUs
     check_precision("no", torch.device("cpu"))
+
+
+def test_the_newest_k_checkpoints_are_kept(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=4", "train.keep_checkpoints=3", "train.max_steps_per_epoch=1")
+    run_dir = new_run_dir(cfg)
+    train(cfg, run_dir)
+    assert [p.name for p in checkpoints(run_dir)] == ["epoch_0002", "epoch_0003", "epoch_0004"]
