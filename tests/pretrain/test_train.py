@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -118,8 +119,13 @@ def test_each_objective_trains_and_its_weights_load_and_export(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["objective.name=moco_v2", "objective.queue_size=20"], "queue_size=20 must be a multiple of the keys added per step, 8"),
-        (["objective.name=moco_v2", "objective.queue_size=24", "objective.symmetric=true"], "multiple of the keys added per step, 16"),
+        (["objective.name=moco_v2", "objective.queue_size=20"], "queue_size=20 must be a multiple of the keys added at once, 8"),
+        (["objective.name=moco_v2", "objective.queue_size=24", "objective.symmetric=true"], "multiple of the keys added at once, 16"),
+        (["objective.name=moco_v2", "objective.queue_size=24", "train.grad_accumulation=2"],
+         "keys added at once, 16 (train.batch_size=8 x 1 processes x 2 cached accumulation passes)"),
+        (["train.grad_accumulation=4"], "train.grad_accumulation=4 needs at least that many batches"),
+        (["train.grad_accumulation=0"], "train.grad_accumulation=0 must be >= 1"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be >= 1"),
         (["objective.name=moco_v2", "objective.bn_splits=3"], "bn_splits=3 must divide train.batch_size=8"),
         (["objective.name=supcon", "data.samples_per_class=3"], "multiple of data.samples_per_class=3"),
         (["objective.name=triplet", "data.samples_per_class=2"], "needs 4 classes but the data has 3"),
@@ -131,7 +137,7 @@ def test_objective_settings_that_cannot_work_fail_before_training(
     image_folder: Path, tmp_path: Path, extra: list[str], message: str
 ) -> None:
     cfg = _cfg(image_folder, tmp_path / "runs", *extra)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         train(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
