@@ -29,6 +29,7 @@ bench: install
 	$(PY) bench/augment.py
 	$(PY) bench/losses.py
 	$(PY) bench/data.py
+	$(PY) bench/train_step.py
 	$(PY) bench/cifar10_quick.py
 
 clean:

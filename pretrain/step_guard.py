@@ -72,6 +72,7 @@ class StepGuard:
         self.run = torch.zeros((), dtype=torch.long, device=device)
         self.worst_run = torch.zeros((), dtype=torch.long, device=device)
         self.host_run = 0  # sync mode only: the current run, known on the host without a further sync
+        self._stepped = False  # device mode decides on the host once, until the optimiser has state
 
     def begin(self) -> None:
         """Remembers the buffers the forward passes will update (batch-norm statistics, queue)."""
@@ -99,8 +100,9 @@ class StepGuard:
         self.run.add_(1).mul_(bad)
         torch.maximum(self.worst_run, self.run, out=self.worst_run)
         state = self._optimizer_state()
-        if self.mode == "sync" or not state:  # device mode's first step: no state to copy yet
-            if bool(ok):  # host sync (free on a CPU; once per run on an accelerator)
+        if self.mode == "sync" or not self._stepped:  # device mode's first step: the state does not exist yet
+            self._stepped = bool(ok)
+            if self._stepped:  # host sync (free on a CPU; once per run on an accelerator)
                 self.optimizer.step()
                 after_step(None)
                 self.host_run = 0

@@ -11,6 +11,7 @@ one; on a CPU, where it is free, the finite check also reads its flag every step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -99,6 +100,12 @@ def scaled_lr(cfg: Config, num_processes: int) -> float:
     ratio = cfg.train.batch_size * num_processes / cfg.optim.base_batch_size
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.lr_scaling]
     return cfg.optim.lr * factor
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """``optim.name`` from timm's factory (sgd, lars, adamw, ...); norms and biases get no weight decay."""
+    return create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
+                               momentum=cfg.optim.momentum, filter_bias_and_bn=True)
 
 
 def _check_tracker(name: str) -> None:
@@ -376,9 +383,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     method = create_method(cfg, model).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.optim.name, lr=peak_lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
-    )
+    optimizer = build_optimizer(cfg, model, peak_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(loader, DataLoader):  # the device cache and streams batch themselves, per process
         loader = accelerator.prepare(loader)
@@ -428,7 +433,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     skipped_total = skipped_before = guard.read_and_reset()[0] if guard is not None else 0
 
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _ending(accelerator):
         for epoch in range(progress.epoch, cfg.train.epochs):
             loader.set_epoch(epoch)
             if pk_sampler is not None:
@@ -530,8 +535,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         weights = save_weights(accelerator.unwrap_model(model), run_dir)
         accelerator.print(f"Saved weights to {weights}")
-    accelerator.end_training()
     return weights
+
+
+@contextlib.contextmanager
+def _ending(accelerator: Accelerator) -> Iterator[None]:
+    """Flushes and closes the trackers however training ends (finished, interrupted, stopped)."""
+    try:
+        yield
+    finally:
+        accelerator.end_training()
 
 
 class _Window:

@@ -272,3 +272,19 @@ def test_the_newest_k_checkpoints_are_kept(image_folder: Path, tmp_path: Path) -
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
     assert [p.name for p in checkpoints(run_dir)] == ["epoch_0002", "epoch_0003", "epoch_0004"]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("sgd", "SGD"), ("lars", "Lars"), ("adamw", "AdamW")])
+def test_optimizers_leave_norms_and_biases_out_of_weight_decay(name: str, kind: str) -> None:
+    from twinview.pretrain.train import build_optimizer
+
+    cfg = load_config(None, ["data.path=unused", f"optim.name={name}", "optim.weight_decay=0.01"])
+    model = create_model(cfg.model)
+    optimizer = build_optimizer(cfg, model, lr=0.3)
+    assert type(optimizer).__name__ == kind
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for param_name, p in model.named_parameters():
+        expected = 0.0 if p.ndim <= 1 else 0.01  # biases and batch-norm scales/shifts are 1-D
+        assert decay[id(p)] == expected, param_name
+    assert {g["lr"] for g in optimizer.param_groups} == {0.3}
+    assert sum(p.ndim <= 1 for p in model.parameters()) > 10  # the check above saw both kinds
