@@ -535,16 +535,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         weights = save_weights(accelerator.unwrap_model(model), run_dir)
         accelerator.print(f"Saved weights to {weights}")
+    accelerator.end_training()  # trackers, then the process group
     return weights
 
 
 @contextlib.contextmanager
 def _ending(accelerator: Accelerator) -> Iterator[None]:
-    """Flushes and closes the trackers however training ends (finished, interrupted, stopped)."""
+    """Flushes and closes the trackers when training stops early (interrupted, non-finite, error)."""
     try:
         yield
-    finally:
-        accelerator.end_training()
+    except BaseException:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        raise
 
 
 class _Window:
