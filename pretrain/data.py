@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -224,5 +225,10 @@ def first_decodable(
 
 
 def worker_init(_: int) -> None:
-    """Keeps each decoding worker single-threaded so workers do not fight the training step."""
+    """Keeps each decoding worker single-threaded so workers do not fight the training step, and
+    deaf to SIGTERM/SIGINT: launchers (torchrun, SLURM) and Ctrl-C signal the whole process group,
+    and a worker killed by it would crash the loop before it can checkpoint. The DataLoader stops
+    its workers itself (and they exit when the training process dies)."""
     torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

@@ -48,8 +48,10 @@ class MomentumEncoder(nn.Module):
             raise ValueError("the momentum encoder and the online encoder have different parameters")
         if apply is None:
             torch._foreach_lerp_(key, query, 1.0 - momentum)
-        else:  # lerp with weight 0 returns the key exactly
-            torch._foreach_lerp_(key, query, apply.to(key[0].dtype) * (1.0 - momentum))
+        else:  # lerp with weight 0 returns the key exactly; a list of tensor weights, as a single
+            # tensor weight would be read on the host (a sync)
+            weight = apply.to(key[0].dtype) * (1.0 - momentum)
+            torch._foreach_lerp_(key, query, [weight] * len(key))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

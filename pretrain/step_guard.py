@@ -17,12 +17,19 @@ Two ways to apply the decision, with the same result (tested bitwise equal):
   in memory. ``auto`` picks it on accelerators.
 
 Under fp16 with a ``GradScaler`` only the loss is checked: the scaler already skips steps with
-non-finite (scaled) gradients, which are expected while it calibrates, and should not count.
+non-finite (scaled) gradients, which are expected while it calibrates, and should not count. The
+scaler then owns the optimiser step (it reads its overflow flag on the host every step, torch's
+design); the guard skips the rest (momentum update, buffers) on a non-finite loss.
+
+Device mode needs an optimiser whose whole state is tensors on the weights' device; otherwise it
+falls back to ``sync`` with a warning (torch's Adam family is built ``capturable`` on GPUs so that
+its step count lives there).
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -51,6 +58,7 @@ class StepGuard:
         mode: str,
         device: torch.device,
         all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        scaler_skips: bool = False,
     ) -> None:
         """Args:
             model: The trained model (possibly DDP-wrapped).
@@ -59,11 +67,14 @@ class StepGuard:
             mode: ``sync`` or ``device`` (see the module docstring).
             device: Where the counters live.
             all_reduce_min: Makes the flag agree across processes (None: one process).
+            scaler_skips: A GradScaler (fp16) owns the optimiser step and skips it itself when
+                the gradients are not finite; ``optimizer.step()`` is then always called, so the
+                scaler's state stays consistent, and only the rest of the step is guarded.
         """
         if mode not in ("sync", "device"):
             raise ValueError(f"unknown step guard mode '{mode}'")
         self.model, self.method, self.optimizer, self.mode = model, method, optimizer, mode
-        self.all_reduce_min = all_reduce_min
+        self.all_reduce_min, self.scaler_skips = all_reduce_min, scaler_skips
         self.buffers = [b for b in itertools.chain(model.buffers(), method.buffers())]
         self.buffer_copies = [torch.empty_like(b) for b in self.buffers]
         self.shadow: list[torch.Tensor] = []
@@ -72,7 +83,7 @@ class StepGuard:
         self.run = torch.zeros((), dtype=torch.long, device=device)
         self.worst_run = torch.zeros((), dtype=torch.long, device=device)
         self.host_run = 0  # sync mode only: the current run, known on the host without a further sync
-        self._stepped = False  # device mode decides on the host once, until the optimiser has state
+        self._stepped = False  # device mode decides on the host until the optimiser has stepped once
 
     def begin(self) -> None:
         """Remembers the buffers the forward passes will update (batch-norm statistics, queue)."""
@@ -99,28 +110,59 @@ class StepGuard:
         self.skipped += bad
         self.run.add_(1).mul_(bad)
         torch.maximum(self.worst_run, self.run, out=self.worst_run)
-        state = self._optimizer_state()
-        if self.mode == "sync" or not self._stepped:  # device mode's first step: the state does not exist yet
-            self._stepped = bool(ok)
-            if self._stepped:  # host sync (free on a CPU; once per run on an accelerator)
-                self.optimizer.step()
-                after_step(None)
-                self.host_run = 0
-            else:
-                if self.buffers:
-                    torch._foreach_copy_(self.buffers, self.buffer_copies)
-                self.host_run += 1
+        if self.mode == "device" and self._stepped and self.scaler_skips:
+            self.optimizer.step()  # the GradScaler skips it on non-finite gradients
+            after_step(ok)
+            self._restore_buffers_where(ok)
             return
-        live = [p.data for p in self._parameters()] + state
-        if [s.shape for s in self.shadow] != [t.shape for t in live]:
-            self.shadow = [torch.empty_like(t) for t in live]
-        torch._foreach_copy_(self.shadow, live)
-        self.optimizer.step()
-        for new, old in zip(live, self.shadow):
-            torch.where(ok, new, old, out=new)
-        after_step(ok)
+        if self.mode == "device" and self._stepped:
+            live = [p.data for p in self._parameters()] + self._optimizer_state()
+            if [t.shape for t in self.shadow] != [t.shape for t in live]:
+                self.shadow = [torch.empty_like(t) for t in live]
+            torch._foreach_copy_(self.shadow, live)
+            self.optimizer.step()
+            for new, old in zip(live, self.shadow):
+                torch.where(ok, new, old, out=new)
+            after_step(ok)
+            self._restore_buffers_where(ok)
+            return
+        # sync mode, and device mode until the optimiser has stepped once (its state is created then)
+        good = bool(ok)  # host sync: free on a CPU; once per run in device mode
+        if good or self.scaler_skips:
+            self.optimizer.step()
+        if good:
+            after_step(None)
+            self.host_run = 0
+            if self.mode == "device" and not self._stepped:
+                self._stepped = True
+                self._check_device_mode(ok.device)
+        else:
+            if self.buffers:
+                torch._foreach_copy_(self.buffers, self.buffer_copies)
+            self.host_run += 1
+
+    def _restore_buffers_where(self, ok: torch.Tensor) -> None:
         for new, old in zip(self.buffers, self.buffer_copies):
             torch.where(ok, new, old, out=new)
+
+    def _check_device_mode(self, device: torch.device) -> None:
+        """Falls back to ``sync`` for an optimiser whose state device mode cannot restore on the
+        device: tensors on another device (e.g. torch Adam's step count on the CPU unless
+        ``capturable``), or counters kept as Python numbers or in the param groups (Lamb, Adan)."""
+        why = ""
+        if any(t.device != device for t in self._optimizer_state()):
+            why = "keeps part of its state on another device than the weights"
+        elif any(not isinstance(v, torch.Tensor) and isinstance(v, (int, float))
+                 for per_param in self.optimizer.state.values() for v in per_param.values()):
+            why = "keeps counters as Python numbers"
+        elif any("step" in group for group in self.optimizer.param_groups):
+            why = "keeps a step counter in its param groups"
+        if why and not self.scaler_skips:
+            name = type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
+            warnings.warn(f"train.nonfinite_check=device: the optimiser {name} {why}, which a skipped step could "
+                          "not restore on the device; the check reads its flag on the host every step instead.",
+                          stacklevel=2)
+            self.mode = "sync"
 
     def read_and_reset(self) -> tuple[int, int]:
         """(skipped steps in total, longest run of skips since the last call): a host sync."""

@@ -58,16 +58,24 @@ SKIPPED_FILE = "skipped_files.txt"
 
 @dataclass
 class Progress:
-    """Completed epochs and optimiser steps; saved with every checkpoint."""
+    """Completed epochs and optimiser steps, and the non-finite step counters; saved with every
+    checkpoint. The counters ride here rather than as their own checkpointed object, so a run
+    resumes whether or not the check was on when it was saved."""
 
     epoch: int = 0
     step: int = 0
+    guard: StepGuard | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
+        if self.guard is not None:
+            state["nonfinite"] = self.guard.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.guard is not None and "nonfinite" in state:
+            self.guard.load_state_dict(state["nonfinite"])
 
 
 class MetricsLog:
@@ -102,10 +110,18 @@ def scaled_lr(cfg: Config, num_processes: int) -> float:
     return cfg.optim.lr * factor
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """``optim.name`` from timm's factory (sgd, lars, adamw, ...); norms and biases get no weight decay."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """``optim.name`` from timm's factory (sgd, lars, adamw, ...); norms and biases get no weight decay.
+
+    On a GPU torch's Adam family is built ``capturable``: its step count then lives on the GPU
+    (not read on the host each step), which the non-finite check's device mode needs.
+    """
+    extra = {"capturable": True} if device is not None and device.type == "cuda" and cfg.optim.name in _CAPTURABLE else {}
     return create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
-                               momentum=cfg.optim.momentum, filter_bias_and_bn=True)
+                               momentum=cfg.optim.momentum, filter_bias_and_bn=True, **extra)
+
+
+_CAPTURABLE = ("adam", "adamw", "nadam", "radam")  # timm builds these with torch.optim's classes
 
 
 def _check_tracker(name: str) -> None:
@@ -383,7 +399,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     method = create_method(cfg, model).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
-    optimizer = build_optimizer(cfg, model, peak_lr)
+    optimizer = build_optimizer(cfg, model, peak_lr, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(loader, DataLoader):  # the device cache and streams batch themselves, per process
         loader = accelerator.prepare(loader)
@@ -416,9 +432,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     guard = None
     if cfg.train.max_nonfinite_steps > 0:
         guard = StepGuard(model, method, optimizer, resolve_mode(cfg.train.nonfinite_check, device), device,
-                          all_reduce_min=_all_reduce_min if multi else None)
-    progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method, *([guard] if guard else []))
+                          all_reduce_min=_all_reduce_min if multi else None, scaler_skips=accelerator.scaler is not None)
+    progress = Progress(guard=guard)
+    accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method)
     if resume:
         loaded = _load_latest(accelerator, run_dir)
         accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
@@ -481,7 +497,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if not (window.steps == log_every or at_end or too_many or (stop.signal is not None and not multi)):
                     continue
                 # a log point: the loop's host sync; the processes also agree here on a signal one got
-                loss_sum, good, norm_sum, stop_votes = accelerator.reduce(
+                loss_sum, good, norm_sum, norm_count, stop_votes = accelerator.reduce(
                     window.vector(stop.signal is not None), "sum").tolist()
                 skipped_total, worst_run = guard.read_and_reset() if guard is not None else (0, 0)
                 now = time.perf_counter()
@@ -491,8 +507,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{mean_loss:.4f}" if good else "nan", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                 record: dict[str, Any] = {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
                                           "lr": lr, "images_per_s": rate}
-                if window.has_norm and good:
-                    record["grad_norm"] = norm_sum / good
+                if window.has_norm and norm_count:
+                    record["grad_norm"] = norm_sum / norm_count
                 if guard is not None:
                     record["skipped_steps"] = skipped_total
                 metrics.write(record)
@@ -555,13 +571,17 @@ class _Window:
     the good (finite) steps and their count."""
 
     def __init__(self, device: torch.device, start: float) -> None:
-        self.sums = torch.zeros(3, device=device)
+        self.sums = torch.zeros(4, device=device)  # loss, good steps, gradient norm, steps with a finite norm
         self.steps, self.start, self.has_norm = 0, start, False
 
     def add(self, loss: torch.Tensor, ok: torch.Tensor, norm: torch.Tensor | None) -> None:
         zero = torch.zeros((), device=self.sums.device)
-        norm_term = zero if norm is None else torch.where(ok, norm.float(), zero)
-        self.sums += torch.stack([torch.where(ok, loss.float(), zero), ok.float(), norm_term])
+        if norm is None:
+            norm_term, norm_ok = zero, zero
+        else:  # under fp16 a good step may still have an overflowing (scaled) norm: left out
+            finite = ok & torch.isfinite(norm)
+            norm_term, norm_ok = torch.where(finite, norm.float(), zero), finite.float()
+        self.sums += torch.stack([torch.where(ok, loss.float(), zero), ok.float(), norm_term, norm_ok])
         self.steps += 1
         self.has_norm |= norm is not None
 

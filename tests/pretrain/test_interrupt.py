@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -107,3 +108,22 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path
     _same_weights(run_dir / "model.safetensors", tmp_path / "straight" / "model.safetensors")
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 12 * 6 + 1))  # the redone steps are logged once
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(image_folder: Path, tmp_path: Path) -> None:
+    """Launchers (torchrun, SLURM) and Ctrl-C signal every process of the group, DataLoader workers
+    included: the workers must not die of it before the loop has checkpointed."""
+    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=50", *SMALL,
+            "data.num_workers=2", "train.run_name=group"]
+    proc = subprocess.Popen([sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "group" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 8):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    saved = checkpoints(tmp_path / "group")
+    assert saved and "_step_" in saved[-1].name

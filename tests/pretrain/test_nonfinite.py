@@ -91,3 +91,13 @@ def test_the_check_can_be_turned_off(image_folder: Path, tmp_path: Path, monkeyp
                              "train.max_nonfinite_steps=0"])
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(cfg, new_run_dir(cfg))
+
+
+def test_a_run_resumes_whether_or_not_the_check_was_on_when_it_was_saved(image_folder: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SMALL, "train.epochs=1",
+                             "train.max_nonfinite_steps=0", "train.run_name=off"])
+    run_dir = new_run_dir(cfg)
+    train(cfg, run_dir)
+    assert main(["pretrain", "--resume", str(run_dir), "train.epochs=2", "train.max_nonfinite_steps=10"]) == 0
+    assert main(["pretrain", "--resume", str(run_dir), "train.epochs=3", "train.max_nonfinite_steps=0"]) == 0
+    assert _records(run_dir, "epoch")[-1]["step"] == 9

@@ -13,13 +13,17 @@ BAD = {2, 3, 6}  # steps whose loss is made NaN
 
 
 def _setup(optimizer_name: str) -> tuple[nn.Module, MomentumEncoder, torch.optim.Optimizer]:
+    from timm.optim import create_optimizer_v2
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     key = MomentumEncoder(model)
     if optimizer_name == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    else:
+    elif optimizer_name == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    else:  # timm optimisers that keep counters outside per-parameter tensors (group 'step', Python ints)
+        opt = create_optimizer_v2(model, opt=optimizer_name, lr=0.01, weight_decay=0.05)
     return model, key, opt
 
 
@@ -64,10 +68,17 @@ def _reference(optimizer_name: str, steps: int = 8) -> list[torch.Tensor]:
     return _state(model, key, opt)
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw", "lamb", "adabelief"])
 @pytest.mark.parametrize("mode", ["sync", "device"])
 def test_a_skipped_step_leaves_weights_buffers_optimizer_and_key_encoder_as_if_it_never_ran(mode: str, optimizer_name: str) -> None:
-    got, guard = _guarded(mode, optimizer_name)
+    falls_back = mode == "device" and optimizer_name in ("lamb", "adabelief")
+    if falls_back:  # device mode cannot restore their counters on the device: it reads the flag instead
+        with pytest.warns(UserWarning, match="reads its flag on the host every step"):
+            got, guard = _guarded(mode, optimizer_name)
+        assert guard.mode == "sync"
+    else:
+        got, guard = _guarded(mode, optimizer_name)
+        assert guard.mode == mode
     want = _reference(optimizer_name)
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -130,3 +141,82 @@ def test_a_model_without_buffers_skips_too(mode: str) -> None:
         opt.zero_grad(set_to_none=True)
         changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
         assert changed == [not bad, not bad]
+
+
+class _ScaledOptimizer:
+    """What Accelerate's optimiser wrapper does under fp16: the GradScaler steps and updates."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scaler = optimizer, scaler
+        self.param_groups, self.state = optimizer.param_groups, optimizer.state
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+@pytest.mark.parametrize("mode", ["sync", "device"])
+def test_under_a_grad_scaler_a_skipped_step_keeps_the_scaler_usable(mode: str) -> None:
+    """fp16 + clipping: unscale_ runs every step, so the scaler must be stepped and updated every
+    step, skipped or not; its own skip leaves the weights alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    opt = _ScaledOptimizer(sgd, scaler)
+    guard = StepGuard(model, nn.Module(), opt, mode, torch.device("cpu"), scaler_skips=True)  # type: ignore[arg-type]
+    for bad in (False, True, False, True, True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        guard.begin()
+        loss = model(torch.ones(3, 4)).pow(2).sum() * (float("nan") if bad else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(sgd)  # as accelerator.clip_grad_norm_ does
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        guard.apply(guard.finite(loss, None), lambda apply: None)
+        sgd.zero_grad(set_to_none=True)
+        assert [not torch.equal(a, p) for a, p in zip(before, model.parameters())] == [not bad, not bad]
+        assert torch.isfinite(norm) != bad
+    assert guard.read_and_reset() == (3, 2)
+
+
+def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran() -> None:
+    """The real MoCo v2 method: its forward enqueues keys, which a skipped step must take back."""
+    import copy
+
+    from twinview.pretrain.config import load_config
+    from twinview.pretrain.methods import create_method
+    from twinview.pretrain.models import create_model
+
+    cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
+                             "model.kwargs.patch_size=8", "model.proj_layers=1", "model.proj_dim=8",
+                             "objective.name=moco_v2", "objective.queue_size=8", "objective.bn_splits=1"])
+    torch.manual_seed(0)
+    model = create_model(cfg.model)
+    method = create_method(cfg, model)
+    ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
+    g = torch.Generator().manual_seed(2)
+    batches = [[torch.randn(2, 3, 16, 16, generator=g) for _ in range(2)] for _ in range(6)]
+    labels = torch.zeros(2, dtype=torch.long)
+
+    def run(m: nn.Module, meth: nn.Module, guarded: bool) -> None:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        guard = StepGuard(m, meth, opt, "device", torch.device("cpu"))
+        for i, views in enumerate(batches):
+            if not guarded and i in BAD:
+                continue
+            guard.begin()
+            loss = meth(m, views, labels) * (float("nan") if guarded and i in BAD else 1.0)
+            loss.backward()
+            guard.apply(guard.finite(loss, grad_norm(list(m.parameters()))), lambda apply: meth.after_step(m, i, 6, apply))
+            opt.zero_grad(set_to_none=True)
+
+    run(model, method, guarded=True)
+    run(ref_model, ref_method, guarded=False)
+    got, want = method.state_dict(), ref_method.state_dict()
+    good = sum(i not in BAD for i in range(6))  # 4 good steps of 2 keys; all 6 would leave the pointer at 4
+    assert int(got["queue.ptr"]) == int(want["queue.ptr"]) == good * 2 % 8
+    for key in want:
+        if isinstance(want[key], torch.Tensor):
+            assert torch.equal(got[key], want[key]), key
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)

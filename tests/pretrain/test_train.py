@@ -288,3 +288,15 @@ def test_optimizers_leave_norms_and_biases_out_of_weight_decay(name: str, kind: 
         assert decay[id(p)] == expected, param_name
     assert {g["lr"] for g in optimizer.param_groups} == {0.3}
     assert sum(p.ndim <= 1 for p in model.parameters()) > 10  # the check above saw both kinds
+
+
+def test_on_a_gpu_the_adam_family_keeps_its_step_count_on_the_device() -> None:
+    """``capturable`` Adam keeps ``state['step']`` on the GPU, which the device-mode non-finite
+    check restores with the weights (construction only: no GPU needed)."""
+    from twinview.pretrain.train import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    for name, capturable in [("adamw", True), ("adam", True), ("lars", None), ("sgd", None)]:
+        cfg = load_config(None, ["data.path=unused", f"optim.name={name}"])
+        assert build_optimizer(cfg, model, 0.1, torch.device("cuda", 0)).defaults.get("capturable") == capturable
+        assert not build_optimizer(cfg, model, 0.1, torch.device("cpu")).defaults.get("capturable")
