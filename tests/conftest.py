@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -63,3 +65,21 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from twinview.pretrain.datasets import extract_archive
 
     return extract_archive(CIFAR_ARCHIVE, _session_cache(tmp_path_factory)) / "cifar10-jpeg"
+
+
+def _log_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.fixture
+def wait_for_log_lines() -> Callable[[Path, int], None]:
+    """``wait(path, n)``: waits (up to 3 minutes) until a run's metrics.jsonl has n lines, e.g.
+    before signalling a training process that must be mid-run."""
+
+    def wait(path: Path, lines: int) -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline and _log_lines(path) < lines:
+            time.sleep(0.02)
+        assert _log_lines(path) >= lines, f"{path} did not reach {lines} lines in time"
+
+    return wait

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,14 +32,12 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(image_folder: Path, tmp_path: Path) -> None:
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(image_folder: Path, tmp_path: Path, wait_for_log_lines: Any) -> None:
     args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=12", *SMALL]
     cmd = [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args, "train.run_name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 8):
-        time.sleep(0.05)
+    wait_for_log_lines(metrics, 8)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -111,7 +110,9 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(image_folder: Path, tmp_path: Path) -> None:
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(
+    image_folder: Path, tmp_path: Path, wait_for_log_lines: Any
+) -> None:
     """Launchers (torchrun, SLURM) and Ctrl-C signal every process of the group, DataLoader workers
     included: the workers must not die of it before the loop has checkpointed."""
     args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=50", *SMALL,
@@ -119,9 +120,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
     proc = subprocess.Popen([sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = tmp_path / "group" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 8):
-        time.sleep(0.05)
+    wait_for_log_lines(metrics, 8)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -77,12 +78,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(image_folder
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_two_processes_stop_together_on_sigterm_and_resume_exactly(image_folder: Path, tmp_path: Path) -> None:
+def test_two_processes_stop_together_on_sigterm_and_resume_exactly(
+    image_folder: Path, tmp_path: Path, wait_for_log_lines: Any
+) -> None:
     """SIGTERM to every process of the job (as SLURM and torchrun deliver it): the processes agree
     on the step at a log point, checkpoint it, and the resumed 2-process run ends bitwise where an
     uninterrupted one does."""
     import signal
-    import time
 
     from twinview.pretrain.runs import checkpoints
 
@@ -94,9 +96,7 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(image_folder:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     metrics = tmp_path / "stopped" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 6):
-        time.sleep(0.05)
+    wait_for_log_lines(metrics, 6)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert err.count("interrupted by SIGTERM") == 2, err[-3000:]  # both processes, the same step
