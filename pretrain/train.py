@@ -203,7 +203,8 @@ def _data(cfg: Config, accelerator: Accelerator, skip_log: SkipLog) -> tuple[Any
                                         accelerator.process_index, accelerator.num_processes, cfg.train.seed)
             loader = DataLoader(stream, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
                                 worker_init_fn=worker_init if d.num_workers else None, pin_memory=accelerator.device.type == "cuda")
-            return _StreamBatches(loader, stream, accelerator.device, cfg.train.max_steps_per_epoch), None
+            passes = cfg.train.max_steps_per_epoch * cfg.train.grad_accumulation  # batches per epoch
+            return _StreamBatches(loader, stream, accelerator.device, passes), None
         dataset_hf = HFImageDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
                                     strict=d.strict, skip_log=skip_log)
         loader = _loader(cfg, dataset_hf, accelerator.num_processes, pin=accelerator.device.type == "cuda")

@@ -69,6 +69,9 @@ def test_streaming_needs_an_epoch_length_and_then_trains(hf_dataset: datasets.Da
     records = _train(tmp_path / "runs", "s1", f"data.path={tmp_path / 'saved'}", "data.streaming=true",
                      "train.max_steps_per_epoch=5", "train.epochs=2")
     assert [r["step"] for r in records if r["kind"] == "epoch"] == [5, 10]
+    records = _train(tmp_path / "runs", "s2", f"data.path={tmp_path / 'saved'}", "data.streaming=true",
+                     "train.max_steps_per_epoch=5", "train.epochs=2", "train.grad_accumulation=2")
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [5, 10]  # optimiser steps, 2 batches each
 
 
 def test_column_detection_and_its_errors(hf_dataset: datasets.Dataset) -> None:
