@@ -31,8 +31,8 @@ Pass = tuple[list[torch.Tensor], torch.Tensor]  # the views (each (B, 3, S, S)) 
 class Accumulator:
     """Collects the passes of one optimiser step and runs their backward.
 
-    ``add(views, labels)`` per pass (the ``independent`` mode runs it at once); ``finish()`` after
-    the last one returns the step's loss (detached, on the device).
+    ``add(views, labels)`` per pass (the ``independent`` mode runs it at once; ``done`` counts the
+    passes added); ``finish()`` after the last one returns the step's loss (detached, on the device).
     """
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, method: nn.Module, passes: int, mode: str) -> None:
@@ -40,29 +40,31 @@ class Accumulator:
             raise ValueError(f"unknown grad accumulation mode '{mode}'")
         self.accelerator, self.model, self.method, self.passes = accelerator, model, method, passes
         self.cached = mode == "cached" and passes > 1
-        self.pending: list[Pass] = []
-        self.loss_sum: torch.Tensor | None = None
+        self.pending: list[Pass] = []  # cached mode: the passes of this step
+        self.done = 0
+        self.loss_sum = torch.zeros(())  # independent mode: the passes' losses
 
     def add(self, views: list[torch.Tensor], labels: torch.Tensor) -> None:
+        self.done += 1
         if self.cached:
             self.pending.append((views, labels))
             return
-        index = len(self.pending)
-        self.pending.append(([], labels))  # only counted
-        with self._sync_if(index == self.passes - 1):
+        with self._sync_if(self.done == self.passes):
             with self.accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
                 loss = self.method(self.model, views, labels)
             self.accelerator.backward(loss / self.passes if self.passes > 1 else loss)
-        self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
+        self.loss_sum = loss.detach() if self.done == 1 else self.loss_sum + loss.detach()
 
     def full(self) -> bool:
-        return len(self.pending) == self.passes
+        return self.done == self.passes
 
     def finish(self) -> torch.Tensor:
         """Backward of a cached step (if any); the step's loss. Resets for the next step."""
-        loss = self._cached_backward() if self.cached else self.loss_sum / self.passes if self.passes > 1 else self.loss_sum
-        self.pending, self.loss_sum = [], None
-        assert loss is not None
+        if self.cached:
+            loss = self._cached_backward()
+        else:
+            loss = self.loss_sum / self.passes if self.passes > 1 else self.loss_sum
+        self.pending, self.done = [], 0
         return loss
 
     def _sync_if(self, last: bool) -> Any:

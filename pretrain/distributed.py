@@ -34,9 +34,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return gather(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -92,6 +90,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum over processes, as a new tensor (on the device, no host sync)."""
+    x = x.clone()
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
 
 
 def use_cpu(cpu_setting: bool) -> bool:

@@ -38,12 +38,9 @@ def _two(model: nn.Module, views: list[torch.Tensor], **kwargs: bool) -> tuple[t
     return model(torch.cat(views[:2]), **kwargs).chunk(2)  # (N, D) each
 
 
-class SimCLR(nn.Module):
-    """NT-Xent over two views (Chen et al. 2020)."""
-
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.temperature = temperature
+class Method(nn.Module):
+    """The shared shape of a method; the defaults fit the objectives without a momentum encoder:
+    both views through the model, no keys, nothing to update after the step."""
 
     def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(_two(model, views))  # z_a, z_b: (N, D)
@@ -52,8 +49,7 @@ class SimCLR(nn.Module):
         return []
 
     def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        z_a, z_b = outputs
-        return nt_xent(z_a, z_b, self.temperature)
+        raise NotImplementedError
 
     def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         return self.loss(self.embed(model, views), self.keys(views), labels)
@@ -62,7 +58,19 @@ class SimCLR(nn.Module):
         """Nothing to update."""
 
 
-class MoCo(nn.Module):
+class SimCLR(Method):
+    """NT-Xent over two views (Chen et al. 2020)."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = outputs
+        return nt_xent(z_a, z_b, self.temperature)
+
+
+class MoCo(Method):
     """MoCo v2 (queue, asymmetric by default) or v3 (predictor, symmetric, in-batch keys)."""
 
     def __init__(self, online: nn.Module, cfg: Config, version: int) -> None:
@@ -121,9 +129,6 @@ class MoCo(nn.Module):
         self.queue.enqueue(k)
         return loss
 
-    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.embed(model, views), self.keys(views), labels)
-
     def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
         """The momentum update of the key encoder (cosine-scheduled to 1 when configured); none where
         ``apply`` is False."""
@@ -139,7 +144,7 @@ def _in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> 
     return F.cross_entropy(q @ k_all.T / temperature, targets)
 
 
-class Supervised(nn.Module):
+class Supervised(Method):
     """Metric learning on labels: SupCon, triplet with online mining, or margin contrastive pairs."""
 
     def __init__(self, cfg: Config, seed: int) -> None:
@@ -153,15 +158,6 @@ class Supervised(nn.Module):
 
     def load_state_dict(self, state, strict: bool = True):  # type: ignore[no-untyped-def]
         self.generator.set_state(state["pair_generator"])
-
-    def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(_two(model, views))  # z_a, z_b: (N, D)
-
-    def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return []
-
-    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.embed(model, views), self.keys(views), labels)
 
     def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         z_a, z_b = outputs
@@ -179,11 +175,8 @@ class Supervised(nn.Module):
         y = torch.cat([torch.zeros_like(labels), torch.ones_like(labels)])
         return pairwise_contrastive(torch.cat([a, a]), torch.cat([b[positive], b[negative]]), y, self.margin)
 
-    def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
-        """Nothing to update."""
 
-
-def create_method(cfg: Config, online: nn.Module) -> nn.Module:
+def create_method(cfg: Config, online: nn.Module) -> Method:
     """The method that ``objective.name`` selects, built around the unwrapped trained model."""
     name = cfg.objective.name
     if name == "simclr":

@@ -110,21 +110,18 @@ class StepGuard:
         self.skipped += bad
         self.run.add_(1).mul_(bad)
         torch.maximum(self.worst_run, self.run, out=self.worst_run)
-        if self.mode == "device" and self._stepped and self.scaler_skips:
-            self.optimizer.step()  # the GradScaler skips it on non-finite gradients
-            after_step(ok)
-            self._restore_buffers_where(ok)
-            return
         if self.mode == "device" and self._stepped:
-            live = [p.data for p in self._parameters()] + self._optimizer_state()
-            if [t.shape for t in self.shadow] != [t.shape for t in live]:
-                self.shadow = [torch.empty_like(t) for t in live]
-            torch._foreach_copy_(self.shadow, live)
-            self.optimizer.step()
-            for new, old in zip(live, self.shadow):
-                torch.where(ok, new, old, out=new)
+            if self.scaler_skips:
+                self.optimizer.step()  # the GradScaler skips it on non-finite gradients
+            else:
+                live = [p.data for p in self._parameters()] + self._optimizer_state()
+                if [t.shape for t in self.shadow] != [t.shape for t in live]:
+                    self.shadow = [torch.empty_like(t) for t in live]
+                torch._foreach_copy_(self.shadow, live)
+                self.optimizer.step()
+                _keep_where(ok, live, self.shadow)
             after_step(ok)
-            self._restore_buffers_where(ok)
+            _keep_where(ok, self.buffers, self.buffer_copies)
             return
         # sync mode, and device mode until the optimiser has stepped once (its state is created then)
         good = bool(ok)  # host sync: free on a CPU; once per run in device mode
@@ -140,10 +137,6 @@ class StepGuard:
             if self.buffers:
                 torch._foreach_copy_(self.buffers, self.buffer_copies)
             self.host_run += 1
-
-    def _restore_buffers_where(self, ok: torch.Tensor) -> None:
-        for new, old in zip(self.buffers, self.buffer_copies):
-            torch.where(ok, new, old, out=new)
 
     def _check_device_mode(self, device: torch.device) -> None:
         """Falls back to ``sync`` for an optimiser whose state device mode cannot restore on the
@@ -191,6 +184,12 @@ class StepGuard:
             for value in per_param.values()
             if isinstance(value, torch.Tensor)
         ]
+
+
+def _keep_where(ok: torch.Tensor, live: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    """``live = ok ? live : before``, in place, decided on the device."""
+    for new, old in zip(live, before):
+        torch.where(ok, new, old, out=new)
 
 
 def resolve_mode(setting: str, device: torch.device) -> str:

@@ -37,7 +37,7 @@ from twinview.pretrain.accumulation import Accumulator
 from twinview.pretrain import cpu_conv
 from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
-from twinview.pretrain.distributed import use_cpu
+from twinview.pretrain.distributed import all_reduce_min, use_cpu
 from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
 from twinview.pretrain.hf_source import HFImageDataset, HFStreamingDataset, is_hf_source
 from twinview.pretrain.methods import SUPERVISED, create_method
@@ -104,8 +104,8 @@ class MetricsLog:
 
 
 def scaled_lr(cfg: Config, num_processes: int) -> float:
-    """``optim.lr`` scaled by the global batch (``optim.lr_scaling``)."""
-    ratio = cfg.train.batch_size * num_processes / cfg.optim.base_batch_size
+    """``optim.lr`` scaled by the global batch of an optimiser step (``optim.lr_scaling``)."""
+    ratio = cfg.train.batch_size * num_processes * cfg.train.grad_accumulation / cfg.optim.base_batch_size
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.lr_scaling]
     return cfg.optim.lr * factor
 
@@ -433,7 +433,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     guard = None
     if cfg.train.max_nonfinite_steps > 0:
         guard = StepGuard(model, method, optimizer, resolve_mode(cfg.train.nonfinite_check, device), device,
-                          all_reduce_min=_all_reduce_min if multi else None, scaler_skips=accelerator.scaler is not None)
+                          all_reduce_min=all_reduce_min if multi else None, scaler_skips=accelerator.scaler is not None)
     progress = Progress(guard=guard)
     accelerator.register_for_checkpointing(scheduler, progress, augment.rng, method)
     if resume:
@@ -449,6 +449,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         method.after_step(online, progress.step, total_steps, apply)
 
     skipped_total = skipped_before = guard.read_and_reset()[0] if guard is not None else 0
+    always_ok = torch.ones((), dtype=torch.bool, device=device)  # the flag when the check is off
 
     with _StopRequest() as stop, _ending(accelerator):
         for epoch in range(progress.epoch, cfg.train.epochs):
@@ -468,7 +469,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     break
                 if i < done * accumulation:  # same seeded order as the interrupted run; views RNG restored
                     continue
-                if not accumulator.pending:
+                if accumulator.done == 0:  # the first pass of an optimiser step
                     scheduler.step_update(num_updates=progress.step)
                     if guard is not None:
                         guard.begin()
@@ -485,7 +486,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if guard is None:
                     optimizer.step()
                     after_step(None)
-                    ok = torch.ones((), dtype=torch.bool, device=device)
+                    ok = always_ok
                 else:
                     ok = guard.finite(loss_value, norm if check_grads else None)
                     guard.apply(ok, after_step)
@@ -508,7 +509,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{mean_loss:.4f}" if good else "nan", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                 record: dict[str, Any] = {"kind": "step", "epoch": epoch + 1, "step": progress.step, "loss": mean_loss,
                                           "lr": lr, "images_per_s": rate}
-                if window.has_norm and norm_count:
+                if norm_count:
                     record["grad_norm"] = norm_sum / norm_count
                 if guard is not None:
                     record["skipped_steps"] = skipped_total
@@ -573,7 +574,7 @@ class _Window:
 
     def __init__(self, device: torch.device, start: float) -> None:
         self.sums = torch.zeros(4, device=device)  # loss, good steps, gradient norm, steps with a finite norm
-        self.steps, self.start, self.has_norm = 0, start, False
+        self.steps, self.start = 0, start
 
     def add(self, loss: torch.Tensor, ok: torch.Tensor, norm: torch.Tensor | None) -> None:
         zero = torch.zeros((), device=self.sums.device)
@@ -584,7 +585,6 @@ class _Window:
             norm_term, norm_ok = torch.where(finite, norm.float(), zero), finite.float()
         self.sums += torch.stack([torch.where(ok, loss.float(), zero), ok.float(), norm_term, norm_ok])
         self.steps += 1
-        self.has_norm |= norm is not None
 
     def vector(self, stop: bool) -> torch.Tensor:
         """The sums plus this process's stop vote, for one all-reduce."""
@@ -593,13 +593,6 @@ class _Window:
     def reset(self, start: float) -> None:
         self.sums.zero_()
         self.steps, self.start = 0, start
-
-
-def _all_reduce_min(flag: torch.Tensor) -> torch.Tensor:
-    """The minimum of a tensor over processes (on the device, no host sync)."""
-    flag = flag.clone()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return flag
 
 
 def _nonfinite_message(cfg: Config, run_dir: Path, run: int, step: int, epoch: int) -> str:

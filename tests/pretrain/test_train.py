@@ -300,3 +300,13 @@ def test_on_a_gpu_the_adam_family_keeps_its_step_count_on_the_device() -> None:
         cfg = load_config(None, ["data.path=unused", f"optim.name={name}"])
         assert build_optimizer(cfg, model, 0.1, torch.device("cuda", 0)).defaults.get("capturable") == capturable
         assert not build_optimizer(cfg, model, 0.1, torch.device("cpu")).defaults.get("capturable")
+
+
+@pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scales_with_the_global_batch_of_an_optimiser_step(rule: str, factor: float) -> None:
+    """64 per pass x 2 processes x 2 accumulated passes = 256 = 4 x base_batch_size 64."""
+    from twinview.pretrain.train import scaled_lr
+
+    cfg = load_config(None, ["data.path=unused", "optim.lr=0.3", f"optim.lr_scaling={rule}", "optim.base_batch_size=64",
+                             "train.batch_size=64", "train.grad_accumulation=2"])
+    assert scaled_lr(cfg, num_processes=2) == pytest.approx(0.3 * factor)
