@@ -25,7 +25,6 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) bench/cpu_conv.py
 	$(PY) bench/augment.py
 	$(PY) bench/losses.py
 	$(PY) bench/data.py

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from twinview.augment.views import build_views
 from twinview.pretrain.config import Config
-from twinview.pretrain.data import ImageFolderDataset
+from twinview.pretrain.data.sources import ImageFolderDataset
 
 MIN_CELL = 96  # small images are enlarged (nearest neighbour) to at least this many pixels
 GAP = 4

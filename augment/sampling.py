@@ -12,10 +12,31 @@ import math
 from typing import Any
 
 import torch
-
-from twinview.pretrain.distributed import all_gather_objects, rank, world_size
+import torch.distributed as dist
 
 CROP_TRIES = 10  # as torchvision's RandomResizedCrop.get_params
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` in rank order (``[obj]`` on one process). augment depends on no
+    other twinview package, so this is not taken from twinview.pretrain.distributed."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * _world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class ViewRNG:
@@ -46,14 +67,14 @@ class ViewRNG:
         Each process has its own stream, but Accelerate writes registered objects from the main
         process only, so the states are gathered (a collective: every process must call this).
         """
-        return {"per_rank": all_gather_objects(self._own_state())}
+        return {"per_rank": _all_gather_objects(self._own_state())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores this process's own generator states."""
         per_rank = state["per_rank"]
-        if len(per_rank) != world_size():
-            raise ValueError(f"the checkpoint holds views RNG states of {len(per_rank)} processes, not {world_size()}")
-        own = per_rank[rank()]
+        if len(per_rank) != _world_size():
+            raise ValueError(f"the checkpoint holds views RNG states of {len(per_rank)} processes, not {_world_size()}")
+        own = per_rank[_rank()]
         self.host.set_state(own["host"])
         if self.generator is not self.host:
             self.generator.set_state(own["device"])

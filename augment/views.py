@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import kornia.augmentation as K
 import torch
@@ -29,10 +29,8 @@ from torch import nn
 
 from twinview.augment import functional as AF
 from twinview.augment import sampling
+from twinview.augment.config import AugmentConfig
 from twinview.augment.sampling import ViewRNG
-
-if TYPE_CHECKING:  # config imports the recipes from this package
-    from twinview.pretrain.config import AugmentConfig
 
 # On a CPU, the pipeline works through the batch in chunks of about this many bytes of float32
 # views, so the ~20 elementwise passes of a view hit the cache instead of memory (bench/augment.py).

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset
 
-from twinview.augment.recipes import RECIPES
+from twinview.augment.config import RECIPES
 from twinview.augment.views import ViewSpec, build_views, view_specs
 from twinview.pretrain.config import load_config
 

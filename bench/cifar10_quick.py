@@ -24,9 +24,9 @@ import torch
 
 from twinview.evaluate.report import evaluate_knn, random_init_backbone
 from twinview.pretrain.config import load_config
-from twinview.pretrain.datasets import cache_dir, extract_archive
+from twinview.pretrain.data.builtin import cache_dir, extract_archive
 from twinview.pretrain.runs import load_trained_model
-from twinview.pretrain.train import train
+from twinview.pretrain.engine.train import train
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PER_CLASS = 1000

@@ -33,9 +33,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
-from twinview.pretrain.data import ImageFolderDataset, scan_source, worker_init
-from twinview.pretrain.datasets import cache_dir, extract_archive
+from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data.sources import ImageFolderDataset, scan_source, worker_init
+from twinview.pretrain.data.builtin import cache_dir, extract_archive
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -33,7 +33,7 @@ def run_one(loss_name: str, n: int, device: str, repeats: int) -> dict:
     """Times one loss at one batch size in this process and measures its peak memory."""
     import torch
 
-    from twinview.pretrain.losses import nt_xent, supcon
+    from twinview.pretrain.objectives.losses import nt_xent, supcon
 
     g = torch.Generator().manual_seed(0)
     z_a = torch.randn(n, DIM, generator=g).to(device).requires_grad_()

@@ -49,18 +49,14 @@ def _setup(device_name: str) -> tuple[Any, Any, Any, Any, Any]:
     from accelerate import Accelerator
 
     from twinview.pretrain.config import load_config
-    from twinview.pretrain.methods import create_method
+    from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
-    from twinview.pretrain.train import build_optimizer
+    from twinview.pretrain.engine.train import build_optimizer
 
     cfg = load_config("simclr-cifar10", ["data.path=unused"])
     accelerator = Accelerator(cpu=device_name == "cpu")
     torch.manual_seed(0)
     model = create_model(cfg.model).to(memory_format=torch.channels_last)
-    if accelerator.device.type == "cpu":
-        from twinview.pretrain import cpu_conv
-
-        cpu_conv.patch_model(model)
     method = create_method(cfg, model).to(accelerator.device)
     optimizer = build_optimizer(cfg, model, cfg.optim.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -91,8 +87,8 @@ def guard_costs(device_name: str, batch: int, steps: int) -> dict:
     """off / sync / device guards around one model, their steps interleaved."""
     import torch
 
-    from twinview.pretrain.accumulation import Accumulator
-    from twinview.pretrain.step_guard import StepGuard, grad_norm
+    from twinview.pretrain.engine.accumulation import Accumulator
+    from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
 
     accelerator, model, method, optimizer, _ = _setup(device_name)
     device = accelerator.device
@@ -133,7 +129,7 @@ def accumulation_one(name: str, device_name: str, batch: int, passes: int, steps
     """One accumulation configuration, timed in this process (a fresh one per call)."""
     import torch
 
-    from twinview.pretrain.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import Accumulator
 
     k, mode = ACCUMULATION[name]
     k = k or passes

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from twinview.augment.views import Normalize
-from twinview.pretrain.data import worker_init
+from twinview.pretrain.data.sources import worker_init
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from twinview.evaluate.features import extract_features
-from twinview.pretrain.cache import cache_key
+from twinview.pretrain.data.cache import cache_key
 from twinview.evaluate.knn import knn_accuracy
 from twinview.evaluate.linear_probe import linear_probe, state_checksum
 from twinview.evaluate.metrics import (
@@ -23,7 +23,7 @@ from twinview.evaluate.metrics import (
     verification_metrics,
 )
 from twinview.pretrain.config import Config
-from twinview.pretrain.data import ImageFolderDataset
+from twinview.pretrain.data.sources import ImageFolderDataset
 from twinview.pretrain.models import create_backbone, normalization_stats
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, load_config
-from twinview.pretrain.decode import BadImage
+from twinview.pretrain.data.decode import BadImage
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -69,8 +69,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from twinview.pretrain.runs import load_run_config, new_shared_run_dir
-    from twinview.pretrain.step_guard import NonFiniteTraining
-    from twinview.pretrain.train import TrainingInterrupted, train
+    from twinview.pretrain.engine.step_guard import NonFiniteTraining
+    from twinview.pretrain.engine.train import TrainingInterrupted, train
 
     try:
         if args.resume:
@@ -174,10 +174,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from twinview.evaluate.report import evaluate_knn, random_init_backbone
-    from twinview.pretrain.datasets import materialize_digits
+    from twinview.pretrain.data.builtin import materialize_digits
     from twinview.pretrain.export import export_run
     from twinview.pretrain.runs import load_trained_model, new_run_dir
-    from twinview.pretrain.train import train
+    from twinview.pretrain.engine.train import train
 
     started = time.perf_counter()
     digits = materialize_digits()

@@ -12,12 +12,13 @@ import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from twinview.augment.recipes import RECIPES, recipe_values
+from twinview.augment.config import RECIPES, AugmentConfig, fill_recipe
+from twinview.evaluate.config import EvalConfig
 
 
 @dataclass
@@ -58,65 +59,6 @@ class DataConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """The contrastive views, made on the training device (``twinview.augment``).
-
-    Keys marked *recipe* default to ``None``: ``augment.recipe`` fills them with the paper's values
-    (``twinview.augment.recipes``); setting one in YAML or on the command line overrides the recipe.
-    Per-view keys take one value for each of the two global views, e.g. ``augment.blur_p=[1.0,0.1]``.
-
-    Attributes:
-        recipe: ``simclr``, ``moco_v2``, ``byol`` or ``moco_v3``.
-        backend: ``fast`` (twinview's batched ops) or ``kornia`` (Kornia's modules, the reference).
-        crop_size: Output side of each global view; ``0`` means ``data.image_size``.
-        crop_scale: *recipe*. Area range of the random resized crop.
-        crop_ratio: Aspect-ratio range of the random resized crop.
-        flip_p: Probability of a horizontal flip.
-        brightness: *recipe*. Brightness factor range ``[1 - b, 1 + b]`` (times ``jitter_strength``).
-        contrast: *recipe*. Contrast factor range (times ``jitter_strength``).
-        saturation: *recipe*. Saturation factor range (times ``jitter_strength``).
-        hue: *recipe*. Hue shift range in turns (times ``jitter_strength``, at most 0.5).
-        jitter_strength: SimCLR's colour-distortion strength s, multiplying the four ranges above.
-        jitter_p: *recipe*. Probability of applying colour jitter.
-        grayscale_p: *recipe*. Probability of converting a view to grayscale.
-        blur_p: *recipe*, per view. Probability of Gaussian blur.
-        blur_kernel_frac: Blur kernel side as a fraction of the view side (rounded up to odd).
-        blur_sigma: Range of the blur's standard deviation, in pixels.
-        blur_min_size: Views smaller than this are never blurred (SimCLR leaves CIFAR unblurred).
-        solarize_p: *recipe*, per view. Probability of solarisation.
-        solarize_threshold: Pixels at or above this value (in [0, 1]) are inverted.
-        local_crops: Number of extra multi-crop local views (0: none).
-        local_crop_size: Side of the local views; ``0`` means 96/224 of the global side.
-        local_crop_scale: Area range of the local crops.
-        local_blur_p: Blur probability of the local views.
-    """
-
-    recipe: str = "simclr"
-    backend: str = "fast"
-    crop_size: int = 0
-    crop_scale: Optional[tuple[float, float]] = None
-    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    flip_p: float = 0.5
-    brightness: Optional[float] = None
-    contrast: Optional[float] = None
-    saturation: Optional[float] = None
-    hue: Optional[float] = None
-    jitter_strength: float = 1.0
-    jitter_p: Optional[float] = None
-    grayscale_p: Optional[float] = None
-    blur_p: Optional[tuple[float, float]] = None
-    blur_kernel_frac: float = 0.1
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_min_size: int = 33
-    solarize_p: Optional[tuple[float, float]] = None
-    solarize_threshold: float = 0.5
-    local_crops: int = 0
-    local_crop_size: int = 0
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    local_blur_p: float = 0.5
-
-
-@dataclass
 class ModelConfig:
     """Backbone and projection head.
 
@@ -142,7 +84,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective (``twinview.pretrain.methods``).
+    """The training objective (``twinview.pretrain.objectives.methods``).
 
     Attributes:
         name: ``simclr``, ``moco_v2``, ``moco_v3`` (self-supervised) or ``supcon``, ``triplet``,
@@ -248,28 +190,6 @@ class TrainConfig:
     grad_accumulation_mode: str = "cached"
     max_nonfinite_steps: int = 10
     nonfinite_check: str = "auto"
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation of frozen features.
-
-    Attributes:
-        knn_k: Number of neighbours of the weighted kNN classifier.
-        knn_temperature: Temperature of the kNN's exp(sim / T) vote weights.
-        batch_size: Images per forward pass when extracting features.
-        monitor_every: During pretraining, kNN top-1 on a labelled hold-out every N epochs (0: off),
-            logged in metrics.jsonl and plotted by ``twinview evaluate``.
-        monitor_train: Labelled reference folder of the monitor (class sub-folders).
-        monitor_test: Labelled query folder of the monitor.
-    """
-
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    batch_size: int = 512
-    monitor_every: int = 0
-    monitor_train: str = ""
-    monitor_test: str = ""
 
 
 @dataclass
@@ -387,13 +307,6 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"invalid value for '{key}': {value!r}. Valid values: {', '.join(valid)}.")
 
 
-def _fill_recipe(augment: AugmentConfig) -> None:
-    """Sets every augment key left unset to the value of ``augment.recipe``."""
-    for key, value in recipe_values(augment.recipe).items():
-        if getattr(augment, key) is None:
-            setattr(augment, key, value)
-
-
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Builds a Config from the defaults, an optional YAML recipe and dotted overrides.
 
@@ -428,7 +341,7 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
     cfg = OmegaConf.to_object(base)
     assert isinstance(cfg, Config)
     _check_choices(cfg)
-    _fill_recipe(cfg.augment)
+    fill_recipe(cfg.augment)
     return cfg
 
 

@@ -83,15 +83,6 @@ def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` on a single process."""
-    if world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over processes, as a new tensor (on the device, no host sync)."""
     x = x.clone()

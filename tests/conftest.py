@@ -62,7 +62,7 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real CIFAR-10 (``cifar10-jpeg/{train,test}/<class>/``), extracted once per session."""
     if not CIFAR_ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 archive not found at {CIFAR_ARCHIVE} (only present on the project machines)")
-    from twinview.pretrain.datasets import extract_archive
+    from twinview.pretrain.data.builtin import extract_archive
 
     return extract_archive(CIFAR_ARCHIVE, _session_cache(tmp_path_factory)) / "cifar10-jpeg"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from twinview.augment import views as V
-from twinview.augment.recipes import RECIPES
+from twinview.augment.config import RECIPES
 from twinview.augment.sampling import ViewRNG
 from twinview.augment.views import KorniaViewPipeline, ViewPipeline, ViewSpec, blur_kernel_size, build_views, view_specs
 from twinview.pretrain.config import AugmentConfig, ConfigError, load_config

@@ -14,7 +14,7 @@ def _worker(rank: int, folder: str, port: int, out: str) -> None:
     from accelerate import Accelerator
 
     from twinview.evaluate.features import extract_features
-    from twinview.pretrain.data import ImageFolderDataset
+    from twinview.pretrain.data.sources import ImageFolderDataset
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -28,7 +28,7 @@ def _worker(rank: int, folder: str, port: int, out: str) -> None:
 
 def test_two_processes_gather_every_feature_once_in_order(image_folder: Path, tmp_path: Path) -> None:
     from twinview.evaluate.features import extract_features
-    from twinview.pretrain.data import ImageFolderDataset
+    from twinview.pretrain.data.sources import ImageFolderDataset
 
     port = 29500 + os.getpid() % 1000
     mp.spawn(_worker, args=(str(image_folder), port, str(tmp_path / "out")), nprocs=2, join=True)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twinview.pretrain import methods
+from twinview.pretrain.objectives import methods
 from twinview.pretrain.config import load_config
 from twinview.pretrain.runs import checkpoints, new_run_dir
-from twinview.pretrain.train import TrainingInterrupted, train
+from twinview.pretrain.engine.train import TrainingInterrupted, train
 
 # No batch-dependent computation (ViT: layer norm; linear head) and views without random parameters
 PER_SAMPLE = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model.kwargs.patch_size=8",
@@ -121,7 +121,7 @@ def _method_state(run_dir: Path) -> Path:
 
 
 def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    from twinview.pretrain.methods import create_method
+    from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
 
     extra = {"moco_v2": ["objective.queue_size=32", "objective.bn_splits=2"], "triplet": ["objective.mining=semi_hard"]}
@@ -143,7 +143,7 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
 
     from accelerate import Accelerator
 
-    from twinview.pretrain.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import Accumulator
 
     _, model, method = _objective_setup(objective)
     g = torch.Generator().manual_seed(3)
@@ -184,7 +184,7 @@ def test_independent_accumulation_averages_per_pass_losses() -> None:
 
     from accelerate import Accelerator
 
-    from twinview.pretrain.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import Accumulator
 
     _, model, method = _objective_setup("simclr")
     g = torch.Generator().manual_seed(3)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twinview.pretrain.data import ImageFolderDataset, SkipLog
-from twinview.pretrain.decode import BadImage, decode_image
+from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
+from twinview.pretrain.data.decode import BadImage, decode_image
 
 
 def _rgb(path: Path, color: tuple[int, int, int] = (200, 30, 60), size: int = 16) -> Path:

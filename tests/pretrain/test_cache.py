@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from twinview.pretrain.cache import CachedDataset, DeviceBatches, build_or_load, cache_key
+from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, build_or_load, cache_key
 from twinview.pretrain.config import load_config
-from twinview.pretrain.data import scan_source
-from twinview.pretrain.decode import BadImage, decode_image
-from twinview.pretrain.train import train
+from twinview.pretrain.data.sources import scan_source
+from twinview.pretrain.data.decode import BadImage, decode_image
+from twinview.pretrain.engine.train import train
 
 
 def test_cache_holds_the_decoded_images_and_is_reused(image_folder: Path, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_batched_reads_equal_item_reads_in_the_batch_order(image_folder: Path, t
 
 
 def test_device_batches_deal_p_x_k_batches_round_robin(image_folder: Path, tmp_path: Path) -> None:
-    from twinview.pretrain.pk_sampler import PKBatchSampler
+    from twinview.pretrain.data.pk_sampler import PKBatchSampler
 
     cache = build_or_load(scan_source(image_folder), 8, workers=1, root=tmp_path)
     single = list(PKBatchSampler(cache.index.labels, 2, 2, seed=3))  # 6 batches of 4

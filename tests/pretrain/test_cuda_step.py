@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.methods import create_method
+from twinview.pretrain.objectives.methods import create_method
 from twinview.pretrain.models import create_model
-from twinview.pretrain.step_guard import StepGuard, grad_norm
-from twinview.pretrain.train import build_optimizer
+from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
+from twinview.pretrain.engine.train import build_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
 
@@ -66,7 +66,7 @@ def test_a_guarded_step_in_device_mode_makes_no_host_sync(objective: str, optimi
 def test_cached_accumulation_replays_cuda_dropout() -> None:
     from accelerate import Accelerator
 
-    from twinview.pretrain.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import Accumulator
 
     _, model, method = _setup("simclr", "sgd", drop=0.3)
     passes = [([torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)], torch.zeros(4, dtype=torch.long, device="cuda"))

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from twinview.pretrain import distributed
-from twinview.pretrain.losses import nt_xent, supcon
-from twinview.pretrain.moco import KeyQueue, encode_keys_without_bn_leak
+from twinview.pretrain.objectives.losses import nt_xent, supcon
+from twinview.pretrain.objectives.moco import KeyQueue, encode_keys_without_bn_leak
 
 WORLD = 2
 N, D_IN, D = 6, 5, 4  # per-process batch, input and embedding widths

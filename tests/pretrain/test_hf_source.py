@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.hf_source import HFImageDataset, is_hf_source, pick_columns
-from twinview.pretrain.train import train
+from twinview.pretrain.data.hf import HFImageDataset, is_hf_source, pick_columns
+from twinview.pretrain.engine.train import train
 
 SMALL = ["data.image_size=24", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
          "model.proj_hidden_dim=32", "model.proj_dim=16"]
@@ -85,8 +85,8 @@ def test_column_detection_and_its_errors(hf_dataset: datasets.Dataset) -> None:
 
 
 def test_a_corrupt_row_is_replaced_and_listed(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
-    from twinview.pretrain.data import SkipLog
-    from twinview.pretrain.decode import BadImage
+    from twinview.pretrain.data.sources import SkipLog
+    from twinview.pretrain.data.decode import BadImage
 
     rows = hf_dataset.cast_column("img", datasets.Image(decode=False))[:]
     rows["img"][4] = {"path": None, "bytes": b"not an image"}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from twinview.pretrain.losses import nt_xent
+from twinview.pretrain.objectives.losses import nt_xent
 
 
 def nt_xent_loop(z_a: torch.Tensor, z_b: torch.Tensor, t: float) -> torch.Tensor:
@@ -64,7 +64,7 @@ def test_swapping_views_keeps_the_loss() -> None:
 
 # ---- InfoNCE, SupCon, margin contrastive, triplet: brute-force loops over pairs and triplets ----
 
-from twinview.pretrain.losses import info_nce, pairwise_contrastive, supcon, triplet  # noqa: E402
+from twinview.pretrain.objectives.losses import info_nce, pairwise_contrastive, supcon, triplet  # noqa: E402
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twinview.pretrain.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
+from twinview.pretrain.objectives.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
 
 
 def _net(seed: int) -> nn.Module:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from twinview.pretrain.config import load_config
 from twinview.pretrain.runs import new_run_dir
-from twinview.pretrain.train import train
+from twinview.pretrain.engine.train import train
 
 # Per-sample computation only, so one process with a batch of 8 and two with 4 each must agree:
 # a ViT (layer norm) and a linear head (no batch norm), and views without random parameters (the

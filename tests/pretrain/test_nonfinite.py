@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twinview.pretrain import methods
+from twinview.pretrain.objectives import methods
 from twinview.pretrain.cli import main
 from twinview.pretrain.config import load_config
 from twinview.pretrain.runs import checkpoints, new_run_dir
-from twinview.pretrain.train import train
+from twinview.pretrain.engine.train import train
 
 SMALL = ["model.backbone=resnet18", "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=24",
          "data.num_workers=0", "train.batch_size=8", "train.log_every=1", "optim.lr=0.1"]

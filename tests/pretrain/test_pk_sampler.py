@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from twinview.pretrain.pk_sampler import PKBatchSampler
+from twinview.pretrain.data.pk_sampler import PKBatchSampler
 
 LABELS = [0] * 10 + [1] * 6 + [2] * 2 + [3] * 8  # class 2 has fewer than K images
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from twinview.pretrain.moco import MomentumEncoder
-from twinview.pretrain.step_guard import StepGuard, grad_norm, resolve_mode
+from twinview.pretrain.objectives.moco import MomentumEncoder
+from twinview.pretrain.engine.step_guard import StepGuard, grad_norm, resolve_mode
 
 BAD = {2, 3, 6}  # steps whose loss is made NaN
 
@@ -184,7 +184,7 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
     import copy
 
     from twinview.pretrain.config import load_config
-    from twinview.pretrain.methods import create_method
+    from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
 
     cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from twinview.augment.views import build_views
 from twinview.pretrain.config import load_config
-from twinview.pretrain.data import ImageFolderDataset
-from twinview.pretrain.losses import nt_xent
+from twinview.pretrain.data.sources import ImageFolderDataset
+from twinview.pretrain.objectives.losses import nt_xent
 from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.runs import checkpoints, load_trained_model, new_run_dir
-from twinview.pretrain.train import train
+from twinview.pretrain.engine.train import train
 
 SMALL = [
     "model.backbone=resnet18",
@@ -252,7 +252,7 @@ def test_lr_scaling_clipping_and_tensorboard(image_folder: Path, tmp_path: Path)
 def test_mixed_precision_the_device_cannot_run_is_refused_before_compute(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from twinview.pretrain.train import check_precision
+    from twinview.pretrain.engine.train import check_precision
 
     cfg = _cfg(image_folder, tmp_path / "runs", "train.mixed_precision=fp16", "train.run_name=fp16")
     run_dir = tmp_path / "runs" / "fp16"
@@ -276,7 +276,7 @@ def test_the_newest_k_checkpoints_are_kept(image_folder: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(("name", "kind"), [("sgd", "SGD"), ("lars", "Lars"), ("adamw", "AdamW")])
 def test_optimizers_leave_norms_and_biases_out_of_weight_decay(name: str, kind: str) -> None:
-    from twinview.pretrain.train import build_optimizer
+    from twinview.pretrain.engine.train import build_optimizer
 
     cfg = load_config(None, ["data.path=unused", f"optim.name={name}", "optim.weight_decay=0.01"])
     model = create_model(cfg.model)
@@ -293,7 +293,7 @@ def test_optimizers_leave_norms_and_biases_out_of_weight_decay(name: str, kind: 
 def test_on_a_gpu_the_adam_family_keeps_its_step_count_on_the_device() -> None:
     """``capturable`` Adam keeps ``state['step']`` on the GPU, which the device-mode non-finite
     check restores with the weights (construction only: no GPU needed)."""
-    from twinview.pretrain.train import build_optimizer
+    from twinview.pretrain.engine.train import build_optimizer
 
     model = torch.nn.Linear(2, 2)
     for name, capturable in [("adamw", True), ("adam", True), ("lars", None), ("sgd", None)]:
@@ -305,7 +305,7 @@ def test_on_a_gpu_the_adam_family_keeps_its_step_count_on_the_device() -> None:
 @pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
 def test_lr_scales_with_the_global_batch_of_an_optimiser_step(rule: str, factor: float) -> None:
     """64 per pass x 2 processes x 2 accumulated passes = 256 = 4 x base_batch_size 64."""
-    from twinview.pretrain.train import scaled_lr
+    from twinview.pretrain.engine.train import scaled_lr
 
     cfg = load_config(None, ["data.path=unused", "optim.lr=0.3", f"optim.lr_scaling={rule}", "optim.base_batch_size=64",
                              "train.batch_size=64", "train.grad_accumulation=2"])

@@ -1,10 +1,10 @@
 """The pretraining loop: HF Accelerate on one CPU, one GPU or many processes.
 
 Per optimiser step: ``train.grad_accumulation`` uint8 batches arrive on the device, the views are
-made there (twinview.augment), the method (twinview.pretrain.methods: SimCLR, MoCo v2/v3 or a
+made there (twinview.augment), the method (twinview.pretrain.objectives.methods: SimCLR, MoCo v2/v3 or a
 supervised metric loss) computes the loss, backward; then the optimiser step and the method's own
 update (the MoCo momentum encoder), both skipped when the loss or gradient is not finite
-(twinview.pretrain.step_guard). Loss, gradient norm and counters are summed on the device and read
+(twinview.pretrain.engine.step_guard). Loss, gradient norm and counters are summed on the device and read
 back every ``train.log_every`` steps, the loop's host synchronisation (on accelerators the only
 one; on a CPU, where it is free, the finite check also reads its flag every step).
 """
@@ -33,17 +33,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from twinview.augment.views import build_views
-from twinview.pretrain.accumulation import Accumulator
-from twinview.pretrain import cpu_conv
+from twinview.pretrain.engine.accumulation import Accumulator
 from twinview.pretrain.config import Config, as_dict, save_config
-from twinview.pretrain.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
 from twinview.pretrain.distributed import all_reduce_min, use_cpu
-from twinview.pretrain.data import ImageFolderDataset, SkipLog, scan_source, worker_init
-from twinview.pretrain.hf_source import HFImageDataset, HFStreamingDataset, is_hf_source
-from twinview.pretrain.methods import SUPERVISED, create_method
+from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog, scan_source, worker_init
+from twinview.pretrain.data.hf import HFImageDataset, HFStreamingDataset, is_hf_source
+from twinview.pretrain.objectives.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
-from twinview.pretrain.pk_sampler import PKBatchSampler
-from twinview.pretrain.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
+from twinview.pretrain.data.pk_sampler import PKBatchSampler
+from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.runs import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -377,8 +376,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     loader, pk_sampler = _data(cfg, accelerator, skip_log)
 
     model = create_model(cfg.model, predictor=cfg.objective.name == "moco_v3")
-    if device.type == "cpu":
-        cpu_conv.patch_model(model)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     mean, std = normalization_stats(model.backbone)

@@ -3,7 +3,7 @@
 A method is a small module called once per forward pass, ``method(model, views, labels) -> loss``,
 which is ``loss(embed(model, views), keys(views), labels)``: ``embed`` is the path with gradient
 (the trained model), ``keys`` the path without (MoCo's momentum encoder), ``loss`` the objective on
-their outputs. Gradient accumulation in ``cached`` mode (twinview.pretrain.accumulation) calls the
+their outputs. Gradient accumulation in ``cached`` mode (twinview.pretrain.engine.accumulation) calls the
 three parts itself, so the loss sees every pass of an optimiser step at once. Then
 ``method.after_step(online, step, total_steps, apply)`` after the optimiser step (``apply``: None, or
 a 0-dim bool flag on the device that is False for a skipped non-finite step). Its state (the MoCo
@@ -26,9 +26,9 @@ from torch import nn
 
 from twinview.pretrain import distributed
 from twinview.pretrain.config import Config
-from twinview.pretrain.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
+from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
 from twinview.pretrain.distributed import to_device_async
-from twinview.pretrain.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
+from twinview.pretrain.objectives.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
 
 SUPERVISED = ("supcon", "triplet", "contrastive")
 

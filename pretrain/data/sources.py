@@ -16,8 +16,8 @@ from typing import Callable, TypeVar
 import torch
 from torch.utils.data import Dataset
 
-from twinview.pretrain.datasets import resolve_path
-from twinview.pretrain.decode import BadImage, decode_image
+from twinview.pretrain.data.builtin import resolve_path
+from twinview.pretrain.data.decode import BadImage, decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 FILE_LIST_SUFFIXES = (".txt", ".csv")

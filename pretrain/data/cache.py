@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from twinview.pretrain.data import FolderIndex
-from twinview.pretrain.datasets import cache_dir
-from twinview.pretrain.decode import BadImage, decode_image
+from twinview.pretrain.data.sources import FolderIndex
+from twinview.pretrain.data.builtin import cache_dir
+from twinview.pretrain.data.decode import BadImage, decode_image
 from twinview.pretrain.distributed import to_device_async
 
 CACHE_VERSION = 1

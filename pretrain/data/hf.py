@@ -26,8 +26,8 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from twinview.pretrain.data import UNLABELED, FolderIndex, SkipLog, first_decodable
-from twinview.pretrain.decode import BadImage, square_rgb
+from twinview.pretrain.data.sources import UNLABELED, FolderIndex, SkipLog, first_decodable
+from twinview.pretrain.data.decode import BadImage, square_rgb
 
 HF_PREFIX = "hf:"
 TABLE_SUFFIXES = (".parquet", ".arrow")

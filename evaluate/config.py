@@ -1,0 +1,27 @@
+"""The ``eval`` config section: how frozen features are scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of frozen features.
+
+    Attributes:
+        knn_k: Number of neighbours of the weighted kNN classifier.
+        knn_temperature: Temperature of the kNN's exp(sim / T) vote weights.
+        batch_size: Images per forward pass when extracting features.
+        monitor_every: During pretraining, kNN top-1 on a labelled hold-out every N epochs (0: off),
+            logged in metrics.jsonl and plotted by ``twinview evaluate``.
+        monitor_train: Labelled reference folder of the monitor (class sub-folders).
+        monitor_test: Labelled query folder of the monitor.
+    """
+
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 512
+    monitor_every: int = 0
+    monitor_train: str = ""
+    monitor_test: str = ""

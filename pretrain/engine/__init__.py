@@ -1,0 +1,1 @@
+"""The training engine: the loop, gradient accumulation, the non-finite step guard, checkpoints."""
