@@ -42,6 +42,7 @@ from twinview.pretrain.data.hf import HFImageDataset, HFStreamingDataset, is_hf_
 from twinview.pretrain.objectives.methods import SUPERVISED, create_method
 from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.data.pk_sampler import PKBatchSampler
+from twinview.pretrain.engine.monitor import monitor_knn
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.runs import (
     CONFIG_FILE,
@@ -250,20 +251,6 @@ class _StreamBatches:
             except StopIteration:
                 raise ValueError("the streamed data set produced no decodable images") from None
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-
-def _monitor(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -> dict[str, float]:
-    """kNN top-1/top-5 of the current backbone on the monitor's hold-out (main process; others wait)."""
-    from twinview.evaluate.report import evaluate_knn
-
-    result: dict[str, float] = {}
-    if accelerator.is_main_process:
-        backbone = accelerator.unwrap_model(model).backbone
-        scores = evaluate_knn(backbone, cfg, cfg.eval.monitor_train, cfg.eval.monitor_test, device=accelerator.device)
-        result = {"knn_top1": scores["knn_top1"], "knn_top5": scores["knn_top5"]}
-        accelerator.print(f"monitor: kNN top-1 {result['knn_top1']:.4f} top-5 {result['knn_top5']:.4f}")
-    accelerator.wait_for_everyone()
-    return result
 
 
 def _report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
@@ -540,7 +527,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 record["skipped_steps"] = skipped_total - skipped_before
                 skipped_before = skipped_total
             if cfg.eval.monitor_every and (epoch + 1) % cfg.eval.monitor_every == 0:
-                record.update(_monitor(cfg, accelerator, model))
+                record.update(monitor_knn(cfg, accelerator, model))
             metrics.write(record)
             if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
                 _save_checkpoint(accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch)
