@@ -1,7 +1,8 @@
-"""A PNG grid of images and their views, so a person can check a recipe in seconds.
+"""A PNG grid of images and their views, so a person can check a recipe by eye.
 
-``twinview preview --data DIR --recipe simclr --out views.png``: one row per image, the original
-first, then each view as the model would see it before normalisation (global views, then local ones).
+``twinview preview --data DIR --recipe simclr --out views.png`` loads the images and calls
+:func:`preview`: one row per image, the original first, then each view as the model would see it
+before normalisation (global views, then local ones).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from twinview.augment.config import AugmentConfig
 from twinview.augment.views import build_views
-from twinview.pretrain.config import Config
-from twinview.pretrain.data.sources import ImageFolderDataset
 
 MIN_CELL = 96  # small images are enlarged (nearest neighbour) to at least this many pixels
 GAP = 4
@@ -54,27 +54,34 @@ def render_grid(originals: torch.Tensor, views: Sequence[torch.Tensor], titles: 
     return canvas
 
 
-def preview(cfg: Config, out: Path, num_images: int = 8, seed: int = 0) -> Path:
-    """Renders ``num_images`` images of ``cfg.data.path`` with their views into a PNG.
+def preview(images: torch.Tensor, augment: AugmentConfig, out: Path, mean: Sequence[float] = (0.0, 0.0, 0.0),
+            std: Sequence[float] = (1.0, 1.0, 1.0), seed: int = 0) -> Path:
+    """Renders images with their views into a PNG, one row per image.
 
     Args:
-        cfg: A resolved config (data and augment sections are used).
+        images: ``(N, 3, S, S)`` uint8 images; the views are made at ``S`` (``data.image_size``).
+        augment: The recipe of the views.
         out: Output PNG path (parent folders are created).
-        num_images: Rows of the grid (drawn at random with ``seed``, at most the folder's size).
-        seed: Seeds the choice of images and the views.
+        mean: Normalisation mean the views are made with (undone for display).
+        std: Normalisation std the views are made with (undone for display). The defaults leave
+            the views in [0, 1], as the model sees them before normalisation.
+        seed: Seeds the views.
 
     Returns:
         ``out``.
     """
-    dataset = ImageFolderDataset(cfg.data.path, cfg.data.image_size)
-    g = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(dataset), generator=g)[: min(num_images, len(dataset))].tolist()
-    images = torch.stack([dataset[i][0] for i in picks])  # (N, 3, H, W) uint8
-    # mean 0 / std 1 leaves the views in [0, 1], as the model sees them before normalisation
-    views = build_views(cfg.augment, cfg.data.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), seed=seed)(images)
+    views = build_views(augment, images.shape[-1], mean, std, seed=seed)(images)
+    shown = [unnormalize(v, mean, std) for v in views]
     titles = ["original"] + [f"view {i + 1}" for i in range(2)] + [f"local {i + 1}" for i in range(len(views) - 2)]
-    grid = render_grid(images.float() / 255, views, titles)
+    grid = render_grid(images.float() / 255, shown, titles)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out
+
+
+def unnormalize(views: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``views * std + mean`` per channel: normalised views back in [0, 1] units (exact for 0 / 1)."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=views.device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=views.device).view(1, -1, 1, 1)
+    return views.float() * std_t + mean_t

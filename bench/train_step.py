@@ -51,7 +51,7 @@ def _setup(device_name: str) -> tuple[Any, Any, Any, Any, Any]:
     from twinview.pretrain.config import load_config
     from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
-    from twinview.pretrain.engine.train import build_optimizer
+    from twinview.pretrain.engine.optim import build_optimizer
 
     cfg = load_config("simclr-cifar10", ["data.path=unused"])
     accelerator = Accelerator(cpu=device_name == "cpu")

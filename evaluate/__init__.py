@@ -1,1 +1,1 @@
-"""twinview.evaluate: frozen-feature extraction and kNN evaluation."""
+"""twinview.evaluate: frozen-feature extraction, kNN, retrieval, verification, diagnostics, reports."""

@@ -1,9 +1,14 @@
 """Frozen-backbone feature extraction, batched on the device, sharded over processes when launched
 with several (``accelerate launch``): each process extracts its share and ``gather_for_metrics``
-puts every feature back, in dataset order, on every process."""
+puts every feature back, in dataset order, on every process. :class:`FeatureExtractor` adds an
+optional on-disk cache keyed by the data set's fingerprint and the backbone's weights."""
 
 from __future__ import annotations
 
+import hashlib
+import signal
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -11,7 +16,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from twinview.augment.views import Normalize
-from twinview.pretrain.data.sources import worker_init
+from twinview.evaluate.dataset import LabelledImages
+
+
+def quiet_worker(_: int) -> None:
+    """DataLoader ``worker_init_fn``: one thread per decoding worker, and deaf to SIGTERM/SIGINT
+    (launchers and Ctrl-C signal the whole process group; the DataLoader stops its workers itself)."""
+    torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def state_checksum(module: nn.Module) -> float:
+    """A float summary of every parameter and buffer, to show a backbone was not changed."""
+    with torch.no_grad():
+        return float(sum(t.double().sum() + t.double().abs().sum() for t in module.state_dict().values() if t.is_floating_point()))
 
 
 @torch.no_grad()
@@ -50,7 +69,7 @@ def extract_features(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        worker_init_fn=worker_init if num_workers > 0 else None,
+        worker_init_fn=quiet_worker if num_workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
     sharded = accelerator is not None and accelerator.num_processes > 1
@@ -66,3 +85,68 @@ def extract_features(
         labels.append(t.cpu())
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
+
+
+def cache_file(folder: Path, dataset: LabelledImages, weights_checksum: float) -> Path:
+    """Where the features of ``dataset`` under weights ``weights_checksum`` are cached in ``folder``.
+
+    The name is the data set's folder name and a hash of its fingerprint (files, sizes, mtimes,
+    labels, image size) and the weights: a changed data set or backbone gets a new file.
+    """
+    key = hashlib.sha256(f"{dataset.fingerprint()}:{weights_checksum!r}".encode()).hexdigest()[:16]
+    return Path(folder) / f"{Path(dataset.index.root).name}-{key}.pt"
+
+
+def save_features(path: Path, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """Writes features and labels atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"features": features, "labels": labels}, tmp)
+    tmp.replace(path)
+
+
+def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reads what :func:`save_features` wrote."""
+    cached = torch.load(path)
+    return cached["features"], cached["labels"]
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """Extracts the frozen features of labelled data sets with one backbone, optionally cached.
+
+    Attributes:
+        backbone: The frozen backbone.
+        mean: Its normalisation mean.
+        std: Its normalisation std.
+        batch_size: Images per forward pass.
+        num_workers: Decoding workers.
+        device: Where to run the backbone.
+        accelerator: Several processes (``accelerate launch``) split the extraction, see
+            :func:`extract_features`.
+        cache_dir: Cache the features of each data set there (``None``: no cache).
+    """
+
+    backbone: nn.Module
+    mean: Sequence[float]
+    std: Sequence[float]
+    batch_size: int = 512
+    num_workers: int = 2
+    device: torch.device | str = "cpu"
+    accelerator: Any | None = None
+    cache_dir: Path | None = None
+
+    def __call__(self, dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, D)`` features and ``(N,)`` labels of ``dataset``, read from the cache when there."""
+        if self.cache_dir is None:
+            return self._extract(dataset)
+        path = cache_file(self.cache_dir, dataset, state_checksum(self.backbone))
+        if path.is_file():
+            return load_features(path)
+        features, labels = self._extract(dataset)
+        save_features(path, features, labels)
+        return features, labels
+
+    def _extract(self, dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(self.backbone, dataset, self.mean, self.std, batch_size=self.batch_size,  # type: ignore[arg-type]
+                                num_workers=self.num_workers, device=self.device, accelerator=self.accelerator)

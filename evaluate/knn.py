@@ -33,7 +33,7 @@ def knn_scores(
         k: Neighbours per query (capped at N).
         temperature: T of the vote weights.
         chunk_size: Queries per block, so memory stays ``chunk_size x N``; 0 picks it so that a
-            block holds at most ``SIMILARITY_BUDGET`` similarities (1M x 100k runs in ~1 GB blocks).
+            block holds at most ``SIMILARITY_BUDGET`` similarities and at most 4,096 queries.
 
     Returns:
         ``(M, C)`` float32 scores.

@@ -90,8 +90,3 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return {"probe_top1": top1, "probe_top5": top5, "weight_decay": best,
             "val_top1_by_weight_decay": {str(k): v for k, v in val_top1.items()}, "epochs": epochs}
 
-
-def state_checksum(module: nn.Module) -> float:
-    """A float summary of every parameter and buffer, to show a backbone was not changed."""
-    with torch.no_grad():
-        return float(sum(t.double().sum() + t.double().abs().sum() for t in module.state_dict().values() if t.is_floating_point()))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import auc, roc_curve
 
 CHUNK = 1024
 
@@ -65,29 +67,26 @@ def verification_metrics(scores: torch.Tensor, same: torch.Tensor, far: float = 
         scores: ``(P,)`` similarity of each pair.
         same: ``(P,)`` bool, True for a genuine (same-identity) pair.
         far: The false accept rate at which to report the true accept rate.
+
+    Returns:
+        ``roc_auc`` (from scikit-learn's ROC curve over every threshold), ``eer`` (the mean of FAR
+        and FRR at the threshold where they are closest) and ``tar@far=<far>`` (the highest true
+        accept rate at a false accept rate <= ``far``).
+
+    Raises:
+        ValueError: Without both genuine and impostor pairs.
     """
-    scores, same = scores.double(), same.bool()
-    pos, neg = scores[same], scores[~same]
-    if len(pos) == 0 or len(neg) == 0:
+    scores, same = scores.double().cpu(), same.bool().cpu()
+    if bool(same.all()) or not bool(same.any()):
         raise ValueError("verification needs both genuine and impostor pairs.")
-    # ROC over every threshold t (accept when score >= t), from one descending sort: at the last
-    # pair of each tie group, the cumulative counts are the accepted genuine / impostor pairs
-    all_scores = torch.cat([pos, neg])
-    desc = all_scores.argsort(descending=True)
-    is_pos = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()[desc]
-    s_desc = all_scores[desc]
-    group_end = torch.cat([s_desc[1:] != s_desc[:-1], torch.tensor([True])])
-    zero = torch.zeros(1, dtype=torch.float64)
-    tar = torch.cat([zero, is_pos.cumsum(0)[group_end] / len(pos)])
-    fars = torch.cat([zero, (1 - is_pos).cumsum(0)[group_end] / len(neg)])
-    # the trapezoids count a tie between a genuine and an impostor pair as half: P(pos > neg) + P(=)/2
-    auc = torch.trapezoid(tar, fars)
+    # every threshold (drop_intermediate=False), so no ROC point near the EER or the FAR is lost;
+    # the trapezoids count a tie between a genuine and an impostor pair as half
+    fars, tar, _ = roc_curve(same.numpy(), scores.numpy(), drop_intermediate=False)
     frr = 1 - tar
-    i = int((fars - frr).abs().argmin())
+    i = int(np.abs(fars - frr).argmin())
     eer = float((fars[i] + frr[i]) / 2)
     ok = fars <= far
-    return {"roc_auc": float(auc), "eer": eer, f"tar@far={far:g}": float(tar[ok].max()) if ok.any() else 0.0}
-
+    return {"roc_auc": float(auc(fars, tar)), "eer": eer, f"tar@far={far:g}": float(tar[ok].max()) if ok.any() else 0.0}
 
 def alignment(z_a: torch.Tensor, z_b: torch.Tensor, alpha: float = 2.0) -> float:
     """Wang & Isola 2020: ``E ||f(x) - f(x+)||^alpha`` over positive pairs (normalised; lower is better)."""

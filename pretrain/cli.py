@@ -8,11 +8,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, load_config
 from twinview.pretrain.data.decode import BadImage
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from twinview.pretrain.data.sources import ImageFolderDataset
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -107,44 +113,52 @@ def _print_knn(label: str, result: dict) -> None:
     print(line)
 
 
+def _launched_accelerator() -> Accelerator | None:
+    """An Accelerator under ``accelerate launch`` with several processes (they split the feature
+    extraction), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    from twinview.pretrain.distributed import use_cpu
+
+    return Accelerator(cpu=use_cpu(False))  # CPU-only machines: see use_cpu
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from twinview.evaluate.report import evaluate_knn, random_init_backbone, write_report
+    from twinview.evaluate.plots import training_curves
+    from twinview.evaluate.report import write_report
+    from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
     from twinview.pretrain.runs import load_backbone_for_evaluation
 
-    cfg, backbone = load_backbone_for_evaluation(Path(args.run_dir), args.overrides)
+    run_dir = Path(args.run_dir)
+    cfg, backbone = load_backbone_for_evaluation(run_dir, args.overrides)
     _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
-    from twinview.evaluate.plots import training_curves
-
-    plots_dir = Path(args.run_dir) / "plots"
-    accelerator, main_process = None, True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch ... evaluate`: split the extraction
-        from accelerate import Accelerator
-
-        from twinview.pretrain.distributed import use_cpu
-
-        accelerator = Accelerator(cpu=use_cpu(False))  # CPU-only machines: see use_cpu
-        main_process = accelerator.is_main_process
-    features_dir = Path(args.run_dir) / "features" if accelerator is None else None
-    result = {"pretrained": evaluate_knn(backbone, cfg, args.train, args.test, probe=args.linear_probe,
-                                         plots_dir=plots_dir if main_process else None, features_dir=features_dir,
-                                         accelerator=accelerator)}
-    if not main_process:
+    reference, query = labelled_folders(args.train, args.test, cfg.data.image_size)
+    accelerator = _launched_accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
+    plots_dir = run_dir / "plots"
+    features_dir = run_dir / "features" if accelerator is None else None
+    result = {"pretrained": evaluate_backbone(backbone, cfg, reference, query, probe=args.linear_probe,
+                                              plots_dir=plots_dir if main_process else None,
+                                              features_dir=features_dir, accelerator=accelerator)}
+    if not main_process:  # the other processes only help extract the features
         if args.baseline:
-            evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, accelerator=accelerator)
+            evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, accelerator=accelerator)
         return 0
-    if (Path(args.run_dir) / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
-        result["pretrained"]["plots"].append(str(training_curves(Path(args.run_dir) / "metrics.jsonl", plots_dir / "training.png")))
+    if (run_dir / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
+        result["pretrained"]["plots"].append(str(training_curves(run_dir / "metrics.jsonl", plots_dir / "training.png")))
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
-        result["random_init"] = evaluate_knn(random_init_backbone(cfg), cfg, args.train, args.test, probe=args.linear_probe,
-                                             features_dir=features_dir, accelerator=accelerator)
+        result["random_init"] = evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, probe=args.linear_probe,
+                                                  features_dir=features_dir, accelerator=accelerator)
         _print_knn("random-init backbone", result["random_init"])
     for name, r in result.items():
         if r["diagnostics"]["collapse_warning"]:
             print(f"warning ({name}): {r['diagnostics']['collapse_warning']}")
-    out = Path(args.run_dir) / "eval.json"
+    out = run_dir / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    report = write_report(result, Path(args.run_dir) / "report.md", f"Evaluation of {args.run_dir}")
+    report = write_report(result, run_dir / "report.md", f"Evaluation of {args.run_dir}")
     print(f"Wrote {out}, {report} and plots in {plots_dir}/")
     return 0
 
@@ -158,8 +172,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _random_images(dataset: ImageFolderDataset, num: int, seed: int) -> torch.Tensor:
+    """``(min(num, len), 3, S, S)`` uint8 images of the data set, drawn at random with ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(dataset), generator=g)[: min(num, len(dataset))].tolist()
+    return torch.stack([dataset[i][0] for i in picks])
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
     from twinview.augment.preview import preview
+    from twinview.pretrain.data.sources import ImageFolderDataset
 
     overrides = [f"data.path={args.data}"]
     if args.recipe:
@@ -167,17 +191,18 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if args.size:
         overrides.append(f"data.image_size={args.size}")
     cfg = load_config(args.config, overrides + list(args.overrides))
-    out = preview(cfg, Path(args.out), num_images=args.num, seed=args.seed)
+    images = _random_images(ImageFolderDataset(cfg.data.path, cfg.data.image_size), args.num, args.seed)
+    out = preview(images, cfg.augment, Path(args.out), seed=args.seed)
     print(f"Wrote {out} ({cfg.augment.recipe} views of {args.num} images from {args.data}).")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from twinview.evaluate.report import evaluate_knn, random_init_backbone
     from twinview.pretrain.data.builtin import materialize_digits
-    from twinview.pretrain.export import export_run
-    from twinview.pretrain.runs import load_trained_model, new_run_dir
     from twinview.pretrain.engine.train import train
+    from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
+    from twinview.pretrain.export import export_run
+    from twinview.pretrain.runs import load_backbone_for_evaluation, new_run_dir
 
     started = time.perf_counter()
     digits = materialize_digits()
@@ -187,11 +212,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(cfg)
     print(f"Pretraining {cfg.model.backbone} with SimCLR for {cfg.train.epochs} epochs -> {run_dir}")
     train(cfg, run_dir)
-    _, model = load_trained_model(run_dir)
-    train_dir, test_dir = str(digits / "train"), str(digits / "test")
+    _, backbone = load_backbone_for_evaluation(run_dir)
+    reference, query = labelled_folders(str(digits / "train"), str(digits / "test"), cfg.data.image_size)
     result = {
-        "pretrained": evaluate_knn(model.backbone, cfg, train_dir, test_dir),
-        "random_init": evaluate_knn(random_init_backbone(cfg), cfg, train_dir, test_dir),
+        "pretrained": evaluate_backbone(backbone, cfg, reference, query),
+        "random_init": evaluate_backbone(random_init_backbone(cfg), cfg, reference, query),
     }
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     export_dir = run_dir / "export"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from twinview.augment.config import RECIPES, AugmentConfig, fill_recipe
 from twinview.evaluate.config import EvalConfig
+from twinview.pretrain.objectives.registry import OBJECTIVES
+from twinview.pretrain.validate import ConfigError, validate
 
 
 @dataclass
@@ -84,31 +87,36 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective (``twinview.pretrain.objectives.methods``).
+    """The training objective: ``name`` picks an entry of the objective registry
+    (``twinview.pretrain.objectives.registry``), and each registered objective has its own
+    section, e.g. ``objective.moco_v2.queue_size=8192`` or ``objective.triplet.mining=semi_hard``.
+    Only the chosen objective's section is used. The flat keys of earlier versions
+    (``objective.temperature``, ``objective.queue_size``, ...) still work, with a warning naming
+    the new key.
 
     Attributes:
         name: ``simclr``, ``moco_v2``, ``moco_v3`` (self-supervised) or ``supcon``, ``triplet``,
             ``contrastive`` (supervised metric learning on a class-labelled folder).
-        temperature: Softmax temperature (NT-Xent, InfoNCE, SupCon).
-        momentum: Key-encoder EMA momentum m (MoCo): ``theta_k <- m theta_k + (1 - m) theta_q``.
-        momentum_schedule: ``constant``, or ``cosine`` from ``momentum`` to 1 over the run.
-        queue_size: MoCo v2's number of negative keys; a multiple of the global batch.
-        bn_splits: MoCo v2 on one process: keys are encoded in this many groups with their own
-            batch-norm statistics (split BN; 1 turns it off). Several processes use shuffle BN.
-        symmetric: MoCo v2: also contrast the second view's query with the first view's key.
-        margin: Margin of the ``triplet`` and ``contrastive`` losses (embeddings are L2-normalised).
-        mining: Triplet mining: ``batch_hard``, ``batch_all`` or ``semi_hard``.
     """
 
     name: str = "simclr"
-    temperature: float = 0.2
-    momentum: float = 0.99
-    momentum_schedule: str = "constant"
-    queue_size: int = 4096
-    bn_splits: int = 8
-    symmetric: bool = False
-    margin: float = 0.5
-    mining: str = "batch_hard"
+
+
+def _objective_sections() -> ObjectiveConfig:
+    """An ObjectiveConfig with one section per registered objective, each at its defaults."""
+    key = tuple((o.name, o.config) for o in OBJECTIVES.values())
+    if key not in _SECTIONED:
+        fields = [(name, cls, field(default_factory=cls)) for name, cls in key]
+        _SECTIONED[key] = dataclasses.make_dataclass("ObjectiveConfig", fields, bases=(ObjectiveConfig,))
+    return _SECTIONED[key]()  # type: ignore[no-any-return]
+
+
+_SECTIONED: dict[tuple[tuple[str, type], ...], type] = {}
+
+
+def objective_section(cfg: Config) -> Any:
+    """The config section of the chosen objective, ``objective.<objective.name>``."""
+    return getattr(cfg.objective, cfg.objective.name)
 
 
 @dataclass
@@ -199,29 +207,22 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=_objective_sections)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "augment.recipe": tuple(RECIPES),
-    "augment.backend": ("fast", "kornia"),
-    "data.cache": ("none", "disk", "device"),
-    "objective.name": ("simclr", "moco_v2", "moco_v3", "supcon", "triplet", "contrastive"),
-    "objective.momentum_schedule": ("constant", "cosine"),
-    "objective.mining": ("batch_hard", "batch_all", "semi_hard"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "train.log_with": ("none", "tensorboard", "wandb"),
-    "train.nonfinite_check": ("auto", "sync", "device"),
-    "train.grad_accumulation_mode": ("cached", "independent"),
-    "optim.lr_scaling": ("none", "linear", "sqrt"),
-}
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that is not valid; the message names it and the valid ones."""
+def _section_class(f: dataclasses.Field) -> type | None:  # type: ignore[type-arg]
+    """The dataclass of a section field (``objective``'s is made from the objective registry)."""
+    factory = f.default_factory
+    if dataclasses.is_dataclass(factory):
+        return factory  # type: ignore[return-value]
+    if callable(factory):
+        made = factory()
+        if dataclasses.is_dataclass(made):
+            return type(made)
+    return None
 
 
 def _check_keys(tree: Any, cls: type, prefix: str, source: str) -> None:
@@ -249,9 +250,9 @@ def _check_keys(tree: Any, cls: type, prefix: str, source: str) -> None:
                 f"{source}: unknown config key '{prefix}{key}'.{hint} "
                 f"Valid keys{where}: {', '.join(prefix + k for k in fields)}."
             )
-        sub = fields[key].default_factory
-        if dataclasses.is_dataclass(sub):
-            _check_keys(value, sub, f"{prefix}{key}.", source)  # type: ignore[arg-type]
+        sub = _section_class(fields[key])
+        if sub is not None:
+            _check_keys(value, sub, f"{prefix}{key}.", source)
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -263,7 +264,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     try:
         for name in full_key.split("."):
             ftype = {f.name: f for f in dataclasses.fields(cls)}[name]
-            cls = ftype.default_factory
+            cls = _section_class(ftype)
         expected = f" Expected {ftype.type}."
     except (KeyError, TypeError, UnboundLocalError):
         pass
@@ -294,17 +295,38 @@ def recipe_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no recipe file '{name_or_path}' and no shipped recipe '{stem}'. Shipped: {', '.join(names)}.")
 
 
-def _check_choices(cfg: Config) -> None:
-    if not cfg.data.path:
-        raise ConfigError(
-            "data.path is not set: point it at a folder of images, e.g. data.path=/my/images "
-            "(or data.path=builtin:digits for the embedded demo data set)."
-        )
-    for key, valid in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in valid:
-            raise ConfigError(f"invalid value for '{key}': {value!r}. Valid values: {', '.join(valid)}.")
+def _migrate_flat_objective_keys(tree: Any, source: str) -> Any:
+    """Moves the flat ``objective.KEY`` of earlier versions into every objective section that has
+    KEY (``objective.temperature`` -> ``objective.simclr.temperature``, ``objective.moco_v2.temperature``,
+    ...), which is what the flat key meant, and warns with the new names."""
+    objective = tree.get("objective") if isinstance(tree, dict) else None
+    if not isinstance(objective, dict):
+        return tree
+    moved: list[str] = []
+    for key in [k for k in objective if k != "name" and k not in OBJECTIVES]:
+        owners = [o.name for o in OBJECTIVES.values() if key in {f.name for f in dataclasses.fields(o.config)}]
+        if not owners:
+            continue  # an unknown key: the key check names the valid ones
+        value = objective.pop(key)
+        for owner in owners:
+            section = objective.setdefault(owner, {})
+            if isinstance(section, dict):
+                section.setdefault(key, value)
+        moved.append(f"objective.{key} -> " + ", ".join(f"objective.{o}.{key}" for o in owners))
+    if moved:
+        warnings.warn(f"{source}: flat objective keys are deprecated; each objective has its own section now: "
+                      + "; ".join(moved) + ".", FutureWarning, stacklevel=3)
+    return tree
+
+
+def _merge(base: DictConfig, tree: Any, source: str) -> DictConfig:
+    """Checks the keys of a recipe or override and merges it into ``base``."""
+    tree = _migrate_flat_objective_keys(tree, source)
+    _check_keys(tree, Config, "", source)
+    try:
+        return OmegaConf.merge(base, tree)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
 
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -318,30 +340,21 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
         The resolved, type-checked Config.
 
     Raises:
-        ConfigError: On an unknown key, a wrong type, a malformed override or an invalid choice.
+        ConfigError: On an unknown key, a wrong type, a malformed override or a value that
+            :func:`twinview.pretrain.validate.validate` refuses.
     """
     base: DictConfig = OmegaConf.structured(Config)
     if recipe is not None:
         path = recipe_path(recipe)
-        loaded = OmegaConf.load(path)
-        _check_keys(OmegaConf.to_container(loaded), Config, "", str(path))
-        try:
-            base = OmegaConf.merge(base, loaded)
-        except OmegaConfBaseException as err:
-            raise _explain(err, str(path)) from None
+        base = _merge(base, OmegaConf.to_container(OmegaConf.load(path)), str(path))
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.lr=0.3).")
-        dotted = OmegaConf.from_dotlist([item])
-        _check_keys(OmegaConf.to_container(dotted), Config, "", f"override '{item}'")
-        try:
-            base = OmegaConf.merge(base, dotted)
-        except OmegaConfBaseException as err:
-            raise _explain(err, f"override '{item}'") from None
+        base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist([item])), f"override '{item}'")
     cfg = OmegaConf.to_object(base)
     assert isinstance(cfg, Config)
-    _check_choices(cfg)
     fill_recipe(cfg.augment)
+    validate(cfg)
     return cfg
 
 
@@ -371,6 +384,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "as_dict",
+    "objective_section",
     "load_config",
     "recipe_path",
     "save_config",

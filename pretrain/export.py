@@ -7,7 +7,9 @@ Uses timm's own ``save_for_hf``, so the folder is exactly what timm writes for t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,21 @@ from typing import Any
 from timm.models import save_for_hf
 from torch import nn
 
-from twinview.pretrain.config import Config, as_dict
+from twinview.pretrain.config import Config, as_dict, objective_section
 from twinview.pretrain.models import normalization_stats
+from twinview.pretrain.objectives.registry import get
 from twinview.pretrain.runs import load_trained_model
+
+
+def _arxiv_id(paper: str) -> str:
+    """``arXiv:NNNN.NNNNN`` from a registry entry's paper, or the paper itself."""
+    found = re.search(r"arXiv:\d{4}\.\d{4,5}", paper)
+    return found.group(0) if found else paper
+
+
+def _settings(section: Any) -> str:
+    """``temperature 0.2, queue_size 4096, ...`` of an objective's config section."""
+    return ", ".join(f"{f.name} {getattr(section, f.name)}" for f in dataclasses.fields(section))
 
 
 def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
@@ -52,7 +66,7 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
     pretrained_cfg: dict[str, Any] = {
         "tag": f"twinview_{cfg.objective.name}",
         "num_classes": 0,
-        "paper_ids": "arXiv:2002.05709",
+        "paper_ids": _arxiv_id(get(cfg.objective.name).paper),
         "license": None,
         "origin_url": None,
     }
@@ -115,7 +129,7 @@ def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = N
         "| --- | --- |",
         f"| architecture | `{cfg.model.backbone}`{' (CIFAR stem)' if cfg.model.cifar_stem else ''}"
         f"{' ' + json.dumps(dict(cfg.model.kwargs)) if cfg.model.kwargs else ''} |",
-        f"| objective | `{o.name}`, temperature {o.temperature} |",
+        f"| objective | `{o.name}` ({get(o.name).paper}): {_settings(objective_section(cfg))} |",
         f"| views | recipe `{a.recipe}`, {cfg.data.image_size} px |",
         f"| data | `{cfg.data.path}` |",
         f"| schedule | {t.epochs} epochs, batch {t.batch_size} per process, `{cfg.optim.name}` lr {cfg.optim.lr}, "

@@ -28,20 +28,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from twinview.pretrain.data.sources import UNLABELED, FolderIndex, SkipLog, first_decodable
 from twinview.pretrain.data.decode import BadImage, square_rgb
-
-HF_PREFIX = "hf:"
-TABLE_SUFFIXES = (".parquet", ".arrow")
-
-
-def is_hf_source(path: str) -> bool:
-    """Whether ``data.path`` names a Hugging Face source rather than an image folder or file list."""
-    if path.startswith(HF_PREFIX):
-        return True
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
-    return path.lower().endswith(TABLE_SUFFIXES)
-
+from twinview.pretrain.data.source_kind import HF_PREFIX, is_hf_source
 
 def load_source(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
     """Opens the source as a ``datasets`` data set of one split."""

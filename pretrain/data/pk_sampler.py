@@ -23,18 +23,11 @@ class PKBatchSampler(Sampler[list[int]]):
     def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int, seed: int = 0) -> None:
         """Args:
         labels: The class index of every dataset item.
-        classes_per_batch: P (at most the number of classes).
+        classes_per_batch: P, at most the number of classes (checked by validate_data).
         samples_per_class: K >= 1.
         seed: Base seed of the per-epoch generator.
         """
-        self.by_class = [torch.tensor(idx) for idx in _group(labels)]
-        if classes_per_batch > len(self.by_class):
-            raise ValueError(
-                f"a P x K batch needs {classes_per_batch} classes but the data has {len(self.by_class)}; "
-                f"lower train.batch_size or raise data.samples_per_class."
-            )
-        if samples_per_class < 1:
-            raise ValueError(f"data.samples_per_class must be >= 1, got {samples_per_class}.")
+        self.by_class = [torch.tensor(idx) for idx in _group(labels)]  # P <= classes: twinview.pretrain.validate
         self.p, self.k, self.seed, self.epoch = classes_per_batch, samples_per_class, seed, 0
         self.num_batches = max(1, len(labels) // (classes_per_batch * samples_per_class))
 

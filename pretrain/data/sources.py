@@ -180,6 +180,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index.files)
 
+    def fingerprint(self) -> str:
+        """A hash of the files, their sizes and mtimes, the labels and the image size (the decoded
+        cache's key): it changes whenever the items would."""
+        from twinview.pretrain.data.cache import cache_key  # cache.py imports this module
+
+        return cache_key(self.index, self.image_size)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return first_decodable(
             i, len(self), lambda j: (load_image(self.index.files[j], self.image_size), self.index.labels[j]),

@@ -6,7 +6,8 @@ state (MoCo momentum encoder and queue) are left as they were before the step. T
 the learning-rate schedule and the random streams move on, as in ``torch.amp.GradScaler``. Skipped
 steps are counted; the loop stops training after ``train.max_nonfinite_steps`` of them in a row.
 
-Two ways to apply the decision, with the same result (tested bitwise equal):
+``train.max_nonfinite_steps=0`` turns the check off (mode ``off``): every step is applied.
+Otherwise there are two ways to apply the decision, with the same result (tested bitwise equal):
 
 * ``sync``: the finite flag is read on the host and a bad step is not applied. On a CPU this costs
   nothing (the host has already waited for the step), so ``auto`` picks it there.
@@ -47,7 +48,7 @@ class StepGuard:
 
     Usage per step: ``begin()`` before the forward passes, then after backward (and clipping)
     ``ok = finite(loss, grad_norm)`` and ``apply(ok, after_step)`` in place of
-    ``optimizer.step(); method.after_step(...)``.
+    ``optimizer.step(); method.after_step(...)``. In mode ``off`` these are exactly that.
     """
 
     def __init__(
@@ -64,34 +65,40 @@ class StepGuard:
             model: The trained model (possibly DDP-wrapped).
             method: The method whose buffers (MoCo queue, key encoder statistics) a skip restores.
             optimizer: The (possibly Accelerate-wrapped) optimiser.
-            mode: ``sync`` or ``device`` (see the module docstring).
+            mode: ``off``, ``sync`` or ``device`` (see the module docstring).
             device: Where the counters live.
             all_reduce_min: Makes the flag agree across processes (None: one process).
             scaler_skips: A GradScaler (fp16) owns the optimiser step and skips it itself when
                 the gradients are not finite; ``optimizer.step()`` is then always called, so the
                 scaler's state stays consistent, and only the rest of the step is guarded.
         """
-        if mode not in ("sync", "device"):
-            raise ValueError(f"unknown step guard mode '{mode}'")
         self.model, self.method, self.optimizer, self.mode = model, method, optimizer, mode
         self.all_reduce_min, self.scaler_skips = all_reduce_min, scaler_skips
-        self.buffers = [b for b in itertools.chain(model.buffers(), method.buffers())]
+        self.buffers = [] if mode == "off" else list(itertools.chain(model.buffers(), method.buffers()))
         self.buffer_copies = [torch.empty_like(b) for b in self.buffers]
         self.shadow: list[torch.Tensor] = []
         # counters: skipped steps in total, the current run of skips, the longest run since reset
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
         self.run = torch.zeros((), dtype=torch.long, device=device)
         self.worst_run = torch.zeros((), dtype=torch.long, device=device)
+        self.always_ok = torch.ones((), dtype=torch.bool, device=device)  # the flag in mode off
         self.host_run = 0  # sync mode only: the current run, known on the host without a further sync
         self._stepped = False  # device mode decides on the host until the optimiser has stepped once
 
+    @property
+    def checks_gradients(self) -> bool:
+        """Whether ``finite`` wants the gradient norm (not under a GradScaler, which checks itself)."""
+        return self.mode != "off" and not self.scaler_skips
+
     def begin(self) -> None:
         """Remembers the buffers the forward passes will update (batch-norm statistics, queue)."""
-        if self.buffers:
+        if self.buffers and self.mode != "off":
             torch._foreach_copy_(self.buffer_copies, self.buffers)
 
     def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
         """A 0-dim bool on the device: loss and gradient norm finite on every process."""
+        if self.mode == "off":
+            return self.always_ok
         ok = torch.isfinite(loss.detach())
         if grad_norm is not None:
             ok = ok & torch.isfinite(grad_norm)
@@ -106,6 +113,10 @@ class StepGuard:
         ``after_step`` gets None (``sync``: only called for a good step) or the flag itself
         (``device``), which it must use to leave its state unchanged on a bad step.
         """
+        if self.mode == "off":
+            self.optimizer.step()
+            after_step(None)
+            return
         bad = ~ok
         self.skipped += bad
         self.run.add_(1).mul_(bad)
@@ -192,8 +203,11 @@ def _keep_where(ok: torch.Tensor, live: list[torch.Tensor], before: list[torch.T
         torch.where(ok, new, old, out=new)
 
 
-def resolve_mode(setting: str, device: torch.device) -> str:
-    """``train.nonfinite_check``: ``auto`` is ``sync`` on a CPU (free there) and ``device`` elsewhere."""
+def resolve_mode(setting: str, max_nonfinite_steps: int, device: torch.device) -> str:
+    """``train.nonfinite_check``: ``off`` when ``train.max_nonfinite_steps=0``; ``auto`` is ``sync``
+    on a CPU (free there) and ``device`` elsewhere."""
+    if max_nonfinite_steps == 0:
+        return "off"
     if setting == "auto":
         return "sync" if device.type == "cpu" else "device"
     return setting

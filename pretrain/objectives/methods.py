@@ -1,139 +1,171 @@
-"""Training methods: backbone + head (the trained model) composed with a loss and any extra state.
+"""Training methods: backbone + head (the trained model) composed with a loss and its own state.
 
-A method is a small module called once per forward pass, ``method(model, views, labels) -> loss``,
-which is ``loss(embed(model, views), keys(views), labels)``: ``embed`` is the path with gradient
-(the trained model), ``keys`` the path without (MoCo's momentum encoder), ``loss`` the objective on
-their outputs. Gradient accumulation in ``cached`` mode (twinview.pretrain.engine.accumulation) calls the
-three parts itself, so the loss sees every pass of an optimiser step at once. Then
-``method.after_step(online, step, total_steps, apply)`` after the optimiser step (``apply``: None, or
-a 0-dim bool flag on the device that is False for a skipped non-finite step). Its state (the MoCo
-momentum encoder and queue) is checkpointed with the run. Selected by ``objective.name``:
-
-* ``simclr``: NT-Xent over two views, negatives from every process.
-* ``moco_v2``: query encoder vs momentum key encoder, InfoNCE against a queue of keys, keys
-  encoded with shuffle BN (several processes) or split BN (one process).
-* ``moco_v3``: a predictor on the query branch, symmetric InfoNCE against the in-batch keys of
-  every process, no queue (works with ViTs as with ResNets).
-* ``supcon``, ``triplet``, ``contrastive``: supervised metric learning on class-labelled folders
-  (batches come from a P x K class-balanced sampler).
+Each class here is one entry of the objective registry (twinview.pretrain.objectives.registry),
+built as ``Method(section, online, seed)`` from its config section ``objective.<name>``, the
+unwrapped trained model and the run's seed.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from twinview.pretrain import distributed
-from twinview.pretrain.config import Config
-from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
+from twinview.pretrain.config import Config, objective_section
 from twinview.pretrain.distributed import to_device_async
+from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
 from twinview.pretrain.objectives.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
+from twinview.pretrain.objectives.registry import (
+    ContrastiveConfig,
+    MoCoV2Config,
+    MoCoV3Config,
+    SimCLRConfig,
+    SupConConfig,
+    TripletConfig,
+    get,
+)
 
-SUPERVISED = ("supcon", "triplet", "contrastive")
+Tensors = list[torch.Tensor]
 
 
-def _two(model: nn.Module, views: list[torch.Tensor], **kwargs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _two(model: nn.Module, views: Tensors, **kwargs: bool) -> Tensors:
     """Both views through the model in one call (one batch-norm batch, one DDP forward)."""
-    return model(torch.cat(views[:2]), **kwargs).chunk(2)  # (N, D) each
+    return list(model(torch.cat(views[:2]), **kwargs).chunk(2))  # z_a, z_b: (N, D) each
 
 
 class Method(nn.Module):
-    """The shared shape of a method; the defaults fit the objectives without a momentum encoder:
-    both views through the model, no keys, nothing to update after the step."""
+    """The contract of a method, written once. The training step (twinview.pretrain.engine.train)
+    calls, per optimiser step:
 
-    def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(_two(model, views))  # z_a, z_b: (N, D)
+    1. ``embed(model, views) -> outputs``: the path with gradient, through the trained ``model``
+       (possibly DDP-wrapped): a list of ``(N, D)`` tensors (SimCLR: both views' projections).
+    2. ``keys(views) -> keys``: the path without gradient (MoCo's momentum encoder): a list of
+       ``(N, D)`` tensors, ``[]`` when the method has none.
+    3. ``loss(outputs, keys, labels) -> scalar``: the objective. It changes no state of the
+       method (it may draw from the method's own random generator). Under gradient accumulation
+       in ``cached`` mode it gets every pass of the step at once: ``outputs``, ``keys`` and
+       ``labels`` are the passes' tensors concatenated along the batch dimension.
+    4. after the optimiser step, ``after_step(online, keys, step, total_steps, apply)``: the state
+       updates (momentum encoder EMA, queue), given the unwrapped trained model, the step's keys
+       (concatenated over passes as in 3), the number of optimiser steps done before this one and
+       in the whole run. ``apply`` is None, or a 0-dim bool tensor on the device that is False for
+       a step skipped as non-finite: the update must then leave the state unchanged, decided on
+       the device (no host sync). Buffers the step changed are put back by the step guard.
 
-    def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    ``forward(model, views, labels)`` runs 1-3 and returns ``(loss, keys)``. The method's state
+    (buffers, and anything its ``state_dict`` adds) is checkpointed with the run. The defaults
+    below fit a method without a momentum encoder: both views through the model, no keys, nothing
+    to update.
+    """
+
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        return _two(model, views)
+
+    def keys(self, views: Tensors) -> Tensors:
         return []
 
-    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.embed(model, views), self.keys(views), labels)
+    def forward(self, model: nn.Module, views: Tensors, labels: torch.Tensor) -> tuple[torch.Tensor, Tensors]:
+        outputs = self.embed(model, views)
+        keys = self.keys(views)
+        return self.loss(outputs, keys, labels), keys
 
-    def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
+    def after_step(self, online: nn.Module, keys: Tensors, step: int, total_steps: int,
+                   apply: torch.Tensor | None = None) -> None:
         """Nothing to update."""
 
 
 class SimCLR(Method):
     """NT-Xent over two views (Chen et al. 2020)."""
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, section: SimCLRConfig, online: nn.Module, seed: int) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature = section.temperature
 
-    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
         z_a, z_b = outputs
         return nt_xent(z_a, z_b, self.temperature)
 
 
-class MoCo(Method):
-    """MoCo v2 (queue, asymmetric by default) or v3 (predictor, symmetric, in-batch keys)."""
+class _Momentum(Method):
+    """What MoCo v2 and v3 share: the momentum key encoder that follows backbone + head."""
 
-    def __init__(self, online: nn.Module, cfg: Config, version: int) -> None:
-        """Args: online: the unwrapped trained model (backbone + head [+ predictor]); cfg: the run
-        config; version: 2 or 3."""
+    def __init__(self, section: MoCoV2Config | MoCoV3Config, online: nn.Module, seed: int) -> None:
         super().__init__()
-        o = cfg.objective
-        self.version, self.temperature, self.symmetric = version, o.temperature, o.symmetric or version == 3
-        self.momentum, self.schedule, self.bn_splits = o.momentum, o.momentum_schedule, o.bn_splits
+        self.temperature, self.momentum, self.schedule = section.temperature, section.momentum, section.momentum_schedule
         self.key = MomentumEncoder(nn.Sequential(online.backbone, online.head))
-        self.queue = KeyQueue(o.queue_size, cfg.model.proj_dim, seed=cfg.train.seed) if version == 2 else None
-        self.generator = torch.Generator().manual_seed(cfg.train.seed + 17)  # shuffle-BN permutations
 
-    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def after_step(self, online: nn.Module, keys: Tensors, step: int, total_steps: int,
+                   apply: torch.Tensor | None = None) -> None:
+        """The momentum update of the key encoder (cosine-scheduled to 1 when configured)."""
+        m = cosine_momentum(self.momentum, 1.0, step, total_steps) if self.schedule == "cosine" else self.momentum
+        self.key.update(nn.Sequential(online.backbone, online.head), m, apply)
+
+
+class MoCoV2(_Momentum):
+    """MoCo v2: InfoNCE of queries against their momentum keys and a queue of older keys; keys
+    encoded with shuffle BN (several processes) or split BN (one process). Asymmetric by default."""
+
+    def __init__(self, section: MoCoV2Config, online: nn.Module, seed: int) -> None:
+        super().__init__(section, online, seed)
+        self.symmetric, self.bn_splits = section.symmetric, section.bn_splits
+        self.queue = KeyQueue(section.queue_size, online.head[-1].out_features, seed=seed)
+        self.generator = torch.Generator().manual_seed(seed + 17)  # shuffle-BN permutations
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)
         state["shuffle_generator"] = self.generator.get_state()
         return state
 
-    def load_state_dict(self, state, strict: bool = True):  # type: ignore[no-untyped-def]
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
         state = dict(state)
         self.generator.set_state(state.pop("shuffle_generator"))
-        return super().load_state_dict(state, strict)
+        return super().load_state_dict(state, strict, assign)
 
-    def _keys(self, images: torch.Tensor) -> torch.Tensor:
-        if self.version == 3:  # MoCo v3 encodes keys on the whole batch (the paper uses no shuffle BN)
-            return self.key(images)
-        return encode_keys_without_bn_leak(self.key.encoder, images, self.bn_splits, self.generator)
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        """Queries: the projections of the first view (of both if symmetric)."""
+        return _two(model, views) if self.symmetric else [model(views[0])]
 
-    def embed(self, model: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Queries: v3's predictions of both views, v2's projections of one view (both if symmetric)."""
-        if self.version == 3:
-            return list(_two(model, views, predict=True))  # q_a, q_b: (N, D)
-        return list(_two(model, views)) if self.symmetric else [model(views[0])]
+    def keys(self, views: Tensors) -> Tensors:
+        """Momentum keys, no gradient: of the second view (of both if symmetric)."""
+        chosen = views[:2] if self.symmetric else views[1:2]
+        return [encode_keys_without_bn_leak(self.key.encoder, v, self.bn_splits, self.generator) for v in chosen]
 
-    def keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Momentum-encoder keys, no gradient: of both views (v3, symmetric v2) or of the second."""
-        if self.version == 3 or self.symmetric:
-            return [self._keys(views[0]), self._keys(views[1])]  # k_a, k_b
-        return [self._keys(views[1])]
-
-    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """InfoNCE; v2 then adds this step's keys to the queue."""
-        if self.version == 3:
-            (q_a, q_b), (k_a, k_b) = outputs, keys
-            # in-batch keys of every process are the negatives; x 2t as in the paper's code
-            loss = _in_batch_info_nce(q_a, k_b, self.temperature) + _in_batch_info_nce(q_b, k_a, self.temperature)
-            return loss * 2 * self.temperature
-        negatives = self.queue.keys.clone()
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        negatives = self.queue.keys.clone()  # (K, D)
         if self.symmetric:
             (q_a, q_b), (k_a, k_b) = outputs, keys
-            loss = (info_nce(q_a, k_b, negatives, self.temperature) + info_nce(q_b, k_a, negatives, self.temperature)) / 2
-            self.queue.enqueue(torch.cat([k_a, k_b]))
-            return loss
+            return (info_nce(q_a, k_b, negatives, self.temperature) + info_nce(q_b, k_a, negatives, self.temperature)) / 2
         (q,), (k,) = outputs, keys
-        loss = info_nce(q, k, negatives, self.temperature)
-        self.queue.enqueue(k)
-        return loss
+        return info_nce(q, k, negatives, self.temperature)
 
-    def after_step(self, online: nn.Module, step: int, total_steps: int, apply: torch.Tensor | None = None) -> None:
-        """The momentum update of the key encoder (cosine-scheduled to 1 when configured); none where
-        ``apply`` is False."""
-        m = cosine_momentum(self.momentum, 1.0, step, total_steps) if self.schedule == "cosine" else self.momentum
-        self.key.update(nn.Sequential(online.backbone, online.head), m, apply)
+    def after_step(self, online: nn.Module, keys: Tensors, step: int, total_steps: int,
+                   apply: torch.Tensor | None = None) -> None:
+        """The momentum update, then this step's keys into the queue (a skipped step's queue is
+        put back by the step guard, with the other buffers)."""
+        super().after_step(online, keys, step, total_steps, apply)
+        self.queue.enqueue(torch.cat(keys))
+
+
+class MoCoV3(_Momentum):
+    """MoCo v3: a predictor on the query branch, symmetric InfoNCE against the in-batch momentum
+    keys of every process, no queue (ViTs as well as ResNets)."""
+
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        return _two(model, views, predict=True)  # q_a, q_b: (N, D)
+
+    def keys(self, views: Tensors) -> Tensors:
+        return [self.key(views[0]), self.key(views[1])]  # k_a, k_b: whole-batch BN, as in the paper
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        (q_a, q_b), (k_a, k_b) = outputs, keys
+        loss = _in_batch_info_nce(q_a, k_b, self.temperature) + _in_batch_info_nce(q_b, k_a, self.temperature)
+        return loss * 2 * self.temperature  # x 2t, as in the paper's code
 
 
 def _in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -144,30 +176,47 @@ def _in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> 
     return F.cross_entropy(q @ k_all.T / temperature, targets)
 
 
-class Supervised(Method):
-    """Metric learning on labels: SupCon, triplet with online mining, or margin contrastive pairs."""
+class SupCon(Method):
+    """Supervised contrastive loss over both views (Khosla et al. 2020)."""
 
-    def __init__(self, cfg: Config, seed: int) -> None:
+    def __init__(self, section: SupConConfig, online: nn.Module, seed: int) -> None:
         super().__init__()
-        o = cfg.objective
-        self.name, self.temperature, self.margin, self.mining = o.name, o.temperature, o.margin, o.mining
-        self.generator = torch.Generator().manual_seed(seed + 29)  # pair sampling (contrastive)
+        self.temperature = section.temperature
 
-    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = outputs
+        return supcon(torch.cat([z_a, z_b]), labels.repeat(2), self.temperature)
+
+
+class Triplet(Method):
+    """Triplet margin loss with online mining over both views' L2-normalised embeddings."""
+
+    def __init__(self, section: TripletConfig, online: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.margin, self.mining = section.margin, section.mining
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(torch.cat(outputs).float(), dim=1)  # (2N, D)
+        return triplet(z, labels.repeat(2), self.margin, self.mining)
+
+
+class Contrastive(Method):
+    """The pairwise margin loss (Siamese): for each first view, one similar pair (a same-class
+    second view) and one dissimilar pair (a second view of another class), drawn on the device."""
+
+    def __init__(self, section: ContrastiveConfig, online: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.margin = section.margin
+        self.generator = torch.Generator().manual_seed(seed + 29)  # pair sampling
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return {"pair_generator": self.generator.get_state()}
 
-    def load_state_dict(self, state, strict: bool = True):  # type: ignore[no-untyped-def]
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
         self.generator.set_state(state["pair_generator"])
 
-    def loss(self, outputs: list[torch.Tensor], keys: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        z_a, z_b = outputs
-        if self.name == "supcon":
-            return supcon(torch.cat([z_a, z_b]), labels.repeat(2), self.temperature)
-        if self.name == "triplet":
-            return triplet(F.normalize(torch.cat([z_a, z_b]).float(), dim=1), labels.repeat(2), self.margin, self.mining)
-        # contrastive: for each first view, one similar pair (a same-class second view) and one
-        # dissimilar pair (a second view of another class), drawn at random on the device
-        a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        a, b = (F.normalize(z.float(), dim=1) for z in outputs)  # (N, D) each
         same = labels[:, None] == labels[None, :]
         scores = to_device_async(torch.rand(same.shape, generator=self.generator), a.device)
         positive = scores.masked_fill(~same, -1.0).argmax(dim=1)  # itself at worst
@@ -177,12 +226,8 @@ class Supervised(Method):
 
 
 def create_method(cfg: Config, online: nn.Module) -> Method:
-    """The method that ``objective.name`` selects, built around the unwrapped trained model."""
-    name = cfg.objective.name
-    if name == "simclr":
-        return SimCLR(cfg.objective.temperature)
-    if name in ("moco_v2", "moco_v3"):
-        return MoCo(online, cfg, version=int(name[-1]))
-    if name in SUPERVISED:
-        return Supervised(cfg, cfg.train.seed)
-    raise ValueError(f"unknown objective.name '{name}'")
+    """The method of ``objective.name`` (its registry entry), built from its config section around
+    the unwrapped trained model."""
+    method = get(cfg.objective.name).method_class()(objective_section(cfg), online, cfg.train.seed)
+    assert isinstance(method, Method)
+    return method

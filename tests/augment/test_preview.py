@@ -49,3 +49,21 @@ def test_preview_unknown_recipe_is_a_clear_error(image_folder: Path, tmp_path: P
     code = main(["preview", "--data", str(image_folder), "--recipe", "dino", "--out", str(tmp_path / "x.png")])
     assert code == 2
     assert "augment.recipe" in capsys.readouterr().err
+
+
+def test_preview_takes_a_uint8_batch_and_undoes_the_normalisation(tmp_path: Path) -> None:
+    import torch
+
+    from twinview.augment.config import AugmentConfig, fill_recipe
+    from twinview.augment.preview import preview
+
+    augment = AugmentConfig()
+    fill_recipe(augment)
+    images = torch.randint(0, 256, (3, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    plain = preview(images, augment, tmp_path / "plain.png", seed=3)
+    normalised = preview(images, augment, tmp_path / "norm.png", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=3)
+    cell = 16 * -(-MIN_CELL // 16)
+    a, b = (_cells(p, 3, 3, cell).astype(np.int16) for p in (plain, normalised))
+    assert Image.open(plain).size == (3 * (cell + GAP) + GAP, HEADER + 3 * (cell + GAP) + GAP)
+    assert np.array_equal(a[:, 0], images.permute(0, 2, 3, 1).numpy().repeat(cell // 16, 1).repeat(cell // 16, 2))
+    assert np.abs(a - b).max() <= 1  # the same views, up to float rounding of (x - m) / s * s + m

@@ -1,4 +1,4 @@
-"""Retrieval, verification and diagnostics against brute force, scikit-learn and hand values."""
+"""Retrieval, verification and diagnostics against brute force and hand values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from twinview.evaluate.metrics import alignment, collapse_warning, effective_rank, retrieval_metrics, uniformity, verification_metrics
 
@@ -50,17 +49,32 @@ def test_retrieval_hand_values_with_a_gallery() -> None:
     assert got["map@r"] == pytest.approx((0.5 + 0.25) / 2)
 
 
-def test_verification_matches_sklearn() -> None:
+def _brute_force_verification(scores: np.ndarray, same: np.ndarray, far: float) -> dict[str, float]:
+    """ROC AUC as P(genuine > impostor) + P(=)/2 over every pair of pairs; TAR@FAR and EER by trying
+    every threshold t (accept when score >= t), starting from "accept nothing"."""
+    pos, neg = scores[same], scores[~same]
+    auc = float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+    points = [(0.0, 0.0)] + [(float((neg >= t).mean()), float((pos >= t).mean())) for t in sorted(set(scores), reverse=True)]
+    tar = max(t for f, t in points if f <= far)
+    eer_far, eer_tar = min(points, key=lambda p: abs(p[0] - (1 - p[1])))
+    return {"roc_auc": auc, "eer": (eer_far + 1 - eer_tar) / 2, f"tar@far={far:g}": tar}
+
+
+def test_verification_matches_brute_force() -> None:
     rng = np.random.default_rng(1)
     same = rng.random(2000) < 0.3
     scores = rng.normal(size=2000) + 1.5 * same
     scores[:50] = np.round(scores[:50], 1)  # some ties
-    got = verification_metrics(torch.tensor(scores), torch.tensor(same), far=0.01)
-    assert got["roc_auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-9)
-    fpr, tpr, _ = roc_curve(same, scores)
-    assert got["tar@far=0.01"] == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-9)
-    i = np.argmin(np.abs(fpr - (1 - tpr)))
-    assert got["eer"] == pytest.approx((fpr[i] + 1 - tpr[i]) / 2, abs=2e-3)
+    for far in (0.01, 0.1):
+        got = verification_metrics(torch.tensor(scores), torch.tensor(same), far=far)
+        for key, value in _brute_force_verification(scores, same, far).items():
+            assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_verification_ties_count_half() -> None:
+    # one genuine and one impostor pair with the same score: the ROC goes (0, 0) -> (1, 1) in one step
+    got = verification_metrics(torch.tensor([0.5, 0.5]), torch.tensor([True, False]))
+    assert got["roc_auc"] == 0.5 and got["eer"] == 0.5 and got["tar@far=0.001"] == 0.0
 
 
 def test_verification_hand_values() -> None:
@@ -81,22 +95,3 @@ def test_alignment_uniformity_and_rank_hand_values() -> None:
     assert effective_rank(collapsed) < 1.1 and "collapsed" in collapse_warning(collapsed)
     assert collapse_warning(torch.randn(100, 8)) is None
     assert math.isfinite(uniformity(torch.randn(50, 4)))
-
-
-def test_features_are_cached_per_split_and_reused(image_folder, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from twinview.evaluate import report
-    from twinview.pretrain.config import load_config
-
-    cfg = load_config(None, [f"data.path={image_folder}", "data.image_size=24", "data.num_workers=0", "eval.knn_k=5"])
-    backbone = report.random_init_backbone(cfg)
-    first = report.evaluate_knn(backbone, cfg, str(image_folder), str(image_folder), features_dir=tmp_path / "f")
-    cached = sorted(p.name for p in (tmp_path / "f").iterdir())
-    assert len(cached) == 1  # train and test are the same folder: one entry
-    calls = []
-    original = report.extract_features
-    report.extract_features = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[assignment]
-    try:
-        second = report.evaluate_knn(backbone, cfg, str(image_folder), str(image_folder), features_dir=tmp_path / "f")
-    finally:
-        report.extract_features = original  # type: ignore[assignment]
-    assert not calls and second["knn_top1"] == first["knn_top1"]

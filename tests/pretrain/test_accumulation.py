@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from twinview.pretrain.objectives import methods
 from twinview.pretrain.config import load_config
 from twinview.pretrain.runs import checkpoints, new_run_dir
-from twinview.pretrain.engine.train import TrainingInterrupted, train
+from twinview.pretrain.engine.signals import TrainingInterrupted
+from twinview.pretrain.engine.train import train
 
 # No batch-dependent computation (ViT: layer norm; linear head) and views without random parameters
 PER_SAMPLE = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model.kwargs.patch_size=8",
@@ -72,7 +73,7 @@ def _signal_on_call(fn: Callable[..., torch.Tensor], call: int) -> Callable[...,
     return wrapped
 
 
-MOCO = ["objective.name=moco_v2", "objective.queue_size=16", "objective.bn_splits=2"]
+MOCO = ["objective.name=moco_v2", "objective.moco_v2.queue_size=16", "objective.moco_v2.bn_splits=2"]
 # extra settings, the loss function that sends SIGTERM, on which call, and the step then checkpointed
 # (24 images / 4 per pass: 6 passes per epoch; a cached step calls its loss once, an independent pass once each)
 RESUMED = {
@@ -124,7 +125,7 @@ def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Mod
     from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
 
-    extra = {"moco_v2": ["objective.queue_size=32", "objective.bn_splits=2"], "triplet": ["objective.mining=semi_hard"]}
+    extra = {"moco_v2": ["objective.moco_v2.queue_size=32", "objective.moco_v2.bn_splits=2"], "triplet": ["objective.triplet.mining=semi_hard"]}
     cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
                              "model.kwargs.patch_size=8", "model.kwargs.drop_rate=0.2", "model.proj_hidden_dim=32",
                              "model.proj_dim=16", "model.predictor_hidden_dim=16", f"objective.name={objective}",
@@ -143,7 +144,7 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
 
     from accelerate import Accelerator
 
-    from twinview.pretrain.engine.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import accumulate
 
     _, model, method = _objective_setup(objective)
     g = torch.Generator().manual_seed(3)
@@ -156,26 +157,25 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
     for views, _ in passes:
         outs.append(ref_method.embed(ref_model, views))
         keys.append(ref_method.keys(views))
-    ref_loss = ref_method.loss([torch.cat(p) for p in zip(*outs)], [torch.cat(p) for p in zip(*keys)],
-                               torch.cat([lab for _, lab in passes]))
+    ref_keys = [torch.cat(p) for p in zip(*keys)]
+    ref_loss = ref_method.loss([torch.cat(p) for p in zip(*outs)], ref_keys, torch.cat([lab for _, lab in passes]))
     ref_loss.backward()
     ref_rng = torch.get_rng_state()
 
     torch.manual_seed(7)
-    acc = Accumulator(Accelerator(cpu=True), model, method, passes=3, mode="cached")
-    for views, labels in passes:
-        acc.add(views, labels)
-    assert acc.full()
-    loss = acc.finish()
+    loss, step_keys = accumulate(Accelerator(cpu=True), model, method, passes, "cached")
     assert torch.equal(torch.get_rng_state(), ref_rng)  # the run's random stream continues as without caching
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     for (name, b), c in zip(model.named_buffers(), ref_model.named_buffers()):
         torch.testing.assert_close(b, c[1], rtol=1e-6, atol=1e-7, msg=name)  # updated once per pass, not twice
+    assert len(step_keys) == len(ref_keys)  # every pass's keys, in order, for the MoCo queue after the step
+    for k, ref_k in zip(step_keys, ref_keys):
+        torch.testing.assert_close(k, ref_k)
     for (name, b), c in zip(method.state_dict().items(), ref_method.state_dict().values()):
         if isinstance(b, torch.Tensor):
-            torch.testing.assert_close(b, c, msg=name)  # the MoCo queue got every pass's keys once
+            torch.testing.assert_close(b, c, msg=name)  # the loss changed no state of the method
 
 
 def test_independent_accumulation_averages_per_pass_losses() -> None:
@@ -184,19 +184,17 @@ def test_independent_accumulation_averages_per_pass_losses() -> None:
 
     from accelerate import Accelerator
 
-    from twinview.pretrain.engine.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import accumulate
 
     _, model, method = _objective_setup("simclr")
     g = torch.Generator().manual_seed(3)
     passes = [([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.zeros(4, dtype=torch.long)) for _ in range(2)]
     ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
     torch.manual_seed(7)
-    losses = [ref_method(ref_model, views, labels) for views, labels in passes]
+    losses = [ref_method(ref_model, views, labels)[0] for views, labels in passes]
     (sum(losses) / 2).backward()
     torch.manual_seed(7)
-    acc = Accumulator(Accelerator(cpu=True), model, method, passes=2, mode="independent")
-    for views, labels in passes:
-        acc.add(views, labels)
-    torch.testing.assert_close(acc.finish(), (sum(losses) / 2).detach())
+    loss, _ = accumulate(Accelerator(cpu=True), model, method, passes, "independent")
+    torch.testing.assert_close(loss, (sum(losses) / 2).detach())
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

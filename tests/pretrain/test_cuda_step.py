@@ -12,13 +12,13 @@ from twinview.pretrain.config import load_config
 from twinview.pretrain.objectives.methods import create_method
 from twinview.pretrain.models import create_model
 from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
-from twinview.pretrain.engine.train import build_optimizer
+from twinview.pretrain.engine.optim import build_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
 
 
 def _setup(objective: str, optimizer: str, drop: float = 0.0) -> tuple:
-    extra = {"moco_v2": ["objective.queue_size=32", "objective.bn_splits=2"]}.get(objective, [])
+    extra = {"moco_v2": ["objective.moco_v2.queue_size=32", "objective.moco_v2.bn_splits=2"]}.get(objective, [])
     cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
                              "model.kwargs.patch_size=8", f"model.kwargs.drop_rate={drop}", "model.proj_hidden_dim=32",
                              "model.proj_dim=16", f"objective.name={objective}", f"optim.name={optimizer}", *extra])
@@ -40,9 +40,10 @@ def test_a_guarded_step_in_device_mode_makes_no_host_sync(objective: str, optimi
 
     def step(bad: bool) -> None:
         guard.begin()
-        loss = method(model, views, labels) * (float("nan") if bad else 1.0)
+        loss, keys = method(model, views, labels)
+        loss = loss * (float("nan") if bad else 1.0)
         loss.backward()
-        guard.apply(guard.finite(loss, grad_norm(params)), lambda apply: method.after_step(model, 0, 10, apply))
+        guard.apply(guard.finite(loss, grad_norm(params)), lambda apply: method.after_step(model, keys, 0, 10, apply))
         opt.zero_grad(set_to_none=True)
 
     step(False)  # the first step reads the flag once (the optimiser state is created by it)
@@ -66,7 +67,7 @@ def test_a_guarded_step_in_device_mode_makes_no_host_sync(objective: str, optimi
 def test_cached_accumulation_replays_cuda_dropout() -> None:
     from accelerate import Accelerator
 
-    from twinview.pretrain.engine.accumulation import Accumulator
+    from twinview.pretrain.engine.accumulation import accumulate
 
     _, model, method = _setup("simclr", "sgd", drop=0.3)
     passes = [([torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)], torch.zeros(4, dtype=torch.long, device="cuda"))
@@ -77,9 +78,7 @@ def test_cached_accumulation_replays_cuda_dropout() -> None:
     ref = ref_method.loss([torch.cat(p) for p in zip(*outs)], [], torch.cat([lab for _, lab in passes]))
     ref.backward()
     torch.cuda.manual_seed(5)
-    acc = Accumulator(Accelerator(), model, method, passes=2, mode="cached")
-    for views, labels in passes:
-        acc.add(views, labels)
-    torch.testing.assert_close(acc.finish(), ref.detach())
+    loss, _ = accumulate(Accelerator(), model, method, passes, "cached")
+    torch.testing.assert_close(loss, ref.detach())
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

@@ -41,7 +41,7 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
 def test_nan_steps_are_skipped_counted_and_identical_with_or_without_host_sync(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str
 ) -> None:
-    extra = {"simclr": [], "moco_v2": ["objective.queue_size=16", "objective.bn_splits=2"]}[objective]
+    extra = {"simclr": [], "moco_v2": ["objective.moco_v2.queue_size=16", "objective.moco_v2.bn_splits=2"]}[objective]
     weights = {}
     for mode in ("sync", "device"):
         loss_name = "nt_xent" if objective == "simclr" else "info_nce"

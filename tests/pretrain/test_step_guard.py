@@ -120,10 +120,25 @@ def test_the_gradient_norm_is_the_global_l2_norm() -> None:
     assert not torch.isfinite(grad_norm([a, b]))
 
 
-def test_auto_mode_syncs_on_a_cpu_only() -> None:
-    assert resolve_mode("auto", torch.device("cpu")) == "sync"
-    assert resolve_mode("auto", torch.device("cuda", 0)) == "device"
-    assert resolve_mode("device", torch.device("cpu")) == "device"
+def test_auto_mode_syncs_on_a_cpu_only_and_zero_steps_turn_the_check_off() -> None:
+    assert resolve_mode("auto", 10, torch.device("cpu")) == "sync"
+    assert resolve_mode("auto", 10, torch.device("cuda", 0)) == "device"
+    assert resolve_mode("device", 10, torch.device("cpu")) == "device"
+    assert resolve_mode("device", 0, torch.device("cuda", 0)) == "off"
+
+
+def test_mode_off_applies_every_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(model, nn.Module(), opt, "off", torch.device("cpu"))
+    assert not guard.checks_gradients
+    model(torch.ones(1, 4)).sum().backward()
+    before = model.weight.detach().clone()
+    calls: list[object] = []
+    guard.begin()
+    guard.apply(guard.finite(torch.tensor(float("nan")), None), calls.append)
+    assert calls == [None] and not torch.equal(model.weight, before)  # a NaN loss is not looked at
 
 
 @pytest.mark.parametrize("mode", ["sync", "device"])
@@ -180,7 +195,8 @@ def test_under_a_grad_scaler_a_skipped_step_keeps_the_scaler_usable(mode: str) -
 
 
 def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran() -> None:
-    """The real MoCo v2 method: its forward enqueues keys, which a skipped step must take back."""
+    """The real MoCo v2 method: its update after the step enqueues keys and moves the key encoder,
+    which a skipped step must leave as they were."""
     import copy
 
     from twinview.pretrain.config import load_config
@@ -189,7 +205,7 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
 
     cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
                              "model.kwargs.patch_size=8", "model.proj_layers=1", "model.proj_dim=8",
-                             "objective.name=moco_v2", "objective.queue_size=8", "objective.bn_splits=1"])
+                             "objective.name=moco_v2", "objective.moco_v2.queue_size=8", "objective.moco_v2.bn_splits=1"])
     torch.manual_seed(0)
     model = create_model(cfg.model)
     method = create_method(cfg, model)
@@ -205,9 +221,11 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
             if not guarded and i in BAD:
                 continue
             guard.begin()
-            loss = meth(m, views, labels) * (float("nan") if guarded and i in BAD else 1.0)
+            loss, keys = meth(m, views, labels)
+            loss = loss * (float("nan") if guarded and i in BAD else 1.0)
             loss.backward()
-            guard.apply(guard.finite(loss, grad_norm(list(m.parameters()))), lambda apply: meth.after_step(m, i, 6, apply))
+            guard.apply(guard.finite(loss, grad_norm(list(m.parameters()))),
+                        lambda apply: meth.after_step(m, keys, i, 6, apply))
             opt.zero_grad(set_to_none=True)
 
     run(model, method, guarded=True)

@@ -61,10 +61,10 @@ def test_run_directory_holds_config_metrics_checkpoints_and_weights(image_folder
 
 OBJECTIVES = {
     "simclr": [],
-    "moco_v2": ["objective.queue_size=16", "objective.bn_splits=2"],
-    "moco_v3": ["model.predictor_hidden_dim=32", "objective.momentum_schedule=cosine"],
+    "moco_v2": ["objective.moco_v2.queue_size=16", "objective.moco_v2.bn_splits=2"],
+    "moco_v3": ["model.predictor_hidden_dim=32", "objective.moco_v3.momentum_schedule=cosine"],
     "supcon": [],
-    "triplet": ["objective.mining=semi_hard"],
+    "triplet": ["objective.triplet.mining=semi_hard"],
     "contrastive": [],
 }
 
@@ -119,14 +119,16 @@ def test_each_objective_trains_and_its_weights_load_and_export(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["objective.name=moco_v2", "objective.queue_size=20"], "queue_size=20 must be a multiple of the keys added at once, 8"),
-        (["objective.name=moco_v2", "objective.queue_size=24", "objective.symmetric=true"], "multiple of the keys added at once, 16"),
-        (["objective.name=moco_v2", "objective.queue_size=24", "train.grad_accumulation=2"],
-         "keys added at once, 16 (train.batch_size=8 x 1 processes x 2 cached accumulation passes)"),
+        (["objective.name=moco_v2", "objective.moco_v2.queue_size=20"], "queue_size=20 must be a multiple of the keys added per optimiser step, 8"),
+        (["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "objective.moco_v2.symmetric=true"], "multiple of the keys added per optimiser step, 16"),
+        (["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "train.grad_accumulation=2"],
+         "keys added per optimiser step, 16 (train.batch_size=8 x 1 processes x 2 accumulated passes)"),
+        (["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "train.grad_accumulation=2",
+          "train.grad_accumulation_mode=independent"], "keys added per optimiser step, 16"),
         (["train.grad_accumulation=4"], "train.grad_accumulation=4 needs at least that many batches"),
         (["train.grad_accumulation=0"], "train.grad_accumulation=0 must be >= 1"),
         (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be >= 1"),
-        (["objective.name=moco_v2", "objective.bn_splits=3"], "bn_splits=3 must divide train.batch_size=8"),
+        (["objective.name=moco_v2", "objective.moco_v2.bn_splits=3"], "bn_splits=3 must divide train.batch_size=8"),
         (["objective.name=supcon", "data.samples_per_class=3"], "multiple of data.samples_per_class=3"),
         (["objective.name=triplet", "data.samples_per_class=2"], "needs 4 classes but the data has 3"),
         (["train.batch_size=1"], "at least 2 images"),
@@ -136,9 +138,8 @@ def test_each_objective_trains_and_its_weights_load_and_export(
 def test_objective_settings_that_cannot_work_fail_before_training(
     image_folder: Path, tmp_path: Path, extra: list[str], message: str
 ) -> None:
-    cfg = _cfg(image_folder, tmp_path / "runs", *extra)
     with pytest.raises(ValueError, match=re.escape(message)):
-        train(cfg, tmp_path / "r")
+        train(_cfg(image_folder, tmp_path / "runs", *extra), tmp_path / "r")
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
@@ -198,8 +199,8 @@ def test_real_cifar10_short_run_lowers_the_loss(cifar10_root: Path, tmp_path: Pa
     torch.manual_seed(123)
     view_a, view_b = build_views(cfg.augment, cfg.data.image_size, *normalization_stats(initial.backbone))(images)
     with torch.no_grad():
-        before = nt_xent(initial.train()(view_a), initial(view_b), cfg.objective.temperature).item()
-        after = nt_xent(trained.train()(view_a), trained(view_b), cfg.objective.temperature).item()
+        before = nt_xent(initial.train()(view_a), initial(view_b), cfg.objective.simclr.temperature).item()
+        after = nt_xent(trained.train()(view_a), trained(view_b), cfg.objective.simclr.temperature).item()
     assert after < before - 0.05, (before, after)
 
 
@@ -252,19 +253,18 @@ def test_lr_scaling_clipping_and_tensorboard(image_folder: Path, tmp_path: Path)
 def test_mixed_precision_the_device_cannot_run_is_refused_before_compute(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from twinview.pretrain.engine.train import check_precision
+    from twinview.pretrain.validate import World, validate
 
     cfg = _cfg(image_folder, tmp_path / "runs", "train.mixed_precision=fp16", "train.run_name=fp16")
     run_dir = tmp_path / "runs" / "fp16"
     with pytest.raises(ValueError, match="train.mixed_precision=fp16 is not supported on a CPU"):
         train(cfg, run_dir)
     assert not (run_dir / "metrics.jsonl").exists()  # nothing ran
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    bf16 = _cfg(image_folder, tmp_path / "runs", "train.mixed_precision=bf16")
     with pytest.raises(ValueError, match="bf16 is not supported by Tesla V100"):
-        check_precision("bf16", torch.device("cuda", 0))
-    check_precision("bf16", torch.device("cpu"))  # bf16 autocast runs on CPUs
-    check_precision("no", torch.device("cpu"))
+        validate(bf16, World(device_type="cuda", bf16_supported=False, device_name="Tesla V100-SXM2-16GB"))
+    validate(bf16, World(device_type="cpu"))  # bf16 autocast runs on CPUs
+    validate(_cfg(image_folder, tmp_path / "runs"), World(device_type="cpu"))
 
 
 def test_the_newest_k_checkpoints_are_kept(image_folder: Path, tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ def test_the_newest_k_checkpoints_are_kept(image_folder: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(("name", "kind"), [("sgd", "SGD"), ("lars", "Lars"), ("adamw", "AdamW")])
 def test_optimizers_leave_norms_and_biases_out_of_weight_decay(name: str, kind: str) -> None:
-    from twinview.pretrain.engine.train import build_optimizer
+    from twinview.pretrain.engine.optim import build_optimizer
 
     cfg = load_config(None, ["data.path=unused", f"optim.name={name}", "optim.weight_decay=0.01"])
     model = create_model(cfg.model)
@@ -293,7 +293,7 @@ def test_optimizers_leave_norms_and_biases_out_of_weight_decay(name: str, kind: 
 def test_on_a_gpu_the_adam_family_keeps_its_step_count_on_the_device() -> None:
     """``capturable`` Adam keeps ``state['step']`` on the GPU, which the device-mode non-finite
     check restores with the weights (construction only: no GPU needed)."""
-    from twinview.pretrain.engine.train import build_optimizer
+    from twinview.pretrain.engine.optim import build_optimizer
 
     model = torch.nn.Linear(2, 2)
     for name, capturable in [("adamw", True), ("adam", True), ("lars", None), ("sgd", None)]:
@@ -305,7 +305,7 @@ def test_on_a_gpu_the_adam_family_keeps_its_step_count_on_the_device() -> None:
 @pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
 def test_lr_scales_with_the_global_batch_of_an_optimiser_step(rule: str, factor: float) -> None:
     """64 per pass x 2 processes x 2 accumulated passes = 256 = 4 x base_batch_size 64."""
-    from twinview.pretrain.engine.train import scaled_lr
+    from twinview.pretrain.engine.optim import scaled_lr
 
     cfg = load_config(None, ["data.path=unused", "optim.lr=0.3", f"optim.lr_scaling={rule}", "optim.base_batch_size=64",
                              "train.batch_size=64", "train.grad_accumulation=2"])

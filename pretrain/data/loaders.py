@@ -1,0 +1,143 @@
+"""The batches a run trains on: uint8 images and labels, per process, epoch after epoch.
+
+Three ways, chosen by ``data.path`` and ``data.cache``: a DataLoader whose workers decode the
+files (or read the disk cache, or a Hugging Face data set), sharded across processes by
+Accelerate; batches cut on the device from the decoded cache (``data.cache=device``, no workers);
+or a stream of fixed-length epochs (``data.streaming=true``). The supervised objectives get P x K
+class-balanced batches in each of the first two. The data is checked against the config
+(``twinview.pretrain.validate.validate_data``) before any batch is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from twinview.pretrain.config import Config
+from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data.pk_sampler import PKBatchSampler
+from twinview.pretrain.data.source_kind import is_hf_source
+from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog, scan_source, worker_init
+from twinview.pretrain.objectives.registry import get as get_objective
+from twinview.pretrain.validate import DataSummary, World, validate_data
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, 3, S, S) and labels (B,), on the device
+
+
+class Batches:
+    """The batches of every epoch: ``set_epoch(e)``, then iterate; ``len()`` batches per process.
+
+    Built by :func:`build_batches`; a DataLoader is sharded across processes only by
+    :meth:`prepare` (after the model, so the weights are drawn from the same random stream
+    whatever the data).
+    """
+
+    def __init__(self, source: Any, sampler: PKBatchSampler | None = None) -> None:
+        self.source, self.sampler = source, sampler
+
+    def prepare(self, accelerator: Accelerator) -> Batches:
+        """Shards a DataLoader across processes (the device cache and streams shard themselves)."""
+        if isinstance(self.source, DataLoader):
+            self.source = accelerator.prepare(self.source)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.source)
+
+
+def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log: SkipLog) -> Batches:
+    """The run's batches: decoded every epoch, from the disk cache, from the device cache, or streamed."""
+    d = cfg.data
+    pin = accelerator.device.type == "cuda"
+    if is_hf_source(d.path) and d.streaming:
+        from twinview.pretrain.data.hf import HFStreamingDataset
+
+        stream = HFStreamingDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
+                                    accelerator.process_index, accelerator.num_processes, cfg.train.seed)
+        loader = DataLoader(stream, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
+                            worker_init_fn=worker_init if d.num_workers else None, pin_memory=pin)
+        passes = cfg.train.max_steps_per_epoch * cfg.train.grad_accumulation  # batches per epoch
+        return Batches(_StreamBatches(loader, stream, accelerator.device, passes))
+    if is_hf_source(d.path):
+        from twinview.pretrain.data.hf import HFImageDataset
+
+        dataset: Any = HFImageDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
+                                      strict=d.strict, skip_log=skip_log)
+    elif d.cache == "none":
+        dataset = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
+    else:
+        # the cache's file lock makes one process build while the others wait (no collective
+        # barrier, which would time out on a long build under NCCL)
+        cache = build_or_load(scan_source(d.path), d.image_size, workers=d.num_workers, strict=d.strict)
+        for path, reason in cache.skipped.items():
+            skip_log.record(Path(path), reason)
+        accelerator.print(f"Decoded cache: {cache.path} ({len(cache.kept)} images, {len(cache.skipped)} skipped)")
+        dataset = CachedDataset(cache)
+    sampler = _checked_sampler(cfg, world, dataset)
+    if d.cache == "device":  # the same sampler on every process; its batches are dealt round-robin
+        return Batches(DeviceBatches(dataset.cache, accelerator.device, cfg.train.batch_size, cfg.train.seed,
+                                     accelerator.process_index, accelerator.num_processes, sampler))
+    return Batches(_loader(cfg, dataset, sampler, pin), sampler)
+
+
+def _checked_sampler(cfg: Config, world: World, dataset: Any) -> PKBatchSampler | None:
+    """Checks the data against the config; the P x K sampler of the supervised objectives."""
+    index = dataset.index
+    validate_data(cfg, world, DataSummary(str(index.root), len(dataset), index.labeled, len(index.classes)))
+    if not get_objective(cfg.objective.name).supervised:
+        return None
+    k = cfg.data.samples_per_class
+    return PKBatchSampler(index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
+
+
+def _loader(cfg: Config, dataset: Any, sampler: PKBatchSampler | None, pin: bool) -> DataLoader:
+    """Random batches, or the sampler's P x K batches, decoded in worker processes."""
+    workers = cfg.data.num_workers
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": pin,
+        "persistent_workers": workers > 0,
+        "worker_init_fn": worker_init if workers > 0 else None,
+    }
+    if isinstance(dataset, CachedDataset):
+        common["collate_fn"] = batched_collate  # the cache reads whole batches (__getitems__)
+    if sampler is not None:
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)
+
+
+class _StreamBatches:
+    """Fixed-length epochs over a streamed source: ``steps`` batches per epoch, moved to the device."""
+
+    def __init__(self, loader: DataLoader, stream: Any, device: torch.device, steps: int) -> None:
+        self.loader, self.stream, self.device, self.steps = loader, stream, device, steps
+        self._it: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._it is None:
+            self.stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._it is None:
+            self._it = iter(self.loader)  # one endless stream across epochs
+        for _ in range(self.steps):
+            try:
+                images, labels = next(self._it)
+            except StopIteration:
+                raise ValueError("the streamed data set produced no decodable images") from None
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -1,0 +1,70 @@
+"""Resumable checkpoints: what training has done so far, written atomically, read back newest first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from twinview.pretrain.engine.step_guard import StepGuard
+from twinview.pretrain.runs import checkpoint_path, checkpoints
+
+
+@dataclass
+class Progress:
+    """Completed epochs and optimiser steps, and the non-finite step counters; saved with every
+    checkpoint. The counters ride here rather than as their own checkpointed object, so a run
+    resumes whether or not the check was on when it was saved."""
+
+    epoch: int = 0
+    step: int = 0
+    guard: StepGuard | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
+        if self.guard is not None and self.guard.mode != "off":
+            state["nonfinite"] = self.guard.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.guard is not None and "nonfinite" in state:
+            self.guard.load_state_dict(state["nonfinite"])
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, keep: int, epoch: int, step: int | None = None) -> Path:
+    """Saves a resumable checkpoint atomically and keeps only the newest ``keep``.
+
+    Every process writes into ``NAME.partial``; the main process renames it once all are done, so a
+    run killed while saving leaves no directory that looks like a checkpoint.
+    """
+    final = checkpoint_path(run_dir, epoch, step)
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_latest(accelerator: Accelerator, run_dir: Path) -> Path:
+    """Loads the newest checkpoint that loads; a corrupt one is reported and the previous one used."""
+    found = checkpoints(run_dir)
+    for candidate in reversed(found):
+        try:
+            accelerator.load_state(str(candidate))
+            return candidate
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+            accelerator.print(f"Checkpoint {candidate} cannot be loaded ({type(err).__name__}: {err}); trying an older one.")
+    raise FileNotFoundError(f"--resume: none of the {len(found)} checkpoints of '{run_dir}' could be loaded.")

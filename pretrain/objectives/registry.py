@@ -1,0 +1,249 @@
+"""The objective registry: one table that names every training objective.
+
+Each entry says which method class trains it, which config section it reads
+(``objective.<name>.*``), whether it needs class labels (P x K batches) or a predictor, the paper
+(written into the export's model card and config.json) and the checks its settings must pass. The
+config's ``objective.name`` choices, its ``objective.<name>`` sections, the CLI help, validation,
+``create_method`` and the export all read this table; adding an objective adds one entry here
+(docs/ARCHITECTURE.md walks through it).
+
+This module imports no torch: reading a config loads it, and the method classes are imported only
+when a run builds one (``method`` is a ``module:Class`` path).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ObjectiveSettingError(ValueError):
+    """An objective setting that cannot work with this run's batches (names the key)."""
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What an objective's checks may depend on besides its own section.
+
+    Attributes:
+        per_process: Images per process and forward pass (``train.batch_size``).
+        processes: Number of processes.
+        passes: Passes per optimiser step (``train.grad_accumulation``).
+        cached: Whether the loss sees all passes at once (``train.grad_accumulation_mode=cached``).
+    """
+
+    per_process: int
+    processes: int
+    passes: int = 1
+    cached: bool = True
+
+    @property
+    def global_batch(self) -> int:
+        """Images of one pass over all processes."""
+        return self.per_process * self.processes
+
+
+# --- the config sections, one per objective: objective.<name>.* ---------------------------------
+
+
+@dataclass
+class SimCLRConfig:
+    """``objective.simclr``: NT-Xent over two views.
+
+    Attributes:
+        temperature: Softmax temperature t of NT-Xent.
+    """
+
+    temperature: float = 0.2
+
+
+@dataclass
+class MoCoV2Config:
+    """``objective.moco_v2``: momentum key encoder and a queue of negative keys.
+
+    Attributes:
+        temperature: Softmax temperature of InfoNCE.
+        momentum: Key-encoder EMA momentum m: ``theta_k <- m theta_k + (1 - m) theta_q``.
+        momentum_schedule: ``constant``, or ``cosine`` from ``momentum`` to 1 over the run.
+        queue_size: Number of negative keys K; a multiple of the keys added per optimiser step.
+        bn_splits: On one process, keys are encoded in this many groups with their own batch-norm
+            statistics (split BN; 1 turns it off). Several processes use shuffle BN.
+        symmetric: Also contrast the second view's query with the first view's key.
+    """
+
+    temperature: float = 0.2
+    momentum: float = 0.99
+    momentum_schedule: str = "constant"
+    queue_size: int = 4096
+    bn_splits: int = 8
+    symmetric: bool = False
+
+
+@dataclass
+class MoCoV3Config:
+    """``objective.moco_v3``: a predictor on the query branch, symmetric in-batch keys, no queue.
+
+    Attributes:
+        temperature: Softmax temperature of InfoNCE.
+        momentum: Key-encoder EMA momentum m.
+        momentum_schedule: ``constant``, or ``cosine`` from ``momentum`` to 1 over the run.
+    """
+
+    temperature: float = 0.2
+    momentum: float = 0.99
+    momentum_schedule: str = "constant"
+
+
+@dataclass
+class SupConConfig:
+    """``objective.supcon``: supervised contrastive loss on class labels.
+
+    Attributes:
+        temperature: Softmax temperature.
+    """
+
+    temperature: float = 0.2
+
+
+@dataclass
+class TripletConfig:
+    """``objective.triplet``: triplet margin loss with online mining (L2-normalised embeddings).
+
+    Attributes:
+        margin: Margin m of ``max(0, d(a, p) - d(a, n) + m)``.
+        mining: ``batch_hard``, ``batch_all`` or ``semi_hard``.
+    """
+
+    margin: float = 0.5
+    mining: str = "batch_hard"
+
+
+@dataclass
+class ContrastiveConfig:
+    """``objective.contrastive``: the pairwise margin loss of Hadsell, Chopra and LeCun.
+
+    Attributes:
+        margin: Margin of the dissimilar pairs' hinge (L2-normalised embeddings).
+    """
+
+    margin: float = 0.5
+
+
+# --- the checks: a section and the batch shape in, an ObjectiveSettingError out ----------------
+
+Check = Callable[[Any, BatchShape], None]
+
+
+def _two_per_process(name: str) -> Check:
+    def check(section: Any, shape: BatchShape) -> None:
+        if shape.per_process < 2:
+            raise ObjectiveSettingError(
+                f"objective.name={name} needs at least 2 images per process and batch (train.batch_size="
+                f"{shape.per_process}): batch-norm statistics of one image are degenerate.")
+    return check
+
+
+def _check_moco_v2(section: MoCoV2Config, shape: BatchShape) -> None:
+    keys_per_step = shape.global_batch * shape.passes * (2 if section.symmetric else 1)
+    if section.queue_size % keys_per_step:
+        raise ObjectiveSettingError(
+            f"objective.moco_v2.queue_size={section.queue_size} must be a multiple of the keys added per optimiser "
+            f"step, {keys_per_step} (train.batch_size={shape.per_process} x {shape.processes} processes"
+            f"{f' x {shape.passes} accumulated passes' if shape.passes > 1 else ''}"
+            f"{' x 2 views (symmetric)' if section.symmetric else ''}).")
+    if shape.processes == 1 and section.bn_splits > 1 and shape.per_process % section.bn_splits:
+        raise ObjectiveSettingError(
+            f"objective.moco_v2.bn_splits={section.bn_splits} must divide train.batch_size={shape.per_process}.")
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One registry entry.
+
+    Attributes:
+        name: The value of ``objective.name``, and the name of its config section.
+        method: ``module:Class`` of its :class:`~twinview.pretrain.objectives.methods.Method`,
+            built as ``Class(section, online, seed)``.
+        config: The dataclass of its section ``objective.<name>``.
+        summary: One line for the CLI help and the README.
+        paper: The paper it follows, for the model card and the export's config.json.
+        supervised: Trains on class labels, from P x K class-balanced batches.
+        predictor: The model gets a predictor MLP on top of the head (MoCo v3).
+        choices: Allowed values of string keys of the section.
+        checks: Settings that cannot work with the run's batches, refused before any compute.
+    """
+
+    name: str
+    method: str
+    config: type
+    summary: str
+    paper: str
+    supervised: bool = False
+    predictor: bool = False
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    checks: tuple[Check, ...] = ()
+
+    def method_class(self) -> type:
+        """Imports and returns the method class."""
+        module, cls = self.method.split(":")
+        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+_METHODS = "twinview.pretrain.objectives.methods"
+_MOMENTUM = (("momentum_schedule", ("constant", "cosine")),)
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("simclr", f"{_METHODS}:SimCLR", SimCLRConfig,
+                  "NT-Xent over two views; negatives from every process, gathered with gradient",
+                  "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations "
+                  "(arXiv:2002.05709)",
+                  checks=(_two_per_process("simclr"),)),
+        Objective("moco_v2", f"{_METHODS}:MoCoV2", MoCoV2Config,
+                  "query encoder vs momentum key encoder, InfoNCE against a queue of keys",
+                  "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning "
+                  "(arXiv:2003.04297)",
+                  choices=_MOMENTUM, checks=(_check_moco_v2,)),
+        Objective("moco_v3", f"{_METHODS}:MoCoV3", MoCoV3Config,
+                  "predictor on the query branch, symmetric InfoNCE against the in-batch momentum keys",
+                  "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers "
+                  "(arXiv:2104.02057)",
+                  predictor=True, choices=_MOMENTUM, checks=(_two_per_process("moco_v3"),)),
+        Objective("supcon", f"{_METHODS}:SupCon", SupConConfig,
+                  "supervised contrastive loss on class labels",
+                  "Khosla et al. 2020, Supervised Contrastive Learning (arXiv:2004.11362)",
+                  supervised=True),
+        Objective("triplet", f"{_METHODS}:Triplet", TripletConfig,
+                  "triplet margin loss with online mining",
+                  "Hermans, Beyer, Leibe 2017, In Defense of the Triplet Loss for Person Re-Identification "
+                  "(arXiv:1703.07737)",
+                  supervised=True, choices=(("mining", ("batch_hard", "batch_all", "semi_hard")),)),
+        Objective("contrastive", f"{_METHODS}:Contrastive", ContrastiveConfig,
+                  "pairwise margin loss on same-class and other-class pairs (Siamese)",
+                  "Hadsell, Chopra, LeCun 2006, Dimensionality Reduction by Learning an Invariant Mapping",
+                  supervised=True),
+    )
+}
+
+
+def register(objective: Objective) -> None:
+    """Adds an objective defined outside twinview (call before reading a config that names it).
+
+    The objectives shipped with twinview are entries of :data:`OBJECTIVES` above; this is for a
+    project's own, e.g. ``examples/dcl_objective.py``.
+    """
+    if objective.name in OBJECTIVES and OBJECTIVES[objective.name] != objective:
+        raise ValueError(f"an objective named '{objective.name}' is already registered")
+    OBJECTIVES[objective.name] = objective
+
+
+def get(name: str) -> Objective:
+    """The entry of ``name``; the error lists the registered names."""
+    if name not in OBJECTIVES:
+        raise ObjectiveSettingError(f"unknown objective.name '{name}'. Valid values: {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]

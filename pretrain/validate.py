@@ -1,0 +1,229 @@
+"""Every check of a run's settings, in one place, before any compute.
+
+* :func:`validate` checks a config: values, choices, the objective's own checks (from the
+  objective registry) and the loop's settings; given the :class:`World` (processes, device) also
+  the batch shape, the precision and the tracker. ``load_config`` runs it without a world, the
+  training loop with one, before it builds anything.
+* :func:`validate_data` checks the config against the data found (size, labels, classes).
+* :func:`validate_epoch` checks that an epoch holds at least one optimiser step.
+
+Each error names the key to change. This module imports no torch, so reading a config stays light.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twinview.augment.config import RECIPES
+from twinview.pretrain.data.source_kind import is_hf_source
+from twinview.pretrain.objectives import registry
+
+if TYPE_CHECKING:  # config.py calls validate(); the reverse import is for types only
+    from twinview.pretrain.config import Config
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not valid; the message names it and the valid ones."""
+
+
+@dataclass(frozen=True)
+class World:
+    """Where a run trains, as far as the checks care.
+
+    Attributes:
+        processes: Number of processes (``accelerate launch``).
+        device_type: ``cpu``, ``cuda``, ``mps``, ...
+        bf16_supported: Whether the device runs bf16 (CUDA: compute capability >= 8.0).
+        device_name: For messages, e.g. ``Tesla V100``.
+    """
+
+    processes: int = 1
+    device_type: str = "cpu"
+    bf16_supported: bool = True
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the checks need to know of the data found.
+
+    Attributes:
+        root: The data path, for messages.
+        images: Number of images (of this split).
+        labeled: Whether the images have class labels.
+        classes: Number of classes (0 when unlabeled).
+    """
+
+    root: str
+    images: int
+    labeled: bool
+    classes: int
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "augment.recipe": tuple(RECIPES),
+    "augment.backend": ("fast", "kornia"),
+    "data.cache": ("none", "disk", "device"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.log_with": ("none", "tensorboard", "wandb"),
+    "train.nonfinite_check": ("auto", "sync", "device"),
+    "train.grad_accumulation_mode": ("cached", "independent"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
+}
+
+_AT_LEAST = {  # key: minimum, and what the minimum means
+    "train.batch_size": (1, ""),
+    "train.epochs": (0, ""),
+    "train.grad_accumulation": (1, " (1: no accumulation)"),
+    "train.max_nonfinite_steps": (0, " (0: no check)"),
+    "train.keep_checkpoints": (1, ""),
+    "data.samples_per_class": (1, ""),
+    "model.proj_layers": (1, ""),
+}
+
+
+def validate(cfg: Config, world: World | None = None) -> None:
+    """Raises ConfigError for the first setting that cannot work.
+
+    Args:
+        cfg: The resolved config.
+        world: Processes and device of the run; None checks only what needs neither.
+    """
+    _check_values(cfg)
+    _check_data_source(cfg)
+    _check_monitor_and_views(cfg)
+    if world is None:
+        return
+    _check_objective(cfg, world)
+    _check_precision(cfg.train.mixed_precision, world)
+    _check_tracker(cfg.train.log_with)
+
+
+def _value(cfg: Config, dotted: str) -> object:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_values(cfg: Config) -> None:
+    if not cfg.data.path:
+        raise ConfigError(
+            "data.path is not set: point it at a folder of images, e.g. data.path=/my/images "
+            "(or data.path=builtin:digits for the embedded demo data set)."
+        )
+    objective = cfg.objective.name
+    if objective not in registry.OBJECTIVES:
+        raise ConfigError(f"invalid value for 'objective.name': {objective!r}. "
+                          f"Valid values: {', '.join(registry.OBJECTIVES)}.")
+    choices = dict(CHOICES)
+    for entry in registry.OBJECTIVES.values():
+        choices.update({f"objective.{entry.name}.{key}": valid for key, valid in entry.choices})
+    for key, valid in choices.items():
+        *path, name = key.split(".")
+        node: object = cfg
+        for part in path:
+            node = getattr(node, part)
+        value = getattr(node, name)
+        if value not in valid:
+            raise ConfigError(f"invalid value for '{key}': {value!r}. Valid values: {', '.join(valid)}.")
+    for key, (minimum, meaning) in _AT_LEAST.items():
+        value = _value(cfg, key)
+        assert isinstance(value, int)
+        if value < minimum:
+            raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}.")
+
+
+def _check_data_source(cfg: Config) -> None:
+    d, supervised = cfg.data, registry.get(cfg.objective.name).supervised
+    if not is_hf_source(d.path):
+        return
+    if d.cache != "none":
+        raise ConfigError("data.cache works with image folders and file lists; a Hugging Face source keeps its own "
+                          "Arrow cache. Set data.cache=none.")
+    if d.streaming and not cfg.train.max_steps_per_epoch:
+        raise ConfigError("data.streaming=true has no epoch length: set train.max_steps_per_epoch.")
+    if d.streaming and supervised:
+        raise ConfigError(f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
+                          "(data.streaming=true) cannot give.")
+
+
+def _check_monitor_and_views(cfg: Config) -> None:
+    if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
+        raise ConfigError("eval.monitor_every needs eval.monitor_train and eval.monitor_test (labelled folders).")
+    if cfg.augment.local_crops:
+        raise ConfigError(
+            f"augment.local_crops={cfg.augment.local_crops}: objective '{cfg.objective.name}' uses two views "
+            "and no multi-crop local views; set augment.local_crops=0."
+        )
+
+
+def batch_shape(cfg: Config, world: World) -> registry.BatchShape:
+    """The batch shape the objective's checks see."""
+    return registry.BatchShape(cfg.train.batch_size, world.processes, cfg.train.grad_accumulation,
+                               cfg.train.grad_accumulation_mode == "cached")
+
+
+def _check_objective(cfg: Config, world: World) -> None:
+    entry = registry.get(cfg.objective.name)
+    section = getattr(cfg.objective, entry.name)
+    for check in entry.checks:
+        try:
+            check(section, batch_shape(cfg, world))
+        except registry.ObjectiveSettingError as err:
+            raise ConfigError(str(err)) from None
+
+
+def _check_precision(precision: str, world: World) -> None:
+    if precision == "fp16" and world.device_type == "cpu":
+        raise ConfigError(
+            "train.mixed_precision=fp16 is not supported on a CPU (no fp16 loss scaling there, and fp16 matmuls "
+            "are slow); use train.mixed_precision=bf16 or no."
+        )
+    if precision == "bf16" and world.device_type == "cuda" and not world.bf16_supported:
+        raise ConfigError(f"train.mixed_precision=bf16 is not supported by {world.device_name} (bf16 needs compute "
+                          "capability >= 8.0, e.g. A100/H100); use train.mixed_precision=fp16 or no.")
+
+
+def _check_tracker(name: str) -> None:
+    if name != "none" and importlib.util.find_spec(name) is None:
+        raise ConfigError(f"train.log_with={name} needs the '{name}' package: pip install {name}")
+
+
+def validate_data(cfg: Config, world: World, data: DataSummary) -> None:
+    """Raises ConfigError when the batches the config asks for cannot be cut from the data."""
+    global_batch = cfg.train.batch_size * world.processes
+    if data.images < global_batch:
+        raise ConfigError(
+            f"'{data.root}' has {data.images} images, fewer than one global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} x {world.processes} processes). Lower train.batch_size."
+        )
+    if not registry.get(cfg.objective.name).supervised:
+        return
+    if not data.labeled:
+        raise ConfigError(
+            f"objective.name={cfg.objective.name} trains on labels, but '{data.root}' has no class "
+            "sub-folders. Use a folder with one sub-folder per class, or a self-supervised objective."
+        )
+    k = cfg.data.samples_per_class
+    if cfg.train.batch_size % k:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.samples_per_class={k}.")
+    p = cfg.train.batch_size // k
+    if p < 2:
+        raise ConfigError(
+            f"P x K batches of train.batch_size={cfg.train.batch_size} with data.samples_per_class={k} hold one "
+            "class: there would be no negatives. Use at least 2 classes per batch."
+        )
+    if p > data.classes:
+        raise ConfigError(
+            f"a P x K batch needs {p} classes but the data has {data.classes}; "
+            f"lower train.batch_size or raise data.samples_per_class."
+        )
+
+
+def validate_epoch(cfg: Config, batches_per_process: int) -> None:
+    """Raises ConfigError when an epoch would hold no optimiser step."""
+    if batches_per_process < cfg.train.grad_accumulation:
+        raise ConfigError(
+            f"train.grad_accumulation={cfg.train.grad_accumulation} needs at least that many batches per process "
+            f"and epoch; there are {batches_per_process}. Lower train.grad_accumulation or train.batch_size.")
