@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from twinview.evaluate.report import evaluate_knn, random_init_backbone
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.builtin import cache_dir, extract_archive
-from twinview.pretrain.runs import load_trained_model
 from twinview.pretrain.engine.train import train
+from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
+from twinview.pretrain.runs import load_trained_model
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PER_CLASS = 1000
@@ -81,11 +81,11 @@ def main() -> None:
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]
     _, model = load_trained_model(run_dir)
-    test_dir = str(root / "test")
+    reference, query = labelled_folders(str(train_dir), str(root / "test"), cfg.data.image_size)
     t0 = time.perf_counter()
-    trained = evaluate_knn(model.backbone, cfg, str(train_dir), test_dir)
+    trained = evaluate_backbone(model.backbone, cfg, reference, query)
     eval_seconds = time.perf_counter() - t0
-    baseline = evaluate_knn(random_init_backbone(cfg), cfg, str(train_dir), test_dir)
+    baseline = evaluate_backbone(random_init_backbone(cfg), cfg, reference, query)
     print(
         json.dumps(
             {

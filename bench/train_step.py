@@ -44,34 +44,46 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _setup(device_name: str) -> tuple[Any, Any, Any, Any, Any]:
+def _trainers(device_name: str, modes: list[str], overrides: list[str]) -> tuple[list[Any], Any]:
+    """Trainers sharing one model and optimiser, one per step-guard mode, for
+    :func:`twinview.pretrain.engine.train.train_step` (the real step)."""
     import torch
     from accelerate import Accelerator
 
     from twinview.pretrain.config import load_config
-    from twinview.pretrain.objectives.methods import create_method
+    from twinview.pretrain.engine.checkpoints import Progress
+    from twinview.pretrain.engine.optim import build_optimizer, build_scheduler
+    from twinview.pretrain.engine.step_guard import StepGuard
+    from twinview.pretrain.engine.train import Trainer
     from twinview.pretrain.models import create_model
-    from twinview.pretrain.engine.optim import build_optimizer
+    from twinview.pretrain.objectives.methods import create_method
 
-    cfg = load_config("simclr-cifar10", ["data.path=unused"])
+    cfg = load_config("simclr-cifar10", ["data.path=unused", *overrides])
     accelerator = Accelerator(cpu=device_name == "cpu")
     torch.manual_seed(0)
     model = create_model(cfg.model).to(memory_format=torch.channels_last)
     method = create_method(cfg, model).to(accelerator.device)
-    optimizer = build_optimizer(cfg, model, cfg.optim.lr)
+    optimizer = build_optimizer(cfg, model, cfg.optim.lr, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return accelerator, model, method, optimizer, cfg
+    scheduler = build_scheduler(cfg, optimizer, cfg.optim.lr, 1000)
+    trainers = []
+    for mode in modes:
+        guard = StepGuard(model, method, optimizer, mode, accelerator.device)
+        trainers.append(Trainer(cfg, accelerator, model, model, method, optimizer, scheduler, guard,
+                                Progress(guard=guard), 1000 * cfg.train.epochs, list(model.parameters())))
+    return trainers, accelerator.device
 
 
-def _views(batch: int, passes: int, device: Any) -> list[list[Any]]:
+def _passes(batch: int, passes: int, device: Any) -> list[Any]:
     import torch
 
     g = torch.Generator().manual_seed(1)
-    return [[torch.randn(batch // passes, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-             for _ in range(2)] for _ in range(passes)]
+    labels = torch.zeros(batch // passes, dtype=torch.long, device=device)
+    return [([torch.randn(batch // passes, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+              for _ in range(2)], labels) for _ in range(passes)]
 
 
-def _timed(step: Callable[[], None], device: Any) -> float:
+def _timed(step: Callable[[], Any], device: Any) -> float:
     import torch
 
     if device.type == "cuda":
@@ -85,41 +97,23 @@ def _timed(step: Callable[[], None], device: Any) -> float:
 
 def guard_costs(device_name: str, batch: int, steps: int) -> dict:
     """off / sync / device guards around one model, their steps interleaved."""
-    import torch
+    from twinview.pretrain.engine.train import train_step
 
-    from twinview.pretrain.engine.accumulation import Accumulator
-    from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
-
-    accelerator, model, method, optimizer, _ = _setup(device_name)
-    device = accelerator.device
-    parameters = list(model.parameters())
-    accumulator = Accumulator(accelerator, model, method, 1, "cached")
-    views = _views(batch, 1, device)[0]
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-    guards = {"off": None, **{mode: StepGuard(model, method, optimizer, mode, device) for mode in ("sync", "device")}}
-
-    def step(guard: Any) -> None:
-        if guard is not None:
-            guard.begin()
-        accumulator.add(views, labels)
-        loss = accumulator.finish()
-        if guard is None:
-            optimizer.step()
-        else:
-            guard.apply(guard.finite(loss, grad_norm(parameters)), lambda apply: None)
-        optimizer.zero_grad(set_to_none=True)
-
-    times: dict[str, list[float]] = {name: [] for name in guards}
-    names = list(guards)
+    names = ["off", "sync", "device"]
+    trainers, device = _trainers(device_name, names, ["train.max_nonfinite_steps=5"])
+    passes = _passes(batch, 1, device)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(steps + 1):
-        for name in names[i % 3:] + names[: i % 3]:  # rotate the order every round
-            t = _timed(lambda: step(guards[name]), device)
+        for j in [*range(i % 3, 3), *range(i % 3)]:  # rotate the order every round
+            t = _timed(lambda: train_step(trainers[j], passes), device)
             if i > 0:
-                times[name].append(t)
+                times[names[j]].append(t)
     off = statistics.median(times["off"])
-    shadow_mb = sum(t.numel() * t.element_size() for t in guards["device"].shadow) / 2**20
+    parameters = trainers[0].parameters
+    shadow_mb = sum(t.numel() * t.element_size() for t in trainers[2].guard.shadow) / 2**20
     params_mb = sum(p.numel() * p.element_size() for p in parameters) / 2**20
-    out = {name: {"step_ms": 1000 * statistics.median(ts), "vs_off": statistics.median(ts) / off} for name, ts in times.items()}
+    out: dict[str, Any] = {name: {"step_ms": 1000 * statistics.median(ts), "vs_off": statistics.median(ts) / off}
+                           for name, ts in times.items()}
     out["device"]["extra_memory_mb"] = shadow_mb
     out["parameters_mb"] = params_mb
     return out
@@ -129,28 +123,18 @@ def accumulation_one(name: str, device_name: str, batch: int, passes: int, steps
     """One accumulation configuration, timed in this process (a fresh one per call)."""
     import torch
 
-    from twinview.pretrain.engine.accumulation import Accumulator
+    from twinview.pretrain.engine.train import train_step
 
     k, mode = ACCUMULATION[name]
     k = k or passes
     base = _rss_mb()
-    accelerator, model, method, optimizer, _ = _setup(device_name)
-    device = accelerator.device
-    accumulator = Accumulator(accelerator, model, method, k, mode)
-    views = _views(batch, k, device)
-    labels = torch.zeros(batch // k, dtype=torch.long, device=device)
+    (trainer,), device = _trainers(device_name, ["off"], [f"train.grad_accumulation={k}",
+                                                          f"train.grad_accumulation_mode={mode}"])
+    step_passes = _passes(batch, k, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated()
-
-    def step() -> None:
-        for v in views:
-            accumulator.add(v, labels)
-        accumulator.finish()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    times = [_timed(step, device) for _ in range(steps + 2)][2:]
+    times = [_timed(lambda: train_step(trainer, step_passes), device) for _ in range(steps + 2)][2:]
     peak = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20 if device.type == "cuda" else _peak_rss_mb() - base
     return {"step_ms": 1000 * statistics.median(times), "peak_mb": peak, "passes": k}
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from twinview.pretrain import __version__
-from twinview.pretrain.config import ConfigError, load_config
+from twinview.pretrain.config import ConfigError, load_config, shipped_recipes
 from twinview.pretrain.data.decode import BadImage
+from twinview.pretrain.objectives import registry
 
 if TYPE_CHECKING:
     import torch
@@ -22,12 +23,16 @@ if TYPE_CHECKING:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    objectives = "\n".join(f"  {o.name:<12} {o.summary}{' (class labels: P x K batches)' if o.supervised else ''}"
+                           for o in registry.OBJECTIVES.values())
     p = sub.add_parser(
         "pretrain",
         help="pretrain a backbone with contrastive learning",
         description="Pretrain a timm backbone. Overrides are dotted keys, e.g. data.path=/my/images optim.lr=0.3.",
+        epilog=f"objectives (objective.name=NAME; settings in objective.NAME.*):\n{objectives}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=None, help="recipe YAML path or shipped recipe name (demo, simclr-cifar10)")
+    p.add_argument("--config", default=None, help=f"recipe YAML path or shipped recipe name ({', '.join(shipped_recipes())})")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")

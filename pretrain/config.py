@@ -291,8 +291,14 @@ def recipe_path(name_or_path: str | Path) -> Path:
     candidate = shipped / f"{stem}.yaml"
     if candidate.is_file():
         return Path(str(candidate))
-    names = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".yaml"))
-    raise ConfigError(f"no recipe file '{name_or_path}' and no shipped recipe '{stem}'. Shipped: {', '.join(names)}.")
+    raise ConfigError(f"no recipe file '{name_or_path}' and no shipped recipe '{stem}'. "
+                      f"Shipped: {', '.join(shipped_recipes())}.")
+
+
+def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped in twinview.configs, sorted."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("twinview.configs").iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def _migrate_flat_objective_keys(tree: Any, source: str) -> Any:
@@ -353,8 +359,8 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
         base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist([item])), f"override '{item}'")
     cfg = OmegaConf.to_object(base)
     assert isinstance(cfg, Config)
+    validate(cfg)  # before filling: an unknown augment.recipe is a ConfigError, not a KeyError
     fill_recipe(cfg.augment)
-    validate(cfg)
     return cfg
 
 
@@ -388,5 +394,6 @@ __all__ = [
     "load_config",
     "recipe_path",
     "save_config",
+    "shipped_recipes",
     "to_yaml",
 ]

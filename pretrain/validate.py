@@ -93,9 +93,10 @@ def validate(cfg: Config, world: World | None = None) -> None:
     """
     _check_values(cfg)
     _check_data_source(cfg)
-    _check_monitor_and_views(cfg)
+    _check_monitor(cfg)
     if world is None:
         return
+    _check_views(cfg)
     _check_objective(cfg, world)
     _check_precision(cfg.train.mixed_precision, world)
     _check_tracker(cfg.train.log_with)
@@ -148,9 +149,14 @@ def _check_data_source(cfg: Config) -> None:
                           "(data.streaming=true) cannot give.")
 
 
-def _check_monitor_and_views(cfg: Config) -> None:
+def _check_monitor(cfg: Config) -> None:
     if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
         raise ConfigError("eval.monitor_every needs eval.monitor_train and eval.monitor_test (labelled folders).")
+
+
+def _check_views(cfg: Config) -> None:
+    # A training check only: `twinview preview` shows multi-crop views of any config.
+    # TODO(issue 14): objectives that consume local views (multi-crop) lift this.
     if cfg.augment.local_crops:
         raise ConfigError(
             f"augment.local_crops={cfg.augment.local_crops}: objective '{cfg.objective.name}' uses two views "

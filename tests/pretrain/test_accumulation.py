@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twinview.pretrain.objectives import methods
+from twinview.pretrain.objectives import methods, registry
 from twinview.pretrain.config import load_config
 from twinview.pretrain.runs import checkpoints, new_run_dir
 from twinview.pretrain.engine.signals import TrainingInterrupted
@@ -131,12 +131,12 @@ def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Mod
                              "model.proj_dim=16", "model.predictor_hidden_dim=16", f"objective.name={objective}",
                              *extra.get(objective, [])])
     torch.manual_seed(0)
-    model = create_model(cfg.model, predictor=objective == "moco_v3")  # dropout in the ViT, batch norm in the head
+    model = create_model(cfg.model, predictor=registry.get(objective).predictor)  # dropout in the ViT, batch norm in the head
     method = create_method(cfg, model)
     return cfg, model.train(), method.train()
 
 
-@pytest.mark.parametrize("objective", ["simclr", "moco_v2", "moco_v3", "supcon", "triplet", "contrastive"])
+@pytest.mark.parametrize("objective", list(registry.OBJECTIVES))  # every shipped objective
 def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(objective: str) -> None:
     """Reference: every pass forwarded with gradient kept (the memory cached mode saves), one loss
     over all of them. Same dropout masks, batch norm per pass, statistics updated once per pass."""
