@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+# ruff (format and lint) on everything; mypy on the package, through a link tree that names the
+# folders as the twinview namespace does (mypy cannot follow the editable install's import hook).
+lint: install
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	mkdir -p .typecheck/twinview
+	for p in pretrain augment evaluate configs; do ln -sfn ../../$$p .typecheck/twinview/$$p; done
+	MYPYPATH=.typecheck $(PY) -m mypy -p twinview.pretrain -p twinview.augment -p twinview.evaluate
+
 bench: install
 	$(PY) bench/augment.py
 	$(PY) bench/losses.py
@@ -32,4 +41,4 @@ bench: install
 	$(PY) bench/cifar10_quick.py
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs *.egg-info .typecheck .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ each of the two global views, which is how the asymmetric BYOL / MoCo v3 views a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 _SIMCLR_JITTER = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2}
 
@@ -68,7 +68,7 @@ def recipe_values(name: str) -> dict[str, Any]:
     return dict(RECIPES[name])
 
 
-def fill_recipe(augment: "AugmentConfig") -> None:
+def fill_recipe(augment: AugmentConfig) -> None:
     """Sets every augment key left unset (``None``) to the value of ``augment.recipe``."""
     for key, value in recipe_values(augment.recipe).items():
         if getattr(augment, key) is None:
@@ -112,21 +112,21 @@ class AugmentConfig:
     recipe: str = "simclr"
     backend: str = "fast"
     crop_size: int = 0
-    crop_scale: Optional[tuple[float, float]] = None
+    crop_scale: tuple[float, float] | None = None
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip_p: float = 0.5
-    brightness: Optional[float] = None
-    contrast: Optional[float] = None
-    saturation: Optional[float] = None
-    hue: Optional[float] = None
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
     jitter_strength: float = 1.0
-    jitter_p: Optional[float] = None
-    grayscale_p: Optional[float] = None
-    blur_p: Optional[tuple[float, float]] = None
+    jitter_p: float | None = None
+    grayscale_p: float | None = None
+    blur_p: tuple[float, float] | None = None
     blur_kernel_frac: float = 0.1
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_min_size: int = 33
-    solarize_p: Optional[tuple[float, float]] = None
+    solarize_p: tuple[float, float] | None = None
     solarize_threshold: float = 0.5
     local_crops: int = 0
     local_crop_size: int = 0

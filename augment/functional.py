@@ -6,8 +6,8 @@ Why these exist next to Kornia (measured in bench/augment.py, docs/BENCHMARKS.md
   Python loop over the batch. :func:`resized_crop` maps every output pixel into its sample's box with
   one batched ``affine_grid`` + ``grid_sample``, and folds the horizontal flip into the same grid.
 * Kornia's ``ColorJitter`` goes through a full RGB -> HSV -> RGB round trip for the hue step and
-  allocates a new tensor at every step; on a CPU it is the slowest op of the SimCLR pipeline
-  (~120 images/s at 224 px). :func:`color_jitter_` keeps Kornia's (torchvision's) semantics, works
+  allocates a new tensor at every step; on a CPU it is the slowest op of the SimCLR pipeline.
+  :func:`color_jitter_` keeps Kornia's (torchvision's) semantics, works
   in place, and shifts the hue with the closed-form HSV-to-RGB formula without building HSV planes.
   Tests check each step against Kornia's own function.
 
@@ -23,9 +23,7 @@ import torch.nn.functional as F
 LUMA = (0.299, 0.587, 0.114)
 
 
-def resized_crop(
-    images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Crops a box from each image, resizes it bilinearly to ``size`` and optionally mirrors it.
 
     Pixel centres are aligned as in ``interpolate(..., align_corners=False)``: output column ``j``
@@ -41,7 +39,7 @@ def resized_crop(
     Returns:
         ``(N, C, height, width)`` crops, same dtype as ``images``.
     """
-    n, c, height, width = images.shape
+    n, _, height, width = images.shape
     x0, y0, w, h = boxes.to(images.dtype).unbind(1)  # (N,) each
     sign = 1.0 - 2.0 * flips.to(images.dtype)  # -1 mirrors: the grid's x runs right to left
     # grid_sample coordinates (align_corners=False) are affine in the output pixel centres u, v in
@@ -86,7 +84,8 @@ def adjust_hue_(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     Value (max) and chroma (max - min) are kept; the new RGB follows from the HSV-to-RGB formula
     ``c_n = V - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 H) mod 6`` and n = 5, 3, 1 for
     R, G, B, so no HSV planes are materialised. The channel holding the max is picked with
-    arithmetic masks rather than ``torch.where``, which was ~20x slower per element on the CPU.
+    arithmetic masks rather than ``torch.where``, which is much slower per element on a CPU
+    (docs/BENCHMARKS.md).
     Equal to Kornia's ``adjust_hue`` up to float rounding.
     """
     r, g, b = images.unbind(1)  # (N, H, W) views
@@ -140,14 +139,14 @@ def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
     return torch.softmax(logits, dim=1)  # exp(-t^2 / 2s^2), normalised to sum 1
 
 
-BLUR_BLOCK = 16  # output pixels per band of the blur matmul (bench: 16 beat 32 and 64 at 96 and 224 px)
+BLUR_BLOCK = 16  # output pixels per band of the blur matmul (16 beat 32 and 64 in bench/augment.py)
 
 
 def _toeplitz_band(kernels: torch.Tensor, block: int) -> torch.Tensor:
     """``(N, size)`` kernels -> ``(N, block, block + size - 1)`` banded matrices: row i holds the
     kernel at columns ``i .. i + size - 1``, so a band of ``block + size - 1`` padded inputs maps to
     ``block`` outputs."""
-    n, size = kernels.shape
+    _, size = kernels.shape
     rows = torch.arange(block, device=kernels.device)[:, None]
     cols = torch.arange(block + size - 1, device=kernels.device)[None, :]
     tap = cols - rows  # (block, L)
@@ -173,8 +172,8 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, size: int) -> torch
     """Separable Gaussian blur with a per-sample sigma and reflect padding (as torchvision).
 
     Each axis is one batched matmul of overlapping bands of the padded image with a small banded
-    (Toeplitz) kernel matrix: on a CPU this ran 1.6-1.8x faster than a depthwise ``conv2d`` with
-    ``groups = N * C`` (oneDNN's path for per-sample kernels). A sample with ``sigma == 0`` is
+    (Toeplitz) kernel matrix: on a CPU this is faster than a depthwise ``conv2d`` with
+    ``groups = N * C``, oneDNN's path for per-sample kernels (docs/BENCHMARKS.md). A sample with ``sigma == 0`` is
     returned unchanged (its kernel is a delta).
 
     Args:

@@ -7,8 +7,8 @@ before normalisation (global views, then local ones).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,20 +42,26 @@ def render_grid(originals: torch.Tensor, views: Sequence[torch.Tensor], titles: 
     height = HEADER + n * (cell + GAP) + GAP
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, (column, title) in enumerate(zip(columns, titles)):
+    for j, (column, title) in enumerate(zip(columns, titles, strict=True)):
         x = GAP + j * (cell + GAP)
         draw.text((x + 2, 3), title, fill="black")
         s = column.shape[-1] * scale
-        pixels = F.interpolate(column.float(), scale_factor=scale, mode="nearest") if scale > 1 else column.float()
-        pixels = pixels.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        scaled = F.interpolate(column.float(), scale_factor=scale, mode="nearest") if scale > 1 else column.float()
+        pixels = scaled.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for i in range(n):
             offset = (cell - s) // 2  # centre smaller (local) views in their cell
             canvas.paste(Image.fromarray(pixels[i]), (x + offset, HEADER + GAP + i * (cell + GAP) + offset))
     return canvas
 
 
-def preview(images: torch.Tensor, augment: AugmentConfig, out: Path, mean: Sequence[float] = (0.0, 0.0, 0.0),
-            std: Sequence[float] = (1.0, 1.0, 1.0), seed: int = 0) -> Path:
+def preview(
+    images: torch.Tensor,
+    augment: AugmentConfig,
+    out: Path,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+    seed: int = 0,
+) -> Path:
     """Renders images with their views into a PNG, one row per image.
 
     Args:

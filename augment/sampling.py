@@ -132,9 +132,9 @@ def crop_boxes(
 
     in_ratio = width / height  # fallback: torchvision's central crop at the clamped ratio
     if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
+        fw, fh = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
+        fw, fh = round(height * max(ratio)), height
     else:
         fw, fh = width, height
     w = torch.where(any_fit, w, torch.full_like(w, fw))
@@ -163,8 +163,12 @@ def jitter_factors(
         ``(n, 4)`` float32 factors: brightness, contrast, saturation, hue.
     """
     factors = torch.rand((n, 4), generator=generator, device=device)
-    ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
-              (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
+    ranges = [
+        (max(0.0, 1 - brightness), 1 + brightness),
+        (max(0.0, 1 - contrast), 1 + contrast),
+        (max(0.0, 1 - saturation), 1 + saturation),
+        (-hue, hue),
+    ]
     for column, (low, high) in enumerate(ranges):  # Python scalars: no host-to-device copy
         factors[:, column].mul_(high - low).add_(low)
     return factors

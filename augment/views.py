@@ -20,8 +20,10 @@ is also what the Kornia backend always uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from functools import partial
+from typing import TypeVar
 
 import kornia.augmentation as K
 import torch
@@ -32,6 +34,7 @@ from twinview.augment import sampling
 from twinview.augment.config import AugmentConfig
 from twinview.augment.sampling import ViewRNG
 
+_T = TypeVar("_T")
 # On a CPU, the pipeline works through the batch in chunks of about this many bytes of float32
 # views, so the ~20 elementwise passes of a view hit the cache instead of memory (bench/augment.py).
 CPU_CHUNK_BYTES = 2 << 20
@@ -55,6 +58,8 @@ class Normalize(nn.Module):
             std: Per-channel standard deviation in [0, 1] units.
         """
         super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -65,7 +70,7 @@ class Normalize(nn.Module):
 
 def blur_kernel_size(side: int, fraction: float) -> int:
     """Odd Gaussian kernel side of about ``fraction`` of the image side (at least 3)."""
-    k = max(3, int(math.ceil(side * fraction)))
+    k = max(3, math.ceil(side * fraction))
     return k if k % 2 == 1 else k + 1
 
 
@@ -108,6 +113,13 @@ class ViewSpec:
     solarize_threshold: float = 0.5
 
 
+def _filled(value: _T | None, key: str) -> _T:
+    """A recipe key's value; unset means the recipe was never applied."""
+    if value is None:
+        raise ValueError(f"augment.{key} is unset; resolve the recipe first (load_config does).")
+    return value
+
+
 def view_specs(cfg: AugmentConfig, image_size: int) -> list[ViewSpec]:
     """The views a resolved augment config describes: two global views, then the local ones.
 
@@ -117,30 +129,31 @@ def view_specs(cfg: AugmentConfig, image_size: int) -> list[ViewSpec]:
         cfg: The augment section, with the recipe's values filled in (``load_config`` does that).
         image_size: Side of the loader's images; the global view side when ``cfg.crop_size`` is 0.
     """
-    unset = [k for k in ("crop_scale", "brightness", "blur_p", "solarize_p") if getattr(cfg, k) is None]
-    if unset:
-        raise ValueError(f"augment keys {unset} are unset; resolve the recipe first (load_config does).")
     s = cfg.jitter_strength
     size = cfg.crop_size or image_size
-    common = {
-        "crop_ratio": tuple(cfg.crop_ratio),
-        "flip_p": cfg.flip_p,
-        "brightness": cfg.brightness * s,
-        "contrast": cfg.contrast * s,
-        "saturation": cfg.saturation * s,
-        "hue": min(0.5, cfg.hue * s),
-        "jitter_p": cfg.jitter_p,
-        "grayscale_p": cfg.grayscale_p,
-        "blur_sigma": tuple(cfg.blur_sigma),
-        "solarize_threshold": cfg.solarize_threshold,
-    }
+    crop_scale = _filled(cfg.crop_scale, "crop_scale")
+    blur_p, solarize_p = _filled(cfg.blur_p, "blur_p"), _filled(cfg.solarize_p, "solarize_p")
 
-    def spec(side: int, scale: Sequence[float], blur_p: float, solarize_p: float) -> ViewSpec:
-        blur = blur_p if side >= cfg.blur_min_size else 0.0
-        kernel = blur_kernel_size(side, cfg.blur_kernel_frac)
-        return ViewSpec(side, tuple(scale), blur_p=blur, blur_kernel=kernel, solarize_p=solarize_p, **common)
+    def spec(side: int, scale: tuple[float, float], blur: float, solarize: float) -> ViewSpec:
+        return ViewSpec(
+            side,
+            (scale[0], scale[1]),
+            crop_ratio=(cfg.crop_ratio[0], cfg.crop_ratio[1]),
+            flip_p=cfg.flip_p,
+            brightness=_filled(cfg.brightness, "brightness") * s,
+            contrast=_filled(cfg.contrast, "contrast") * s,
+            saturation=_filled(cfg.saturation, "saturation") * s,
+            hue=min(0.5, _filled(cfg.hue, "hue") * s),
+            jitter_p=_filled(cfg.jitter_p, "jitter_p"),
+            grayscale_p=_filled(cfg.grayscale_p, "grayscale_p"),
+            blur_p=blur if side >= cfg.blur_min_size else 0.0,
+            blur_kernel=blur_kernel_size(side, cfg.blur_kernel_frac),
+            blur_sigma=(cfg.blur_sigma[0], cfg.blur_sigma[1]),
+            solarize_p=solarize,
+            solarize_threshold=cfg.solarize_threshold,
+        )
 
-    specs = [spec(size, cfg.crop_scale, cfg.blur_p[i], cfg.solarize_p[i]) for i in range(2)]
+    specs = [spec(size, crop_scale, blur_p[i], solarize_p[i]) for i in range(2)]
     local_size = cfg.local_crop_size or max(1, round(size * 96 / 224))  # DINO: 96 px locals for 224 px globals
     specs += [spec(local_size, cfg.local_crop_scale, cfg.local_blur_p, 0.0)] * cfg.local_crops
     return specs
@@ -166,6 +179,8 @@ class ViewPipeline(nn.Module):
         self.spec, self.dtype = spec, dtype
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
         self.register_buffer("scale", 1.0 / std_t, persistent=False)  # (x - mean) / std = x * scale + shift
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
 
@@ -193,22 +208,43 @@ class ViewPipeline(nn.Module):
             part = slice(start, start + chunk)
             x = AF.resized_crop(to_unit_float(images[part]), boxes[part], flips[part], (s.size, s.size))
             if s.jitter_p > 0:
-                f, m = factors[part], jitter[part]
-                _apply(x, m, on_cpu, lambda v, i: AF.color_jitter_(v, _identity_where_not(f, m) if i is None else f[i], order))
+                _apply(x, jitter[part], on_cpu, partial(_jitter, order, factors[part], jitter[part]))
             if s.grayscale_p > 0:
-                m = gray[part]
-                _apply(x, m, on_cpu, lambda v, i: AF.random_grayscale_(v, m) if i is None else AF.grayscale(v).expand_as(v))
+                _apply(x, gray[part], on_cpu, partial(_grayscale, gray[part]))
             if s.blur_p > 0:
-                sd, m = sigma[part], blur[part]
-                _apply(x, m, on_cpu, lambda v, i: AF.gaussian_blur(v, sd * m if i is None else sd[i], s.blur_kernel))
+                _apply(x, blur[part], on_cpu, partial(_blur, s.blur_kernel, sigma[part], blur[part]))
             if s.solarize_p > 0:
-                m = solar[part]
-                _apply(x, m, on_cpu, lambda v, i: AF.solarize_(v, m if i is None else _all(v), s.solarize_threshold))
+                _apply(x, solar[part], on_cpu, partial(_solarize, s.solarize_threshold, solar[part]))
             if self.dtype == torch.float32:
                 torch.addcmul(self.shift, x, self.scale, out=out[part])
             else:
                 out[part] = torch.addcmul(self.shift, x, self.scale)
         return out
+
+
+# The ops of a view, as ``_apply`` calls them: ``index`` None means the whole batch, each sample with
+# its own parameters and the identity where ``mask`` is not set (no host sync); otherwise ``v`` holds
+# only the chosen samples and ``index`` picks their parameters.
+
+
+def _jitter(
+    order: list[int], factors: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None
+) -> torch.Tensor:
+    return AF.color_jitter_(v, _identity_where_not(factors, mask) if index is None else factors[index], order)
+
+
+def _grayscale(mask: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return AF.random_grayscale_(v, mask) if index is None else AF.grayscale(v).expand_as(v)
+
+
+def _blur(
+    kernel: int, sigma: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None
+) -> torch.Tensor:
+    return AF.gaussian_blur(v, sigma * mask if index is None else sigma[index], kernel)
+
+
+def _solarize(threshold: float, mask: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return AF.solarize_(v, mask if index is None else _all(v), threshold)
 
 
 def _all(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +310,9 @@ class KorniaViewPipeline(nn.Module):
         if s.blur_p > 0:
             ops.append(K.RandomGaussianBlur((s.blur_kernel, s.blur_kernel), s.blur_sigma, p=s.blur_p))
         if s.solarize_p > 0:
-            ops.append(K.RandomSolarize(thresholds=(s.solarize_threshold, s.solarize_threshold), additions=0.0, p=s.solarize_p))
+            ops.append(
+                K.RandomSolarize(thresholds=(s.solarize_threshold, s.solarize_threshold), additions=0.0, p=s.solarize_p)
+            )
         self.ops = nn.Sequential(*ops)
         self.normalize = Normalize(mean, std)
         self.dtype = dtype
@@ -331,4 +369,3 @@ def build_views(
     views = [cls(spec, mean, std, dtype) for spec in view_specs(cfg, image_size)]
     rng = ViewRNG(seed, device) if seed is not None else None
     return MultiView(views, rng).to(device)
-

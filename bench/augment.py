@@ -23,7 +23,9 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,11 +117,11 @@ def main() -> None:
             row: dict[str, Any] = {"recipe": recipe, "size": size, "blur": [s.blur_p for s in specs]}
 
             fast = build_views(cfg, size, MEAN, STD, seed=0)
-            fns: dict[str, Callable[[], Any]] = {"fast": lambda: fast(images)}
+            fns: dict[str, Callable[[], Any]] = {"fast": partial(fast, images)}
             if not args.skip_kornia:
                 cfg.backend = "kornia"
                 kornia = build_views(cfg, size, MEAN, STD)
-                fns["kornia"] = lambda: kornia(images)
+                fns["kornia"] = partial(kornia, images)
             loader = DataLoader(
                 TwoViewDataset(images, specs),
                 batch_size=32,
@@ -127,10 +129,10 @@ def main() -> None:
                 worker_init_fn=_one_thread,
                 persistent_workers=True,
             )
-            fns["torchvision"] = lambda: [b for b in loader]
+            fns["torchvision"] = partial(list, loader)
             for name, seconds in interleaved_medians(fns, args.repeats).items():
                 row[f"{name}_images_per_s"] = args.batch / seconds
-            del loader
+            del fns, loader  # stops the persistent workers
             base = row["torchvision_images_per_s"]
             row["fast_vs_torchvision"] = row["fast_images_per_s"] / base
             if "kornia_images_per_s" in row:

@@ -52,7 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=Path(os.environ.get("TWINVIEW_CIFAR10", DEFAULT_ARCHIVE)))
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--recipe", default="simclr-cifar10", help="shipped recipe (simclr-cifar10, moco-v2-cifar10, ...)")
+    parser.add_argument(
+        "--recipe", default="simclr-cifar10", help="shipped recipe (simclr-cifar10, moco-v2-cifar10, ...)"
+    )
     parser.add_argument("--output-dir", default=str(cache_dir() / "bench-runs"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

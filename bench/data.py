@@ -25,17 +25,18 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from twinview.pretrain.data.builtin import cache_dir, extract_archive
 from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
 from twinview.pretrain.data.sources import ImageFolderDataset, scan_source, worker_init
-from twinview.pretrain.data.builtin import cache_dir, extract_archive
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -77,8 +78,15 @@ def measure(folder: Path, size: int, workers: int, batch: int, repeats: int, dev
     row: dict[str, Any] = {"data": str(folder), "image_size": size}
     jpeg = ImageFolderDataset(folder, size)
     row["images"] = len(jpeg)
-    loader = DataLoader(jpeg, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        worker_init_fn=worker_init, persistent_workers=workers > 0)
+    loader = DataLoader(
+        jpeg,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        worker_init_fn=worker_init,
+        persistent_workers=workers > 0,
+    )
     seconds, n = epoch_seconds(loader, device, repeats)
     row["jpeg_images_per_s"] = n / seconds
     del loader
@@ -87,8 +95,9 @@ def measure(folder: Path, size: int, workers: int, batch: int, repeats: int, dev
     cache = build_or_load(scan_source(folder), size, workers=workers)
     row["cache_build_or_load_s"] = time.perf_counter() - start
     row["cache_mb"] = cache.path.stat().st_size / 2**20
-    cached = DataLoader(CachedDataset(cache), batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
-                        collate_fn=batched_collate)
+    cached = DataLoader(
+        CachedDataset(cache), batch_size=batch, shuffle=True, drop_last=True, num_workers=0, collate_fn=batched_collate
+    )
     seconds, n = epoch_seconds(cached, device, repeats)
     row["disk_cache_images_per_s"] = n / seconds
 
@@ -118,14 +127,20 @@ def main() -> None:
         print(f"CIFAR-10 archive not found at {args.archive}; skipping that case", file=sys.stderr)
     if args.synthetic:
         results.append(measure(synthetic_jpegs(args.synthetic), 224, args.workers, args.batch, args.repeats, device))
-    print(json.dumps({
-        "benchmark": "data",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"device={device}",
-        "workers": args.workers,
-        "batch": args.batch,
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "data",
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"torch {torch.__version__}, "
+                f"device={device}",
+                "workers": args.workers,
+                "batch": args.batch,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

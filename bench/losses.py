@@ -91,8 +91,17 @@ def main() -> None:
     results = []
     for loss_name in args.losses:
         for n in args.batches:
-            cmd = [sys.executable, __file__, "--one", loss_name, str(n), "--device", args.device,
-                   "--repeats", str(args.repeats)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                loss_name,
+                str(n),
+                "--device",
+                args.device,
+                "--repeats",
+                str(args.repeats),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr)

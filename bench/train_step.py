@@ -26,7 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 ACCUMULATION = {"one_pass": (1, "cached"), "cached": (0, "cached"), "independent": (0, "independent")}
 
@@ -69,8 +71,21 @@ def _trainers(device_name: str, modes: list[str], overrides: list[str]) -> tuple
     trainers = []
     for mode in modes:
         guard = StepGuard(model, method, optimizer, mode, accelerator.device)
-        trainers.append(Trainer(cfg, accelerator, model, model, method, optimizer, scheduler, guard,
-                                Progress(guard=guard), 1000 * cfg.train.epochs, list(model.parameters())))
+        trainers.append(
+            Trainer(
+                cfg,
+                accelerator,
+                model,
+                model,
+                method,
+                optimizer,
+                scheduler,
+                guard,
+                Progress(guard=guard),
+                1000 * cfg.train.epochs,
+                list(model.parameters()),
+            )
+        )
     return trainers, accelerator.device
 
 
@@ -79,8 +94,18 @@ def _passes(batch: int, passes: int, device: Any) -> list[Any]:
 
     g = torch.Generator().manual_seed(1)
     labels = torch.zeros(batch // passes, dtype=torch.long, device=device)
-    return [([torch.randn(batch // passes, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-              for _ in range(2)], labels) for _ in range(passes)]
+    return [
+        (
+            [
+                torch.randn(batch // passes, 3, 32, 32, generator=g)
+                .to(device)
+                .contiguous(memory_format=torch.channels_last)
+                for _ in range(2)
+            ],
+            labels,
+        )
+        for _ in range(passes)
+    ]
 
 
 def _timed(step: Callable[[], Any], device: Any) -> float:
@@ -105,15 +130,17 @@ def guard_costs(device_name: str, batch: int, steps: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(steps + 1):
         for j in [*range(i % 3, 3), *range(i % 3)]:  # rotate the order every round
-            t = _timed(lambda: train_step(trainers[j], passes), device)
+            t = _timed(partial(train_step, trainers[j], passes), device)
             if i > 0:
                 times[names[j]].append(t)
     off = statistics.median(times["off"])
     parameters = trainers[0].parameters
     shadow_mb = sum(t.numel() * t.element_size() for t in trainers[2].guard.shadow) / 2**20
     params_mb = sum(p.numel() * p.element_size() for p in parameters) / 2**20
-    out: dict[str, Any] = {name: {"step_ms": 1000 * statistics.median(ts), "vs_off": statistics.median(ts) / off}
-                           for name, ts in times.items()}
+    out: dict[str, Any] = {
+        name: {"step_ms": 1000 * statistics.median(ts), "vs_off": statistics.median(ts) / off}
+        for name, ts in times.items()
+    }
     out["device"]["extra_memory_mb"] = shadow_mb
     out["parameters_mb"] = params_mb
     return out
@@ -128,8 +155,9 @@ def accumulation_one(name: str, device_name: str, batch: int, passes: int, steps
     k, mode = ACCUMULATION[name]
     k = k or passes
     base = _rss_mb()
-    (trainer,), device = _trainers(device_name, ["off"], [f"train.grad_accumulation={k}",
-                                                          f"train.grad_accumulation_mode={mode}"])
+    (trainer,), device = _trainers(
+        device_name, ["off"], [f"train.grad_accumulation={k}", f"train.grad_accumulation_mode={mode}"]
+    )
     step_passes = _passes(batch, k, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -155,18 +183,52 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in ACCUMULATION}
     for _ in range(args.rounds):
         for name in ACCUMULATION:
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--device", args.device, "--batch",
-                                  str(args.batch), "--passes", str(args.passes), "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    name,
+                    "--device",
+                    args.device,
+                    "--batch",
+                    str(args.batch),
+                    "--passes",
+                    str(args.passes),
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    accumulation = {name: {"passes": r[0]["passes"], "step_ms": statistics.median(x["step_ms"] for x in r),
-                           "peak_mb": statistics.median(x["peak_mb"] for x in r)} for name, r in runs.items()}
+    accumulation = {
+        name: {
+            "passes": r[0]["passes"],
+            "step_ms": statistics.median(x["step_ms"] for x in r),
+            "peak_mb": statistics.median(x["peak_mb"] for x in r),
+        }
+        for name, r in runs.items()
+    }
     for name in ("cached", "independent"):
         accumulation[name]["time_vs_one_pass"] = accumulation[name]["step_ms"] / accumulation["one_pass"]["step_ms"]
         accumulation[name]["memory_vs_one_pass"] = accumulation[name]["peak_mb"] / accumulation["one_pass"]["peak_mb"]
-    print(json.dumps({"bench": "train_step", "device": args.device, "host": platform.processor() or platform.machine(),
-                      "batch": args.batch, "passes": args.passes, "rounds": args.rounds,
-                      "guard": guard, "accumulation": accumulation}, indent=2))
+    print(
+        json.dumps(
+            {
+                "bench": "train_step",
+                "device": args.device,
+                "host": platform.processor() or platform.machine(),
+                "batch": args.batch,
+                "passes": args.passes,
+                "rounds": args.rounds,
+                "guard": guard,
+                "accumulation": accumulation,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

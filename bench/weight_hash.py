@@ -38,16 +38,30 @@ def weight_hash(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="an image folder, e.g. cifar10-jpeg/train")
-    parser.add_argument("--recipe", action="append", help="shipped recipe(s); default simclr, moco-v2, supcon on CIFAR-10")
+    parser.add_argument(
+        "--recipe", action="append", help="shipped recipe(s); default simclr, moco-v2, supcon on CIFAR-10"
+    )
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    out = {"bench": "weight_hash", "host": platform.processor() or platform.machine(), "steps": args.steps,
-           "hashes": {}}
+    out = {
+        "bench": "weight_hash",
+        "host": platform.processor() or platform.machine(),
+        "steps": args.steps,
+        "hashes": {},
+    }
     for recipe in args.recipe or ["simclr-cifar10", "moco-v2-cifar10", "supcon-cifar10"]:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(recipe, [f"data.path={args.data}", "train.epochs=1",
-                                       f"train.max_steps_per_epoch={args.steps}", f"train.output_dir={tmp}",
-                                       "train.run_name=h", "train.log_every=4"])
+            cfg = load_config(
+                recipe,
+                [
+                    f"data.path={args.data}",
+                    "train.epochs=1",
+                    f"train.max_steps_per_epoch={args.steps}",
+                    f"train.output_dir={tmp}",
+                    "train.run_name=h",
+                    "train.log_every=4",
+                ],
+            )
             with contextlib.redirect_stdout(sys.stderr):
                 weights = train(cfg, Path(tmp) / "h")
             out["hashes"][recipe] = weight_hash(weights)

@@ -6,8 +6,9 @@ relies on the members named here, so it never imports that package.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -58,8 +59,9 @@ class LabelledImages(Protocol):
         ...
 
 
-def check_labelled_pair(reference: LabelledImages, query: LabelledImages,
-                        names: tuple[str, str] = ("reference", "query")) -> None:
+def check_labelled_pair(
+    reference: LabelledImages, query: LabelledImages, names: tuple[str, str] = ("reference", "query")
+) -> None:
     """Checks that both data sets are labelled, with the same class names.
 
     Args:
@@ -70,9 +72,11 @@ def check_labelled_pair(reference: LabelledImages, query: LabelledImages,
     Raises:
         ValueError: If a data set is unlabeled or the class names differ.
     """
-    for name, dataset in zip(names, (reference, query)):
+    for name, dataset in zip(names, (reference, query), strict=True):
         if not dataset.index.labeled:
             raise ValueError(f"{name} '{dataset.index.root}' has no class sub-folders; kNN needs labels.")
     if list(reference.index.classes) != list(query.index.classes):
-        raise ValueError(f"class folders differ: {names[0]} has {list(reference.index.classes)}, "
-                         f"{names[1]} has {list(query.index.classes)}.")
+        raise ValueError(
+            f"class folders differ: {names[0]} has {list(reference.index.classes)}, "
+            f"{names[1]} has {list(query.index.classes)}."
+        )

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,13 +31,17 @@ def quiet_worker(_: int) -> None:
 def state_checksum(module: nn.Module) -> float:
     """A float summary of every parameter and buffer, to show a backbone was not changed."""
     with torch.no_grad():
-        return float(sum(t.double().sum() + t.double().abs().sum() for t in module.state_dict().values() if t.is_floating_point()))
+        return float(
+            sum(
+                t.double().sum() + t.double().abs().sum() for t in module.state_dict().values() if t.is_floating_point()
+            )
+        )
 
 
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset[Any] | LabelledImages,
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 512,
@@ -64,23 +69,23 @@ def extract_features(
     was_training = backbone.training
     backbone.eval().to(device)
     normalize = Normalize(mean, std).to(device)
-    loader = DataLoader(
-        dataset,
+    loader: DataLoader[Any] = DataLoader(
+        cast("Dataset[Any]", dataset),  # any sized, indexable data set loads as a map-style one
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         worker_init_fn=quiet_worker if num_workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
-    sharded = accelerator is not None and accelerator.num_processes > 1
-    if sharded:
-        loader = accelerator.prepare_data_loader(loader)  # type: ignore[union-attr]
+    sharded = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+    if sharded is not None:
+        loader = sharded.prepare_data_loader(loader)
     feats, labels = [], []
     for images, targets in loader:
         x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         f, t = backbone(x).float(), torch.as_tensor(targets, device=x.device)
-        if sharded:
-            f, t = accelerator.gather_for_metrics((f, t))  # type: ignore[union-attr]
+        if sharded is not None:
+            f, t = sharded.gather_for_metrics((f, t))
         feats.append(f.cpu())
         labels.append(t.cpu())
     backbone.train(was_training)
@@ -148,5 +153,13 @@ class FeatureExtractor:
         return features, labels
 
     def _extract(self, dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract_features(self.backbone, dataset, self.mean, self.std, batch_size=self.batch_size,  # type: ignore[arg-type]
-                                num_workers=self.num_workers, device=self.device, accelerator=self.accelerator)
+        return extract_features(
+            self.backbone,
+            dataset,
+            self.mean,
+            self.std,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            accelerator=self.accelerator,
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 SIMILARITY_BUDGET = 1 << 28  # float32 similarities per block: 1 GiB
 
 

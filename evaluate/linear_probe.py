@@ -18,20 +18,30 @@ from torch import nn
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _stratified_split(
+    labels: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of a (train, validation) split with ``fraction`` of every class in validation."""
     train_idx, val_idx = [], []
     for c in labels.unique():
         members = (labels == c).nonzero().squeeze(1)
         members = members[torch.randperm(len(members), generator=generator)]
-        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
+        n_val = round(fraction * len(members)) if len(members) > 1 else 0
         val_idx.append(members[:n_val])
         train_idx.append(members[n_val:])
     return torch.cat(train_idx), torch.cat(val_idx)
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, epochs: int, lr: float,
-         batch_size: int, generator: torch.Generator) -> nn.Linear:
+def _fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    weight_decay: float,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> nn.Linear:
     model = nn.Linear(x.shape[1], classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x) / batch_size)
@@ -55,9 +65,18 @@ def _topk(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
     return (top[:, 0] == y).float().mean().item(), (top == y[:, None]).any(dim=1).float().mean().item()
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 epochs: int = 50, lr: float = 1e-2, batch_size: int = 256, val_fraction: float = 0.1,
-                 weight_decays: tuple[float, ...] = WEIGHT_DECAYS, seed: int = 0) -> dict[str, Any]:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    epochs: int = 50,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    val_fraction: float = 0.1,
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Trains and scores the probe.
 
     Args:
@@ -87,6 +106,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     torch.manual_seed(seed)
     model = _fit(xs, train_y, classes, best, epochs, lr, batch_size, g)
     top1, top5 = _topk(model, xt, test_y)
-    return {"probe_top1": top1, "probe_top5": top5, "weight_decay": best,
-            "val_top1_by_weight_decay": {str(k): v for k, v in val_top1.items()}, "epochs": epochs}
-
+    return {
+        "probe_top1": top1,
+        "probe_top5": top5,
+        "weight_decay": best,
+        "val_top1_by_weight_decay": {str(k): v for k, v in val_top1.items()},
+        "epochs": epochs,
+    }

@@ -17,8 +17,14 @@ from sklearn.metrics import auc, roc_curve
 CHUNK = 1024
 
 
-def _ranked_matches(queries: torch.Tensor, q_labels: torch.Tensor, gallery: torch.Tensor, g_labels: torch.Tensor,
-                    exclude_self: bool, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked_matches(
+    queries: torch.Tensor,
+    q_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    g_labels: torch.Tensor,
+    exclude_self: bool,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query: whether each of its top-k gallery items has its label, and its positives count."""
     q, g = F.normalize(queries.float(), dim=1), F.normalize(gallery.float(), dim=1)
     hits, totals = [], []
@@ -35,8 +41,13 @@ def _ranked_matches(queries: torch.Tensor, q_labels: torch.Tensor, gallery: torc
     return torch.cat(hits), torch.cat(totals)
 
 
-def retrieval_metrics(queries: torch.Tensor, q_labels: torch.Tensor, gallery: torch.Tensor | None = None,
-                      g_labels: torch.Tensor | None = None, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    queries: torch.Tensor,
+    q_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    g_labels: torch.Tensor | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, float]:
     """Recall@K, precision@1 and MAP@R (Musgrave, Belongie, Lim 2020, "A Metric Learning Reality Check").
 
     Recall@K: the share of queries with at least one same-label item among their K nearest gallery
@@ -88,6 +99,7 @@ def verification_metrics(scores: torch.Tensor, same: torch.Tensor, far: float = 
     ok = fars <= far
     return {"roc_auc": float(auc(fars, tar)), "eer": eer, f"tar@far={far:g}": float(tar[ok].max()) if ok.any() else 0.0}
 
+
 def alignment(z_a: torch.Tensor, z_b: torch.Tensor, alpha: float = 2.0) -> float:
     """Wang & Isola 2020: ``E ||f(x) - f(x+)||^alpha`` over positive pairs (normalised; lower is better)."""
     a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
@@ -112,6 +124,8 @@ def collapse_warning(z: torch.Tensor, threshold: float = 0.01) -> str | None:
     """A message when the embeddings look collapsed: effective rank below 2 or ``threshold`` of the width."""
     rank = effective_rank(z)
     if rank < max(2.0, threshold * min(z.shape)):
-        return (f"the representation looks collapsed: effective rank {rank:.2f} of {min(z.shape)} dimensions "
-                "(every image maps to nearly the same embedding)")
+        return (
+            f"the representation looks collapsed: effective rank {rank:.2f} of {min(z.shape)} dimensions "
+            "(every image maps to nearly the same embedding)"
+        )
     return None

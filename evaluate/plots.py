@@ -6,18 +6,18 @@ All figures are PNG files written with matplotlib's non-interactive Agg backend.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
 MAP_SAMPLE = 2000  # points on the embedding maps (t-SNE is quadratic)
 
@@ -44,14 +44,18 @@ def training_curves(metrics_file: Path, out: Path) -> Path:
     return out
 
 
-def embedding_map(features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], out: Path, seed: int = 0) -> Path:
+def embedding_map(
+    features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], out: Path, seed: int = 0
+) -> Path:
     """PCA and t-SNE of (a sample of) the embeddings, coloured by label, side by side."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(features), generator=g)[:MAP_SAMPLE]
     x = F.normalize(features[pick].float(), dim=1).numpy()
     y = labels[pick].numpy()
     pca = PCA(n_components=2, random_state=seed).fit_transform(x)
-    tsne = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), random_state=seed).fit_transform(x)
+    tsne = TSNE(
+        n_components=2, init="pca", perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), random_state=seed
+    ).fit_transform(x)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for ax, xy, title in ((axes[0], pca, "PCA"), (axes[1], tsne, "t-SNE")):
@@ -67,16 +71,26 @@ def embedding_map(features: torch.Tensor, labels: torch.Tensor, classes: Sequenc
     return out
 
 
-def retrieval_grid(query_images: torch.Tensor, query_labels: torch.Tensor, query_x: torch.Tensor, gallery_images: torch.Tensor,
-                   gallery_labels: torch.Tensor, gallery_x: torch.Tensor, out: Path, k: int = 6) -> Path:
+def retrieval_grid(
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    query_x: torch.Tensor,
+    gallery_images: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    gallery_x: torch.Tensor,
+    out: Path,
+    k: int = 6,
+) -> Path:
     """Each query (left) with its k nearest gallery images; green frame = same label, red = other."""
     sims = F.normalize(query_x.float(), dim=1) @ F.normalize(gallery_x.float(), dim=1).T
     top = sims.topk(k, dim=1).indices
     rows = len(query_images)
     fig, axes = plt.subplots(rows, k + 1, figsize=(1.4 * (k + 1), 1.5 * rows), squeeze=False)
     for i in range(rows):
-        tiles = [(query_images[i], None)] + [(gallery_images[j], bool(gallery_labels[j] == query_labels[i])) for j in top[i]]
-        for ax, (img, same) in zip(axes[i], tiles):
+        tiles = [(query_images[i], None)] + [
+            (gallery_images[j], bool(gallery_labels[j] == query_labels[i])) for j in top[i]
+        ]
+        for ax, (img, same) in zip(axes[i], tiles, strict=True):
             ax.imshow(img.permute(1, 2, 0).numpy())
             ax.set_xticks([])
             ax.set_yticks([])

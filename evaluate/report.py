@@ -20,19 +20,30 @@ def write_report(result: dict[str, Any], path: Path, title: str) -> Path:
     """
     lines = [f"# {title}", ""]
     for name, r in result.items():
-        lines += [f"## {name}", "", "| metric | value |", "| --- | --- |",
-                  f"| kNN top-1 / top-5 (k={r['k']}, T={r['temperature']}) | {r['knn_top1']:.4f} / {r['knn_top5']:.4f} |"]
+        lines += [
+            f"## {name}",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+            f"| kNN top-1 / top-5 (k={r['k']}, T={r['temperature']}) | {r['knn_top1']:.4f} / {r['knn_top5']:.4f} |",
+        ]
         if "linear_probe" in r:
             p = r["linear_probe"]
-            lines.append(f"| linear probe top-1 / top-5 (wd {p['weight_decay']:g}) | {p['probe_top1']:.4f} / {p['probe_top5']:.4f} |")
+            lines.append(
+                f"| linear probe top-1 / top-5 (wd {p['weight_decay']:g}) "
+                f"| {p['probe_top1']:.4f} / {p['probe_top5']:.4f} |"
+            )
         lines += [f"| {k} | {v:.4f} |" for k, v in r["retrieval"].items()]
         lines += [f"| {k} | {v:.4f} |" for k, v in r["verification"].items()]
         d = r["diagnostics"]
-        lines += [f"| alignment (two views) | {d['alignment']:.4f} |", f"| uniformity | {d['uniformity']:.4f} |",
-                  f"| effective rank (of {d['dims']}) | {d['effective_rank']:.1f} |",
-                  f"| images train / test | {r['num_train']} / {r['num_test']} |", ""]
+        lines += [
+            f"| alignment (two views) | {d['alignment']:.4f} |",
+            f"| uniformity | {d['uniformity']:.4f} |",
+            f"| effective rank (of {d['dims']}) | {d['effective_rank']:.1f} |",
+            f"| images train / test | {r['num_train']} / {r['num_test']} |",
+            "",
+        ]
         if d["collapse_warning"]:
             lines += [f"**Warning:** {d['collapse_warning']}.", ""]
     path.write_text("\n".join(lines))
     return path
-

@@ -9,9 +9,10 @@ of a pretraining run, and every section has its own function below.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,16 +113,21 @@ def evaluate(
     check_labelled_pair(reference, query)
     device = device or default_device()
     before = state_checksum(backbone)
-    extractor = FeatureExtractor(backbone, mean, std, eval_cfg.batch_size, num_workers, device, accelerator, features_dir)
+    extractor = FeatureExtractor(
+        backbone, mean, std, eval_cfg.batch_size, num_workers, device, accelerator, features_dir
+    )
     features = frozen_features(extractor, reference, query)
     result = knn_result(features, eval_cfg)
     result["retrieval"] = retrieval_result(features)
     result["verification"] = verification_result(features)
-    result["diagnostics"] = {**feature_diagnostics(features.query),
-                             "alignment": view_alignment(backbone, query, augment, image_size, mean, std, device)}
+    result["diagnostics"] = {
+        **feature_diagnostics(features.query),
+        "alignment": view_alignment(backbone, query, augment, image_size, mean, std, device),
+    }
     if probe:
-        result["linear_probe"] = linear_probe(features.reference, features.reference_labels, features.query,
-                                              features.query_labels, seed=seed)
+        result["linear_probe"] = linear_probe(
+            features.reference, features.reference_labels, features.query, features.query_labels, seed=seed
+        )
     if plots_dir is not None:
         result["plots"] = draw_plots(Path(plots_dir), reference, query, features)
     result["backbone_unchanged"] = state_checksum(backbone) == before
@@ -163,8 +169,9 @@ def knn_only(
         ValueError: If a set is unlabeled or the class names differ.
     """
     check_labelled_pair(reference, query)
-    extractor = FeatureExtractor(backbone, mean, std, eval_cfg.batch_size, num_workers, device or default_device(),
-                                 accelerator, features_dir)
+    extractor = FeatureExtractor(
+        backbone, mean, std, eval_cfg.batch_size, num_workers, device or default_device(), accelerator, features_dir
+    )
     return knn_result(frozen_features(extractor, reference, query), eval_cfg)
 
 
@@ -177,11 +184,22 @@ def frozen_features(extractor: FeatureExtractor, reference: LabelledImages, quer
 
 def knn_result(features: FrozenFeatures, eval_cfg: EvalConfig) -> dict[str, Any]:
     """Weighted kNN top-1 / top-5 of the queries against the reference set, with its settings and sizes."""
-    acc = knn_accuracy(features.reference, features.reference_labels, features.query, features.query_labels,
-                       k=eval_cfg.knn_k, temperature=eval_cfg.knn_temperature)
-    return {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "k": eval_cfg.knn_k,
-            "temperature": eval_cfg.knn_temperature, "num_train": len(features.reference),
-            "num_test": len(features.query)}
+    acc = knn_accuracy(
+        features.reference,
+        features.reference_labels,
+        features.query,
+        features.query_labels,
+        k=eval_cfg.knn_k,
+        temperature=eval_cfg.knn_temperature,
+    )
+    return {
+        "knn_top1": acc["top1"],
+        "knn_top5": acc["top5"],
+        "k": eval_cfg.knn_k,
+        "temperature": eval_cfg.knn_temperature,
+        "num_train": len(features.reference),
+        "num_test": len(features.query),
+    }
 
 
 def retrieval_result(features: FrozenFeatures) -> dict[str, float]:
@@ -218,13 +236,24 @@ def feature_diagnostics(features: torch.Tensor) -> dict[str, Any]:
     """Uniformity and effective rank of a (seeded) sample of the features, with a collapse warning."""
     g = torch.Generator().manual_seed(0)
     sample = features[torch.randperm(len(features), generator=g)[:DIAGNOSTIC_SAMPLE]]
-    return {"uniformity": uniformity(sample), "effective_rank": effective_rank(sample), "dims": features.shape[1],
-            "collapse_warning": collapse_warning(sample)}
+    return {
+        "uniformity": uniformity(sample),
+        "effective_rank": effective_rank(sample),
+        "dims": features.shape[1],
+        "collapse_warning": collapse_warning(sample),
+    }
 
 
 @torch.no_grad()
-def view_alignment(backbone: nn.Module, dataset: LabelledImages, augment: AugmentConfig, image_size: int,
-                   mean: Sequence[float], std: Sequence[float], device: torch.device) -> float:
+def view_alignment(
+    backbone: nn.Module,
+    dataset: LabelledImages,
+    augment: AugmentConfig,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> float:
     """Wang & Isola's alignment of two augmented views (seeded) of a sample of the data set's images.
 
     Args:
@@ -274,7 +303,12 @@ def neighbour_grid(out: Path, reference: LabelledImages, query: LabelledImages, 
     sims = F.normalize(features.query[queries], dim=1) @ F.normalize(features.reference, dim=1).T
     shown = sims.topk(GRID_NEIGHBOURS, dim=1).indices.flatten().unique()  # sorted
     return plots.retrieval_grid(
-        torch.stack([query[int(i)][0] for i in queries]), query_y[queries], features.query[queries],
-        torch.stack([reference[int(j)][0] for j in shown]), reference_y[shown], features.reference[shown],
-        out, k=GRID_NEIGHBOURS,
+        torch.stack([query[int(i)][0] for i in queries]),
+        query_y[queries],
+        features.query[queries],
+        torch.stack([reference[int(j)][0] for j in shown]),
+        reference_y[shown],
+        features.reference[shown],
+        out,
+        k=GRID_NEIGHBOURS,
     )

@@ -56,6 +56,12 @@ class DCL(Method):
         return dcl(z_a, z_b, self.temperature)
 
 
-registry.register(registry.Objective(
-    "dcl", f"{__name__}:DCL", DCLConfig, "NT-Xent without the positive in the denominator",
-    "Yeh et al. 2022, Decoupled Contrastive Learning (arXiv:2110.06848)"))
+registry.register(
+    registry.Objective(
+        "dcl",
+        f"{__name__}:DCL",
+        DCLConfig,
+        "NT-Xent without the positive in the denominator",
+        "Yeh et al. 2022, Decoupled Contrastive Learning (arXiv:2110.06848)",
+    )
+)

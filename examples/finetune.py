@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_tf = create_transform(**config, is_training=True, hflip=0.5, auto_augment=None, re_prob=0.0)
     eval_tf = create_transform(**config, is_training=False)
     n_val = max(1, len(full) // 5)
-    train_idx, val_idx = random_split(range(len(full)), [len(full) - n_val, n_val], torch.Generator().manual_seed(args.seed))
+    train_idx, val_idx = random_split(
+        range(len(full)), [len(full) - n_val, n_val], torch.Generator().manual_seed(args.seed)
+    )
     train_set = torch.utils.data.Subset(ImageFolder(args.data, transform=train_tf), list(train_idx))
     val_set = torch.utils.data.Subset(ImageFolder(args.data, transform=eval_tf), list(val_idx))
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, load_config, shipped_recipes
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    objectives = "\n".join(f"  {o.name:<12} {o.summary}{' (class labels: P x K batches)' if o.supervised else ''}"
-                           for o in registry.OBJECTIVES.values())
+    objectives = "\n".join(
+        f"  {o.name:<12} {o.summary}{' (class labels: P x K batches)' if o.supervised else ''}"
+        for o in registry.OBJECTIVES.values()
+    )
     p = sub.add_parser(
         "pretrain",
         help="pretrain a backbone with contrastive learning",
@@ -32,15 +35,21 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         epilog=f"objectives (objective.name=NAME; settings in objective.NAME.*):\n{objectives}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=None, help=f"recipe YAML path or shipped recipe name ({', '.join(shipped_recipes())})")
+    p.add_argument(
+        "--config", default=None, help=f"recipe YAML path or shipped recipe name ({', '.join(shipped_recipes())})"
+    )
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="kNN, retrieval, verification, diagnostics (and a linear probe) of a frozen backbone")
-    p.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export")
+    p = sub.add_parser(
+        "evaluate", help="kNN, retrieval, verification, diagnostics (and a linear probe) of a frozen backbone"
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export"
+    )
     p.add_argument("--train", required=True, help="labelled reference folder (class sub-folders)")
     p.add_argument("--test", required=True, help="labelled query folder")
     p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy of the backbone")
@@ -69,7 +78,9 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=8, help="number of images (rows)")
     p.add_argument("--size", type=int, default=None, help="side the images are loaded at (data.image_size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. augment.jitter_strength=0.5")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. augment.jitter_strength=0.5"
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -79,9 +90,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from twinview.pretrain.runs import load_run_config, new_shared_run_dir
     from twinview.pretrain.engine.step_guard import NonFiniteTraining
     from twinview.pretrain.engine.train import TrainingInterrupted, train
+    from twinview.pretrain.runs import load_run_config, new_shared_run_dir
 
     try:
         if args.resume:
@@ -144,19 +155,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     main_process = accelerator is None or accelerator.is_main_process
     plots_dir = run_dir / "plots"
     features_dir = run_dir / "features" if accelerator is None else None
-    result = {"pretrained": evaluate_backbone(backbone, cfg, reference, query, probe=args.linear_probe,
-                                              plots_dir=plots_dir if main_process else None,
-                                              features_dir=features_dir, accelerator=accelerator)}
+    result = {
+        "pretrained": evaluate_backbone(
+            backbone,
+            cfg,
+            reference,
+            query,
+            probe=args.linear_probe,
+            plots_dir=plots_dir if main_process else None,
+            features_dir=features_dir,
+            accelerator=accelerator,
+        )
+    }
     if not main_process:  # the other processes only help extract the features
         if args.baseline:
             evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, accelerator=accelerator)
         return 0
     if (run_dir / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
-        result["pretrained"]["plots"].append(str(training_curves(run_dir / "metrics.jsonl", plots_dir / "training.png")))
+        result["pretrained"]["plots"].append(
+            str(training_curves(run_dir / "metrics.jsonl", plots_dir / "training.png"))
+        )
     _print_knn("pretrained backbone", result["pretrained"])
     if args.baseline:
-        result["random_init"] = evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, probe=args.linear_probe,
-                                                  features_dir=features_dir, accelerator=accelerator)
+        result["random_init"] = evaluate_backbone(
+            random_init_backbone(cfg),
+            cfg,
+            reference,
+            query,
+            probe=args.linear_probe,
+            features_dir=features_dir,
+            accelerator=accelerator,
+        )
         _print_knn("random-init backbone", result["random_init"])
     for name, r in result.items():
         if r["diagnostics"]["collapse_warning"]:
@@ -172,7 +201,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from twinview.pretrain.export import export_run
 
     out = export_run(Path(args.run_dir), Path(args.out), onnx=args.onnx)
-    print(f"Exported backbone to {out}/ (model.safetensors, config.json, README.md{', model.onnx' if args.onnx else ''}).")
+    print(
+        f"Exported backbone to {out}/ (model.safetensors, config.json, README.md{', model.onnx' if args.onnx else ''})."
+    )
     print(f'Load it with: timm.create_model("local-dir:{out}")')
     return 0
 
@@ -233,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(f"Run directory   {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, model.safetensors)")
     print(f"Evaluation      {run_dir / 'eval.json'}")
-    print(f"Exported model  {export_dir}  -> timm.create_model(\"local-dir:{export_dir}\")")
+    print(f'Exported model  {export_dir}  -> timm.create_model("local-dir:{export_dir}")')
     print(f"Finished in {time.perf_counter() - started:.0f} s.")
     return 0
 
@@ -251,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "export": cmd_export, "preview": cmd_preview,
-             "demo": cmd_demo}
+_COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+    "preview": cmd_preview,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

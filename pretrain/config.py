@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from twinview.augment.config import RECIPES, AugmentConfig, fill_recipe
+from twinview.augment.config import AugmentConfig, fill_recipe
 from twinview.evaluate.config import EvalConfig
 from twinview.pretrain.objectives.registry import OBJECTIVES
 from twinview.pretrain.validate import ConfigError, validate
@@ -108,7 +109,8 @@ def _objective_sections() -> ObjectiveConfig:
     if key not in _SECTIONED:
         fields = [(name, cls, field(default_factory=cls)) for name, cls in key]
         _SECTIONED[key] = dataclasses.make_dataclass("ObjectiveConfig", fields, bases=(ObjectiveConfig,))
-    return _SECTIONED[key]()  # type: ignore[no-any-return]
+    sections: ObjectiveConfig = _SECTIONED[key]()
+    return sections
 
 
 _SECTIONED: dict[tuple[tuple[str, type], ...], type] = {}
@@ -213,11 +215,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _section_class(f: dataclasses.Field) -> type | None:  # type: ignore[type-arg]
+def _section_class(f: dataclasses.Field[Any]) -> type | None:
     """The dataclass of a section field (``objective``'s is made from the objective registry)."""
     factory = f.default_factory
     if dataclasses.is_dataclass(factory):
-        return factory  # type: ignore[return-value]
+        return factory
     if callable(factory):
         made = factory()
         if dataclasses.is_dataclass(made):
@@ -291,14 +293,16 @@ def recipe_path(name_or_path: str | Path) -> Path:
     candidate = shipped / f"{stem}.yaml"
     if candidate.is_file():
         return Path(str(candidate))
-    raise ConfigError(f"no recipe file '{name_or_path}' and no shipped recipe '{stem}'. "
-                      f"Shipped: {', '.join(shipped_recipes())}.")
+    raise ConfigError(
+        f"no recipe file '{name_or_path}' and no shipped recipe '{stem}'. Shipped: {', '.join(shipped_recipes())}."
+    )
 
 
 def shipped_recipes() -> list[str]:
     """The names of the recipes shipped in twinview.configs, sorted."""
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("twinview.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("twinview.configs").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _migrate_flat_objective_keys(tree: Any, source: str) -> Any:
@@ -320,8 +324,13 @@ def _migrate_flat_objective_keys(tree: Any, source: str) -> Any:
                 section.setdefault(key, value)
         moved.append(f"objective.{key} -> " + ", ".join(f"objective.{o}.{key}" for o in owners))
     if moved:
-        warnings.warn(f"{source}: flat objective keys are deprecated; each objective has its own section now: "
-                      + "; ".join(moved) + ".", FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"{source}: flat objective keys are deprecated; each objective has its own section now: "
+            + "; ".join(moved)
+            + ".",
+            FutureWarning,
+            stacklevel=3,
+        )
     return tree
 
 
@@ -330,7 +339,9 @@ def _merge(base: DictConfig, tree: Any, source: str) -> DictConfig:
     tree = _migrate_flat_objective_keys(tree, source)
     _check_keys(tree, Config, "", source)
     try:
-        return OmegaConf.merge(base, tree)  # type: ignore[return-value]
+        merged = OmegaConf.merge(base, tree)
+        assert isinstance(merged, DictConfig)
+        return merged
     except OmegaConfBaseException as err:
         raise _explain(err, source) from None
 
@@ -390,8 +401,8 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "as_dict",
-    "objective_section",
     "load_config",
+    "objective_section",
     "recipe_path",
     "save_config",
     "shipped_recipes",

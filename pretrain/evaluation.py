@@ -20,8 +20,9 @@ from twinview.pretrain.data.sources import ImageFolderDataset
 from twinview.pretrain.models import create_backbone, normalization_stats
 
 
-def labelled_folders(train_path: str, test_path: str, image_size: int,
-                     names: tuple[str, str] = ("--train", "--test")) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+def labelled_folders(
+    train_path: str, test_path: str, image_size: int, names: tuple[str, str] = ("--train", "--test")
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The reference and query data sets of two labelled folders (or file lists).
 
     Args:
@@ -63,6 +64,20 @@ def evaluate_backbone(
     the backbone gives its normalisation. The other arguments are passed on.
     """
     mean, std = normalization_stats(backbone)
-    return evaluate(backbone, reference, query, cfg.eval, cfg.augment, cfg.data.image_size, mean, std,
-                    num_workers=cfg.data.num_workers, device=device, accelerator=accelerator, probe=probe,
-                    seed=cfg.train.seed, plots_dir=plots_dir, features_dir=features_dir)
+    return evaluate(
+        backbone,
+        reference,
+        query,
+        cfg.eval,
+        cfg.augment,
+        cfg.data.image_size,
+        mean,
+        std,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        accelerator=accelerator,
+        probe=probe,
+        seed=cfg.train.seed,
+        plots_dir=plots_dir,
+        features_dir=features_dir,
+    )

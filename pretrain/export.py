@@ -109,8 +109,13 @@ def export_onnx(backbone: nn.Module, size: int, path: Path) -> Path:
 
 def _onnx_export(torch: Any, backbone: nn.Module, example: Any, path: Path) -> None:
     torch.onnx.export(
-        backbone, (example,), str(path), dynamo=False, opset_version=17,
-        input_names=["images"], output_names=["features"],
+        backbone,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["features"],
         dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
     )
 
@@ -144,10 +149,15 @@ def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = N
             if "linear_probe" in r:
                 lines.append(f"| {name} | linear probe top-1 | {r['linear_probe']['probe_top1']:.4f} |")
             if "retrieval" in r:
-                lines.append(f"| {name} | MAP@R / recall@1 | {r['retrieval']['map@r']:.4f} / {r['retrieval']['recall@1']:.4f} |")
+                lines.append(
+                    f"| {name} | MAP@R / recall@1 | {r['retrieval']['map@r']:.4f} / {r['retrieval']['recall@1']:.4f} |"
+                )
         lines.append("")
     else:
-        lines += ["Not evaluated yet: `twinview evaluate RUN_DIR --train DIR --test DIR` before exporting adds the numbers.", ""]
+        lines += [
+            "Not evaluated yet: `twinview evaluate RUN_DIR --train DIR --test DIR` before exporting adds the numbers.",
+            "",
+        ]
     lines += [
         "## Use",
         "",

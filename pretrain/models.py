@@ -84,12 +84,13 @@ class ProjectionHead(nn.Sequential):
             dim = hidden_dim
         blocks.append(nn.Linear(dim, out_dim))
         super().__init__(*blocks)
+        self.out_dim = out_dim
 
 
 class ContrastiveModel(nn.Module):
     """A backbone, a projection head and, for MoCo v3, a predictor on top of the head."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module | None = None) -> None:
+    def __init__(self, backbone: nn.Module, head: ProjectionHead, predictor: ProjectionHead | None = None) -> None:
         """Args: backbone: maps images to features; head: maps features to projections;
         predictor: optional MLP applied to projections when ``forward(..., predict=True)``."""
         super().__init__()
@@ -114,7 +115,10 @@ class ContrastiveModel(nn.Module):
 def feature_dim(backbone: nn.Module) -> int:
     """Width of the backbone's pooled output (timm's ``head_hidden_size`` where a pre-logits layer
     follows the pooling, as in MobileNetV3; else ``num_features``)."""
-    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+    width = getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", None)
+    if not isinstance(width, int):
+        raise TypeError(f"{type(backbone).__name__} has no integer num_features: not a timm backbone?")
+    return width
 
 
 def create_model(cfg: ModelConfig, predictor: bool = False) -> ContrastiveModel:

@@ -89,8 +89,11 @@ def checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [((int(m.group(1)), int(m.group(2) or -1)), p) for p in root.iterdir()
-             if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [
+        ((int(m.group(1)), int(m.group(2) or -1)), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -145,7 +148,9 @@ def save_weights(model: torch.nn.Module, run_dir: Path) -> Path:
     return path
 
 
-def load_backbone_for_evaluation(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Config, torch.nn.Module]:
+def load_backbone_for_evaluation(
+    path: Path, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[Config, torch.nn.Module]:
     """A run directory's or an export folder's config and backbone (eval mode, CPU).
 
     An export (``twinview export``) carries the run's config in its ``config.json``; its backbone
@@ -157,7 +162,9 @@ def load_backbone_for_evaluation(path: Path, overrides: tuple[str, ...] | list[s
         return load_run_config(path, overrides), model.backbone
     hub_config = path / "config.json"
     if not hub_config.is_file():
-        raise FileNotFoundError(f"'{path}' is neither a twinview run directory ({CONFIG_FILE}) nor an export (config.json).")
+        raise FileNotFoundError(
+            f"'{path}' is neither a twinview run directory ({CONFIG_FILE}) nor an export (config.json)."
+        )
     saved = json.loads(hub_config.read_text()).get("twinview", {}).get("config")
     if saved is None:
         raise ValueError(f"'{hub_config}' was not written by twinview export (no 'twinview' entry).")

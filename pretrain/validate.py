@@ -115,8 +115,9 @@ def _check_values(cfg: Config) -> None:
         )
     objective = cfg.objective.name
     if objective not in registry.OBJECTIVES:
-        raise ConfigError(f"invalid value for 'objective.name': {objective!r}. "
-                          f"Valid values: {', '.join(registry.OBJECTIVES)}.")
+        raise ConfigError(
+            f"invalid value for 'objective.name': {objective!r}. Valid values: {', '.join(registry.OBJECTIVES)}."
+        )
     choices = dict(CHOICES)
     for entry in registry.OBJECTIVES.values():
         choices.update({f"objective.{entry.name}.{key}": valid for key, valid in entry.choices})
@@ -140,13 +141,17 @@ def _check_data_source(cfg: Config) -> None:
     if not is_hf_source(d.path):
         return
     if d.cache != "none":
-        raise ConfigError("data.cache works with image folders and file lists; a Hugging Face source keeps its own "
-                          "Arrow cache. Set data.cache=none.")
+        raise ConfigError(
+            "data.cache works with image folders and file lists; a Hugging Face source keeps its own "
+            "Arrow cache. Set data.cache=none."
+        )
     if d.streaming and not cfg.train.max_steps_per_epoch:
         raise ConfigError("data.streaming=true has no epoch length: set train.max_steps_per_epoch.")
     if d.streaming and supervised:
-        raise ConfigError(f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
-                          "(data.streaming=true) cannot give.")
+        raise ConfigError(
+            f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
+            "(data.streaming=true) cannot give."
+        )
 
 
 def _check_monitor(cfg: Config) -> None:
@@ -166,8 +171,9 @@ def _check_views(cfg: Config) -> None:
 
 def batch_shape(cfg: Config, world: World) -> registry.BatchShape:
     """The batch shape the objective's checks see."""
-    return registry.BatchShape(cfg.train.batch_size, world.processes, cfg.train.grad_accumulation,
-                               cfg.train.grad_accumulation_mode == "cached")
+    return registry.BatchShape(
+        cfg.train.batch_size, world.processes, cfg.train.grad_accumulation, cfg.train.grad_accumulation_mode == "cached"
+    )
 
 
 def _check_objective(cfg: Config, world: World) -> None:
@@ -187,8 +193,10 @@ def _check_precision(precision: str, world: World) -> None:
             "are slow); use train.mixed_precision=bf16 or no."
         )
     if precision == "bf16" and world.device_type == "cuda" and not world.bf16_supported:
-        raise ConfigError(f"train.mixed_precision=bf16 is not supported by {world.device_name} (bf16 needs compute "
-                          "capability >= 8.0, e.g. A100/H100); use train.mixed_precision=fp16 or no.")
+        raise ConfigError(
+            f"train.mixed_precision=bf16 is not supported by {world.device_name} (bf16 needs compute "
+            "capability >= 8.0, e.g. A100/H100); use train.mixed_precision=fp16 or no."
+        )
 
 
 def _check_tracker(name: str) -> None:
@@ -232,4 +240,5 @@ def validate_epoch(cfg: Config, batches_per_process: int) -> None:
     if batches_per_process < cfg.train.grad_accumulation:
         raise ConfigError(
             f"train.grad_accumulation={cfg.train.grad_accumulation} needs at least that many batches per process "
-            f"and epoch; there are {batches_per_process}. Lower train.grad_accumulation or train.batch_size.")
+            f"and epoch; there are {batches_per_process}. Lower train.grad_accumulation or train.batch_size."
+        )

@@ -14,20 +14,46 @@ import torch
 
 from twinview.pretrain.cli import main
 
-TINY = ["data.image_size=24", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
-        "model.proj_hidden_dim=32", "model.proj_dim=16"]
+TINY = [
+    "data.image_size=24",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "model.proj_hidden_dim=32",
+    "model.proj_dim=16",
+]
 
 
 def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = tmp_path / "runs"
-    code = main(["pretrain", "--config", "simclr-cifar10", f"data.path={image_folder}",
-                 f"train.output_dir={runs}", "train.run_name=cli", *TINY])
+    code = main(
+        [
+            "pretrain",
+            "--config",
+            "simclr-cifar10",
+            f"data.path={image_folder}",
+            f"train.output_dir={runs}",
+            "train.run_name=cli",
+            *TINY,
+        ]
+    )
     assert code == 0
     run_dir = runs / "cli"
     assert (run_dir / "model.safetensors").is_file()
 
-    code = main(["evaluate", str(run_dir), "--train", str(image_folder), "--test", str(image_folder),
-                 "--baseline", "--linear-probe", "eval.knn_k=5"])
+    code = main(
+        [
+            "evaluate",
+            str(run_dir),
+            "--train",
+            str(image_folder),
+            "--test",
+            str(image_folder),
+            "--baseline",
+            "--linear-probe",
+            "eval.knn_k=5",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "pretrained backbone" in out and "random-init backbone" in out
@@ -51,7 +77,10 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     export_dir = tmp_path / "export"
-    assert main(["evaluate", str(export_dir), "--train", str(image_folder), "--test", str(image_folder), "eval.knn_k=5"]) == 0
+    assert (
+        main(["evaluate", str(export_dir), "--train", str(image_folder), "--test", str(image_folder), "eval.knn_k=5"])
+        == 0
+    )
     from_export = json.loads((export_dir / "eval.json").read_text())["pretrained"]
     assert from_export["knn_top1"] == pytest.approx(result["pretrained"]["knn_top1"])  # same backbone, same numbers
     card = (tmp_path / "export" / "README.md").read_text()
@@ -63,11 +92,26 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
 
 def test_resume_extends_a_finished_run(image_folder: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    assert main(["pretrain", "--config", "demo", f"data.path={image_folder}", f"train.output_dir={runs}",
-                 "train.run_name=r", *TINY]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                "demo",
+                f"data.path={image_folder}",
+                f"train.output_dir={runs}",
+                "train.run_name=r",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert main(["pretrain", "--resume", str(runs / "r"), "train.epochs=2"]) == 0
-    epochs = [json.loads(line)["epoch"] for line in (runs / "r" / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "epoch"]
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (runs / "r" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "epoch"
+    ]
     assert epochs == [1, 2]
 
 
@@ -77,11 +121,16 @@ def test_resume_extends_a_finished_run(image_folder: Path, tmp_path: Path) -> No
         (["pretrain", "--config", "demo", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
         (["pretrain", "--config", "demo", "data.path=/does/not/exist", "train.output_dir={tmp}"], "does not exist"),
         (["pretrain", "--config", "simclr-cifar10"], "data.path is not set"),
-        (["evaluate", "{tmp}", "--train", "x", "--test", "y"], "neither a twinview run directory (config.yaml) nor an export"),
+        (
+            ["evaluate", "{tmp}", "--train", "x", "--test", "y"],
+            "neither a twinview run directory (config.yaml) nor an export",
+        ),
         (["export", "{tmp}/nothing", "--out", "{tmp}/e"], "not a twinview run directory"),
     ],
 )
-def test_errors_are_one_clear_line(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_errors_are_one_clear_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

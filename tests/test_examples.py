@@ -7,8 +7,9 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,16 +25,32 @@ def _finetune_module():  # type: ignore[no-untyped-def]
     return module
 
 
-def test_finetune_example_trains_an_export_on_real_cifar10(cifar10_root: Path, image_folder: Path, tmp_path: Path) -> None:
+def test_finetune_example_trains_an_export_on_real_cifar10(
+    cifar10_root: Path, image_folder: Path, tmp_path: Path
+) -> None:
     subset = tmp_path / "cifar"
     for class_dir in sorted((cifar10_root / "train").iterdir())[:3]:  # 3 classes x 30 real images
         (subset / class_dir.name).mkdir(parents=True)
         for f in sorted(class_dir.iterdir())[:30]:
             (subset / class_dir.name / f.name).symlink_to(f)
     runs = tmp_path / "runs"
-    assert main(["pretrain", f"data.path={subset}", f"train.output_dir={runs}", "train.run_name=f", "data.image_size=32",
-                 "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "model.proj_hidden_dim=32",
-                 "model.proj_dim=16"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                f"data.path={subset}",
+                f"train.output_dir={runs}",
+                "train.run_name=f",
+                "data.image_size=32",
+                "data.num_workers=0",
+                "train.batch_size=16",
+                "train.epochs=1",
+                "model.proj_hidden_dim=32",
+                "model.proj_dim=16",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(runs / "f"), "--out", str(tmp_path / "export")]) == 0
     first = _finetune_module().main(["--weights", str(tmp_path / "export"), "--data", str(subset), "--epochs", "1"])
     result = _finetune_module().main(["--weights", str(tmp_path / "export"), "--data", str(subset), "--epochs", "4"])
@@ -67,18 +84,32 @@ def test_dcl_example_loss_matches_a_brute_force_loop(dcl_module: Any) -> None:
     torch.testing.assert_close(dcl_module.dcl(z_a, z_b, t).double(), total / (2 * n), rtol=1e-5, atol=1e-6)
 
 
-def test_dcl_example_objective_trains_through_the_registry(dcl_module: Any, image_folder: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_dcl_example_objective_trains_through_the_registry(
+    dcl_module: Any, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The toy objective of docs/ARCHITECTURE.md: one registry entry, then config, validation,
     training and export know it."""
     from twinview.pretrain.config import load_config
     from twinview.pretrain.engine.train import train
     from twinview.pretrain.export import export_run
 
-    cfg = load_config(None, [f"data.path={image_folder}", "objective.name=dcl", "objective.dcl.temperature=0.2",
-                             "data.image_size=16", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
-                             "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.run_name=dcl",
-                             "model.proj_hidden_dim=32", "model.proj_dim=16"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            "objective.name=dcl",
+            "objective.dcl.temperature=0.2",
+            "data.image_size=16",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=dcl",
+            "model.proj_hidden_dim=32",
+            "model.proj_dim=16",
+        ],
+    )
     assert cfg.objective.dcl.temperature == 0.2
     train(cfg, tmp_path / "dcl")
     epochs = [json.loads(line) for line in (tmp_path / "dcl" / "metrics.jsonl").read_text().splitlines()]

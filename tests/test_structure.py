@@ -36,8 +36,9 @@ def _imports(path: Path) -> list[str]:
 def test_packages_import_only_downstream_of_the_data_flow(package: str) -> None:
     files = sorted((REPO / package).rglob("*.py"))
     assert files
-    wrong = [f"{f.relative_to(REPO)}: {name}" for f in files for name in _imports(f)
-             if name.startswith(FORBIDDEN[package])]
+    wrong = [
+        f"{f.relative_to(REPO)}: {name}" for f in files for name in _imports(f) if name.startswith(FORBIDDEN[package])
+    ]
     assert not wrong, "imports against the package order:\n" + "\n".join(wrong)
 
 
@@ -55,16 +56,27 @@ def _fresh(code: str) -> list[str]:
 
 
 def test_reading_and_validating_a_config_loads_no_torch_kornia_or_matplotlib() -> None:
-    loaded = _fresh("from twinview.pretrain.config import load_config\n"
-                    "from twinview.pretrain.validate import World, validate\n"
-                    "validate(load_config('simclr-cifar10', ['data.path=x']), World())")
+    loaded = _fresh(
+        "from twinview.pretrain.config import load_config\n"
+        "from twinview.pretrain.validate import World, validate\n"
+        "validate(load_config('simclr-cifar10', ['data.path=x']), World())"
+    )
     assert "twinview" in loaded
     assert not {"torch", "kornia", "matplotlib", "timm", "accelerate"} & set(loaded)
 
 
-@pytest.mark.parametrize("module", ["twinview.augment.views", "twinview.augment.preview", "twinview.evaluate.run",
-                                    "twinview.evaluate.report", "twinview.pretrain.engine.train",
-                                    "twinview.pretrain.export", "twinview.pretrain.cli"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "twinview.augment.views",
+        "twinview.augment.preview",
+        "twinview.evaluate.run",
+        "twinview.evaluate.report",
+        "twinview.pretrain.engine.train",
+        "twinview.pretrain.export",
+        "twinview.pretrain.cli",
+    ],
+)
 def test_each_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
     assert "twinview" in _fresh(f"import {module}")
 
@@ -75,11 +87,24 @@ def test_every_shipped_recipe_validates_and_takes_one_optimiser_step(recipe: str
     from twinview.pretrain.engine.train import train
 
     data = make_image_folder(tmp_path / "img", classes=4, per_class=8, size=16)
-    overrides = [f"data.path={data}", "data.image_size=16", "data.num_workers=0", "train.batch_size=16",
-                 "data.samples_per_class=4", "train.epochs=1", "train.max_steps_per_epoch=1",
-                 f"train.output_dir={tmp_path}", "train.run_name=r", "model.backbone=resnet18",
-                 "model.proj_hidden_dim=32", "model.proj_dim=16", "model.predictor_hidden_dim=32",
-                 "objective.moco_v2.queue_size=64", "objective.moco_v2.bn_splits=2", "augment.crop_size=0"]
+    overrides = [
+        f"data.path={data}",
+        "data.image_size=16",
+        "data.num_workers=0",
+        "train.batch_size=16",
+        "data.samples_per_class=4",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        f"train.output_dir={tmp_path}",
+        "train.run_name=r",
+        "model.backbone=resnet18",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "model.predictor_hidden_dim=32",
+        "objective.moco_v2.queue_size=64",
+        "objective.moco_v2.bn_splits=2",
+        "augment.crop_size=0",
+    ]
     cfg = load_config(recipe, overrides)
     validate(cfg, current_world(cfg))
     weights = train(cfg, tmp_path / "r")

@@ -25,10 +25,7 @@ DIGITS_TEST_PER_CLASS = 30
 def cache_dir() -> Path:
     """Returns twinview's cache directory (``$TWINVIEW_CACHE``, else ``$XDG_CACHE_HOME/twinview``)."""
     env = os.environ.get("TWINVIEW_CACHE")
-    if env:
-        root = Path(env)
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twinview"
+    root = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twinview"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -66,7 +63,7 @@ def materialize_digits(root: Path | None = None) -> Path:
     images = np.clip(data.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
     seen: dict[int, int] = {}
-    for index, (image, label) in enumerate(zip(images, data.target)):
+    for index, (image, label) in enumerate(zip(images, data.target, strict=True)):
         label = int(label)
         rank = seen.get(label, 0)
         seen[label] = rank + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from twinview.pretrain.data.sources import FolderIndex
 from twinview.pretrain.data.builtin import cache_dir
 from twinview.pretrain.data.decode import BadImage, decode_image
+from twinview.pretrain.data.pk_sampler import PKBatchSampler
+from twinview.pretrain.data.sources import FolderIndex
 from twinview.pretrain.distributed import to_device_async
 
 CACHE_VERSION = 1
@@ -53,7 +55,7 @@ class DecodedCache:
 def cache_key(index: FolderIndex, size: int) -> str:
     """Hash of what the cache depends on: files, their sizes and mtimes, labels, size, version."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:{size}:".encode())
-    for f, label in zip(index.files, index.labels):
+    for f, label in zip(index.files, index.labels, strict=True):
         try:
             st = os.stat(f)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
@@ -71,7 +73,9 @@ def _decode(args: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:
         return i, None, str(err)
 
 
-def build_or_load(index: FolderIndex, size: int, workers: int = 0, strict: bool = False, root: Path | None = None) -> DecodedCache:
+def build_or_load(
+    index: FolderIndex, size: int, workers: int = 0, strict: bool = False, root: Path | None = None
+) -> DecodedCache:
     """Returns the cache of ``index`` at ``size``, building it first when it does not exist.
 
     Args:
@@ -171,8 +175,9 @@ class DeviceBatches:
 
     Each epoch draws a permutation (from ``seed`` and the epoch, the same on every process); each
     process takes every ``world``-th item of it and cuts full batches. With a ``batch_sampler``
-    (the P x K sampler, seeded alike on every process) its batches are dealt round-robin. On a CPU the image batches live in two
-    reused buffers: a batch is valid until the next-but-one batch is drawn.
+    (the P x K sampler, seeded alike on every process) its batches are dealt round-robin. On a CPU
+    the image batches live in two reused buffers: a batch is valid until the next-but-one batch is
+    drawn.
     """
 
     def __init__(
@@ -183,7 +188,7 @@ class DeviceBatches:
         seed: int,
         rank: int = 0,
         world: int = 1,
-        batch_sampler: object | None = None,
+        batch_sampler: PKBatchSampler | None = None,
     ) -> None:
         rows = torch.from_numpy(np.ascontiguousarray(cache.images[cache.kept]))  # (N, S, S, 3)
         self.images = rows.permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, S, S) uint8
@@ -194,24 +199,24 @@ class DeviceBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         if self.batch_sampler is not None:
-            return len(self.batch_sampler) // self.world  # type: ignore[arg-type]
+            return len(self.batch_sampler) // self.world
         return (len(self.labels) // self.world) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.batch_sampler is not None:  # the same sampler on every process: deal its batches round-robin
-            dealt = (b for i, b in enumerate(self.batch_sampler) if i % self.world == self.rank)  # type: ignore[attr-defined]
-            batches = (torch.tensor(b) for _, b in zip(range(len(self)), dealt))
+            dealt = (b for i, b in enumerate(self.batch_sampler) if i % self.world == self.rank)
+            batches: Iterator[torch.Tensor] = (torch.tensor(b) for b in itertools.islice(dealt, len(self)))
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             mine = torch.randperm(len(self.labels), generator=g)[self.rank :: self.world]
             batches = (mine[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self)))
-        # On a CPU every fresh batch-sized allocation is paid in page faults (a 224 px batch of 256
-        # is 38 MB: ~30 ms of faults against ~4 ms of copying here), so batches are gathered into
+        # On a CPU every fresh batch-sized allocation is paid in page faults (for a 224 px batch of
+        # 256, several times the copy itself: docs/BENCHMARKS.md), so batches are gathered into
         # two buffers used in turn. A batch stays valid until the next-but-one is drawn, which is
         # all a training step needs; copy it to keep it longer. Accelerators allocate from a cache.
         reuse = self.device.type == "cpu"

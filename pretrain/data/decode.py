@@ -90,5 +90,5 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
         raise BadImage("file not found") from None
     except OSError as err:
         raise BadImage(f"corrupt or truncated: {err}") from None
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
+    except Exception as err:
         raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None

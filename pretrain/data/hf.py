@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import glob
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import datasets
 import torch
@@ -26,15 +27,17 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from twinview.pretrain.data.sources import UNLABELED, FolderIndex, SkipLog, first_decodable
 from twinview.pretrain.data.decode import BadImage, square_rgb
-from twinview.pretrain.data.source_kind import HF_PREFIX, is_hf_source
+from twinview.pretrain.data.source_kind import HF_PREFIX
+from twinview.pretrain.data.sources import UNLABELED, FolderIndex, SkipLog, first_decodable
+
 
 def load_source(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
     """Opens the source as a ``datasets`` data set of one split."""
     if path.startswith(HF_PREFIX + "imagefolder:"):
-        return datasets.load_dataset("imagefolder", data_dir=path[len(HF_PREFIX + "imagefolder:") :], split=split,
-                                     streaming=streaming)
+        return datasets.load_dataset(
+            "imagefolder", data_dir=path[len(HF_PREFIX + "imagefolder:") :], split=split, streaming=streaming
+        )
     if path.startswith(HF_PREFIX):
         return datasets.load_dataset(path[len(HF_PREFIX) :], split=split, streaming=streaming)
     p = Path(path).expanduser()
@@ -78,26 +81,42 @@ def to_square_rgb(image: Any, size: int) -> torch.Tensor:
         if not isinstance(image, Image.Image):  # an undecoded {"path", "bytes"} cell
             image = Image.open(image["path"] if image.get("path") else io.BytesIO(image["bytes"]))
         return torch.from_numpy(square_rgb(image, size)).permute(2, 0, 1)
-    except Exception as err:  # noqa: BLE001 - a bad row is skipped like a bad file
+    except Exception as err:
         raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
 
 
 class HFImageDataset(Dataset):
     """A map-style ``datasets`` source as ``(uint8 (3,S,S), label)`` items; bad rows are replaced."""
 
-    def __init__(self, path: str, image_size: int, split: str = "train", image_column: str = "", label_column: str = "",
-                 strict: bool = False, skip_log: SkipLog | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        image_size: int,
+        split: str = "train",
+        image_column: str = "",
+        label_column: str = "",
+        strict: bool = False,
+        skip_log: SkipLog | None = None,
+    ) -> None:
         self.data = load_source(path, split, streaming=False)
         self.image_column, self.label_column = pick_columns(self.data.features, image_column, label_column)
         self.image_size = image_size
         if self.label_column:
             labels = tuple(int(v) for v in self.data[self.label_column])
             feature = self.data.features[self.label_column]
-            classes = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else tuple(sorted(set(map(str, labels))))
+            classes = (
+                tuple(feature.names)
+                if isinstance(feature, datasets.ClassLabel)
+                else tuple(sorted(set(map(str, labels))))
+            )
         else:
             labels, classes = (UNLABELED,) * len(self.data), ()
-        self.index = FolderIndex(root=Path(path), files=tuple(Path(f"{path}#{i}") for i in range(len(self.data))),
-                                 labels=labels, classes=classes)
+        self.index = FolderIndex(
+            root=Path(path),
+            files=tuple(Path(f"{path}#{i}") for i in range(len(self.data))),
+            labels=labels,
+            classes=classes,
+        )
         self.strict, self.skip_log = strict, skip_log
         self.bad: dict[int, str] = {}
 
@@ -105,12 +124,14 @@ class HFImageDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return first_decodable(i, len(self), self._load, lambda j: self.index.files[j], self.bad, self.strict, self.skip_log)
+        return first_decodable(
+            i, len(self), self._load, lambda j: self.index.files[j], self.bad, self.strict, self.skip_log
+        )
 
     def _load(self, j: int) -> tuple[torch.Tensor, int]:
         try:
             cell = self.data[j][self.image_column]  # datasets decodes the Image feature here
-        except Exception as err:  # noqa: BLE001 - a row that does not decode is a bad row
+        except Exception as err:
             raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
         return to_square_rgb(cell, self.image_size), self.index.labels[j]
 
@@ -118,8 +139,17 @@ class HFImageDataset(Dataset):
 class HFStreamingDataset(IterableDataset):
     """A streamed ``datasets`` source; each process and worker reads its own shard, endlessly."""
 
-    def __init__(self, path: str, image_size: int, split: str = "train", image_column: str = "", label_column: str = "",
-                 rank: int = 0, world: int = 1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        image_size: int,
+        split: str = "train",
+        image_column: str = "",
+        label_column: str = "",
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+    ) -> None:
         self.path, self.split, self.image_size = path, split, image_size
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
         self.data = load_source(path, split, streaming=True)

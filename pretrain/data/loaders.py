@@ -10,8 +10,9 @@ class-balanced batches in each of the first two. The data is checked against the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -64,17 +65,31 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
     if is_hf_source(d.path) and d.streaming:
         from twinview.pretrain.data.hf import HFStreamingDataset
 
-        stream = HFStreamingDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
-                                    accelerator.process_index, accelerator.num_processes, cfg.train.seed)
-        loader = DataLoader(stream, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
-                            worker_init_fn=worker_init if d.num_workers else None, pin_memory=pin)
+        stream = HFStreamingDataset(
+            d.path,
+            d.image_size,
+            d.split,
+            d.image_column,
+            d.label_column,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.train.seed,
+        )
+        loader = DataLoader(
+            stream,
+            batch_size=cfg.train.batch_size,
+            num_workers=d.num_workers,
+            worker_init_fn=worker_init if d.num_workers else None,
+            pin_memory=pin,
+        )
         passes = cfg.train.max_steps_per_epoch * cfg.train.grad_accumulation  # batches per epoch
         return Batches(_StreamBatches(loader, stream, accelerator.device, passes))
     if is_hf_source(d.path):
         from twinview.pretrain.data.hf import HFImageDataset
 
-        dataset: Any = HFImageDataset(d.path, d.image_size, d.split, d.image_column, d.label_column,
-                                      strict=d.strict, skip_log=skip_log)
+        dataset: Any = HFImageDataset(
+            d.path, d.image_size, d.split, d.image_column, d.label_column, strict=d.strict, skip_log=skip_log
+        )
     elif d.cache == "none":
         dataset = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
     else:
@@ -87,8 +102,17 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
         dataset = CachedDataset(cache)
     sampler = _checked_sampler(cfg, world, dataset)
     if d.cache == "device":  # the same sampler on every process; its batches are dealt round-robin
-        return Batches(DeviceBatches(dataset.cache, accelerator.device, cfg.train.batch_size, cfg.train.seed,
-                                     accelerator.process_index, accelerator.num_processes, sampler))
+        return Batches(
+            DeviceBatches(
+                dataset.cache,
+                accelerator.device,
+                cfg.train.batch_size,
+                cfg.train.seed,
+                accelerator.process_index,
+                accelerator.num_processes,
+                sampler,
+            )
+        )
     return Batches(_loader(cfg, dataset, sampler, pin), sampler)
 
 

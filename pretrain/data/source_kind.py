@@ -15,5 +15,7 @@ def is_hf_source(path: str) -> bool:
         return True
     p = Path(path).expanduser()
     if p.is_dir():
-        return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+        return (
+            (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+        )
     return path.lower().endswith(TABLE_SUFFIXES)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -77,9 +78,7 @@ def scan_folder(path: str | Path) -> FolderIndex:
             Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
         )
     if not files:
-        raise ValueError(
-            f"no images under '{root}' (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)."
-        )
+        raise ValueError(f"no images under '{root}' (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case).")
     files.sort()
     relative = [f.relative_to(root).parts for f in files]
     if all(len(parts) >= 2 for parts in relative):
@@ -102,8 +101,10 @@ def scan_file_list(path: Path) -> FolderIndex:
         rows = rows[1:]
     if not rows:
         raise ValueError(f"the file list '{path}' names no images.")
-    files = tuple((path.parent / r[0].strip()).resolve() if not Path(r[0].strip()).is_absolute() else Path(r[0].strip())
-                  for r in rows)
+    files = tuple(
+        (path.parent / r[0].strip()).resolve() if not Path(r[0].strip()).is_absolute() else Path(r[0].strip())
+        for r in rows
+    )
     names = [r[1].strip() for r in rows if len(r) > 1 and r[1].strip()]
     if names and len(names) != len(rows):
         raise ValueError(f"'{path}': some lines have a label and some do not; label all of them or none.")
@@ -164,7 +165,9 @@ class ImageFolderDataset(Dataset):
     ``strict=True`` it raises instead.
     """
 
-    def __init__(self, path: str | Path, image_size: int, strict: bool = False, skip_log: SkipLog | None = None) -> None:
+    def __init__(
+        self, path: str | Path, image_size: int, strict: bool = False, skip_log: SkipLog | None = None
+    ) -> None:
         """Indexes the source.
 
         Args:
@@ -189,8 +192,13 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return first_decodable(
-            i, len(self), lambda j: (load_image(self.index.files[j], self.image_size), self.index.labels[j]),
-            lambda j: self.index.files[j], self.bad, self.strict, self.skip_log,
+            i,
+            len(self),
+            lambda j: (load_image(self.index.files[j], self.image_size), self.index.labels[j]),
+            lambda j: self.index.files[j],
+            self.bad,
+            self.strict,
+            self.skip_log,
         )
 
 

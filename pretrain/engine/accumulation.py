@@ -27,12 +27,15 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from twinview.pretrain.objectives.methods import Method
+
 Tensors = list[torch.Tensor]
 Pass = tuple[Tensors, torch.Tensor]  # the views (each (B, 3, S, S)) and labels (B,) of one pass
 
 
-def accumulate(accelerator: Accelerator, model: nn.Module, method: nn.Module, passes: list[Pass],
-               mode: str) -> tuple[torch.Tensor, Tensors]:
+def accumulate(
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: list[Pass], mode: str
+) -> tuple[torch.Tensor, Tensors]:
     """Forward and backward of several passes for one optimiser step.
 
     Args:
@@ -58,11 +61,12 @@ def _sync_if(accelerator: Accelerator, model: nn.Module, last: bool) -> Any:
 
 def _concat(parts: list[Tensors]) -> Tensors:
     """Per-pass lists of tensors -> one list, each entry concatenated over the passes."""
-    return [torch.cat(entry) for entry in zip(*parts)]
+    return [torch.cat(entry) for entry in zip(*parts, strict=True)]
 
 
-def _independent(accelerator: Accelerator, model: nn.Module, method: nn.Module,
-                 passes: list[Pass]) -> tuple[torch.Tensor, Tensors]:
+def _independent(
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: list[Pass]
+) -> tuple[torch.Tensor, Tensors]:
     losses, keys = [], []
     for i, (views, labels) in enumerate(passes):
         with _sync_if(accelerator, model, i == len(passes) - 1):
@@ -74,8 +78,9 @@ def _independent(accelerator: Accelerator, model: nn.Module, method: nn.Module,
     return torch.stack(losses).mean(), _concat(keys)
 
 
-def _cached(accelerator: Accelerator, model: nn.Module, method: nn.Module,
-            passes: list[Pass]) -> tuple[torch.Tensor, Tensors]:
+def _cached(
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: list[Pass]
+) -> tuple[torch.Tensor, Tensors]:
     buffers = list(model.buffers())
     before = [b.clone() for b in buffers]
     rng, outputs, keys = [], [], []
@@ -96,7 +101,7 @@ def _cached(accelerator: Accelerator, model: nn.Module, method: nn.Module,
     with accelerator.autocast():
         loss = method.loss(leaves, all_keys, labels)
     accelerator.backward(loss)  # (scaled under fp16; the scale flows on to the weights)
-    grads = [leaf.grad.split([o[j].shape[0] for o in outputs]) for j, leaf in enumerate(leaves)]
+    grads = [_grad(leaf).split([o[j].shape[0] for o in outputs]) for j, leaf in enumerate(leaves)]
 
     # 3. each pass again, with gradient, fed the cached gradient of its embeddings
     for i, (views, _) in enumerate(passes):
@@ -107,6 +112,11 @@ def _cached(accelerator: Accelerator, model: nn.Module, method: nn.Module,
             torch.autograd.backward(out, [g[i] for g in grads])
     _set_rng_state(after)
     return loss.detach(), all_keys
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    assert leaf.grad is not None, "the loss does not depend on every embedding"
+    return leaf.grad
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -65,6 +65,8 @@ def load_latest(accelerator: Accelerator, run_dir: Path) -> Path:
         try:
             accelerator.load_state(str(candidate))
             return candidate
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
-            accelerator.print(f"Checkpoint {candidate} cannot be loaded ({type(err).__name__}: {err}); trying an older one.")
+        except Exception as err:
+            accelerator.print(
+                f"Checkpoint {candidate} cannot be loaded ({type(err).__name__}: {err}); trying an older one."
+            )
     raise FileNotFoundError(f"--resume: none of the {len(found)} checkpoints of '{run_dir}' could be loaded.")

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from twinview.pretrain.config import Config
 from twinview.pretrain.data.sources import SkipLog
 from twinview.pretrain.engine.step_guard import StepGuard
 
@@ -39,8 +40,11 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.accelerator is not None and "step" in record:
-            numbers = {f"{record['kind']}/{k}": v for k, v in record.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            numbers = {
+                f"{record['kind']}/{k}": v
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            }
             self.accelerator.log(numbers, step=int(record["step"]))
 
 
@@ -100,17 +104,27 @@ def flat_hyperparameters(tree: dict[str, Any], prefix: str = "") -> dict[str, An
     return out
 
 
-
-
 class TrainingLog:
     """The loop's reporting: a progress bar, a ``step`` record every ``train.log_every`` steps and an
     ``epoch`` record per epoch. Sums stay on the device between log points; a log point is the
     loop's host sync, where the processes also agree on a stop signal one of them got."""
 
-    def __init__(self, accelerator: Accelerator, metrics: MetricsLog, guard: StepGuard, optimizer: torch.optim.Optimizer,
-                 images_per_step: int, log_every: int, max_nonfinite_steps: int) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        metrics: MetricsLog,
+        guard: StepGuard,
+        optimizer: torch.optim.Optimizer,
+        images_per_step: int,
+        log_every: int,
+        max_nonfinite_steps: int,
+    ) -> None:
         self.accelerator, self.metrics, self.guard, self.optimizer = accelerator, metrics, guard, optimizer
-        self.images_per_step, self.log_every, self.max_nonfinite_steps = images_per_step, max(1, log_every), max_nonfinite_steps
+        self.images_per_step, self.log_every, self.max_nonfinite_steps = (
+            images_per_step,
+            max(1, log_every),
+            max_nonfinite_steps,
+        )
         self.skipped_total = self.skipped_before = guard.read_and_reset()[0] if guard.mode != "off" else 0
         self.window = Window(accelerator.device, time.perf_counter())
         self.bar: Any = None
@@ -121,8 +135,13 @@ class TrainingLog:
         self.epoch, self.steps, self.done = epoch, steps, done
         self.loss_sum, self.good = 0.0, 0.0
         self.start = time.perf_counter()
-        self.bar = tqdm(initial=done, total=steps, desc=f"epoch {epoch + 1}/{epochs}",
-                        disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        self.bar = tqdm(
+            initial=done,
+            total=steps,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not self.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
 
     def add(self, loss: torch.Tensor, ok: torch.Tensor, norm: torch.Tensor | None) -> None:
         self.window.add(loss, ok, norm)
@@ -133,23 +152,35 @@ class TrainingLog:
         a run of skipped steps is known to be too long, or on a signal (one process)."""
         too_many = self.guard.mode == "sync" and self.guard.host_run >= self.max_nonfinite_steps
         alone = self.accelerator.num_processes == 1
-        return (self.window.steps == self.log_every or step == (self.epoch + 1) * self.steps or too_many
-                or (stop_requested and alone))
+        return (
+            self.window.steps == self.log_every
+            or step == (self.epoch + 1) * self.steps
+            or too_many
+            or (stop_requested and alone)
+        )
 
     def flush(self, step: int, stop_requested: bool) -> tuple[int, bool]:
         """Writes a ``step`` record; returns (the longest run of skipped steps since the last log
         point, whether any process got a stop signal)."""
         loss_sum, good, norm_sum, norm_count, stop_votes = self.accelerator.reduce(
-            self.window.vector(stop_requested), "sum").tolist()
+            self.window.vector(stop_requested), "sum"
+        ).tolist()
         self.skipped_total, worst_run = self.guard.read_and_reset() if self.guard.mode != "off" else (0, 0)
         now = time.perf_counter()
         rate = self.window.steps * self.images_per_step / (now - self.window.start)
         lr = self.optimizer.param_groups[0]["lr"]
         mean_loss = loss_sum / good if good else None
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}" if mean_loss is not None else "nan", lr=f"{lr:.4g}",
-                             img_s=f"{rate:.0f}")
-        record: dict[str, Any] = {"kind": "step", "epoch": self.epoch + 1, "step": step, "loss": mean_loss,
-                                  "lr": lr, "images_per_s": rate}
+        self.bar.set_postfix(
+            loss=f"{mean_loss:.4f}" if mean_loss is not None else "nan", lr=f"{lr:.4g}", img_s=f"{rate:.0f}"
+        )
+        record: dict[str, Any] = {
+            "kind": "step",
+            "epoch": self.epoch + 1,
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr,
+            "images_per_s": rate,
+        }
         if norm_count:
             record["grad_norm"] = norm_sum / norm_count
         if self.guard.mode != "off":
@@ -168,10 +199,26 @@ class TrainingLog:
         mean = self.loss_sum / self.good if self.good else float("nan")
         if self.guard.mode == "off" and not math.isfinite(mean):
             raise FloatingPointError(f"loss became {mean} in epoch {self.epoch + 1}; lower optim.lr.")
-        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch + 1, "step": step,
-                                  "loss": mean if self.good else None, "seconds": seconds,
-                                  "images_per_s": (self.steps - self.done) * self.images_per_step / seconds}
+        record: dict[str, Any] = {
+            "kind": "epoch",
+            "epoch": self.epoch + 1,
+            "step": step,
+            "loss": mean if self.good else None,
+            "seconds": seconds,
+            "images_per_s": (self.steps - self.done) * self.images_per_step / seconds,
+        }
         if self.guard.mode != "off":
             record["skipped_steps"] = self.skipped_total - self.skipped_before
             self.skipped_before = self.skipped_total
         return record
+
+
+def run_record(cfg: Config, peak_lr: float, global_batch: int) -> dict[str, Any]:
+    """The ``run`` record that opens ``metrics.jsonl``: the learning rate and batch the run trains with."""
+    return {
+        "kind": "run",
+        "peak_lr": peak_lr,
+        "lr_scaling": cfg.optim.lr_scaling,
+        "global_batch": global_batch,
+        "grad_accumulation": cfg.train.grad_accumulation,
+    }

@@ -28,11 +28,16 @@ def monitor_knn(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -
     result: dict[str, float] = {}
     if accelerator.is_main_process:
         backbone = accelerator.unwrap_model(model).backbone
-        reference, query = labelled_folders(cfg.eval.monitor_train, cfg.eval.monitor_test, cfg.data.image_size,
-                                            names=("eval.monitor_train", "eval.monitor_test"))
+        reference, query = labelled_folders(
+            cfg.eval.monitor_train,
+            cfg.eval.monitor_test,
+            cfg.data.image_size,
+            names=("eval.monitor_train", "eval.monitor_test"),
+        )
         mean, std = normalization_stats(backbone)
-        scores = knn_only(backbone, reference, query, cfg.eval, mean, std, num_workers=cfg.data.num_workers,
-                          device=accelerator.device)
+        scores = knn_only(
+            backbone, reference, query, cfg.eval, mean, std, num_workers=cfg.data.num_workers, device=accelerator.device
+        )
         result = {"knn_top1": scores["knn_top1"], "knn_top5": scores["knn_top5"]}
         accelerator.print(f"monitor: kNN top-1 {result['knn_top1']:.4f} top-5 {result['knn_top5']:.4f}")
     accelerator.wait_for_everyone()

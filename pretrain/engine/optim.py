@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -18,24 +19,37 @@ def scaled_lr(cfg: Config, num_processes: int) -> float:
     return cfg.optim.lr * factor
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, device: torch.device | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: Config, model: torch.nn.Module, lr: float, device: torch.device | None = None
+) -> torch.optim.Optimizer:
     """``optim.name`` from timm's factory (sgd, lars, adamw, ...); norms and biases get no weight decay.
 
     On a GPU torch's Adam family is built ``capturable``: its step count then lives on the GPU
     (not read on the host each step), which the non-finite check's device mode needs.
     """
-    extra = {"capturable": True} if device is not None and device.type == "cuda" and cfg.optim.name in _CAPTURABLE else {}
-    return create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
-                               momentum=cfg.optim.momentum, filter_bias_and_bn=True, **extra)
+    extra: dict[str, Any] = (
+        {"capturable": True} if device is not None and device.type == "cuda" and cfg.optim.name in _CAPTURABLE else {}
+    )
+    return create_optimizer_v2(
+        model,
+        opt=cfg.optim.name,
+        lr=lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        filter_bias_and_bn=True,
+        **extra,
+    )
 
 
 _CAPTURABLE = ("adam", "adamw", "nadam", "radam")  # timm builds these with torch.optim's classes
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, peak_lr: float, steps_per_epoch: int) -> CosineLRScheduler:
+def build_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer, peak_lr: float, steps_per_epoch: int
+) -> CosineLRScheduler:
     """Linear warm-up over ``optim.warmup_epochs``, then cosine decay to ``optim.min_lr``, per step."""
     total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = min(int(round(cfg.optim.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    warmup_steps = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     return CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),

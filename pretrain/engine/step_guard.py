@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-AfterStep = Callable[[Optional[torch.Tensor]], None]
+AfterStep = Callable[[torch.Tensor | None], None]
 
 
 class NonFiniteTraining(RuntimeError):
@@ -62,15 +62,15 @@ class StepGuard:
         scaler_skips: bool = False,
     ) -> None:
         """Args:
-            model: The trained model (possibly DDP-wrapped).
-            method: The method whose buffers (MoCo queue, key encoder statistics) a skip restores.
-            optimizer: The (possibly Accelerate-wrapped) optimiser.
-            mode: ``off``, ``sync`` or ``device`` (see the module docstring).
-            device: Where the counters live.
-            all_reduce_min: Makes the flag agree across processes (None: one process).
-            scaler_skips: A GradScaler (fp16) owns the optimiser step and skips it itself when
-                the gradients are not finite; ``optimizer.step()`` is then always called, so the
-                scaler's state stays consistent, and only the rest of the step is guarded.
+        model: The trained model (possibly DDP-wrapped).
+        method: The method whose buffers (MoCo queue, key encoder statistics) a skip restores.
+        optimizer: The (possibly Accelerate-wrapped) optimiser.
+        mode: ``off``, ``sync`` or ``device`` (see the module docstring).
+        device: Where the counters live.
+        all_reduce_min: Makes the flag agree across processes (None: one process).
+        scaler_skips: A GradScaler (fp16) owns the optimiser step and skips it itself when
+            the gradients are not finite; ``optimizer.step()`` is then always called, so the
+            scaler's state stays consistent, and only the rest of the step is guarded.
         """
         self.model, self.method, self.optimizer, self.mode = model, method, optimizer, mode
         self.all_reduce_min, self.scaler_skips = all_reduce_min, scaler_skips
@@ -156,16 +156,21 @@ class StepGuard:
         why = ""
         if any(t.device != device for t in self._optimizer_state()):
             why = "keeps part of its state on another device than the weights"
-        elif any(not isinstance(v, torch.Tensor) and isinstance(v, (int, float))
-                 for per_param in self.optimizer.state.values() for v in per_param.values()):
+        elif any(
+            not isinstance(v, torch.Tensor) and isinstance(v, (int, float))
+            for per_param in self.optimizer.state.values()
+            for v in per_param.values()
+        ):
             why = "keeps counters as Python numbers"
         elif any("step" in group for group in self.optimizer.param_groups):
             why = "keeps a step counter in its param groups"
         if why and not self.scaler_skips:
             name = type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
-            warnings.warn(f"train.nonfinite_check=device: the optimiser {name} {why}, which a skipped step could "
-                          "not restore on the device; the check reads its flag on the host every step instead.",
-                          stacklevel=2)
+            warnings.warn(
+                f"train.nonfinite_check=device: the optimiser {name} {why}, which a skipped step could "
+                "not restore on the device; the check reads its flag on the host every step instead.",
+                stacklevel=2,
+            )
             self.mode = "sync"
 
     def read_and_reset(self) -> tuple[int, int]:
@@ -199,7 +204,7 @@ class StepGuard:
 
 def _keep_where(ok: torch.Tensor, live: list[torch.Tensor], before: list[torch.Tensor]) -> None:
     """``live = ok ? live : before``, in place, decided on the device."""
-    for new, old in zip(live, before):
+    for new, old in zip(live, before, strict=True):
         torch.where(ok, new, old, out=new)
 
 
@@ -213,7 +218,7 @@ def resolve_mode(setting: str, max_nonfinite_steps: int, device: torch.device) -
     return setting
 
 
-def grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+def grad_norm(parameters: Sequence[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of the gradients, on the device (no host sync)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

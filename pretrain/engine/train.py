@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -31,12 +31,18 @@ from twinview.pretrain.data.sources import SkipLog
 from twinview.pretrain.distributed import all_reduce_min, use_cpu
 from twinview.pretrain.engine.accumulation import Pass, accumulate
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
-from twinview.pretrain.engine.metrics_log import MetricsLog, TrainingLog, flat_hyperparameters, report_skipped
+from twinview.pretrain.engine.metrics_log import (
+    MetricsLog,
+    TrainingLog,
+    flat_hyperparameters,
+    report_skipped,
+    run_record,
+)
 from twinview.pretrain.engine.monitor import monitor_knn
 from twinview.pretrain.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
-from twinview.pretrain.models import create_model, normalization_stats
+from twinview.pretrain.models import ContrastiveModel, create_model, normalization_stats
 from twinview.pretrain.objectives import registry
 from twinview.pretrain.objectives.methods import Method, create_method
 from twinview.pretrain.runs import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints, save_weights
@@ -50,7 +56,7 @@ class Trainer:
     cfg: Config
     accelerator: Accelerator
     model: nn.Module  # backbone + head (+ predictor), prepared (DDP on several processes)
-    online: nn.Module  # the same model unwrapped, for the method's update
+    online: ContrastiveModel  # the same model unwrapped, for the method's update
     method: Method
     optimizer: torch.optim.Optimizer
     scheduler: CosineLRScheduler
@@ -121,41 +127,45 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     batches = build_batches(cfg, accelerator, world, SkipLog(run_dir / ".skipped" / f"rank{accelerator.process_index}"))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = create_model(cfg.model, predictor=objective.predictor).to(memory_format=memory_format)
-    mean, std = normalization_stats(model.backbone)
-    view_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
-    views = build_views(cfg.augment, cfg.data.image_size, mean, std,
-                        seed=cfg.train.seed * 1_000_003 + accelerator.process_index,  # each process its own stream
-                        device=device, dtype=view_dtype if device.type == "cuda" else torch.float32)
-    method = create_method(cfg, model).to(device)  # momentum encoder, queue: state of the method
+    online = create_model(cfg.model, predictor=objective.predictor).to(memory_format=memory_format)
+    mean, std = normalization_stats(online.backbone)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    dtype = low if device.type == "cuda" else torch.float32
+    seed = cfg.train.seed * 1_000_003 + accelerator.process_index  # each process its own random stream
+    views = build_views(cfg.augment, cfg.data.image_size, mean, std, seed=seed, device=device, dtype=dtype)
+    method = create_method(cfg, online).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
-    optimizer = build_optimizer(cfg, model, peak_lr, device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = build_optimizer(cfg, online, peak_lr, device)
+    model, optimizer = accelerator.prepare(online, optimizer)  # model: DDP-wrapped on several processes
     batches.prepare(accelerator)
     validate_epoch(cfg, len(batches))
     steps_per_epoch = len(batches) // cfg.train.grad_accumulation  # optimiser steps per process, after sharding
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, peak_lr, steps_per_epoch)
-    guard = StepGuard(model, method, optimizer, resolve_mode(cfg.train.nonfinite_check, cfg.train.max_nonfinite_steps, device),
-                      device, all_reduce_min=all_reduce_min if accelerator.num_processes > 1 else None,
-                      scaler_skips=accelerator.scaler is not None)
+    mode = resolve_mode(cfg.train.nonfinite_check, cfg.train.max_nonfinite_steps, device)
+    reduce = all_reduce_min if accelerator.num_processes > 1 else None
+    guard = StepGuard(model, method, optimizer, mode, device, reduce, scaler_skips=accelerator.scaler is not None)
     progress = Progress(guard=guard)
     accelerator.register_for_checkpointing(scheduler, progress, views.rng, method)
 
-    metrics = MetricsLog(run_dir / METRICS_FILE, accelerator.is_main_process, accelerator if accelerator.trackers else None)
+    metrics = MetricsLog(
+        run_dir / METRICS_FILE, accelerator.is_main_process, accelerator if accelerator.trackers else None
+    )
     images_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accumulation
     if resume:
         loaded = load_latest(accelerator, run_dir)
         accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
         metrics.drop_after(progress.step)
     else:
-        metrics.write({"kind": "run", "peak_lr": peak_lr, "lr_scaling": cfg.optim.lr_scaling,
-                       "global_batch": images_per_step, "grad_accumulation": cfg.train.grad_accumulation})
-    t = Trainer(cfg, accelerator, model, accelerator.unwrap_model(model), method, optimizer, scheduler, guard,
-                progress, steps_per_epoch * cfg.train.epochs, list(model.parameters()))
-    log = TrainingLog(accelerator, metrics, guard, optimizer, images_per_step, cfg.train.log_every,
-                      cfg.train.max_nonfinite_steps)
+        metrics.write(run_record(cfg, peak_lr, images_per_step))
+    total = steps_per_epoch * cfg.train.epochs
+    t = Trainer(
+        cfg, accelerator, model, online, method, optimizer, scheduler, guard, progress, total, list(model.parameters())
+    )
+    log = TrainingLog(
+        accelerator, metrics, guard, optimizer, images_per_step, cfg.train.log_every, cfg.train.max_nonfinite_steps
+    )
 
     def make_views(images: torch.Tensor) -> list[torch.Tensor]:
         return [v.contiguous(memory_format=memory_format) for v in views(images)]  # (B, 3, S, S) each
@@ -185,7 +195,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     weights = run_dir / WEIGHTS_FILE
     if accelerator.is_main_process:
-        weights = save_weights(accelerator.unwrap_model(model), run_dir)
+        weights = save_weights(online, run_dir)
         accelerator.print(f"Saved weights to {weights}")
     accelerator.end_training()  # trackers, then the process group
     return weights
@@ -195,26 +205,35 @@ def current_world(cfg: Config) -> World:
     """The processes and device this run trains on (Accelerate's process state), for the checks."""
     state = PartialState(cpu=use_cpu(cfg.train.cpu))
     cuda = state.device.type == "cuda"
-    return World(processes=state.num_processes, device_type=state.device.type,
-                 bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,
-                 device_name=torch.cuda.get_device_name(state.device) if cuda else state.device.type)
+    return World(
+        processes=state.num_processes,
+        device_type=state.device.type,
+        bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,
+        device_name=torch.cuda.get_device_name(state.device) if cuda else state.device.type,
+    )
 
 
 def _accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     """Accelerate with the run's precision, seedable data order and trackers (``train.log_with``)."""
     tracker = None if cfg.train.log_with == "none" else cfg.train.log_with
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=use_cpu(cfg.train.cpu),
-                              project_dir=str(run_dir), log_with=tracker,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=use_cpu(cfg.train.cpu),
+        project_dir=str(run_dir),
+        log_with=tracker,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
     if tracker:
         accelerator.project_configuration.logging_dir = str(run_dir)
-        accelerator.init_trackers("tensorboard" if tracker == "tensorboard" else run_dir.name,
-                                  config=flat_hyperparameters(as_dict(cfg)))
+        accelerator.init_trackers(
+            "tensorboard" if tracker == "tensorboard" else run_dir.name, config=flat_hyperparameters(as_dict(cfg))
+        )
     return accelerator
 
 
-def _step_passes(batches: Batches, make_views: Callable[[torch.Tensor], list[torch.Tensor]], steps: int,
-                 passes: int, done: int) -> Iterator[list[Pass]]:
+def _step_passes(
+    batches: Batches, make_views: Callable[[torch.Tensor], list[torch.Tensor]], steps: int, passes: int, done: int
+) -> Iterator[list[Pass]]:
     """The views and labels of each remaining optimiser step of the epoch, ``passes`` per step.
 
     Views are made as each batch arrives (a device-cache batch is only valid until the
@@ -233,8 +252,16 @@ def _step_passes(batches: Batches, make_views: Callable[[torch.Tensor], list[tor
             step = []
 
 
-def _stop_if_asked(cfg: Config, accelerator: Accelerator, metrics: MetricsLog, run_dir: Path, progress: Progress,
-                   worst_run: int, stop_voted: bool, signum: int | None) -> None:
+def _stop_if_asked(
+    cfg: Config,
+    accelerator: Accelerator,
+    metrics: MetricsLog,
+    run_dir: Path,
+    progress: Progress,
+    worst_run: int,
+    stop_voted: bool,
+    signum: int | None,
+) -> None:
     """Ends training at a log point: too many non-finite steps in a row, or a signal any process got
     (the step finished; a checkpoint is written first)."""
     epoch = progress.epoch + 1  # the epoch under way
@@ -246,7 +273,9 @@ def _stop_if_asked(cfg: Config, accelerator: Accelerator, metrics: MetricsLog, r
         saved = save_checkpoint(accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch, progress.step)
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name} at step {progress.step} (epoch {epoch}): the step finished and {saved} "
-            f"was written. Resume with: twinview pretrain --resume {run_dir}", signum)
+            f"was written. Resume with: twinview pretrain --resume {run_dir}",
+            signum,
+        )
 
 
 @contextlib.contextmanager
@@ -263,7 +292,10 @@ def _closing_trackers(accelerator: Accelerator) -> Iterator[None]:
 def _nonfinite_message(cfg: Config, run_dir: Path, run: int, step: int, epoch: int) -> str:
     saved = checkpoints(run_dir)
     if saved:
-        then = f"the newest checkpoint, {saved[-1]}, is intact. Continue from it with: twinview pretrain --resume {run_dir} optim.lr=..."
+        then = (
+            f"the newest checkpoint, {saved[-1]}, is intact. Continue from it with: "
+            f"twinview pretrain --resume {run_dir} optim.lr=..."
+        )
     else:
         then = "no checkpoint had been written yet. Start again with: twinview pretrain --overwrite ... optim.lr=..."
     return (

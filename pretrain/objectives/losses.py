@@ -107,7 +107,9 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> t
     return torch.where(has, per_anchor, 0.0).sum() / has.sum().clamp_min(1)
 
 
-def pairwise_contrastive(z_1: torch.Tensor, z_2: torch.Tensor, dissimilar: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def pairwise_contrastive(
+    z_1: torch.Tensor, z_2: torch.Tensor, dissimilar: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
     """Margin contrastive loss of Hadsell, Chopra and LeCun, CVPR 2006 (a Siamese encoder on pairs).
 
         L = mean over pairs of (1 - Y) * 1/2 * D^2 + Y * 1/2 * max(0, m - D)^2

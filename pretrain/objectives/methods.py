@@ -16,6 +16,7 @@ from torch import nn
 from twinview.pretrain import distributed
 from twinview.pretrain.config import Config, objective_section
 from twinview.pretrain.distributed import to_device_async
+from twinview.pretrain.models import ContrastiveModel
 from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
 from twinview.pretrain.objectives.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
 from twinview.pretrain.objectives.registry import (
@@ -75,15 +76,16 @@ class Method(nn.Module):
         keys = self.keys(views)
         return self.loss(outputs, keys, labels), keys
 
-    def after_step(self, online: nn.Module, keys: Tensors, step: int, total_steps: int,
-                   apply: torch.Tensor | None = None) -> None:
+    def after_step(
+        self, online: ContrastiveModel, keys: Tensors, step: int, total_steps: int, apply: torch.Tensor | None = None
+    ) -> None:
         """Nothing to update."""
 
 
 class SimCLR(Method):
     """NT-Xent over two views (Chen et al. 2020)."""
 
-    def __init__(self, section: SimCLRConfig, online: nn.Module, seed: int) -> None:
+    def __init__(self, section: SimCLRConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
         self.temperature = section.temperature
 
@@ -95,13 +97,18 @@ class SimCLR(Method):
 class _Momentum(Method):
     """What MoCo v2 and v3 share: the momentum key encoder that follows backbone + head."""
 
-    def __init__(self, section: MoCoV2Config | MoCoV3Config, online: nn.Module, seed: int) -> None:
+    def __init__(self, section: MoCoV2Config | MoCoV3Config, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
-        self.temperature, self.momentum, self.schedule = section.temperature, section.momentum, section.momentum_schedule
+        self.temperature, self.momentum, self.schedule = (
+            section.temperature,
+            section.momentum,
+            section.momentum_schedule,
+        )
         self.key = MomentumEncoder(nn.Sequential(online.backbone, online.head))
 
-    def after_step(self, online: nn.Module, keys: Tensors, step: int, total_steps: int,
-                   apply: torch.Tensor | None = None) -> None:
+    def after_step(
+        self, online: ContrastiveModel, keys: Tensors, step: int, total_steps: int, apply: torch.Tensor | None = None
+    ) -> None:
         """The momentum update of the key encoder (cosine-scheduled to 1 when configured)."""
         m = cosine_momentum(self.momentum, 1.0, step, total_steps) if self.schedule == "cosine" else self.momentum
         self.key.update(nn.Sequential(online.backbone, online.head), m, apply)
@@ -111,10 +118,10 @@ class MoCoV2(_Momentum):
     """MoCo v2: InfoNCE of queries against their momentum keys and a queue of older keys; keys
     encoded with shuffle BN (several processes) or split BN (one process). Asymmetric by default."""
 
-    def __init__(self, section: MoCoV2Config, online: nn.Module, seed: int) -> None:
+    def __init__(self, section: MoCoV2Config, online: ContrastiveModel, seed: int) -> None:
         super().__init__(section, online, seed)
         self.symmetric, self.bn_splits = section.symmetric, section.bn_splits
-        self.queue = KeyQueue(section.queue_size, online.head[-1].out_features, seed=seed)
+        self.queue = KeyQueue(section.queue_size, online.head.out_dim, seed=seed)
         self.generator = torch.Generator().manual_seed(seed + 17)  # shuffle-BN permutations
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -140,12 +147,15 @@ class MoCoV2(_Momentum):
         negatives = self.queue.keys.clone()  # (K, D)
         if self.symmetric:
             (q_a, q_b), (k_a, k_b) = outputs, keys
-            return (info_nce(q_a, k_b, negatives, self.temperature) + info_nce(q_b, k_a, negatives, self.temperature)) / 2
+            return (
+                info_nce(q_a, k_b, negatives, self.temperature) + info_nce(q_b, k_a, negatives, self.temperature)
+            ) / 2
         (q,), (k,) = outputs, keys
         return info_nce(q, k, negatives, self.temperature)
 
-    def after_step(self, online: nn.Module, keys: Tensors, step: int, total_steps: int,
-                   apply: torch.Tensor | None = None) -> None:
+    def after_step(
+        self, online: ContrastiveModel, keys: Tensors, step: int, total_steps: int, apply: torch.Tensor | None = None
+    ) -> None:
         """The momentum update, then this step's keys into the queue (a skipped step's queue is
         put back by the step guard, with the other buffers)."""
         super().after_step(online, keys, step, total_steps, apply)
@@ -179,7 +189,7 @@ def _in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> 
 class SupCon(Method):
     """Supervised contrastive loss over both views (Khosla et al. 2020)."""
 
-    def __init__(self, section: SupConConfig, online: nn.Module, seed: int) -> None:
+    def __init__(self, section: SupConConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
         self.temperature = section.temperature
 
@@ -191,7 +201,7 @@ class SupCon(Method):
 class Triplet(Method):
     """Triplet margin loss with online mining over both views' L2-normalised embeddings."""
 
-    def __init__(self, section: TripletConfig, online: nn.Module, seed: int) -> None:
+    def __init__(self, section: TripletConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
         self.margin, self.mining = section.margin, section.mining
 
@@ -204,7 +214,7 @@ class Contrastive(Method):
     """The pairwise margin loss (Siamese): for each first view, one similar pair (a same-class
     second view) and one dissimilar pair (a second view of another class), drawn on the device."""
 
-    def __init__(self, section: ContrastiveConfig, online: nn.Module, seed: int) -> None:
+    def __init__(self, section: ContrastiveConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
         self.margin = section.margin
         self.generator = torch.Generator().manual_seed(seed + 29)  # pair sampling
@@ -225,7 +235,7 @@ class Contrastive(Method):
         return pairwise_contrastive(torch.cat([a, a]), torch.cat([b[positive], b[negative]]), y, self.margin)
 
 
-def create_method(cfg: Config, online: nn.Module) -> Method:
+def create_method(cfg: Config, online: ContrastiveModel) -> Method:
     """The method of ``objective.name`` (its registry entry), built from its config section around
     the unwrapped trained model."""
     method = get(cfg.objective.name).method_class()(objective_section(cfg), online, cfg.train.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ class MomentumEncoder(nn.Module):
             apply: Optional 0-dim bool on the device; where False the key encoder is left as it is
                 (a skipped step), decided without a host sync.
         """
-        key = list(self.encoder.parameters())
+        key: list[torch.Tensor] = list(self.encoder.parameters())
         query = [p.detach() for p in online.parameters()]
         if len(key) != len(query):
             raise ValueError("the momentum encoder and the online encoder have different parameters")
@@ -51,7 +52,8 @@ class MomentumEncoder(nn.Module):
         else:  # lerp with weight 0 returns the key exactly; a list of tensor weights, as a single
             # tensor weight would be read on the host (a sync)
             weight = apply.to(key[0].dtype) * (1.0 - momentum)
-            torch._foreach_lerp_(key, query, [weight] * len(key))
+            weights: Any = [weight] * len(key)  # tensor weights: torch's stubs list only scalars
+            torch._foreach_lerp_(key, query, weights)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,8 @@ class KeyQueue(nn.Module):
         """Args: size: number of keys K; dim: key width; seed: for the random initial keys."""
         super().__init__()
         g = torch.Generator().manual_seed(seed)
+        self.keys: torch.Tensor
+        self.ptr: torch.Tensor
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=g), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 

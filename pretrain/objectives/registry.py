@@ -14,8 +14,9 @@ when a run builds one (``method`` is a ``module:Class`` path).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class ObjectiveSettingError(ValueError):
@@ -140,7 +141,9 @@ def _two_per_process(name: str) -> Check:
         if shape.per_process < 2:
             raise ObjectiveSettingError(
                 f"objective.name={name} needs at least 2 images per process and batch (train.batch_size="
-                f"{shape.per_process}): batch-norm statistics of one image are degenerate.")
+                f"{shape.per_process}): batch-norm statistics of one image are degenerate."
+            )
+
     return check
 
 
@@ -151,10 +154,12 @@ def _check_moco_v2(section: MoCoV2Config, shape: BatchShape) -> None:
             f"objective.moco_v2.queue_size={section.queue_size} must be a multiple of the keys added per optimiser "
             f"step, {keys_per_step} (train.batch_size={shape.per_process} x {shape.processes} processes"
             f"{f' x {shape.passes} accumulated passes' if shape.passes > 1 else ''}"
-            f"{' x 2 views (symmetric)' if section.symmetric else ''}).")
+            f"{' x 2 views (symmetric)' if section.symmetric else ''})."
+        )
     if shape.processes == 1 and section.bn_splits > 1 and shape.per_process % section.bn_splits:
         raise ObjectiveSettingError(
-            f"objective.moco_v2.bn_splits={section.bn_splits} must divide train.batch_size={shape.per_process}.")
+            f"objective.moco_v2.bn_splits={section.bn_splits} must divide train.batch_size={shape.per_process}."
+        )
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -190,7 +195,8 @@ class Objective:
     def method_class(self) -> type:
         """Imports and returns the method class."""
         module, cls = self.method.split(":")
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        method_class: type = getattr(importlib.import_module(module), cls)
+        return method_class
 
 
 _METHODS = "twinview.pretrain.objectives.methods"
@@ -199,34 +205,60 @@ _MOMENTUM = (("momentum_schedule", ("constant", "cosine")),)
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("simclr", f"{_METHODS}:SimCLR", SimCLRConfig,
-                  "NT-Xent over two views; negatives from every process, gathered with gradient",
-                  "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations "
-                  "(arXiv:2002.05709)",
-                  checks=(_two_per_process("simclr"),)),
-        Objective("moco_v2", f"{_METHODS}:MoCoV2", MoCoV2Config,
-                  "query encoder vs momentum key encoder, InfoNCE against a queue of keys",
-                  "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning "
-                  "(arXiv:2003.04297)",
-                  choices=_MOMENTUM, checks=(_check_moco_v2,)),
-        Objective("moco_v3", f"{_METHODS}:MoCoV3", MoCoV3Config,
-                  "predictor on the query branch, symmetric InfoNCE against the in-batch momentum keys",
-                  "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers "
-                  "(arXiv:2104.02057)",
-                  predictor=True, choices=_MOMENTUM, checks=(_two_per_process("moco_v3"),)),
-        Objective("supcon", f"{_METHODS}:SupCon", SupConConfig,
-                  "supervised contrastive loss on class labels",
-                  "Khosla et al. 2020, Supervised Contrastive Learning (arXiv:2004.11362)",
-                  supervised=True),
-        Objective("triplet", f"{_METHODS}:Triplet", TripletConfig,
-                  "triplet margin loss with online mining",
-                  "Hermans, Beyer, Leibe 2017, In Defense of the Triplet Loss for Person Re-Identification "
-                  "(arXiv:1703.07737)",
-                  supervised=True, choices=(("mining", ("batch_hard", "batch_all", "semi_hard")),)),
-        Objective("contrastive", f"{_METHODS}:Contrastive", ContrastiveConfig,
-                  "pairwise margin loss on same-class and other-class pairs (Siamese)",
-                  "Hadsell, Chopra, LeCun 2006, Dimensionality Reduction by Learning an Invariant Mapping",
-                  supervised=True),
+        Objective(
+            "simclr",
+            f"{_METHODS}:SimCLR",
+            SimCLRConfig,
+            "NT-Xent over two views; negatives from every process, gathered with gradient",
+            "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations "
+            "(arXiv:2002.05709)",
+            checks=(_two_per_process("simclr"),),
+        ),
+        Objective(
+            "moco_v2",
+            f"{_METHODS}:MoCoV2",
+            MoCoV2Config,
+            "query encoder vs momentum key encoder, InfoNCE against a queue of keys",
+            "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning (arXiv:2003.04297)",
+            choices=_MOMENTUM,
+            checks=(_check_moco_v2,),
+        ),
+        Objective(
+            "moco_v3",
+            f"{_METHODS}:MoCoV3",
+            MoCoV3Config,
+            "predictor on the query branch, symmetric InfoNCE against the in-batch momentum keys",
+            "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers (arXiv:2104.02057)",
+            predictor=True,
+            choices=_MOMENTUM,
+            checks=(_two_per_process("moco_v3"),),
+        ),
+        Objective(
+            "supcon",
+            f"{_METHODS}:SupCon",
+            SupConConfig,
+            "supervised contrastive loss on class labels",
+            "Khosla et al. 2020, Supervised Contrastive Learning (arXiv:2004.11362)",
+            supervised=True,
+        ),
+        Objective(
+            "triplet",
+            f"{_METHODS}:Triplet",
+            TripletConfig,
+            "triplet margin loss with online mining",
+            "Hermans, Beyer, Leibe 2017, In Defense of the Triplet Loss for Person Re-Identification "
+            "(arXiv:1703.07737)",
+            supervised=True,
+            choices=(("mining", ("batch_hard", "batch_all", "semi_hard")),),
+        ),
+        Objective(
+            "contrastive",
+            f"{_METHODS}:Contrastive",
+            ContrastiveConfig,
+            "pairwise margin loss on same-class and other-class pairs (Siamese)",
+            "Hadsell, Chopra, LeCun 2006, Dimensionality Reduction by Learning an Invariant Mapping",
+            supervised=True,
+        ),
     )
 }
 

@@ -45,7 +45,9 @@ def test_preview_with_local_crops_adds_columns(image_folder: Path, tmp_path: Pat
     assert Image.open(out).size[0] == 6 * (cell + GAP) + GAP  # original + 2 global + 3 local
 
 
-def test_preview_unknown_recipe_is_a_clear_error(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_preview_unknown_recipe_is_a_clear_error(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = main(["preview", "--data", str(image_folder), "--recipe", "dino", "--out", str(tmp_path / "x.png")])
     assert code == 2
     assert "augment.recipe" in capsys.readouterr().err
@@ -61,7 +63,9 @@ def test_preview_takes_a_uint8_batch_and_undoes_the_normalisation(tmp_path: Path
     fill_recipe(augment)
     images = torch.randint(0, 256, (3, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     plain = preview(images, augment, tmp_path / "plain.png", seed=3)
-    normalised = preview(images, augment, tmp_path / "norm.png", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=3)
+    normalised = preview(
+        images, augment, tmp_path / "norm.png", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=3
+    )
     cell = 16 * -(-MIN_CELL // 16)
     a, b = (_cells(p, 3, 3, cell).astype(np.int16) for p in (plain, normalised))
     assert Image.open(plain).size == (3 * (cell + GAP) + GAP, HEADER + 3 * (cell + GAP) + GAP)

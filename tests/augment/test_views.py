@@ -67,7 +67,7 @@ def test_seeded_views_are_reproducible_and_seeds_differ() -> None:
     first = build_views(_cfg("augment.recipe=byol"), 32, MEAN, STD, seed=7)(x)
     second = build_views(_cfg("augment.recipe=byol"), 32, MEAN, STD, seed=7)(x)
     other = build_views(_cfg("augment.recipe=byol"), 32, MEAN, STD, seed=8)(x)
-    for a, b, c in zip(first, second, other):
+    for a, b, c in zip(first, second, other, strict=True):
         assert torch.equal(a, b)
         assert not torch.allclose(a, c)
 
@@ -80,7 +80,7 @@ def test_rng_state_round_trip_replays_the_same_views() -> None:
     expected = views(x)
     views(x)  # moves the generator on
     views.rng.load_state_dict(state)
-    for a, b in zip(views(x), expected):
+    for a, b in zip(views(x), expected, strict=True):
         assert torch.equal(a, b)
 
 
@@ -90,7 +90,7 @@ def test_results_do_not_depend_on_the_cpu_chunk_size(monkeypatch: pytest.MonkeyP
     whole = build_views(cfg, 48, MEAN, STD, seed=1)(x)
     monkeypatch.setattr(V, "CPU_CHUNK_BYTES", 3 * 48 * 48 * 4 * 5)  # chunks of 5 samples
     chunked = build_views(cfg, 48, MEAN, STD, seed=1)(x)
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
@@ -129,7 +129,9 @@ def test_crop_areas_follow_the_scale_range() -> None:
     """Full-range crops of a ramp image: mean crop area near that of U(0.08, 1) clipped by the fit rule."""
     from twinview.augment.sampling import crop_boxes
 
-    boxes = crop_boxes(20000, 64, 64, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), torch.device("cpu"))
+    boxes = crop_boxes(
+        20000, 64, 64, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     x0, y0, w, h = boxes.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 64).all() and (y0 + h <= 64).all()
     area = w * h / 64**2
@@ -180,9 +182,9 @@ def test_recipe_values_fill_unset_keys_and_overrides_win() -> None:
 
 
 def test_unknown_recipe_and_wrong_per_view_type_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="augment.recipe.*simclr, moco_v2, byol, moco_v3"):
+    with pytest.raises(ConfigError, match=r"augment.recipe.*simclr, moco_v2, byol, moco_v3"):
         _cfg("augment.recipe=swav")
-    with pytest.raises(ConfigError, match="augment.blur_p"):
+    with pytest.raises(ConfigError, match=r"augment.blur_p"):
         _cfg("augment.blur_p=0.5")
 
 

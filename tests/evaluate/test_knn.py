@@ -14,7 +14,8 @@ def knn_scores_loop(train_x, train_y, test_x, num_classes, k, t):
     """Brute force: sort all training samples by cosine similarity, let the top k vote."""
     out = torch.zeros(len(test_x), num_classes, dtype=torch.float64)
     for i, q in enumerate(test_x.double()):
-        sims = [(float(q @ x.double() / (q.norm() * x.double().norm())), int(y)) for x, y in zip(train_x, train_y)]
+        pairs = zip(train_x, train_y, strict=True)
+        sims = [(float(q @ x.double() / (q.norm() * x.double().norm())), int(y)) for x, y in pairs]
         sims.sort(key=lambda s: -s[0])
         for sim, label in sims[:k]:
             out[i, label] += math.exp(sim / t)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from twinview.evaluate.metrics import alignment, collapse_warning, effective_rank, retrieval_metrics, uniformity, verification_metrics
+from twinview.evaluate.metrics import (
+    alignment,
+    collapse_warning,
+    effective_rank,
+    retrieval_metrics,
+    uniformity,
+    verification_metrics,
+)
 
 
 def _loop_retrieval(x: np.ndarray, y: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
@@ -54,7 +61,9 @@ def _brute_force_verification(scores: np.ndarray, same: np.ndarray, far: float) 
     every threshold t (accept when score >= t), starting from "accept nothing"."""
     pos, neg = scores[same], scores[~same]
     auc = float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-    points = [(0.0, 0.0)] + [(float((neg >= t).mean()), float((pos >= t).mean())) for t in sorted(set(scores), reverse=True)]
+    points = [(0.0, 0.0)] + [
+        (float((neg >= t).mean()), float((pos >= t).mean())) for t in sorted(set(scores), reverse=True)
+    ]
     tar = max(t for f, t in points if f <= far)
     eer_far, eer_tar = min(points, key=lambda p: abs(p[0] - (1 - p[1])))
     return {"roc_auc": auc, "eer": (eer_far + 1 - eer_tar) / 2, f"tar@far={far:g}": tar}

@@ -42,8 +42,9 @@ class MeanColourImages:
     """An in-memory LabelledImages: image i of class c is a flat image of colour ``colours[c]``."""
 
     def __init__(self, labels: list[int], colours: list[tuple[int, int, int]], image_size: int = 8) -> None:
-        self.index = SimpleNamespace(root=Path("/in-memory"), labels=labels, classes=[str(c) for c in range(len(colours))],
-                                     labeled=True)
+        self.index = SimpleNamespace(
+            root=Path("/in-memory"), labels=labels, classes=[str(c) for c in range(len(colours))], labeled=True
+        )
         self.image_size, self.colours = image_size, colours
 
     def __len__(self) -> int:
@@ -51,7 +52,9 @@ class MeanColourImages:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         c = self.index.labels[i]
-        return torch.tensor(self.colours[c], dtype=torch.uint8).view(3, 1, 1).expand(3, self.image_size, self.image_size).clone(), c
+        return torch.tensor(self.colours[c], dtype=torch.uint8).view(3, 1, 1).expand(
+            3, self.image_size, self.image_size
+        ).clone(), c
 
     def fingerprint(self) -> str:
         return f"{self.index.labels}:{self.colours}:{self.image_size}"
@@ -60,7 +63,9 @@ class MeanColourImages:
 def test_knn_only_equals_the_knn_part_of_evaluate_and_the_metric_functions(image_folder: Path) -> None:
     train_set, test_set = ImageFolderDataset(image_folder, 24), ImageFolderDataset(image_folder, 24)
     backbone = _backbone()
-    full = evaluate(backbone, train_set, test_set, EVAL, _augment(), 24, MEAN, STD, num_workers=0, device=torch.device("cpu"))
+    full = evaluate(
+        backbone, train_set, test_set, EVAL, _augment(), 24, MEAN, STD, num_workers=0, device=torch.device("cpu")
+    )
     knn = knn_only(backbone, train_set, test_set, EVAL, MEAN, STD, num_workers=0, device=torch.device("cpu"))
     assert knn == {key: full[key] for key in ("knn_top1", "knn_top5", "k", "temperature", "num_train", "num_test")}
     assert knn["num_train"] == knn["num_test"] == 24 and knn["k"] == 5
@@ -79,13 +84,22 @@ def test_any_labelled_images_work_and_separable_colours_score_one() -> None:
     reference = MeanColourImages([0, 1, 2] * 4, colours)
     query = MeanColourImages([2, 1, 0, 0], colours)
     mean_colour = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    got = knn_only(mean_colour, reference, query, EvalConfig(knn_k=4), (0.0,) * 3, (1.0,) * 3, num_workers=0,
-                   device=torch.device("cpu"))
+    got = knn_only(
+        mean_colour,
+        reference,
+        query,
+        EvalConfig(knn_k=4),
+        (0.0,) * 3,
+        (1.0,) * 3,
+        num_workers=0,
+        device=torch.device("cpu"),
+    )
     assert got == {"knn_top1": 1.0, "knn_top5": 1.0, "k": 4, "temperature": 0.1, "num_train": 12, "num_test": 4}
 
 
-def test_features_are_cached_per_data_set_reused_and_renewed(image_folder: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_features_are_cached_per_data_set_reused_and_renewed(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dataset, backbone, cache = ImageFolderDataset(image_folder, 24), _backbone(), tmp_path / "features"
     first = knn_only(backbone, dataset, dataset, EVAL, MEAN, STD, num_workers=0, features_dir=cache)
     before = dataset.fingerprint()
@@ -111,7 +125,7 @@ def test_unlabeled_or_mismatched_sets_are_refused(image_folder: Path, tmp_path: 
     flat.mkdir()
     shutil.copy(image_folder / "class_0" / "000.png", flat / "a.png")
     labelled, unlabeled = ImageFolderDataset(image_folder, 24), ImageFolderDataset(flat, 24)
-    with pytest.raises(ValueError, match="query '.*flat' has no class sub-folders"):
+    with pytest.raises(ValueError, match=r"query '.*flat' has no class sub-folders"):
         knn_only(_backbone(), labelled, unlabeled, EVAL, MEAN, STD, num_workers=0)
     shutil.rmtree(image_folder / "class_2")
     fewer = ImageFolderDataset(image_folder, 24)

@@ -6,26 +6,44 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from twinview.pretrain.objectives import methods, registry
 from twinview.pretrain.config import load_config
-from twinview.pretrain.runs import checkpoints, new_run_dir
 from twinview.pretrain.engine.signals import TrainingInterrupted
 from twinview.pretrain.engine.train import train
+from twinview.pretrain.objectives import methods, registry
+from twinview.pretrain.runs import checkpoints, new_run_dir
 
 # No batch-dependent computation (ViT: layer norm; linear head) and views without random parameters
-PER_SAMPLE = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model.kwargs.patch_size=8",
-              "model.proj_layers=1", "model.proj_dim=16", "augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]",
-              "augment.flip_p=0.0", "augment.jitter_p=0.0", "augment.grayscale_p=0.0", "augment.blur_p=[0.0,0.0]",
-              "augment.solarize_p=[0.0,0.0]", "optim.name=sgd"]
-COMMON = ["data.image_size=24", "data.num_workers=0", "train.log_every=1", "optim.lr=0.05", "optim.warmup_epochs=0.5",
-          "train.epochs=2"]
+PER_SAMPLE = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.kwargs.img_size=24",
+    "model.kwargs.patch_size=8",
+    "model.proj_layers=1",
+    "model.proj_dim=16",
+    "augment.crop_scale=[1.0,1.0]",
+    "augment.crop_ratio=[1.0,1.0]",
+    "augment.flip_p=0.0",
+    "augment.jitter_p=0.0",
+    "augment.grayscale_p=0.0",
+    "augment.blur_p=[0.0,0.0]",
+    "augment.solarize_p=[0.0,0.0]",
+    "optim.name=sgd",
+]
+COMMON = [
+    "data.image_size=24",
+    "data.num_workers=0",
+    "train.log_every=1",
+    "optim.lr=0.05",
+    "optim.warmup_epochs=0.5",
+    "train.epochs=2",
+]
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -45,13 +63,24 @@ def test_two_accumulated_passes_of_4_equal_one_step_of_8_for_a_per_image_loss(
     runs = {}
     lr = "optim.lr=0.002"
     for name, batch, k in [("big", 8, 1), ("accumulated", 4, 2)]:
-        cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *COMMON, *PER_SAMPLE,
-                                 f"train.batch_size={batch}", f"train.grad_accumulation={k}", f"train.run_name={name}", lr])
+        cfg = load_config(
+            None,
+            [
+                f"data.path={image_folder}",
+                f"train.output_dir={tmp_path}",
+                *COMMON,
+                *PER_SAMPLE,
+                f"train.batch_size={batch}",
+                f"train.grad_accumulation={k}",
+                f"train.run_name={name}",
+                lr,
+            ],
+        )
         runs[name] = new_run_dir(cfg)
         train(cfg, runs[name])
     big, acc = _records(runs["big"], "step"), _records(runs["accumulated"], "step")
     assert [r["step"] for r in acc] == [r["step"] for r in big] == list(range(1, 7))  # 24 images / 8, 2 epochs
-    for a, b in zip(big, acc):
+    for a, b in zip(big, acc, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["lr"] == a["lr"]
@@ -86,10 +115,21 @@ RESUMED = {
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("name", list(RESUMED))
-def test_a_mid_epoch_interrupt_resumes_bitwise(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_a_mid_epoch_interrupt_resumes_bitwise(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     extra, loss_name, call, step = RESUMED[name]
-    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *COMMON, "model.backbone=resnet18",
-            "model.proj_hidden_dim=32", "model.proj_dim=16", "train.batch_size=4", "train.epochs=3", *extra]
+    args = [
+        f"data.path={image_folder}",
+        f"train.output_dir={tmp_path}",
+        *COMMON,
+        "model.backbone=resnet18",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "train.batch_size=4",
+        "train.epochs=3",
+        *extra,
+    ]
     straight_cfg = load_config(None, [*args, "train.run_name=straight"])
     train(straight_cfg, new_run_dir(straight_cfg))
 
@@ -122,16 +162,32 @@ def _method_state(run_dir: Path) -> Path:
 
 
 def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
+    from twinview.pretrain.objectives.methods import create_method
 
-    extra = {"moco_v2": ["objective.moco_v2.queue_size=32", "objective.moco_v2.bn_splits=2"], "triplet": ["objective.triplet.mining=semi_hard"]}
-    cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
-                             "model.kwargs.patch_size=8", "model.kwargs.drop_rate=0.2", "model.proj_hidden_dim=32",
-                             "model.proj_dim=16", "model.predictor_hidden_dim=16", f"objective.name={objective}",
-                             *extra.get(objective, [])])
+    extra = {
+        "moco_v2": ["objective.moco_v2.queue_size=32", "objective.moco_v2.bn_splits=2"],
+        "triplet": ["objective.triplet.mining=semi_hard"],
+    }
+    cfg = load_config(
+        None,
+        [
+            "data.path=unused",
+            "model.backbone=vit_tiny_patch16_224",
+            "model.kwargs.img_size=16",
+            "model.kwargs.patch_size=8",
+            "model.kwargs.drop_rate=0.2",
+            "model.proj_hidden_dim=32",
+            "model.proj_dim=16",
+            "model.predictor_hidden_dim=16",
+            f"objective.name={objective}",
+            *extra.get(objective, []),
+        ],
+    )
     torch.manual_seed(0)
-    model = create_model(cfg.model, predictor=registry.get(objective).predictor)  # dropout in the ViT, batch norm in the head
+    model = create_model(
+        cfg.model, predictor=registry.get(objective).predictor
+    )  # dropout in the ViT, batch norm in the head
     method = create_method(cfg, model)
     return cfg, model.train(), method.train()
 
@@ -148,8 +204,10 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
 
     _, model, method = _objective_setup(objective)
     g = torch.Generator().manual_seed(3)
-    passes = [([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.tensor([0, 0, 1, 1]) + 2 * i)
-              for i in range(3)]
+    passes = [
+        ([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.tensor([0, 0, 1, 1]) + 2 * i)
+        for i in range(3)
+    ]
     ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
 
     torch.manual_seed(7)
@@ -157,8 +215,9 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
     for views, _ in passes:
         outs.append(ref_method.embed(ref_model, views))
         keys.append(ref_method.keys(views))
-    ref_keys = [torch.cat(p) for p in zip(*keys)]
-    ref_loss = ref_method.loss([torch.cat(p) for p in zip(*outs)], ref_keys, torch.cat([lab for _, lab in passes]))
+    ref_keys = [torch.cat(p) for p in zip(*keys, strict=True)]
+    outputs = [torch.cat(p) for p in zip(*outs, strict=True)]
+    ref_loss = ref_method.loss(outputs, ref_keys, torch.cat([lab for _, lab in passes]))
     ref_loss.backward()
     ref_rng = torch.get_rng_state()
 
@@ -166,14 +225,14 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
     loss, step_keys = accumulate(Accelerator(cpu=True), model, method, passes, "cached")
     assert torch.equal(torch.get_rng_state(), ref_rng)  # the run's random stream continues as without caching
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
-    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-    for (name, b), c in zip(model.named_buffers(), ref_model.named_buffers()):
+    for (name, b), c in zip(model.named_buffers(), ref_model.named_buffers(), strict=True):
         torch.testing.assert_close(b, c[1], rtol=1e-6, atol=1e-7, msg=name)  # updated once per pass, not twice
     assert len(step_keys) == len(ref_keys)  # every pass's keys, in order, for the MoCo queue after the step
-    for k, ref_k in zip(step_keys, ref_keys):
+    for k, ref_k in zip(step_keys, ref_keys, strict=True):
         torch.testing.assert_close(k, ref_k)
-    for (name, b), c in zip(method.state_dict().items(), ref_method.state_dict().values()):
+    for (name, b), c in zip(method.state_dict().items(), ref_method.state_dict().values(), strict=True):
         if isinstance(b, torch.Tensor):
             torch.testing.assert_close(b, c, msg=name)  # the loss changed no state of the method
 
@@ -188,7 +247,9 @@ def test_independent_accumulation_averages_per_pass_losses() -> None:
 
     _, model, method = _objective_setup("simclr")
     g = torch.Generator().manual_seed(3)
-    passes = [([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    passes = [
+        ([torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)], torch.zeros(4, dtype=torch.long)) for _ in range(2)
+    ]
     ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
     torch.manual_seed(7)
     losses = [ref_method(ref_model, views, labels)[0] for views, labels in passes]
@@ -196,5 +257,5 @@ def test_independent_accumulation_averages_per_pass_losses() -> None:
     torch.manual_seed(7)
     loss, _ = accumulate(Accelerator(cpu=True), model, method, passes, "independent")
     torch.testing.assert_close(loss, (sum(losses) / 2).detach())
-    for p, q in zip(model.parameters(), ref_model.parameters()):
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
 from twinview.pretrain.data.decode import BadImage, decode_image
+from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
 
 
 def _rgb(path: Path, color: tuple[int, int, int] = (200, 30, 60), size: int = 16) -> Path:
@@ -21,9 +21,15 @@ def _rgb(path: Path, color: tuple[int, int, int] = (200, 30, 60), size: int = 16
 BAD = {
     "zero-byte": (lambda p: p.write_bytes(b""), "empty file"),
     "text": (lambda p: p.write_text("this is not an image"), "not an image"),
-    "truncated": (lambda p: p.write_bytes((_rgb(p.with_suffix(".full.jpg")).read_bytes())[:200]), "corrupt or truncated"),
+    "truncated": (
+        lambda p: p.write_bytes((_rgb(p.with_suffix(".full.jpg")).read_bytes())[:200]),
+        "corrupt or truncated",
+    ),
     "broken-link": (lambda p: p.symlink_to(p.parent / "missing.jpg"), "broken symbolic link"),
-    "link-loop": (lambda p: (p.symlink_to(p.with_suffix(".other.jpg")), p.with_suffix(".other.jpg").symlink_to(p)), "symbolic link loop"),
+    "link-loop": (
+        lambda p: (p.symlink_to(p.with_suffix(".other.jpg")), p.with_suffix(".other.jpg").symlink_to(p)),
+        "symbolic link loop",
+    ),
 }
 
 
@@ -108,9 +114,12 @@ def test_dataset_skips_bad_files_keeps_batch_size_and_logs_reasons(tmp_path: Pat
     items = [dataset[i] for i in range(len(dataset))]
     assert len(items) == 8 and all(img.shape == (3, 8, 8) for img, _ in items)
     skipped = log.collect()
-    assert {Path(p).name: r for p, r in skipped.items()} == {"9-empty.jpg": "empty file (0 bytes)", "9-text.png": "not an image (or a format PIL cannot read)"}
+    assert {Path(p).name: r for p, r in skipped.items()} == {
+        "9-empty.jpg": "empty file (0 bytes)",
+        "9-text.png": "not an image (or a format PIL cannot read)",
+    }
     strict = ImageFolderDataset(root, 8, strict=True)
-    with pytest.raises(BadImage, match="9-empty.jpg: empty file.*data.strict=true"):
+    with pytest.raises(BadImage, match=r"9-empty.jpg: empty file.*data.strict=true"):
         [strict[i] for i in range(len(strict))]
 
 

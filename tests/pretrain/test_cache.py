@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, build_or_load, cache_key
 from twinview.pretrain.config import load_config
-from twinview.pretrain.data.sources import scan_source
+from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, build_or_load, cache_key
 from twinview.pretrain.data.decode import BadImage, decode_image
+from twinview.pretrain.data.sources import scan_source
 from twinview.pretrain.engine.train import train
 
 
@@ -46,7 +46,7 @@ def test_bad_files_are_left_out_and_listed_and_strict_fails(image_folder: Path, 
     cache = build_or_load(scan_source(image_folder), 16, workers=1, root=tmp_path)
     assert len(cache.kept) == 24 and list(cache.skipped) == [str(image_folder / "class_0" / "broken.jpg")]
     assert "broken.jpg" not in {p.name for p in cache.index.files}
-    with pytest.raises(BadImage, match="broken.jpg"):
+    with pytest.raises(BadImage, match=r"broken.jpg"):
         build_or_load(scan_source(image_folder), 16, strict=True, root=tmp_path)
 
 
@@ -84,26 +84,62 @@ def test_device_batches_cover_each_process_share_once_per_epoch(image_folder: Pa
 @pytest.mark.parametrize("mode", ["disk", "device"])
 def test_training_from_the_cache_lists_skipped_files(image_folder: Path, tmp_path: Path, mode: str) -> None:
     (image_folder / "class_1" / "empty.png").write_bytes(b"")
-    cfg = load_config(None, [f"data.path={image_folder}", f"data.cache={mode}", "data.image_size=24", "data.num_workers=1",
-                             "train.batch_size=8", "train.epochs=1", "model.proj_hidden_dim=32", "model.proj_dim=16",
-                             f"train.output_dir={tmp_path}", "train.run_name=r"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            f"data.cache={mode}",
+            "data.image_size=24",
+            "data.num_workers=1",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "model.proj_hidden_dim=32",
+            "model.proj_dim=16",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=r",
+        ],
+    )
     train(cfg, tmp_path / "r")
     listed = (tmp_path / "r" / "skipped_files.txt").read_text()
     assert listed == f"{image_folder / 'class_1' / 'empty.png'}\tempty file (0 bytes)\n"
-    epochs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
+    epochs = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line
+    ]
     assert epochs[-1]["skipped_files"] == 1 and epochs[-1]["step"] == 3
 
 
 def test_training_without_cache_skips_a_bad_file_mid_epoch(image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "class_2" / "fake.jpg").write_text("not a jpeg")
-    cfg = load_config(None, [f"data.path={image_folder}", "data.image_size=24", "data.num_workers=2", "train.batch_size=5",
-                             "train.epochs=1", "model.proj_hidden_dim=32", "model.proj_dim=16",
-                             f"train.output_dir={tmp_path}", "train.run_name=r"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            "data.image_size=24",
+            "data.num_workers=2",
+            "train.batch_size=5",
+            "train.epochs=1",
+            "model.proj_hidden_dim=32",
+            "model.proj_dim=16",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=r",
+        ],
+    )
     train(cfg, tmp_path / "r")
     assert "fake.jpg\tnot an image" in (tmp_path / "r" / "skipped_files.txt").read_text()
-    strict = load_config(None, [f"data.path={image_folder}", "data.image_size=24", "data.num_workers=0", "data.strict=true",
-                                "train.batch_size=25", "train.epochs=1", f"train.output_dir={tmp_path}", "train.run_name=s"])
-    with pytest.raises(BadImage, match="fake.jpg"):
+    strict = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            "data.image_size=24",
+            "data.num_workers=0",
+            "data.strict=true",
+            "train.batch_size=25",
+            "train.epochs=1",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=s",
+        ],
+    )
+    with pytest.raises(BadImage, match=r"fake.jpg"):
         train(strict, tmp_path / "s")
 
 
@@ -124,8 +160,15 @@ def test_device_batches_deal_p_x_k_batches_round_robin(image_folder: Path, tmp_p
     single = list(PKBatchSampler(cache.index.labels, 2, 2, seed=3))  # 6 batches of 4
     got = []
     for rank in range(2):
-        batches = DeviceBatches(cache, torch.device("cpu"), 4, seed=0, rank=rank, world=2,
-                                batch_sampler=PKBatchSampler(cache.index.labels, 2, 2, seed=3))
+        batches = DeviceBatches(
+            cache,
+            torch.device("cpu"),
+            4,
+            seed=0,
+            rank=rank,
+            world=2,
+            batch_sampler=PKBatchSampler(cache.index.labels, 2, 2, seed=3),
+        )
         assert len(batches) == 3  # half of the sampler's batches each, not all of them
         got.append([labels.tolist() for _, labels in batches])
     expected = [[[cache.index.labels[i] for i in b] for b in single[r::2]] for r in range(2)]

@@ -78,7 +78,7 @@ def test_wrong_values_are_named(override: str, fragment: str) -> None:
 
 
 def test_missing_data_path_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="data.path is not set"):
+    with pytest.raises(ConfigError, match=r"data.path is not set"):
         load_config("simclr-cifar10")
 
 

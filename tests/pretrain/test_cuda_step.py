@@ -9,19 +9,33 @@ import pytest
 import torch
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.objectives.methods import create_method
-from twinview.pretrain.models import create_model
-from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
 from twinview.pretrain.engine.optim import build_optimizer
+from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
+from twinview.pretrain.models import create_model
+from twinview.pretrain.objectives.methods import create_method
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)"
+)
 
 
 def _setup(objective: str, optimizer: str, drop: float = 0.0) -> tuple:
     extra = {"moco_v2": ["objective.moco_v2.queue_size=32", "objective.moco_v2.bn_splits=2"]}.get(objective, [])
-    cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
-                             "model.kwargs.patch_size=8", f"model.kwargs.drop_rate={drop}", "model.proj_hidden_dim=32",
-                             "model.proj_dim=16", f"objective.name={objective}", f"optim.name={optimizer}", *extra])
+    cfg = load_config(
+        None,
+        [
+            "data.path=unused",
+            "model.backbone=vit_tiny_patch16_224",
+            "model.kwargs.img_size=16",
+            "model.kwargs.patch_size=8",
+            f"model.kwargs.drop_rate={drop}",
+            "model.proj_hidden_dim=32",
+            "model.proj_dim=16",
+            f"objective.name={objective}",
+            f"optim.name={optimizer}",
+            *extra,
+        ],
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model).cuda().train()
     method = create_method(cfg, model).cuda().train()
@@ -54,13 +68,13 @@ def test_a_guarded_step_in_device_mode_makes_no_host_sync(objective: str, optimi
         step(True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert all(torch.equal(a, p) for a, p in zip(before, params))  # the bad step was undone on the device
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))  # the bad step was undone on the device
     torch.cuda.set_sync_debug_mode("error")
     try:
         step(False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert not all(torch.equal(a, p) for a, p in zip(before, params))
+    assert not all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
     assert guard.read_and_reset() == (1, 1)
 
 
@@ -70,15 +84,17 @@ def test_cached_accumulation_replays_cuda_dropout() -> None:
     from twinview.pretrain.engine.accumulation import accumulate
 
     _, model, method = _setup("simclr", "sgd", drop=0.3)
-    passes = [([torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)], torch.zeros(4, dtype=torch.long, device="cuda"))
-              for _ in range(2)]
+    passes = [
+        ([torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)], torch.zeros(4, dtype=torch.long, device="cuda"))
+        for _ in range(2)
+    ]
     ref_model, ref_method = copy.deepcopy(model), copy.deepcopy(method)
     torch.cuda.manual_seed(5)
     outs = [ref_method.embed(ref_model, views) for views, _ in passes]
-    ref = ref_method.loss([torch.cat(p) for p in zip(*outs)], [], torch.cat([lab for _, lab in passes]))
+    ref = ref_method.loss([torch.cat(p) for p in zip(*outs, strict=True)], [], torch.cat([lab for _, lab in passes]))
     ref.backward()
     torch.cuda.manual_seed(5)
     loss, _ = accumulate(Accelerator(), model, method, passes, "cached")
     torch.testing.assert_close(loss, ref.detach())
-    for p, q in zip(model.parameters(), ref_model.parameters()):
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

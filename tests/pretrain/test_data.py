@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from twinview.pretrain.data.sources import UNLABELED, ImageFolderDataset, load_image, scan_folder
 from twinview.pretrain.data.builtin import materialize_digits, resolve_path
+from twinview.pretrain.data.sources import UNLABELED, ImageFolderDataset, load_image, scan_folder
 
 
 def _save(path: Path, mode: str = "RGB", size: tuple[int, int] = (10, 6), fmt: str | None = None) -> Path:

@@ -95,7 +95,7 @@ def test_two_processes_match_one_process_on_the_whole_batch(two_process_results:
     for result in two_process_results:
         loss, grads = result[name]
         assert loss == pytest.approx(expected_loss, rel=1e-6)  # the losses compute in float32
-        for got, want in zip(grads, expected_grads):
+        for got, want in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -47,7 +47,9 @@ def test_timm_loads_export_strictly_with_identical_features(tmp_path: Path, arch
     with torch.no_grad():
         expected = backbone(x)
         via_overlay = timm.create_model(
-            arch, pretrained=True, num_classes=0,
+            arch,
+            pretrained=True,
+            num_classes=0,
             pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=0),
         ).eval()
         via_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()

@@ -15,19 +15,29 @@ from twinview.pretrain.config import load_config
 from twinview.pretrain.data.hf import HFImageDataset, is_hf_source, pick_columns
 from twinview.pretrain.engine.train import train
 
-SMALL = ["data.image_size=24", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
-         "model.proj_hidden_dim=32", "model.proj_dim=16"]
+SMALL = [
+    "data.image_size=24",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "model.proj_hidden_dim=32",
+    "model.proj_dim=16",
+]
 
 
 @pytest.fixture
 def hf_dataset(image_folder: Path) -> datasets.Dataset:
     files = sorted(image_folder.rglob("*.png"))
     classes = sorted({f.parent.name for f in files})
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes),
-                                  "caption": datasets.Value("string")})
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=classes), "caption": datasets.Value("string")}
+    )
     return datasets.Dataset.from_dict(
-        {"img": [str(f) for f in files], "label": [classes.index(f.parent.name) for f in files],
-         "caption": [f.name for f in files]},
+        {
+            "img": [str(f) for f in files],
+            "label": [classes.index(f.parent.name) for f in files],
+            "caption": [f.name for f in files],
+        },
         features=features,
     )
 
@@ -38,20 +48,32 @@ def _train(tmp_path: Path, name: str, *extra: str) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_saved_dataset_gives_the_same_images_and_labels(hf_dataset: datasets.Dataset, image_folder: Path, tmp_path: Path) -> None:
+def test_saved_dataset_gives_the_same_images_and_labels(
+    hf_dataset: datasets.Dataset, image_folder: Path, tmp_path: Path
+) -> None:
     hf_dataset.save_to_disk(str(tmp_path / "saved"))
     assert is_hf_source(str(tmp_path / "saved")) and not is_hf_source(str(image_folder))
     ds = HFImageDataset(str(tmp_path / "saved"), 24)
-    assert (ds.image_column, ds.label_column) == ("img", "label") and ds.index.classes == ("class_0", "class_1", "class_2")
+    assert (ds.image_column, ds.label_column) == ("img", "label") and ds.index.classes == (
+        "class_0",
+        "class_1",
+        "class_2",
+    )
     image, label = ds[9]
     expected = torch.from_numpy(np.array(Image.open(hf_dataset[9]["img"].filename).convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(image, expected) and label == hf_dataset[9]["label"]
 
 
-def test_training_from_saved_parquet_and_imagefolder_sources(hf_dataset: datasets.Dataset, image_folder: Path, tmp_path: Path) -> None:
+def test_training_from_saved_parquet_and_imagefolder_sources(
+    hf_dataset: datasets.Dataset, image_folder: Path, tmp_path: Path
+) -> None:
     hf_dataset.save_to_disk(str(tmp_path / "saved"))
     hf_dataset.to_parquet(str(tmp_path / "data.parquet"))
-    for name, path in [("saved", tmp_path / "saved"), ("parquet", tmp_path / "data.parquet"), ("imagefolder", f"hf:imagefolder:{image_folder}")]:
+    for name, path in [
+        ("saved", tmp_path / "saved"),
+        ("parquet", tmp_path / "data.parquet"),
+        ("imagefolder", f"hf:imagefolder:{image_folder}"),
+    ]:
         records = _train(tmp_path / "runs", name, f"data.path={path}")
         assert records[-1]["kind"] == "epoch" and records[-1]["step"] == 3, name
 
@@ -66,18 +88,31 @@ def test_streaming_needs_an_epoch_length_and_then_trains(hf_dataset: datasets.Da
     hf_dataset.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="max_steps_per_epoch"):
         _train(tmp_path / "runs", "s0", f"data.path={tmp_path / 'saved'}", "data.streaming=true")
-    records = _train(tmp_path / "runs", "s1", f"data.path={tmp_path / 'saved'}", "data.streaming=true",
-                     "train.max_steps_per_epoch=5", "train.epochs=2")
+    records = _train(
+        tmp_path / "runs",
+        "s1",
+        f"data.path={tmp_path / 'saved'}",
+        "data.streaming=true",
+        "train.max_steps_per_epoch=5",
+        "train.epochs=2",
+    )
     assert [r["step"] for r in records if r["kind"] == "epoch"] == [5, 10]
-    records = _train(tmp_path / "runs", "s2", f"data.path={tmp_path / 'saved'}", "data.streaming=true",
-                     "train.max_steps_per_epoch=5", "train.epochs=2", "train.grad_accumulation=2")
+    records = _train(
+        tmp_path / "runs",
+        "s2",
+        f"data.path={tmp_path / 'saved'}",
+        "data.streaming=true",
+        "train.max_steps_per_epoch=5",
+        "train.epochs=2",
+        "train.grad_accumulation=2",
+    )
     assert [r["step"] for r in records if r["kind"] == "epoch"] == [5, 10]  # optimiser steps, 2 batches each
 
 
 def test_column_detection_and_its_errors(hf_dataset: datasets.Dataset) -> None:
     assert pick_columns(hf_dataset.features, "", "") == ("img", "label")
     two = datasets.Features({"a": datasets.Image(), "b": datasets.Image()})
-    with pytest.raises(ValueError, match="Image features: a, b.*data.image_column"):
+    with pytest.raises(ValueError, match=r"Image features: a, b.*data.image_column"):
         pick_columns(two, "", "")
     assert pick_columns(two, "b", "") == ("b", None)
     with pytest.raises(ValueError, match="'nope' is not a column"):
@@ -85,8 +120,8 @@ def test_column_detection_and_its_errors(hf_dataset: datasets.Dataset) -> None:
 
 
 def test_a_corrupt_row_is_replaced_and_listed(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
-    from twinview.pretrain.data.sources import SkipLog
     from twinview.pretrain.data.decode import BadImage
+    from twinview.pretrain.data.sources import SkipLog
 
     rows = hf_dataset.cast_column("img", datasets.Image(decode=False))[:]
     rows["img"][4] = {"path": None, "bytes": b"not an image"}

@@ -17,11 +17,19 @@ import torch
 from safetensors.torch import load_file
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.runs import checkpoints, new_run_dir
 from twinview.pretrain.engine.train import train
+from twinview.pretrain.runs import checkpoints, new_run_dir
 
-SMALL = ["model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=24", "data.num_workers=0",
-         "train.batch_size=4", "train.log_every=1", "optim.lr=0.1", "train.checkpoint_every=100"]
+SMALL = [
+    "model.proj_hidden_dim=32",
+    "model.proj_dim=16",
+    "data.image_size=24",
+    "data.num_workers=0",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "optim.lr=0.1",
+    "train.checkpoint_every=100",
+]
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -32,7 +40,9 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(image_folder: Path, tmp_path: Path, wait_for_log_lines: Any) -> None:
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
+    image_folder: Path, tmp_path: Path, wait_for_log_lines: Any
+) -> None:
     args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=12", *SMALL]
     cmd = [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args, "train.run_name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -46,19 +56,34 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(image_folder:
     assert "_step_" in saved.name  # a mid-epoch checkpoint, not an epoch end
     assert not (tmp_path / "killed" / "model.safetensors").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(tmp_path / "killed")],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(tmp_path / "killed")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    cfg = load_config(None, args + ["train.run_name=straight"])
+    cfg = load_config(None, [*args, "train.run_name=straight"])
     train(cfg, new_run_dir(cfg))
     _same_weights(tmp_path / "killed" / "model.safetensors", tmp_path / "straight" / "model.safetensors")
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"epoch"' in line]
     assert steps[-1] == 12 * 6  # 24 images / 4 per step, 12 epochs: nothing lost, nothing repeated
 
 
-def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=2",
-                             "train.run_name=straight", *SMALL, "train.checkpoint_every=1"])
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            f"train.output_dir={tmp_path}",
+            "train.epochs=2",
+            "train.run_name=straight",
+            *SMALL,
+            "train.checkpoint_every=1",
+        ],
+    )
     straight = new_run_dir(cfg)
     train(cfg, straight)
     broken = tmp_path / "broken"
@@ -76,8 +101,13 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(image_folder: Path,
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path, tmp_path: Path) -> None:
-    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=12", *SMALL,
-            "train.checkpoint_every=4"]
+    args = [
+        f"data.path={image_folder}",
+        f"train.output_dir={tmp_path}",
+        "train.epochs=12",
+        *SMALL,
+        "train.checkpoint_every=4",
+    ]
     cmd = [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args, "train.run_name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "killed"
@@ -98,11 +128,15 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path
     lost_from = int(saved[-1].name.split("_")[1]) * 6
     assert last_step() > lost_from  # work after the checkpoint existed and is lost
 
-    resumed = subprocess.run([sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(run_dir)],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"step {lost_from})" in resumed.stdout  # "Resumed from ... (epoch E, step S)."
-    cfg = load_config(None, args + ["train.run_name=straight"])
+    cfg = load_config(None, [*args, "train.run_name=straight"])
     train(cfg, new_run_dir(cfg))
     _same_weights(run_dir / "model.safetensors", tmp_path / "straight" / "model.safetensors")
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
@@ -115,10 +149,21 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
 ) -> None:
     """Launchers (torchrun, SLURM) and Ctrl-C signal every process of the group, DataLoader workers
     included: the workers must not die of it before the loop has checkpointed."""
-    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=50", *SMALL,
-            "data.num_workers=2", "train.run_name=group"]
-    proc = subprocess.Popen([sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = [
+        f"data.path={image_folder}",
+        f"train.output_dir={tmp_path}",
+        "train.epochs=50",
+        *SMALL,
+        "data.num_workers=2",
+        "train.run_name=group",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = tmp_path / "group" / "metrics.jsonl"
     wait_for_log_lines(metrics, 8)
     os.killpg(proc.pid, signal.SIGTERM)

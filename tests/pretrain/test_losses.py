@@ -78,7 +78,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _assert_same_value_and_grad(fast: torch.Tensor, slow: torch.Tensor, inputs: list[torch.Tensor]) -> None:
     assert fast.item() == pytest.approx(slow.item(), rel=1e-5, abs=1e-7)
-    for g_fast, g_slow in zip(torch.autograd.grad(fast, inputs), torch.autograd.grad(slow, inputs)):
+    for g_fast, g_slow in zip(torch.autograd.grad(fast, inputs), torch.autograd.grad(slow, inputs), strict=True):
         torch.testing.assert_close(g_fast, g_slow, rtol=1e-4, atol=1e-6)
 
 
@@ -144,7 +144,9 @@ def contrastive_loop(z1: torch.Tensor, z2: torch.Tensor, y: list[int], m: float)
 def test_pairwise_contrastive_matches_loop(m: float) -> None:
     z1, z2 = _rand(8, 3, seed=7), _rand(8, 3, seed=8)
     y = [0, 1, 1, 0, 1, 0, 0, 1]
-    _assert_same_value_and_grad(pairwise_contrastive(z1, z2, torch.tensor(y), m), contrastive_loop(z1, z2, y, m), [z1, z2])
+    _assert_same_value_and_grad(
+        pairwise_contrastive(z1, z2, torch.tensor(y), m), contrastive_loop(z1, z2, y, m), [z1, z2]
+    )
 
 
 def test_pairwise_contrastive_hand_computed() -> None:
@@ -177,7 +179,11 @@ def triplet_loop(z: torch.Tensor, labels: list[int], m: float, mining: str) -> t
                 if not neg(a):
                     continue
                 farther = [d[a][x] for x in neg(a) if d[a][x].item() > d[a][p].item()]
-                chosen = min(farther, key=lambda v: v.item()) if farther else max((d[a][x] for x in neg(a)), key=lambda v: v.item())
+                chosen = (
+                    min(farther, key=lambda v: v.item())
+                    if farther
+                    else max((d[a][x] for x in neg(a)), key=lambda v: v.item())
+                )
                 terms.append(torch.clamp(d[a][p] - chosen + m, min=0))
     return torch.stack(terms).mean() if terms else z.sum() * 0
 

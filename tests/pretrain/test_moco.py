@@ -22,16 +22,16 @@ def test_momentum_zero_copies_and_one_freezes() -> None:
     key = MomentumEncoder(other)
     before = [p.clone() for p in key.encoder.parameters()]
     key.update(online, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(key.encoder.parameters(), before))
+    assert all(torch.equal(a, b) for a, b in zip(key.encoder.parameters(), before, strict=True))
     key.update(online, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(key.encoder.parameters(), online.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(key.encoder.parameters(), online.parameters(), strict=True))
 
 
 def test_momentum_update_is_the_ema_formula() -> None:
     online, start = _net(0), _net(1)
     key = MomentumEncoder(start)
     key.update(online, 0.9)
-    for k, s, q in zip(key.encoder.parameters(), start.parameters(), online.parameters()):
+    for k, s, q in zip(key.encoder.parameters(), start.parameters(), online.parameters(), strict=True):
         torch.testing.assert_close(k, 0.9 * s + 0.1 * q)
 
 

@@ -15,23 +15,53 @@ import torch
 from safetensors.torch import load_file
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.runs import new_run_dir
 from twinview.pretrain.engine.train import train
+from twinview.pretrain.runs import new_run_dir
 
 # Per-sample computation only, so one process with a batch of 8 and two with 4 each must agree:
 # a ViT (layer norm) and a linear head (no batch norm), and views without random parameters (the
 # random views of different processes come from different streams).
-SETUP = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model.kwargs.patch_size=8",
-         "model.proj_layers=1", "model.proj_dim=16", "data.image_size=24", "data.num_workers=0",
-         "augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]", "augment.flip_p=0.0", "augment.jitter_p=0.0",
-         "augment.grayscale_p=0.0", "augment.blur_p=[0.0,0.0]", "augment.solarize_p=[0.0,0.0]",
-         "optim.name=sgd", "optim.lr=0.05", "optim.warmup_epochs=0.5", "train.epochs=2", "train.log_every=1"]
+SETUP = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.kwargs.img_size=24",
+    "model.kwargs.patch_size=8",
+    "model.proj_layers=1",
+    "model.proj_dim=16",
+    "data.image_size=24",
+    "data.num_workers=0",
+    "augment.crop_scale=[1.0,1.0]",
+    "augment.crop_ratio=[1.0,1.0]",
+    "augment.flip_p=0.0",
+    "augment.jitter_p=0.0",
+    "augment.grayscale_p=0.0",
+    "augment.blur_p=[0.0,0.0]",
+    "augment.solarize_p=[0.0,0.0]",
+    "optim.name=sgd",
+    "optim.lr=0.05",
+    "optim.warmup_epochs=0.5",
+    "train.epochs=2",
+    "train.log_every=1",
+]
 
 
 def _launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "twinview.pretrain.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "twinview.pretrain.cli",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
@@ -41,9 +71,14 @@ def _steps(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch on POSIX")
-@pytest.mark.parametrize("per_process", [["train.batch_size=4"], ["train.batch_size=2", "train.grad_accumulation=2"]],
-                         ids=["4-per-process", "2x2-cached-accumulation"])
-def test_two_processes_match_one_process_with_the_same_global_batch(image_folder: Path, tmp_path: Path, per_process: list[str]) -> None:
+@pytest.mark.parametrize(
+    "per_process",
+    [["train.batch_size=4"], ["train.batch_size=2", "train.grad_accumulation=2"]],
+    ids=["4-per-process", "2x2-cached-accumulation"],
+)
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    image_folder: Path, tmp_path: Path, per_process: list[str]
+) -> None:
     """NT-Xent over the global batch: negatives gathered from both processes (and, with cached
     accumulation, from every pass), gradients averaged by DDP."""
     common = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SETUP]
@@ -55,8 +90,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(image_folder
     train(cfg, new_run_dir(cfg))
 
     one_steps, two_steps = _steps(tmp_path / "one"), _steps(tmp_path / "two")
-    assert [s["step"] for s in two_steps] == [s["step"] for s in one_steps] == list(range(1, 7))  # 24 images / 8 x 2 epochs
-    for a, b in zip(one_steps, two_steps):
+    assert (
+        [s["step"] for s in two_steps] == [s["step"] for s in one_steps] == list(range(1, 7))
+    )  # 24 images / 8 x 2 epochs
+    for a, b in zip(one_steps, two_steps, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
@@ -88,13 +125,43 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(
 
     from twinview.pretrain.runs import checkpoints
 
-    common = ["pretrain", f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SETUP, "train.batch_size=4",
-              "train.epochs=12", "train.log_every=2", "train.checkpoint_every=100"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "twinview.pretrain.cli", *common, "train.run_name=stopped"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    common = [
+        "pretrain",
+        f"data.path={image_folder}",
+        f"train.output_dir={tmp_path}",
+        *SETUP,
+        "train.batch_size=4",
+        "train.epochs=12",
+        "train.log_every=2",
+        "train.checkpoint_every=100",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "twinview.pretrain.cli",
+        *common,
+        "train.run_name=stopped",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     wait_for_log_lines(metrics, 6)
     os.killpg(proc.pid, signal.SIGTERM)

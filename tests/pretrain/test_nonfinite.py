@@ -4,21 +4,30 @@ with the last checkpoint intact after too many in a row."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from twinview.pretrain.objectives import methods
 from twinview.pretrain.cli import main
 from twinview.pretrain.config import load_config
-from twinview.pretrain.runs import checkpoints, new_run_dir
 from twinview.pretrain.engine.train import train
+from twinview.pretrain.objectives import methods
+from twinview.pretrain.runs import checkpoints, new_run_dir
 
-SMALL = ["model.backbone=resnet18", "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=24",
-         "data.num_workers=0", "train.batch_size=8", "train.log_every=1", "optim.lr=0.1"]
+SMALL = [
+    "model.backbone=resnet18",
+    "model.proj_hidden_dim=32",
+    "model.proj_dim=16",
+    "data.image_size=24",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "optim.lr=0.1",
+]
 
 
 def _nan_on_calls(fn: Callable[..., torch.Tensor], bad: Callable[[int], bool]) -> Callable[..., torch.Tensor]:
@@ -46,9 +55,19 @@ def test_nan_steps_are_skipped_counted_and_identical_with_or_without_host_sync(
     for mode in ("sync", "device"):
         loss_name = "nt_xent" if objective == "simclr" else "info_nce"
         monkeypatch.setattr(methods, loss_name, _nan_on_calls(getattr(methods, loss_name), lambda n: n in (3, 4)))
-        cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SMALL, *extra,
-                                 f"objective.name={objective}", "train.epochs=2", f"train.run_name={mode}",
-                                 f"train.nonfinite_check={mode}"])
+        cfg = load_config(
+            None,
+            [
+                f"data.path={image_folder}",
+                f"train.output_dir={tmp_path}",
+                *SMALL,
+                *extra,
+                f"objective.name={objective}",
+                "train.epochs=2",
+                f"train.run_name={mode}",
+                f"train.nonfinite_check={mode}",
+            ],
+        )
         run_dir = new_run_dir(cfg)
         train(cfg, run_dir)
         monkeypatch.undo()
@@ -68,8 +87,14 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_the_last_checkpoint_intact(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(methods, "nt_xent", _nan_on_calls(methods.nt_xent, lambda n: n >= 4))  # from epoch 2 on
-    args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SMALL, "train.epochs=3",
-            "train.run_name=diverged", "train.max_nonfinite_steps=2"]
+    args = [
+        f"data.path={image_folder}",
+        f"train.output_dir={tmp_path}",
+        *SMALL,
+        "train.epochs=3",
+        "train.run_name=diverged",
+        "train.max_nonfinite_steps=2",
+    ]
     assert main(["pretrain", *args]) == 3
     err = capsys.readouterr().err
     run_dir = tmp_path / "diverged"
@@ -87,15 +112,32 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_the_last_checkpoint_intact(
 
 def test_the_check_can_be_turned_off(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(methods, "nt_xent", _nan_on_calls(methods.nt_xent, lambda n: n == 2))
-    cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SMALL, "train.epochs=1",
-                             "train.max_nonfinite_steps=0"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            f"train.output_dir={tmp_path}",
+            *SMALL,
+            "train.epochs=1",
+            "train.max_nonfinite_steps=0",
+        ],
+    )
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(cfg, new_run_dir(cfg))
 
 
 def test_a_run_resumes_whether_or_not_the_check_was_on_when_it_was_saved(image_folder: Path, tmp_path: Path) -> None:
-    cfg = load_config(None, [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *SMALL, "train.epochs=1",
-                             "train.max_nonfinite_steps=0", "train.run_name=off"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={image_folder}",
+            f"train.output_dir={tmp_path}",
+            *SMALL,
+            "train.epochs=1",
+            "train.max_nonfinite_steps=0",
+            "train.run_name=off",
+        ],
+    )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
     assert main(["pretrain", "--resume", str(run_dir), "train.epochs=2", "train.max_nonfinite_steps=10"]) == 0

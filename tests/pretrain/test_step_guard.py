@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
-from twinview.pretrain.objectives.moco import MomentumEncoder
 from twinview.pretrain.engine.step_guard import StepGuard, grad_norm, resolve_mode
+from twinview.pretrain.objectives.moco import MomentumEncoder
 
 BAD = {2, 3, 6}  # steps whose loss is made NaN
 
@@ -70,7 +72,9 @@ def _reference(optimizer_name: str, steps: int = 8) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw", "lamb", "adabelief"])
 @pytest.mark.parametrize("mode", ["sync", "device"])
-def test_a_skipped_step_leaves_weights_buffers_optimizer_and_key_encoder_as_if_it_never_ran(mode: str, optimizer_name: str) -> None:
+def test_a_skipped_step_leaves_weights_buffers_optimizer_and_key_encoder_as_if_it_never_ran(
+    mode: str, optimizer_name: str
+) -> None:
     falls_back = mode == "device" and optimizer_name in ("lamb", "adabelief")
     if falls_back:  # device mode cannot restore their counters on the device: it reads the flag instead
         with pytest.warns(UserWarning, match="reads its flag on the host every step"):
@@ -81,7 +85,7 @@ def test_a_skipped_step_leaves_weights_buffers_optimizer_and_key_encoder_as_if_i
         assert guard.mode == mode
     want = _reference(optimizer_name)
     assert len(got) == len(want)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
         assert torch.isfinite(a.float()).all()
     assert guard.read_and_reset() == (3, 2)  # 3 skipped; the longest run is steps 2-3
@@ -154,7 +158,7 @@ def test_a_model_without_buffers_skips_too(mode: str) -> None:
         loss.backward()
         guard.apply(guard.finite(loss, grad_norm(list(model.parameters()))), lambda apply: None)
         opt.zero_grad(set_to_none=True)
-        changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+        changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)]
         assert changed == [not bad, not bad]
 
 
@@ -189,7 +193,7 @@ def test_under_a_grad_scaler_a_skipped_step_keeps_the_scaler_usable(mode: str) -
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         guard.apply(guard.finite(loss, None), lambda apply: None)
         sgd.zero_grad(set_to_none=True)
-        assert [not torch.equal(a, p) for a, p in zip(before, model.parameters())] == [not bad, not bad]
+        assert [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)] == [not bad, not bad]
         assert torch.isfinite(norm) != bad
     assert guard.read_and_reset() == (3, 2)
 
@@ -200,12 +204,23 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
     import copy
 
     from twinview.pretrain.config import load_config
-    from twinview.pretrain.objectives.methods import create_method
     from twinview.pretrain.models import create_model
+    from twinview.pretrain.objectives.methods import create_method
 
-    cfg = load_config(None, ["data.path=unused", "model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=16",
-                             "model.kwargs.patch_size=8", "model.proj_layers=1", "model.proj_dim=8",
-                             "objective.name=moco_v2", "objective.moco_v2.queue_size=8", "objective.moco_v2.bn_splits=1"])
+    cfg = load_config(
+        None,
+        [
+            "data.path=unused",
+            "model.backbone=vit_tiny_patch16_224",
+            "model.kwargs.img_size=16",
+            "model.kwargs.patch_size=8",
+            "model.proj_layers=1",
+            "model.proj_dim=8",
+            "objective.name=moco_v2",
+            "objective.moco_v2.queue_size=8",
+            "objective.moco_v2.bn_splits=1",
+        ],
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model)
     method = create_method(cfg, model)
@@ -224,8 +239,7 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
             loss, keys = meth(m, views, labels)
             loss = loss * (float("nan") if guarded and i in BAD else 1.0)
             loss.backward()
-            guard.apply(guard.finite(loss, grad_norm(list(m.parameters()))),
-                        lambda apply: meth.after_step(m, keys, i, 6, apply))
+            guard.apply(guard.finite(loss, grad_norm(list(m.parameters()))), partial(meth.after_step, m, keys, i, 6))
             opt.zero_grad(set_to_none=True)
 
     run(model, method, guarded=True)
@@ -236,5 +250,5 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
     for key in want:
         if isinstance(want[key], torch.Tensor):
             assert torch.equal(got[key], want[key]), key
-    for p, q in zip(model.parameters(), ref_model.parameters()):
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from twinview.augment.views import build_views
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.sources import ImageFolderDataset
-from twinview.pretrain.objectives.losses import nt_xent
-from twinview.pretrain.models import create_model, normalization_stats
-from twinview.pretrain.runs import checkpoints, load_trained_model, new_run_dir
 from twinview.pretrain.engine.train import train
+from twinview.pretrain.models import create_model, normalization_stats
+from twinview.pretrain.objectives.losses import nt_xent
+from twinview.pretrain.runs import checkpoints, load_trained_model, new_run_dir
 
 SMALL = [
     "model.backbone=resnet18",
@@ -54,7 +54,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_weights(image_folder
     assert steps[0]["lr"] < steps[1]["lr"]  # warm-up over the first 1.5 steps, then cosine decay
     assert steps[-1]["lr"] < steps[2]["lr"]
     assert [p.name for p in checkpoints(run_dir)] == ["epoch_0001", "epoch_0002"]
-    _, model = load_trained_model(run_dir)
+    assert load_trained_model(run_dir)[0] == cfg
     with pytest.raises(FileExistsError, match="already holds a run"):
         new_run_dir(cfg)
 
@@ -70,7 +70,9 @@ OBJECTIVES = {
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(image_folder: Path, tmp_path: Path, objective: str) -> None:
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(
+    image_folder: Path, tmp_path: Path, objective: str
+) -> None:
     """Bitwise on CPU, for every objective: MoCo's key encoder, queue and shuffle RNG are checkpointed."""
     extra = [f"objective.name={objective}", *OBJECTIVES[objective]]
     cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=straight", *extra)
@@ -94,7 +96,9 @@ VIT = ["model.backbone=vit_tiny_patch16_224", "model.kwargs.img_size=24", "model
 
 
 @pytest.mark.parametrize(
-    ("objective", "backbone"), [("moco_v2", []), ("moco_v3", []), ("moco_v3", VIT), ("supcon", [])], ids=["moco_v2", "moco_v3", "moco_v3-vit", "supcon"]
+    ("objective", "backbone"),
+    [("moco_v2", []), ("moco_v3", []), ("moco_v3", VIT), ("supcon", [])],
+    ids=["moco_v2", "moco_v3", "moco_v3-vit", "supcon"],
 )
 def test_each_objective_trains_and_its_weights_load_and_export(
     image_folder: Path, tmp_path: Path, objective: str, backbone: list[str]
@@ -103,7 +107,14 @@ def test_each_objective_trains_and_its_weights_load_and_export(
 
     from twinview.pretrain.export import export_run
 
-    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", f"objective.name={objective}", *OBJECTIVES[objective], *backbone)
+    cfg = _cfg(
+        image_folder,
+        tmp_path / "runs",
+        "train.epochs=1",
+        f"objective.name={objective}",
+        *OBJECTIVES[objective],
+        *backbone,
+    )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir) if r["kind"] != "run")
@@ -119,12 +130,27 @@ def test_each_objective_trains_and_its_weights_load_and_export(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["objective.name=moco_v2", "objective.moco_v2.queue_size=20"], "queue_size=20 must be a multiple of the keys added per optimiser step, 8"),
-        (["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "objective.moco_v2.symmetric=true"], "multiple of the keys added per optimiser step, 16"),
-        (["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "train.grad_accumulation=2"],
-         "keys added per optimiser step, 16 (train.batch_size=8 x 1 processes x 2 accumulated passes)"),
-        (["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "train.grad_accumulation=2",
-          "train.grad_accumulation_mode=independent"], "keys added per optimiser step, 16"),
+        (
+            ["objective.name=moco_v2", "objective.moco_v2.queue_size=20"],
+            "queue_size=20 must be a multiple of the keys added per optimiser step, 8",
+        ),
+        (
+            ["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "objective.moco_v2.symmetric=true"],
+            "multiple of the keys added per optimiser step, 16",
+        ),
+        (
+            ["objective.name=moco_v2", "objective.moco_v2.queue_size=24", "train.grad_accumulation=2"],
+            "keys added per optimiser step, 16 (train.batch_size=8 x 1 processes x 2 accumulated passes)",
+        ),
+        (
+            [
+                "objective.name=moco_v2",
+                "objective.moco_v2.queue_size=24",
+                "train.grad_accumulation=2",
+                "train.grad_accumulation_mode=independent",
+            ],
+            "keys added per optimiser step, 16",
+        ),
         (["train.grad_accumulation=4"], "train.grad_accumulation=4 needs at least that many batches"),
         (["train.grad_accumulation=0"], "train.grad_accumulation=0 must be >= 1"),
         (["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be >= 1"),
@@ -184,8 +210,16 @@ def test_real_cifar10_short_run_lowers_the_loss(cifar10_root: Path, tmp_path: Pa
             (subset / class_dir.name / f.name).symlink_to(f)
     cfg = load_config(
         "simclr-cifar10",
-        [f"data.path={subset}", f"train.output_dir={tmp_path}", "train.run_name=c", "train.epochs=5",
-         "train.batch_size=32", "optim.lr=0.3", "optim.warmup_epochs=0.1", "data.num_workers=1"],
+        [
+            f"data.path={subset}",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=c",
+            "train.epochs=5",
+            "train.batch_size=32",
+            "optim.lr=0.3",
+            "optim.warmup_epochs=0.1",
+            "data.num_workers=1",
+        ],
     )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
@@ -205,8 +239,15 @@ def test_real_cifar10_short_run_lowers_the_loss(cifar10_root: Path, tmp_path: Pa
 
 
 def test_online_knn_monitor_is_logged_every_n_epochs(image_folder: Path, tmp_path: Path) -> None:
-    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "eval.monitor_every=1", "eval.knn_k=5",
-               f"eval.monitor_train={image_folder}", f"eval.monitor_test={image_folder}")
+    cfg = _cfg(
+        image_folder,
+        tmp_path / "runs",
+        "train.epochs=2",
+        "eval.monitor_every=1",
+        "eval.knn_k=5",
+        f"eval.monitor_train={image_folder}",
+        f"eval.monitor_test={image_folder}",
+    )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
     epochs = [r for r in _metrics(run_dir) if r["kind"] == "epoch"]
@@ -229,24 +270,45 @@ def test_overwrite_starts_clean(image_folder: Path, tmp_path: Path) -> None:
 
 
 def test_lr_scaling_clipping_and_tensorboard(image_folder: Path, tmp_path: Path) -> None:
-    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "optim.lr_scaling=linear", "optim.base_batch_size=256",
-               "train.log_with=tensorboard", "train.run_name=tb")
+    cfg = _cfg(
+        image_folder,
+        tmp_path / "runs",
+        "train.epochs=1",
+        "optim.lr_scaling=linear",
+        "optim.base_batch_size=256",
+        "train.log_with=tensorboard",
+        "train.run_name=tb",
+    )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
-    run = [r for r in _metrics(run_dir) if r["kind"] == "run"][0]
+    run = next(r for r in _metrics(run_dir) if r["kind"] == "run")
     assert run["peak_lr"] == pytest.approx(0.1 * 8 / 256) and run["global_batch"] == 8
     assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert load_config(None, ["data.path=x", "optim.lr_scaling=sqrt"]).optim.lr_scaling == "sqrt"
 
     # plain SGD with a clipped norm of 1e-8: one step moves every weight by at most lr * 1e-8
-    clipped = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "train.max_steps_per_epoch=1", "optim.name=momentum", "optim.momentum=0",
-                   "optim.weight_decay=0", "optim.warmup_epochs=0", "optim.clip_grad_norm=1e-8", "train.run_name=clip")
+    clipped = _cfg(
+        image_folder,
+        tmp_path / "runs",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "optim.name=momentum",
+        "optim.momentum=0",
+        "optim.weight_decay=0",
+        "optim.warmup_epochs=0",
+        "optim.clip_grad_norm=1e-8",
+        "train.run_name=clip",
+    )
     run_dir = new_run_dir(clipped)
     train(clipped, run_dir)
     torch.manual_seed(clipped.train.seed)
     initial = create_model(clipped.model).state_dict()
     final = load_file(run_dir / "model.safetensors")
-    moved = max((final[k].float() - initial[k].float()).abs().max().item() for k in final if "running" not in k and "num_batches" not in k)
+    moved = max(
+        (final[k].float() - initial[k].float()).abs().max().item()
+        for k in final
+        if "running" not in k and "num_batches" not in k
+    )
     assert moved <= 0.1 * 1e-8 * 1.01
 
 
@@ -257,7 +319,7 @@ def test_mixed_precision_the_device_cannot_run_is_refused_before_compute(
 
     cfg = _cfg(image_folder, tmp_path / "runs", "train.mixed_precision=fp16", "train.run_name=fp16")
     run_dir = tmp_path / "runs" / "fp16"
-    with pytest.raises(ValueError, match="train.mixed_precision=fp16 is not supported on a CPU"):
+    with pytest.raises(ValueError, match=r"train.mixed_precision=fp16 is not supported on a CPU"):
         train(cfg, run_dir)
     assert not (run_dir / "metrics.jsonl").exists()  # nothing ran
     bf16 = _cfg(image_folder, tmp_path / "runs", "train.mixed_precision=bf16")
@@ -268,7 +330,9 @@ def test_mixed_precision_the_device_cannot_run_is_refused_before_compute(
 
 
 def test_the_newest_k_checkpoints_are_kept(image_folder: Path, tmp_path: Path) -> None:
-    cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=4", "train.keep_checkpoints=3", "train.max_steps_per_epoch=1")
+    cfg = _cfg(
+        image_folder, tmp_path / "runs", "train.epochs=4", "train.keep_checkpoints=3", "train.max_steps_per_epoch=1"
+    )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
     assert [p.name for p in checkpoints(run_dir)] == ["epoch_0002", "epoch_0003", "epoch_0004"]
@@ -307,6 +371,15 @@ def test_lr_scales_with_the_global_batch_of_an_optimiser_step(rule: str, factor:
     """64 per pass x 2 processes x 2 accumulated passes = 256 = 4 x base_batch_size 64."""
     from twinview.pretrain.engine.optim import scaled_lr
 
-    cfg = load_config(None, ["data.path=unused", "optim.lr=0.3", f"optim.lr_scaling={rule}", "optim.base_batch_size=64",
-                             "train.batch_size=64", "train.grad_accumulation=2"])
+    cfg = load_config(
+        None,
+        [
+            "data.path=unused",
+            "optim.lr=0.3",
+            f"optim.lr_scaling={rule}",
+            "optim.base_batch_size=64",
+            "train.batch_size=64",
+            "train.grad_accumulation=2",
+        ],
+    )
     assert scaled_lr(cfg, num_processes=2) == pytest.approx(0.3 * factor)
