@@ -53,7 +53,7 @@ class DataSummary:
         root: The data path, for messages.
         images: Number of images (of this split).
         labeled: Whether the images have class labels.
-        classes: Number of classes (0 when unlabeled).
+        classes: Number of classes that have images (0 when unlabeled).
     """
 
     root: str
@@ -76,6 +76,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _AT_LEAST = {  # key: minimum, and what the minimum means
     "train.batch_size": (1, ""),
     "train.epochs": (0, ""),
+    "train.max_steps_per_epoch": (0, " (0: no cap)"),
     "train.grad_accumulation": (1, " (1: no accumulation)"),
     "train.max_nonfinite_steps": (0, " (0: no check)"),
     "train.keep_checkpoints": (1, ""),
@@ -120,6 +121,8 @@ def _check_values(cfg: Config) -> None:
         )
     choices = dict(CHOICES)
     for entry in registry.OBJECTIVES.values():
+        if not hasattr(cfg.objective, entry.name):  # registered after this config was read: not in it
+            continue
         choices.update({f"objective.{entry.name}.{key}": valid for key, valid in entry.choices})
     for key, valid in choices.items():
         *path, name = key.split(".")
@@ -230,7 +233,7 @@ def validate_data(cfg: Config, world: World, data: DataSummary) -> None:
         )
     if p > data.classes:
         raise ConfigError(
-            f"a P x K batch needs {p} classes but the data has {data.classes}; "
+            f"a P x K batch needs {p} classes but the data has {data.classes} with images; "
             f"lower train.batch_size or raise data.samples_per_class."
         )
 

@@ -119,7 +119,8 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
 def _checked_sampler(cfg: Config, world: World, dataset: Any) -> PKBatchSampler | None:
     """Checks the data against the config; the P x K sampler of the supervised objectives."""
     index = dataset.index
-    validate_data(cfg, world, DataSummary(str(index.root), len(dataset), index.labeled, len(index.classes)))
+    present = len(set(index.labels))  # classes with images (a failed decode or a partial split may leave some empty)
+    validate_data(cfg, world, DataSummary(str(index.root), len(dataset), index.labeled, present))
     if not get_objective(cfg.objective.name).supervised:
         return None
     k = cfg.data.samples_per_class

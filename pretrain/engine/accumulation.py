@@ -21,6 +21,7 @@ them all at once, as one big batch would).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ Pass = tuple[Tensors, torch.Tensor]  # the views (each (B, 3, S, S)) and labels 
 
 
 def accumulate(
-    accelerator: Accelerator, model: nn.Module, method: Method, passes: list[Pass], mode: str
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass], count: int, mode: str
 ) -> tuple[torch.Tensor, Tensors]:
     """Forward and backward of several passes for one optimiser step.
 
@@ -42,7 +43,9 @@ def accumulate(
         accelerator: Runs backward (loss scaling) and autocast.
         model: The trained (possibly DDP-wrapped) model.
         method: The method (twinview.pretrain.objectives.methods.Method).
-        passes: The views and labels of each pass.
+        passes: The views and labels of each pass, possibly made as they are drawn (``independent``
+            mode then holds one pass's views at a time; ``cached`` keeps them all for its replay).
+        count: The number of passes.
         mode: ``cached`` or ``independent``.
 
     Returns:
@@ -51,7 +54,9 @@ def accumulate(
     """
     if mode == "cached":
         return _cached(accelerator, model, method, passes)
-    return _independent(accelerator, model, method, passes)
+    if mode == "independent":
+        return _independent(accelerator, model, method, passes, count)
+    raise ValueError(f"unknown gradient accumulation mode '{mode}' (cached or independent)")
 
 
 def _sync_if(accelerator: Accelerator, model: nn.Module, last: bool) -> Any:
@@ -65,27 +70,29 @@ def _concat(parts: list[Tensors]) -> Tensors:
 
 
 def _independent(
-    accelerator: Accelerator, model: nn.Module, method: Method, passes: list[Pass]
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass], count: int
 ) -> tuple[torch.Tensor, Tensors]:
     losses, keys = [], []
     for i, (views, labels) in enumerate(passes):
-        with _sync_if(accelerator, model, i == len(passes) - 1):
+        with _sync_if(accelerator, model, i == count - 1):
             with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
                 loss, pass_keys = method(model, views, labels)
-            accelerator.backward(loss / len(passes))
+            accelerator.backward(loss / count)
         losses.append(loss.detach())
         keys.append(pass_keys)
     return torch.stack(losses).mean(), _concat(keys)
 
 
 def _cached(
-    accelerator: Accelerator, model: nn.Module, method: Method, passes: list[Pass]
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass]
 ) -> tuple[torch.Tensor, Tensors]:
     buffers = list(model.buffers())
     before = [b.clone() for b in buffers]
+    kept: list[Pass] = []  # every pass's views, for the replay in 3.
     rng, outputs, keys = [], [], []
     with torch.no_grad():  # 1. embeddings and keys of every pass, no activations kept
-        for views, _ in passes:
+        for views, labels in passes:
+            kept.append((views, labels))
             rng.append(_rng_state())
             with accelerator.autocast():
                 outputs.append(method.embed(model, views))
@@ -97,16 +104,16 @@ def _cached(
     # 2. the loss on the whole accumulated batch, and its gradient w.r.t. the embeddings
     leaves = [t.requires_grad_() for t in _concat(outputs)]  # (k * B, D) each
     all_keys = _concat(keys)
-    labels = torch.cat([lab for _, lab in passes])
+    labels = torch.cat([lab for _, lab in kept])
     with accelerator.autocast():
         loss = method.loss(leaves, all_keys, labels)
     accelerator.backward(loss)  # (scaled under fp16; the scale flows on to the weights)
     grads = [_grad(leaf).split([o[j].shape[0] for o in outputs]) for j, leaf in enumerate(leaves)]
 
     # 3. each pass again, with gradient, fed the cached gradient of its embeddings
-    for i, (views, _) in enumerate(passes):
+    for i, (views, _) in enumerate(kept):
         _set_rng_state(rng[i])  # the same dropout / drop-path masks as in step 1
-        with _sync_if(accelerator, model, i == len(passes) - 1):
+        with _sync_if(accelerator, model, i == len(kept) - 1):
             with accelerator.autocast():
                 out = method.embed(model, views)
             torch.autograd.backward(out, [g[i] for g in grads])

@@ -72,6 +72,8 @@ class StepGuard:
             the gradients are not finite; ``optimizer.step()`` is then always called, so the
             scaler's state stays consistent, and only the rest of the step is guarded.
         """
+        if mode not in ("off", "sync", "device"):
+            raise ValueError(f"unknown step guard mode '{mode}' (off, sync or device)")
         self.model, self.method, self.optimizer, self.mode = model, method, optimizer, mode
         self.all_reduce_min, self.scaler_skips = all_reduce_min, scaler_skips
         self.buffers = [] if mode == "off" else list(itertools.chain(model.buffers(), method.buffers()))

@@ -12,8 +12,9 @@ the kNN monitor are named helpers around the step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class Trainer:
     parameters: list[nn.Parameter]  # of the prepared model, for clipping and the gradient norm
 
 
-def train_step(t: Trainer, passes: list[Pass]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One optimiser step over its passes (``train.grad_accumulation`` of them, usually one).
 
     Returns the step's loss (detached), whether it was applied (a 0-dim bool on the device) and
@@ -74,14 +75,16 @@ def train_step(t: Trainer, passes: list[Pass]) -> tuple[torch.Tensor, torch.Tens
     """
     t.scheduler.step_update(num_updates=t.progress.step)
     t.guard.begin()  # buffers (batch-norm statistics, MoCo queue) to put back if the step is skipped
-    if len(passes) == 1:
-        views, labels = passes[0]
+    if t.cfg.train.grad_accumulation == 1:
+        views, labels = next(iter(passes))
         with t.accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
             loss, keys = t.method(t.model, views, labels)
         t.accelerator.backward(loss)
         loss = loss.detach()
     else:  # the loss of the whole accumulated batch (cached) or of each pass (independent)
-        loss, keys = accumulate(t.accelerator, t.model, t.method, passes, t.cfg.train.grad_accumulation_mode)
+        loss, keys = accumulate(
+            t.accelerator, t.model, t.method, passes, t.cfg.train.grad_accumulation, t.cfg.train.grad_accumulation_mode
+        )
     norm = _clip_or_measure_grad_norm(t)
     ok = t.guard.finite(loss, norm if t.guard.checks_gradients else None)
     t.guard.apply(ok, lambda apply: t.method.after_step(t.online, keys, t.progress.step, t.total_steps, apply))
@@ -233,23 +236,26 @@ def _accelerator(cfg: Config, run_dir: Path) -> Accelerator:
 
 def _step_passes(
     batches: Batches, make_views: Callable[[torch.Tensor], list[torch.Tensor]], steps: int, passes: int, done: int
-) -> Iterator[list[Pass]]:
-    """The views and labels of each remaining optimiser step of the epoch, ``passes`` per step.
+) -> Iterator[Iterator[Pass]]:
+    """The passes of each remaining optimiser step of the epoch, ``passes`` per step.
 
-    Views are made as each batch arrives (a device-cache batch is only valid until the
-    next-but-one is drawn). A resumed epoch reads and drops the batches of the ``done`` steps:
-    the order is seeded, and the views' random state was restored with the checkpoint.
+    Each step's passes are made as the step reaches them: a pass's views are made when its batch
+    arrives (a device-cache batch is only valid until the next-but-one is drawn, and independent
+    accumulation then holds one pass's views at a time). A resumed epoch reads and drops the
+    batches of the ``done`` steps: the order is seeded, and the views' random state was restored
+    with the checkpoint.
     """
-    step: list[Pass] = []
-    for i, (images, labels) in enumerate(batches):
-        if i >= steps * passes:
-            break
-        if i < done * passes:
-            continue
-        step.append((make_views(images), labels))
-        if len(step) == passes:
-            yield step
-            step = []
+    it = iter(batches)
+    for _ in itertools.islice(it, done * passes):
+        pass
+    for _ in range(done, steps):
+        first = next(it, None)
+        if first is None:  # a stream that ended early
+            return
+        yield (
+            (make_views(images), labels)
+            for images, labels in itertools.chain([first], itertools.islice(it, passes - 1))
+        )
 
 
 def _stop_if_asked(

@@ -37,6 +37,9 @@ def _two(model: nn.Module, views: Tensors, **kwargs: bool) -> Tensors:
     return list(model(torch.cat(views[:2]), **kwargs).chunk(2))  # z_a, z_b: (N, D) each
 
 
+_EARLIER_ENTRIES = ("shuffle_generator", "pair_generator")
+
+
 class Method(nn.Module):
     """The contract of a method, written once. The training step (twinview.pretrain.engine.train)
     calls, per optimiser step:
@@ -80,6 +83,12 @@ class Method(nn.Module):
         self, online: ContrastiveModel, keys: Tensors, step: int, total_steps: int, apply: torch.Tensor | None = None
     ) -> None:
         """Nothing to update."""
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Loads a checkpoint's method state; entries that earlier versions saved for every MoCo and every
+        supervised method (a generator this method does not keep) are dropped, so those runs resume."""
+        state = {k: v for k, v in state.items() if k not in _EARLIER_ENTRIES}
+        return super().load_state_dict(state, strict, assign)
 
 
 class SimCLR(Method):

@@ -222,7 +222,7 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
     ref_rng = torch.get_rng_state()
 
     torch.manual_seed(7)
-    loss, step_keys = accumulate(Accelerator(cpu=True), model, method, passes, "cached")
+    loss, step_keys = accumulate(Accelerator(cpu=True), model, method, passes, len(passes), "cached")
     assert torch.equal(torch.get_rng_state(), ref_rng)  # the run's random stream continues as without caching
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
@@ -255,7 +255,7 @@ def test_independent_accumulation_averages_per_pass_losses() -> None:
     losses = [ref_method(ref_model, views, labels)[0] for views, labels in passes]
     (sum(losses) / 2).backward()
     torch.manual_seed(7)
-    loss, _ = accumulate(Accelerator(cpu=True), model, method, passes, "independent")
+    loss, _ = accumulate(Accelerator(cpu=True), model, method, passes, len(passes), "independent")
     torch.testing.assert_close(loss, (sum(losses) / 2).detach())
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

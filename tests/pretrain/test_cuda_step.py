@@ -94,7 +94,7 @@ def test_cached_accumulation_replays_cuda_dropout() -> None:
     ref = ref_method.loss([torch.cat(p) for p in zip(*outs, strict=True)], [], torch.cat([lab for _, lab in passes]))
     ref.backward()
     torch.cuda.manual_seed(5)
-    loss, _ = accumulate(Accelerator(), model, method, passes, "cached")
+    loss, _ = accumulate(Accelerator(), model, method, passes, len(passes), "cached")
     torch.testing.assert_close(loss, ref.detach())
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.data.hf import HFImageDataset, is_hf_source, pick_columns
+from twinview.pretrain.data.hf import HFImageDataset, pick_columns
+from twinview.pretrain.data.source_kind import is_hf_source
 from twinview.pretrain.engine.train import train
 
 SMALL = [
