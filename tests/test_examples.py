@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -18,10 +19,11 @@ from twinview.pretrain.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _finetune_module():  # type: ignore[no-untyped-def]
+def _finetune_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("finetune", REPO / "examples" / "finetune.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    spec.loader.exec_module(module)
     return module
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import kornia.augmentation as K
 import kornia.color
@@ -43,7 +44,9 @@ def _factors(n: int, low: float, high: float, seed: int = 1) -> torch.Tensor:
         (AF.adjust_saturation_, KE.adjust_saturation_with_gray_subtraction),
     ],
 )
-def test_linear_colour_steps_equal_kornia(ours, kornia_fn) -> None:  # type: ignore[no-untyped-def]
+def test_linear_colour_steps_equal_kornia(
+    ours: Callable[..., torch.Tensor], kornia_fn: Callable[..., torch.Tensor]
+) -> None:
     x = _images()
     f = _factors(len(x), 0.0, 2.0)
     expected = kornia_fn(x, f).clamp(0, 1)

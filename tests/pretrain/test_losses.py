@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from twinview.pretrain.objectives.losses import nt_xent
+from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
 
 
 def nt_xent_loop(z_a: torch.Tensor, z_b: torch.Tensor, t: float) -> torch.Tensor:
@@ -63,8 +63,6 @@ def test_swapping_views_keeps_the_loss() -> None:
 
 
 # ---- InfoNCE, SupCon, margin contrastive, triplet: brute-force loops over pairs and triplets ----
-
-from twinview.pretrain.objectives.losses import info_nce, pairwise_contrastive, supcon, triplet  # noqa: E402
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -159,8 +157,13 @@ def test_pairwise_contrastive_hand_computed() -> None:
 def triplet_loop(z: torch.Tensor, labels: list[int], m: float, mining: str) -> torch.Tensor:
     n = len(z)
     d = [[(z[i] - z[j]).norm() for j in range(n)] for i in range(n)]
-    pos = lambda a: [p for p in range(n) if p != a and labels[p] == labels[a]]  # noqa: E731
-    neg = lambda a: [x for x in range(n) if labels[x] != labels[a]]  # noqa: E731
+
+    def pos(a: int) -> list[int]:
+        return [p for p in range(n) if p != a and labels[p] == labels[a]]
+
+    def neg(a: int) -> list[int]:
+        return [x for x in range(n) if labels[x] != labels[a]]
+
     terms = []
     for a in range(n):
         if mining == "batch_all":

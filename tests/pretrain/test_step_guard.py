@@ -183,7 +183,7 @@ def test_under_a_grad_scaler_a_skipped_step_keeps_the_scaler_usable(mode: str) -
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     opt = _ScaledOptimizer(sgd, scaler)
-    guard = StepGuard(model, nn.Module(), opt, mode, torch.device("cpu"), scaler_skips=True)  # type: ignore[arg-type]
+    guard = StepGuard(model, nn.Module(), opt, mode, torch.device("cpu"), scaler_skips=True)
     for bad in (False, True, False, True, True, False):
         before = [p.detach().clone() for p in model.parameters()]
         guard.begin()
