@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/losses.py
 	$(PY) bench/data.py
 	$(PY) bench/train_step.py
+	$(PY) bench/compile.py
 	$(PY) bench/cifar10_quick.py
 
 clean:

@@ -167,6 +167,10 @@ class TrainConfig:
         keep_checkpoints: How many of the newest checkpoints are kept (older ones are deleted).
         log_every: Log loss, lr and throughput every N steps (the only host syncs of the loop).
         channels_last: Use channels-last memory format for convolutional backbones.
+        compile: Compile backbone + head (+ predictor) with ``torch.compile``, in place: the
+            parameters and state-dict keys stay the same, so checkpoints, resume and the export
+            are unchanged. The first steps pay the compile time (docs/BENCHMARKS.md says when it
+            pays off).
         max_steps_per_epoch: Cap on steps per epoch (0 = no cap), for smoke tests.
         log_with: Also log to an Accelerate tracker: ``tensorboard`` (event files in
             RUN_DIR/tensorboard) or ``wandb`` (when installed); metrics.jsonl is always written.
@@ -194,6 +198,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     channels_last: bool = True
+    compile: bool = False
     max_steps_per_epoch: int = 0
     log_with: str = "none"
     grad_accumulation: int = 1

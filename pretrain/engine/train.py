@@ -139,6 +139,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     method = create_method(cfg, online).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer(cfg, online, peak_lr, device)
+    if cfg.train.compile:  # after the method copied its momentum encoder, which stays eager
+        online.compile()  # in place: the same parameters and state-dict keys
     model, optimizer = accelerator.prepare(online, optimizer)  # model: DDP-wrapped on several processes
     batches.prepare(accelerator)
     validate_epoch(cfg, len(batches))

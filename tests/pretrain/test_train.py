@@ -383,3 +383,55 @@ def test_lr_scales_with_the_global_batch_of_an_optimiser_step(rule: str, factor:
         ],
     )
     assert scaled_lr(cfg, num_processes=2) == pytest.approx(0.3 * factor)
+
+
+TINY_VIT = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.kwargs.img_size=24",
+    "model.kwargs.patch_size=8",
+    "model.kwargs.depth=1",
+]
+
+
+def test_a_compiled_run_resumes_exactly_trains_like_eager_and_exports_to_plain_timm(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """train.compile: the same state-dict keys, so checkpoints, resume and export are unchanged."""
+    import timm
+    from torch._dynamo.utils import counters
+
+    from twinview.pretrain.export import export_run
+
+    cfg = _cfg(
+        image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=compiled", "train.compile=true", *TINY_VIT
+    )
+    compiled = new_run_dir(cfg)
+    counters.clear()
+    train(cfg, compiled)
+    assert counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    resumed = tmp_path / "runs" / "resumed"
+    shutil.copytree(compiled, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "epoch_0002")
+    (resumed / "model.safetensors").unlink()
+    train(cfg, resumed, resume=True)
+    eager_cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=eager", *TINY_VIT)
+    eager = new_run_dir(eager_cfg)
+    train(eager_cfg, eager)
+
+    a, b, c = (load_file(d / "model.safetensors") for d in (compiled, resumed, eager))
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a[key], c[key], rtol=1e-3, atol=1e-4)  # the same function, fused differently
+    start = _cfg(image_folder, tmp_path / "runs", *TINY_VIT)
+    from twinview.pretrain.models import create_model
+
+    torch.manual_seed(start.train.seed)
+    init = create_model(start.model).state_dict()
+    assert max((a[k] - init[k]).abs().max().item() for k in a if k in init) > 1e-3  # it trained
+    export_run(compiled, tmp_path / "export")
+    exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    _, model = load_trained_model(compiled)
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model.backbone(x))
