@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ lint: install
 	mkdir -p .typecheck/twinview
 	for p in pretrain augment evaluate configs; do ln -sfn ../../$$p .typecheck/twinview/$$p; done
 	MYPYPATH=.typecheck $(PY) -m mypy -p twinview.pretrain -p twinview.augment -p twinview.evaluate
+
+# The prepared GPU check (bench/gpu_check.py; docs/BENCHMARKS.md says how to run it on a lent GPU,
+# where there is no network to install into .venv: there it is `python3 bench/gpu_check.py`).
+# `make gpu-check ARGS=--dry-run` runs every part at toy sizes on the CPU, as CI does.
+gpu-check: install
+	$(PY) bench/gpu_check.py $(ARGS)
 
 bench: install
 	$(PY) bench/augment.py

@@ -188,6 +188,7 @@ def test_unknown_recipe_and_wrong_per_view_type_are_config_errors() -> None:
         _cfg("augment.blur_p=0.5")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
 def test_cuda_views_make_no_host_synchronisation() -> None:
     x = _batch(8, 64).cuda()

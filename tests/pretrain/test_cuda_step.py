@@ -14,9 +14,10 @@ from twinview.pretrain.engine.step_guard import StepGuard, grad_norm
 from twinview.pretrain.models import create_model
 from twinview.pretrain.objectives.methods import create_method
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)"
-)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)"),
+]
 
 
 def _setup(objective: str, optimizer: str, drop: float = 0.0) -> tuple:
