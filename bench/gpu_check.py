@@ -8,7 +8,8 @@ budget or take the others down), results in one JSON (``--out``) and a short tab
    ``augment.backend=kornia``, and the views' share of a ResNet-50 SimCLR step at batch 256.
 3. ``train``: training images/s and peak memory: ResNet-18 CIFAR stem at 32 px, batch 512, bf16,
    channels-last, eager vs ``train.compile``; ResNet-50 at 224 px, batch 256.
-4. ``data``: one CIFAR-10 epoch of batches from ``data.cache=device``, images/s.
+4. ``data``: one CIFAR-10 epoch of batches from ``data.cache=device``, and JPEG decoding with
+   ``data.decode=gpu`` (nvJPEG) against PIL in DataLoader workers, images/s.
 5. ``run``: SimCLR ResNet-18 (CIFAR stem) on the CIFAR-10 train set for the epochs that fit the
    part's budget, kNN on the test set, and the projected time of 200 epochs.
 
@@ -280,7 +281,31 @@ def part_data(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             result["epochs"][epoch] = {"images": images, "images_per_s": images / (time.perf_counter() - start)}
-    result["gpu_jpeg_decode"] = "not measured: data.decode=gpu is not built yet (issue 13)"
+        # JPEG decoding: PIL in the workers vs nvJPEG on the device, the first batches of an epoch
+        workers, limit = (1, 3) if dry else (min(8, os.cpu_count() or 1), 40)
+        result["decode"] = {"workers": workers}
+        for decode in ("cpu", "gpu"):
+            cfg = load_config(
+                "simclr-cifar10",
+                [
+                    f"data.path={root / 'train'}",
+                    f"data.decode={decode}",
+                    f"data.num_workers={workers}",
+                    f"train.batch_size={8 if dry else 256}",
+                    f"train.cpu={dry}",
+                ],
+            )
+            batches = build_batches(cfg, accelerator, current_world(cfg), SkipLog(Path(tmp) / "skipped"))
+            batches.prepare(accelerator).set_epoch(0)
+            start, images = time.perf_counter(), 0
+            for i, (x, _) in enumerate(batches):
+                images += x.shape[0]
+                if i + 1 == limit:
+                    break
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result["decode"][f"{decode}_images_per_s"] = images / (time.perf_counter() - start)
+        result["decode"]["gpu_vs_cpu"] = result["decode"]["gpu_images_per_s"] / result["decode"]["cpu_images_per_s"]
     return result
 
 

@@ -44,6 +44,10 @@ class DataConfig:
         cache: ``none`` (decode every epoch), ``disk`` (decode once into a memory-mapped uint8
             array under the cache directory, reused across runs) or ``device`` (that array held on
             the training device; batches are indexed there, with no DataLoader workers).
+        decode: Where JPEGs are decoded: ``cpu`` (in the DataLoader workers) or ``gpu`` (the
+            workers read file bytes and the batch's JPEGs are decoded on the device with nvJPEG;
+            other formats, and what nvJPEG rejects, on the CPU). ``gpu`` needs a CUDA device, an
+            image folder or file list, and ``data.cache=none``.
         split: Split of a Hugging Face source (``hf:owner/name``, a ``save_to_disk`` folder, ...).
         image_column: Its image column; empty: the one ``datasets.Image`` feature.
         label_column: Its label column; empty: the one ``ClassLabel`` feature, if any.
@@ -56,6 +60,7 @@ class DataConfig:
     samples_per_class: int = 4
     strict: bool = False
     cache: str = "none"
+    decode: str = "cpu"
     split: str = "train"
     image_column: str = ""
     label_column: str = ""

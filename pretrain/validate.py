@@ -66,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment.recipe": tuple(RECIPES),
     "augment.backend": ("fast", "kornia"),
     "data.cache": ("none", "disk", "device"),
+    "data.decode": ("cpu", "gpu"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.log_with": ("none", "tensorboard", "wandb"),
     "train.nonfinite_check": ("auto", "sync", "device"),
@@ -98,6 +99,7 @@ def validate(cfg: Config, world: World | None = None) -> None:
     if world is None:
         return
     _check_views(cfg)
+    _check_decode(cfg, world)
     _check_objective(cfg, world)
     _check_precision(cfg.train.mixed_precision, world)
     _check_tracker(cfg.train.log_with)
@@ -160,6 +162,26 @@ def _check_data_source(cfg: Config) -> None:
 def _check_monitor(cfg: Config) -> None:
     if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
         raise ConfigError("eval.monitor_every needs eval.monitor_train and eval.monitor_test (labelled folders).")
+
+
+def _check_decode(cfg: Config, world: World) -> None:
+    d = cfg.data
+    if d.decode != "gpu":
+        return
+    if world.device_type != "cuda":
+        raise ConfigError(
+            f"data.decode=gpu decodes JPEGs with nvJPEG on a CUDA device; this run trains on "
+            f"'{world.device_type}'. Use data.decode=cpu."
+        )
+    if d.cache != "none":
+        raise ConfigError(
+            f"data.decode=gpu decodes every epoch; data.cache={d.cache} decodes once on the CPU. "
+            "Use one of them (data.cache=none or data.decode=cpu)."
+        )
+    if is_hf_source(d.path):
+        raise ConfigError(
+            "data.decode=gpu reads image files; a Hugging Face source decodes its own images. Use data.decode=cpu."
+        )
 
 
 def _check_views(cfg: Config) -> None:

@@ -34,6 +34,7 @@ def test_gpu_check_dry_run_runs_every_part_and_writes_its_figures(tmp_path: Path
     )
     assert train["compile_speedup"] > 0
     assert parts["data"]["epochs"]["1"]["images"] == 32  # 36 images in batches of 8, last one dropped
+    assert parts["data"]["decode"]["cpu_images_per_s"] > 0 and parts["data"]["decode"]["gpu_images_per_s"] > 0
     run = parts["run"]
     assert run["epochs"] >= 1 and 0 <= run["knn_top1"] <= 1
     assert run["projected_200_epochs_min"] == 200 * run["seconds_per_epoch_median"] / 60

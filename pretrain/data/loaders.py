@@ -4,8 +4,10 @@ Three ways, chosen by ``data.path`` and ``data.cache``: a DataLoader whose worke
 files (or read the disk cache, or a Hugging Face data set), sharded across processes by
 Accelerate; batches cut on the device from the decoded cache (``data.cache=device``, no workers);
 or a stream of fixed-length epochs (``data.streaming=true``). The supervised objectives get P x K
-class-balanced batches in each of the first two. The data is checked against the config
-(``twinview.pretrain.validate.validate_data``) before any batch is made.
+class-balanced batches in each of the first two. With ``data.decode=gpu`` the workers send JPEG
+bytes and the batches are decoded on the device (:mod:`twinview.pretrain.data.gpu_decode`). The
+data is checked against the config (``twinview.pretrain.validate.validate_data``) before any batch
+is made.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from twinview.pretrain.config import Config
 from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data.gpu_decode import DeviceDecoder, EncodedImageFolder, encoded_collate
 from twinview.pretrain.data.pk_sampler import PKBatchSampler
 from twinview.pretrain.data.source_kind import is_hf_source
 from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog, scan_source, worker_init
@@ -37,13 +40,15 @@ class Batches:
     whatever the data).
     """
 
-    def __init__(self, source: Any, sampler: PKBatchSampler | None = None) -> None:
-        self.source, self.sampler = source, sampler
+    def __init__(
+        self, source: Any, sampler: PKBatchSampler | None = None, decoder: DeviceDecoder | None = None
+    ) -> None:
+        self.source, self.sampler, self.decoder = source, sampler, decoder
 
     def prepare(self, accelerator: Accelerator) -> Batches:
         """Shards a DataLoader across processes (the device cache and streams shard themselves)."""
-        if isinstance(self.source, DataLoader):
-            self.source = accelerator.prepare(self.source)
+        if isinstance(self.source, DataLoader):  # JPEG bytes for the device decoder stay on the CPU
+            self.source = accelerator.prepare_data_loader(self.source, device_placement=self.decoder is None)
         return self
 
     def set_epoch(self, epoch: int) -> None:
@@ -55,7 +60,14 @@ class Batches:
         return len(self.source)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.source)
+        if self.decoder is None:
+            return iter(self.source)
+        return self._decoded()
+
+    def _decoded(self) -> Iterator[Batch]:
+        assert self.decoder is not None
+        for payloads, labels, indices in self.source:
+            yield self.decoder(payloads, indices), labels.to(self.decoder.device, non_blocking=True)
 
 
 def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log: SkipLog) -> Batches:
@@ -90,6 +102,11 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
         dataset: Any = HFImageDataset(
             d.path, d.image_size, d.split, d.image_column, d.label_column, strict=d.strict, skip_log=skip_log
         )
+    elif d.decode == "gpu":
+        folder = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
+        dataset = EncodedImageFolder(folder)
+        sampler = _checked_sampler(cfg, world, dataset)
+        return Batches(_loader(cfg, dataset, sampler, pin), sampler, DeviceDecoder(folder, accelerator.device))
     elif d.cache == "none":
         dataset = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
     else:
@@ -138,6 +155,8 @@ def _loader(cfg: Config, dataset: Any, sampler: PKBatchSampler | None, pin: bool
     }
     if isinstance(dataset, CachedDataset):
         common["collate_fn"] = batched_collate  # the cache reads whole batches (__getitems__)
+    if isinstance(dataset, EncodedImageFolder):
+        common["collate_fn"] = encoded_collate  # payloads differ in length: a list
     if sampler is not None:
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)

@@ -1,0 +1,158 @@
+"""JPEG decoding on the device (``data.decode=gpu``): workers read file bytes, nvJPEG decodes batches.
+
+On a GPU machine the CPU often cannot decode photos as fast as the GPU trains on them. Here the
+DataLoader workers only read each file's header and bytes: a baseline RGB or grayscale JPEG
+without an EXIF rotation travels as its compressed bytes; anything else (PNG, WebP, CMYK or
+rotated JPEGs) is decoded in the worker as on the CPU path. On the device,
+``torchvision.io.decode_jpeg(device="cuda")`` decodes the batch's JPEGs in one call, then each is
+centre-cropped to a square and resized to ``data.image_size`` (bicubic, antialiased), as
+:func:`twinview.pretrain.data.decode.square_rgb` does on the CPU.
+
+A file nvJPEG rejects is decoded again alone, then on the CPU (PIL); one that fails there too is
+recorded in the skip log with its reason and replaced by the next decodable item, as the CPU path
+does, so a batch keeps its size (``data.strict=true`` raises instead).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from twinview.pretrain.data.decode import BadImage, square_rgb
+from twinview.pretrain.data.sources import ImageFolderDataset, first_decodable, load_image
+
+EXIF_ORIENTATION = 0x0112
+Payload = torch.Tensor  # 1-D uint8: a JPEG's bytes; (3, S, S) uint8: an image decoded in the worker
+EncodedBatch = tuple[list[Payload], torch.Tensor, torch.Tensor]  # payloads, labels (B,), item indices (B,)
+
+
+def read_for_device(path: Path, size: int) -> Payload:
+    """A JPEG nvJPEG can take as its bytes; any other image decoded here (``(3, size, size)``).
+
+    Raises:
+        BadImage: When the file cannot be used (from the CPU decoder, with its reason).
+    """
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            plain = img.format == "JPEG" and img.mode in ("RGB", "L")
+            plain = plain and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except Exception:  # unreadable or not an image: the CPU decoder says why
+        plain = False
+    if plain:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return load_image(path, size)
+
+
+class EncodedImageFolder(Dataset):
+    """The items of an image folder as ``(payload, label, index)``, for :class:`DeviceDecoder`."""
+
+    def __init__(self, folder: ImageFolderDataset) -> None:
+        self.folder, self.index = folder, folder.index
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[Payload, int, int]:
+        f = self.folder
+        return first_decodable(
+            i,
+            len(f),
+            lambda j: (read_for_device(f.index.files[j], f.image_size), f.index.labels[j], j),
+            lambda j: f.index.files[j],
+            f.bad,
+            f.strict,
+            f.skip_log,
+        )
+
+
+def encoded_collate(items: Sequence[tuple[Payload, int, int]]) -> EncodedBatch:
+    """Payloads stay a list (their lengths differ); labels and indices become tensors."""
+    return [p for p, _, _ in items], torch.tensor([y for _, y, _ in items]), torch.tensor([i for _, _, i in items])
+
+
+def centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``(3, H, W)`` uint8 -> ``(3, size, size)``: the centred square, resized bicubic with antialiasing."""
+    _, h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[:, top : top + side, left : left + side]
+    if side == size:
+        return square
+    resized = F.interpolate(square[None].float(), size=(size, size), mode="bicubic", antialias=True)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceDecoder:
+    """Turns a batch of payloads into ``(B, 3, S, S)`` uint8 images on the device."""
+
+    def __init__(
+        self,
+        folder: ImageFolderDataset,
+        device: torch.device,
+        decode_jpegs: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    ) -> None:
+        """Args:
+        folder: The folder the payloads come from (files, image size, skip log, strictness).
+        device: Where the images go.
+        decode_jpegs: Decodes a list of JPEG byte tensors (on the CPU) to ``(3, H, W)`` RGB uint8
+            tensors on ``device``; default torchvision's nvJPEG decoder (``decode_jpeg``).
+        """
+        self.folder, self.device = folder, device
+        if decode_jpegs is None:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            def decode_jpegs(data: list[torch.Tensor]) -> list[torch.Tensor]:
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+
+        self.decode_jpegs = decode_jpegs
+
+    def __call__(self, payloads: list[Payload], indices: torch.Tensor) -> torch.Tensor:
+        size = self.folder.image_size
+        out = torch.empty((len(payloads), 3, size, size), dtype=torch.uint8, device=self.device)
+        jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
+        for k, p in enumerate(payloads):
+            if p.dim() == 3:  # decoded in the worker
+                out[k] = p.to(self.device, non_blocking=True)
+        if not jpegs:
+            return out
+        try:
+            decoded: list[torch.Tensor | None] = list(self.decode_jpegs([payloads[k] for k in jpegs]))
+        except RuntimeError:  # one file nvJPEG rejects fails the batch call: take them one by one
+            decoded = [self._one(payloads[k]) for k in jpegs]
+        # The images differ in size, so each is cropped and resized on its own (one small kernel
+        # launch each; batching them would need padding to the largest).
+        for k, image in zip(jpegs, decoded, strict=True):
+            if image is None:
+                image = self._cpu(payloads[k], int(indices[k]))
+            out[k] = centre_square(image.to(self.device), size)
+        return out
+
+    def _one(self, data: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return self.decode_jpegs([data])[0]
+        except RuntimeError:
+            return None
+
+    def _cpu(self, data: torch.Tensor, i: int) -> torch.Tensor:
+        """The file decoded by PIL; when that fails too, skipped as on the CPU path."""
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                img.load()
+                array = square_rgb(ImageOps.exif_transpose(img), self.folder.image_size)
+            return torch.from_numpy(array).permute(2, 0, 1)
+        except Exception as err:
+            reason = f"corrupt or truncated: {err}"
+            path = self.folder.index.files[i]
+            if self.folder.strict:
+                raise BadImage(f"{path}: {reason} (data.strict=true)") from None
+            self.folder.bad[i] = reason
+            if self.folder.skip_log is not None:
+                self.folder.skip_log.record(path, reason)
+            return ImageFolderDataset.__getitem__(self.folder, (i + 1) % len(self.folder))[0]
