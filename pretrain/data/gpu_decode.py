@@ -113,15 +113,20 @@ class DeviceDecoder:
 
         self.decode_jpegs = decode_jpegs
 
-    def __call__(self, payloads: list[Payload], indices: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, payloads: list[Payload], labels: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's ``(B, 3, S, S)`` uint8 images and ``(B,)`` labels on the device (a replaced
+        file's label is its replacement's)."""
         size = self.folder.image_size
         out = torch.empty((len(payloads), 3, size, size), dtype=torch.uint8, device=self.device)
+        labels = labels.clone()
         jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
         for k, p in enumerate(payloads):
             if p.dim() == 3:  # decoded in the worker
                 out[k] = p.to(self.device, non_blocking=True)
         if not jpegs:
-            return out
+            return out, labels.to(self.device, non_blocking=True)
         try:
             decoded: list[torch.Tensor | None] = list(self.decode_jpegs([payloads[k] for k in jpegs]))
         except RuntimeError:  # one file nvJPEG rejects fails the batch call: take them one by one
@@ -130,9 +135,9 @@ class DeviceDecoder:
         # launch each; batching them would need padding to the largest).
         for k, image in zip(jpegs, decoded, strict=True):
             if image is None:
-                image = self._cpu(payloads[k], int(indices[k]))
+                image, labels[k] = self._cpu(payloads[k], int(indices[k]), int(labels[k]))
             out[k] = centre_square(image.to(self.device), size)
-        return out
+        return out, labels.to(self.device, non_blocking=True)
 
     def _one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
@@ -140,13 +145,14 @@ class DeviceDecoder:
         except RuntimeError:
             return None
 
-    def _cpu(self, data: torch.Tensor, i: int) -> torch.Tensor:
-        """The file decoded by PIL; when that fails too, skipped as on the CPU path."""
+    def _cpu(self, data: torch.Tensor, i: int, label: int) -> tuple[torch.Tensor, int]:
+        """The file decoded by PIL, and its label; when that fails too, skipped as on the CPU path
+        (the next decodable item and its label)."""
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
                 img.load()
                 array = square_rgb(ImageOps.exif_transpose(img), self.folder.image_size)
-            return torch.from_numpy(array).permute(2, 0, 1)
+            return torch.from_numpy(array).permute(2, 0, 1), label
         except Exception as err:
             reason = f"corrupt or truncated: {err}"
             path = self.folder.index.files[i]
@@ -155,4 +161,4 @@ class DeviceDecoder:
             self.folder.bad[i] = reason
             if self.folder.skip_log is not None:
                 self.folder.skip_log.record(path, reason)
-            return ImageFolderDataset.__getitem__(self.folder, (i + 1) % len(self.folder))[0]
+            return ImageFolderDataset.__getitem__(self.folder, (i + 1) % len(self.folder))

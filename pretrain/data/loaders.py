@@ -67,7 +67,7 @@ class Batches:
     def _decoded(self) -> Iterator[Batch]:
         assert self.decoder is not None
         for payloads, labels, indices in self.source:
-            yield self.decoder(payloads, indices), labels.to(self.decoder.device, non_blocking=True)
+            yield self.decoder(payloads, labels, indices)
 
 
 def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log: SkipLog) -> Batches:

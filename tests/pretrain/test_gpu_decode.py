@@ -80,10 +80,10 @@ def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
     folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = encoded_collate([encoded[i] for i in range(len(encoded))])
-    images = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode)(payloads, indices)
+    images, got_labels = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode)(payloads, labels, indices)
     expected = torch.stack([folder[i][0] for i in range(len(folder))])
     assert images.shape == expected.shape == (9, 3, SIZE, SIZE)
-    assert torch.equal(labels, torch.tensor(folder.index.labels))
+    assert torch.equal(got_labels, torch.tensor(folder.index.labels))
     diff = (images.float() - expected.float()).abs()
     assert diff.mean() < 2.0 and diff.max() <= 40  # libjpeg vs PIL's decoder, bicubic on both sides
 
@@ -91,7 +91,7 @@ def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
 def test_a_rejected_file_falls_back_to_one_by_one_then_the_cpu(tmp_path: Path) -> None:
     folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
     encoded = EncodedImageFolder(folder)
-    payloads, _, indices = encoded_collate([encoded[i] for i in range(6)])
+    payloads, labels, indices = encoded_collate([encoded[i] for i in range(6)])
     rejected = payloads[2]
     calls = []
 
@@ -101,22 +101,22 @@ def test_a_rejected_file_falls_back_to_one_by_one_then_the_cpu(tmp_path: Path) -
             raise RuntimeError("nvjpeg: unsupported")
         return _cpu_decode(data)
 
-    images = DeviceDecoder(folder, torch.device("cpu"), picky)(payloads, indices)
+    images, _ = DeviceDecoder(folder, torch.device("cpu"), picky)(payloads, labels, indices)
     assert calls == [6, 1, 1, 1, 1, 1, 1]  # the batch, then each file alone
-    reference = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode)(payloads, indices)
+    reference, _ = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode)(payloads, labels, indices)
     assert (images.float() - reference.float()).abs().mean() < 2.0
 
 
 def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(tmp_path: Path) -> None:
     root = _folder(tmp_path / "img")
-    good = (root / "a" / "3.jpg").read_bytes()
-    cut = good[:-100]
-    (root / "a" / "3.jpg").write_bytes(cut)  # truncated: the header reads, the image data does not
+    bad = root / "a" / "5.jpg"  # the last of class a: its replacement is the first of class b
+    cut = bad.read_bytes()[:-100]
+    bad.write_bytes(cut)  # truncated: the header reads, the image data does not
     log = SkipLog(tmp_path / "skipped")
     folder = ImageFolderDataset(root, SIZE, skip_log=log)
     encoded = EncodedImageFolder(folder)
-    payloads, _, indices = encoded_collate([encoded[i] for i in range(6)])
-    assert int(indices[3]) == 3 and payloads[3].dim() == 1  # it passed the worker's header check, as bytes
+    payloads, labels, indices = encoded_collate([encoded[i] for i in range(6)])
+    assert int(indices[5]) == 5 and payloads[5].dim() == 1 and int(labels[5]) == 0  # passed the header check
 
     def strict_decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
         out = _cpu_decode(data)
@@ -124,13 +124,15 @@ def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(t
             raise RuntimeError("nvjpeg: bitstream error")
         return out
 
-    images = DeviceDecoder(folder, torch.device("cpu"), strict_decode)(payloads, indices)
+    images, got_labels = DeviceDecoder(folder, torch.device("cpu"), strict_decode)(payloads, labels, indices)
     assert images.shape[0] == 6
-    assert list(log.collect()) == [str(root / "a" / "3.jpg")] and 3 in folder.bad
-    assert torch.equal(images[3], folder[4][0])  # replaced by the next decodable item, decoded on the CPU
+    assert list(log.collect()) == [str(bad)] and 5 in folder.bad
+    replacement, label = folder[6]  # the next decodable item, decoded on the CPU, with its own label
+    assert torch.equal(images[5], replacement) and int(got_labels[5]) == label == 1
+    assert torch.equal(got_labels[:5], labels[:5])
     folder.strict = True
-    with pytest.raises(BadImage, match=r"3\.jpg"):
-        DeviceDecoder(folder, torch.device("cpu"), strict_decode)(payloads, indices)
+    with pytest.raises(BadImage, match=r"5\.jpg"):
+        DeviceDecoder(folder, torch.device("cpu"), strict_decode)(payloads, labels, indices)
 
 
 def test_build_batches_decodes_on_the_device_through_the_loader(tmp_path: Path) -> None:
