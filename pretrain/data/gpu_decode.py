@@ -16,6 +16,7 @@ does, so a batch keeps its size (``data.strict=true`` raises instead).
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,6 +44,11 @@ def read_for_device(path: Path, size: int) -> Payload:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             plain = img.format == "JPEG" and img.mode in ("RGB", "L")
             plain = plain and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+            # what the CPU path refuses stays with it: pixel counts over PIL's limit, and files
+            # without the end-of-image marker (hardware decoders may return garbage for those
+            # instead of an error)
+            plain = plain and img.width * img.height <= (Image.MAX_IMAGE_PIXELS or float("inf"))
+            plain = plain and data.rstrip(b"\x00").endswith(b"\xff\xd9")
     except Exception:  # unreadable or not an image: the CPU decoder says why
         plain = False
     if plain:
@@ -112,6 +118,7 @@ class DeviceDecoder:
                 return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
 
         self.decode_jpegs = decode_jpegs
+        self.rejected: set[int] = set()  # items nvJPEG failed on: sent to the CPU from then on
 
     def __call__(
         self, payloads: list[Payload], labels: torch.Tensor, indices: torch.Tensor
@@ -120,34 +127,51 @@ class DeviceDecoder:
         file's label is its replacement's)."""
         size = self.folder.image_size
         out = torch.empty((len(payloads), 3, size, size), dtype=torch.uint8, device=self.device)
-        labels = labels.clone()
-        jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
+        jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1 and int(indices[k]) not in self.rejected]
+        cpu = [k for k, p in enumerate(payloads) if p.dim() == 1 and int(indices[k]) in self.rejected]
         for k, p in enumerate(payloads):
             if p.dim() == 3:  # decoded in the worker
                 out[k] = p.to(self.device, non_blocking=True)
-        if not jpegs:
-            return out, labels.to(self.device, non_blocking=True)
-        try:
-            decoded: list[torch.Tensor | None] = list(self.decode_jpegs([payloads[k] for k in jpegs]))
-        except RuntimeError:  # one file nvJPEG rejects fails the batch call: take them one by one
-            decoded = [self._one(payloads[k]) for k in jpegs]
+        decoded: list[torch.Tensor | None] = []
+        if jpegs:
+            try:
+                decoded = list(self.decode_jpegs([payloads[k] for k in jpegs]))
+            except RuntimeError as err:  # one file nvJPEG rejects fails the batch call: one by one
+                _reraise_out_of_memory(err)
+                decoded = [self._one(payloads[k], int(indices[k])) for k in jpegs]
+        replaced: dict[int, int] = {}
         # The images differ in size, so each is cropped and resized on its own (one small kernel
         # launch each; batching them would need padding to the largest).
-        for k, image in zip(jpegs, decoded, strict=True):
+        for k, image in [*zip(jpegs, decoded, strict=True), *((k, None) for k in cpu)]:
             if image is None:
-                image, labels[k] = self._cpu(payloads[k], int(indices[k]), int(labels[k]))
+                image, label = self._cpu(payloads[k], int(indices[k]), int(labels[k]))
+                replaced[k] = label
             out[k] = centre_square(image.to(self.device), size)
+        if replaced:
+            labels = labels.clone()
+            for k, label in replaced.items():
+                labels[k] = label
         return out, labels.to(self.device, non_blocking=True)
 
-    def _one(self, data: torch.Tensor) -> torch.Tensor | None:
+    def _one(self, data: torch.Tensor, i: int) -> torch.Tensor | None:
         try:
             return self.decode_jpegs([data])[0]
-        except RuntimeError:
+        except RuntimeError as err:
+            _reraise_out_of_memory(err)
+            if not self.rejected:
+                warnings.warn(
+                    f"nvJPEG could not decode {self.folder.index.files[i]} ({err}); such files are "
+                    "decoded on the CPU from now on.",
+                    stacklevel=2,
+                )
+            self.rejected.add(i)
             return None
 
     def _cpu(self, data: torch.Tensor, i: int, label: int) -> tuple[torch.Tensor, int]:
         """The file decoded by PIL, and its label; when that fails too, skipped as on the CPU path
         (the next decodable item and its label)."""
+        if i in self.folder.bad:  # known bad: straight to the replacement, not logged again
+            return ImageFolderDataset.__getitem__(self.folder, (i + 1) % len(self.folder))
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
                 img.load()
@@ -162,3 +186,9 @@ class DeviceDecoder:
             if self.folder.skip_log is not None:
                 self.folder.skip_log.record(path, reason)
             return ImageFolderDataset.__getitem__(self.folder, (i + 1) % len(self.folder))
+
+
+def _reraise_out_of_memory(err: RuntimeError) -> None:
+    """torchvision reports a CUDA out-of-memory as a plain RuntimeError: that is no bad file."""
+    if "out of memory" in str(err).lower():
+        raise err

@@ -107,32 +107,57 @@ def test_a_rejected_file_falls_back_to_one_by_one_then_the_cpu(tmp_path: Path) -
     assert (images.float() - reference.float()).abs().mean() < 2.0
 
 
+def test_a_truncated_jpeg_stays_with_the_cpu_decoder_in_the_worker(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "img")
+    bad = root / "a" / "5.jpg"
+    bad.write_bytes(bad.read_bytes()[:-100])  # no end-of-image marker: a hardware decoder may not notice
+    log = SkipLog(tmp_path / "skipped")
+    folder = ImageFolderDataset(root, SIZE, skip_log=log)
+    payload, label, index = EncodedImageFolder(folder)[5]
+    assert payload.shape == (3, SIZE, SIZE)  # the replacement (a CMYK JPEG) was decoded in the worker
+    assert index == 6 and label == 1 and list(log.collect()) == [str(bad)]  # skipped as on the CPU path
+
+
 def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(tmp_path: Path) -> None:
     root = _folder(tmp_path / "img")
-    bad = root / "a" / "5.jpg"  # the last of class a: its replacement is the first of class b
-    cut = bad.read_bytes()[:-100]
-    bad.write_bytes(cut)  # truncated: the header reads, the image data does not
     log = SkipLog(tmp_path / "skipped")
     folder = ImageFolderDataset(root, SIZE, skip_log=log)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = encoded_collate([encoded[i] for i in range(6)])
-    assert int(indices[5]) == 5 and payloads[5].dim() == 1 and int(labels[5]) == 0  # passed the header check
+    # item 5 (the last of class a) as bytes that pass the worker's checks and that neither decoder reads
+    broken = bytearray(payloads[5][:20].numpy().tobytes() + b"\x00garbage" * 8 + b"\xff\xd9")
+    payloads[5] = torch.frombuffer(broken, dtype=torch.uint8)
 
-    def strict_decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = _cpu_decode(data)
-        if any(d.numel() == len(cut) for d in data):
+    def nvjpeg(data: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(d is payloads[5] for d in data):
             raise RuntimeError("nvjpeg: bitstream error")
-        return out
+        return _cpu_decode(data)
 
-    images, got_labels = DeviceDecoder(folder, torch.device("cpu"), strict_decode)(payloads, labels, indices)
-    assert images.shape[0] == 6
-    assert list(log.collect()) == [str(bad)] and 5 in folder.bad
+    decoder = DeviceDecoder(folder, torch.device("cpu"), nvjpeg)
+    with pytest.warns(UserWarning, match="nvJPEG could not decode"):
+        images, got_labels = decoder(payloads, labels, indices)
+    assert images.shape[0] == 6 and decoder.rejected == {5}
+    assert list(log.collect()) == [str(root / "a" / "5.jpg")] and 5 in folder.bad
     replacement, label = folder[6]  # the next decodable item, decoded on the CPU, with its own label
     assert torch.equal(images[5], replacement) and int(got_labels[5]) == label == 1
     assert torch.equal(got_labels[:5], labels[:5])
-    folder.strict = True
+    images, _ = decoder(payloads, labels, indices)  # known bad: straight to the replacement, logged once
+    assert torch.equal(images[5], replacement) and len(log.collect()) == 1
+    folder.strict, folder.bad = True, {}
     with pytest.raises(BadImage, match=r"5\.jpg"):
-        DeviceDecoder(folder, torch.device("cpu"), strict_decode)(payloads, labels, indices)
+        DeviceDecoder(folder, torch.device("cpu"), nvjpeg)(payloads, labels, indices)
+
+
+def test_out_of_memory_is_not_taken_for_a_bad_file(tmp_path: Path) -> None:
+    folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
+    encoded = EncodedImageFolder(folder)
+    payloads, labels, indices = encoded_collate([encoded[i] for i in range(3)])
+
+    def oom(data: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        DeviceDecoder(folder, torch.device("cpu"), oom)(payloads, labels, indices)
 
 
 def test_build_batches_decodes_on_the_device_through_the_loader(tmp_path: Path) -> None:
@@ -166,3 +191,18 @@ def test_gpu_decoding_is_refused_where_it_cannot_work(overrides: list[str], worl
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world)
     validate(load_config(None, ["data.path=/imgs", "data.decode=gpu"]), World(device_type="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
+def test_nvjpeg_batches_match_the_cpu_path_on_a_gpu(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "img")
+    _photo(root / "c" / "big.jpg", 20, w=300, h=200)  # resized on the device
+    folder = ImageFolderDataset(root, SIZE)
+    encoded = EncodedImageFolder(folder)
+    payloads, labels, indices = encoded_collate([encoded[i] for i in range(len(encoded))])
+    images, got = DeviceDecoder(folder, torch.device("cuda"))(payloads, labels, indices)
+    assert images.device.type == "cuda" and got.device.type == "cuda"
+    expected = torch.stack([folder[i][0] for i in range(len(folder))])
+    assert (images.cpu().float() - expected.float()).abs().mean() < 3.0
+    assert torch.equal(got.cpu(), labels)
