@@ -16,14 +16,9 @@ import json
 import platform
 import statistics
 import time
-from typing import Any
 
 import torch
-
-from twinview.pretrain.config import load_config
-from twinview.pretrain.engine.optim import build_optimizer
-from twinview.pretrain.models import create_model
-from twinview.pretrain.objectives.methods import create_method
+from simclr_step import simclr_step  # bench/ is on the path of a bench script
 
 
 def _synced(device: torch.device) -> None:
@@ -41,35 +36,22 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = load_config(args.recipe, ["data.path=unused", *args.overrides])
-    g = torch.Generator().manual_seed(0)
-    views = [torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device) for _ in range(2)]
-    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
-    runs: dict[str, Any] = {}
-    for name in ("eager", "compiled"):
-        torch.manual_seed(0)
-        model = create_model(cfg.model).to(device, memory_format=torch.channels_last)
-        method = create_method(cfg, model).to(device)
-        if name == "compiled":
-            model.compile()
-        runs[name] = (model, method, build_optimizer(cfg, model, cfg.optim.lr, device))
+    steps = {
+        name: simclr_step(args.overrides, device, args.batch, args.size, compile=name == "compiled", recipe=args.recipe)
+        for name in ("eager", "compiled")
+    }
 
     def step(name: str) -> float:
-        model, method, optimizer = runs[name]
         _synced(device)
         start = time.perf_counter()
-        loss, _ = method(model, views, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        steps[name]()
         _synced(device)
         return time.perf_counter() - start
 
-    first = {name: step(name) for name in runs}  # the compiled model compiles here
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    first = {name: step(name) for name in steps}  # the compiled model compiles here
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.steps):
-        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+        for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
             times[name].append(step(name))
     eager, compiled = (statistics.median(times[n]) for n in ("eager", "compiled"))
     gain = eager - compiled
@@ -81,7 +63,7 @@ def main() -> None:
                 "device": args.device,
                 "torch": torch.__version__,
                 "recipe": args.recipe,
-                "backbone": cfg.model.backbone,
+                "overrides": args.overrides,
                 "batch": args.batch,
                 "size": args.size,
                 "first_step_s": first,

@@ -132,7 +132,9 @@ def part_views(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
             row["fast_vs_kornia"] = row["fast_images_per_s"] / row["kornia_images_per_s"]
         result["recipes"][recipe] = row
     # the views' share of a SimCLR step: ResNet-50 at 224 px, batch 256
-    step = _step_fn(torch, device, dtype, "resnet18" if dry else "resnet50", size, batch, cifar_stem=False)
+    from simclr_step import simclr_step  # bench/ is on the path of a bench script
+
+    step = simclr_step([f"model.backbone={'resnet18' if dry else 'resnet50'}"], device, batch, size, dtype)
     cfg = load_config(None, ["data.path=x", "augment.recipe=simclr"]).augment
     views = build_views(cfg, size, mean, std, seed=0, device=device, dtype=dtype)
     view_s = _timed(lambda: views(images), device, repeats)
@@ -145,48 +147,9 @@ def part_views(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
     return result
 
 
-def _step_fn(
-    torch: Any,
-    device: Any,
-    dtype: Any,
-    backbone: str,
-    size: int,
-    batch: int,
-    cifar_stem: bool,
-    compile: bool = False,
-    extra: tuple[str, ...] = (),
-) -> Callable[[], None]:
-    """A full SimCLR training step (forward, NT-Xent, backward, LARS) on fixed views."""
-    from twinview.pretrain.config import load_config
-    from twinview.pretrain.engine.optim import build_optimizer
-    from twinview.pretrain.models import create_model
-    from twinview.pretrain.objectives.methods import create_method
-
-    cfg = load_config(
-        "simclr-cifar10", ["data.path=x", f"model.backbone={backbone}", f"model.cifar_stem={cifar_stem}", *extra]
-    )
-    torch.manual_seed(0)
-    model = create_model(cfg.model).to(device, memory_format=torch.channels_last)
-    method = create_method(cfg, model).to(device)
-    if compile:
-        model.compile()
-    optimizer = build_optimizer(cfg, model, cfg.optim.lr, device)
-    views = [
-        torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last) for _ in range(2)
-    ]
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = method(model, views, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def part_train(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
+    from simclr_step import simclr_step
+
     torch, device, dtype = _setup(dry)
     tiny = ("model.kwargs.depth=1", "model.kwargs.img_size=16", "model.kwargs.patch_size=8")
     configs = {  # name: backbone, size, batch, cifar stem, compile, extra overrides
@@ -206,7 +169,8 @@ def part_train(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         try:  # one failing configuration (a compile error, say) must not lose the others
             start = time.perf_counter()
-            step = _step_fn(torch, device, dtype, backbone, size, batch, stem, compile, extra)
+            overrides = [f"model.backbone={backbone}", f"model.cifar_stem={stem}", *extra]
+            step = simclr_step(overrides, device, batch, size, dtype, compile)
             step()  # compiles when asked
             if device.type == "cuda":
                 torch.cuda.synchronize()
