@@ -32,7 +32,8 @@ class DataConfig:
     Attributes:
         path: An image folder (walked recursively), a ``.txt``/``.csv`` file list (``path[,label]``
             per line), a Hugging Face source (``hf:owner/name``, ``hf:imagefolder:/dir``, a
-            ``save_to_disk`` folder, ``.parquet``/``.arrow`` files) or ``builtin:digits``.
+            ``save_to_disk`` folder, ``.parquet``/``.arrow`` files), WebDataset tar shards
+            (``/data/train-{000000..000999}.tar`` or a glob; always streamed) or ``builtin:digits``.
             Required: empty is an error.
         image_size: Side of the square uint8 images the loader returns (shorter side resized,
             then centre-cropped). Augmentation crops are made from these.

@@ -13,28 +13,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from twinview.evaluate.dataset import check_labelled_pair
+from twinview.evaluate.dataset import LabelledImages, check_labelled_pair
 from twinview.evaluate.run import evaluate
 from twinview.pretrain.config import Config
-from twinview.pretrain.data.sources import ImageFolderDataset
+from twinview.pretrain.data.images import open_images
 from twinview.pretrain.models import create_backbone, normalization_stats
 
 
 def labelled_folders(
     train_path: str, test_path: str, image_size: int, names: tuple[str, str] = ("--train", "--test")
-) -> tuple[ImageFolderDataset, ImageFolderDataset]:
-    """The reference and query data sets of two labelled folders (or file lists).
+) -> tuple[LabelledImages, LabelledImages]:
+    """The reference and query data sets of two labelled sources.
 
     Args:
-        train_path: Labelled reference folder (class sub-folders).
-        test_path: Labelled query folder with the same class names.
+        train_path: Labelled reference: a folder of class sub-folders, a labelled file list, a
+            Hugging Face source with a label column or tar shards with ``.cls`` fields.
+        test_path: Labelled query source with the same class names.
         image_size: Side the images are loaded at.
         names: How the two are called in error messages.
 
     Raises:
         ValueError: If a folder is unlabeled or the class names differ.
     """
-    reference, query = ImageFolderDataset(train_path, image_size), ImageFolderDataset(test_path, image_size)
+    reference, query = open_images(train_path, image_size), open_images(test_path, image_size)
     check_labelled_pair(reference, query, names)
     return reference, query
 
@@ -48,8 +49,8 @@ def random_init_backbone(cfg: Config) -> nn.Module:
 def evaluate_backbone(
     backbone: nn.Module,
     cfg: Config,
-    reference: ImageFolderDataset,
-    query: ImageFolderDataset,
+    reference: LabelledImages,
+    query: LabelledImages,
     *,
     probe: bool = False,
     device: torch.device | None = None,

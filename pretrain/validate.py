@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twinview.augment.config import RECIPES
-from twinview.pretrain.data.source_kind import is_hf_source
+from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source, shard_files
 from twinview.pretrain.objectives import registry
 
 if TYPE_CHECKING:  # config.py calls validate(); the reverse import is for types only
@@ -99,6 +99,7 @@ def validate(cfg: Config, world: World | None = None) -> None:
     if world is None:
         return
     _check_views(cfg)
+    _check_shards(cfg, world)
     _check_decode(cfg, world)
     _check_objective(cfg, world)
     _check_precision(cfg.train.mixed_precision, world)
@@ -147,15 +148,30 @@ def _check_data_source(cfg: Config) -> None:
         return
     if d.cache != "none":
         raise ConfigError(
-            "data.cache works with image folders and file lists; a Hugging Face source keeps its own "
-            "Arrow cache. Set data.cache=none."
+            "data.cache works with image folders and file lists; a Hugging Face source or tar shards "
+            "are read by datasets, which keeps its own Arrow cache. Set data.cache=none."
         )
-    if d.streaming and not cfg.train.max_steps_per_epoch:
-        raise ConfigError("data.streaming=true has no epoch length: set train.max_steps_per_epoch.")
-    if d.streaming and supervised:
+    streamed = "tar shards (always streamed)" if is_shard_source(d.path) else "data.streaming=true"
+    if (d.streaming or is_shard_source(d.path)) and not cfg.train.max_steps_per_epoch:
+        raise ConfigError(f"{streamed} has no epoch length: set train.max_steps_per_epoch.")
+    if (d.streaming or is_shard_source(d.path)) and supervised:
         raise ConfigError(
             f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
-            "(data.streaming=true) cannot give."
+            f"({streamed}) cannot give."
+        )
+
+
+def _check_shards(cfg: Config, world: World) -> None:
+    if not is_shard_source(cfg.data.path):
+        return
+    try:
+        shards = len(shard_files(cfg.data.path))
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path: {err}") from None
+    if shards < world.processes:
+        raise ConfigError(
+            f"data.path names {shards} shards for {world.processes} processes; each process reads whole shards. "
+            "Write at least one shard per process (more, for the DataLoader workers: data.num_workers)."
         )
 
 

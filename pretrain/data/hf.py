@@ -5,12 +5,18 @@
 * ``hf:owner/name``: a hub data set (``datasets.load_dataset``; downloads unless cached);
 * ``hf:imagefolder:/dir``: the ``imagefolder`` builder on a local folder;
 * a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
-* ``.parquet`` / ``.arrow`` files (a file or a glob).
+* ``.parquet`` / ``.arrow`` files (a file or a glob);
+* WebDataset ``.tar`` shards (``train-{000000..000999}.tar`` or a glob): the ``webdataset``
+  builder; training streams them (:mod:`twinview.pretrain.data.shards`), evaluation reads them
+  through an Arrow copy that ``datasets`` caches.
 
 The image column is the one feature of type ``datasets.Image`` (set ``data.image_column`` when
-there are several); the label column is the one ``ClassLabel`` feature, if any. ``data.streaming``
-reads the source as an iterable, for data sets larger than the disk: each process and DataLoader
-worker takes its own shard, and ``train.max_steps_per_epoch`` sets the epoch length.
+there are several); the label column is the one ``ClassLabel`` feature, else an integer column
+named ``label`` or ``cls`` (WebDataset's class field), if any. ``data.streaming``
+reads the source as an iterable (:func:`streamed`), for data sets larger than the disk: each
+process and DataLoader worker takes its own shard, and ``train.max_steps_per_epoch`` sets the
+epoch length. Images are decoded here, not by ``datasets``, so that a bad one is skipped and
+listed instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from twinview.pretrain.data.decode import BadImage, square_rgb
-from twinview.pretrain.data.source_kind import HF_PREFIX
+from twinview.pretrain.data.source_kind import HF_PREFIX, is_shard_source, shard_files
 from twinview.pretrain.data.sources import UNLABELED, FolderIndex, SkipLog, first_decodable
+
+SHUFFLE_BUFFER = 1000  # rows mixed across the shards being read
+LABEL_NAMES = ("label", "cls")  # integer columns taken as labels when there is no ClassLabel
 
 
 def load_source(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
@@ -40,6 +49,8 @@ def load_source(path: str, split: str, streaming: bool) -> datasets.Dataset | da
         )
     if path.startswith(HF_PREFIX):
         return datasets.load_dataset(path[len(HF_PREFIX) :], split=split, streaming=streaming)
+    if is_shard_source(path):
+        return datasets.load_dataset("webdataset", data_files=shard_files(path), split="train", streaming=streaming)
     p = Path(path).expanduser()
     if p.is_dir():
         loaded = datasets.load_from_disk(str(p))
@@ -72,14 +83,21 @@ def pick_columns(features: datasets.Features, image_column: str, label_column: s
             raise ValueError(f"data.label_column={label_column!r} is not a column. Columns: {', '.join(features)}.")
         return image, label_column
     labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    return image, labels[0] if len(labels) == 1 else None
+    if len(labels) == 1:
+        return image, labels[0]
+    named = [
+        k
+        for k in LABEL_NAMES
+        if isinstance(features.get(k), datasets.Value) and features[k].dtype.startswith(("int", "uint"))
+    ]
+    return image, named[0] if not labels and named else None
 
 
 def to_square_rgb(image: Any, size: int) -> torch.Tensor:
     """A decoded ``datasets`` image (PIL, or a path/bytes dict) -> ``(3, size, size)`` uint8."""
     try:
-        if not isinstance(image, Image.Image):  # an undecoded {"path", "bytes"} cell
-            image = Image.open(image["path"] if image.get("path") else io.BytesIO(image["bytes"]))
+        if not isinstance(image, Image.Image):  # an undecoded {"path", "bytes"} cell; the path may be a name only
+            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
         return torch.from_numpy(square_rgb(image, size)).permute(2, 0, 1)
     except Exception as err:
         raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
@@ -98,27 +116,32 @@ class HFImageDataset(Dataset):
         strict: bool = False,
         skip_log: SkipLog | None = None,
     ) -> None:
-        self.data = load_source(path, split, streaming=False)
-        self.image_column, self.label_column = pick_columns(self.data.features, image_column, label_column)
+        data = load_source(path, split, streaming=False)
+        self.image_column, self.label_column = pick_columns(data.features, image_column, label_column)
+        # images stay bytes here and are decoded in _load, so that a bad row is skipped, not fatal
+        self.data = data.cast_column(self.image_column, datasets.Image(decode=False))
         self.image_size = image_size
         if self.label_column:
-            labels = tuple(int(v) for v in self.data[self.label_column])
+            labels = tuple(UNLABELED if v is None else int(v) for v in self.data[self.label_column])
             feature = self.data.features[self.label_column]
             classes = (
                 tuple(feature.names)
                 if isinstance(feature, datasets.ClassLabel)
-                else tuple(sorted(set(map(str, labels))))
+                else tuple(str(v) for v in sorted(set(labels) - {UNLABELED}))
             )
         else:
             labels, classes = (UNLABELED,) * len(self.data), ()
-        self.index = FolderIndex(
-            root=Path(path),
-            files=tuple(Path(f"{path}#{i}") for i in range(len(self.data))),
-            labels=labels,
-            classes=classes,
-        )
+        if "__url__" in self.data.column_names and "__key__" in self.data.column_names:  # WebDataset shards
+            names = [f"{u}#{k}" for u, k in zip(self.data["__url__"], self.data["__key__"], strict=True)]
+        else:
+            names = [f"{path}#{i}" for i in range(len(self.data))]
+        self.index = FolderIndex(root=Path(path), files=tuple(map(Path, names)), labels=labels, classes=classes)
         self.strict, self.skip_log = strict, skip_log
         self.bad: dict[int, str] = {}
+
+    def fingerprint(self) -> str:
+        """Changes whenever the rows or the image size would (``datasets``' own fingerprint)."""
+        return f"{self.data._fingerprint}-{self.image_size}"
 
     def __len__(self) -> int:
         return len(self.data)
@@ -130,46 +153,79 @@ class HFImageDataset(Dataset):
 
     def _load(self, j: int) -> tuple[torch.Tensor, int]:
         try:
-            cell = self.data[j][self.image_column]  # datasets decodes the Image feature here
+            cell = self.data[j][self.image_column]  # {"path", "bytes"}: decoded by to_square_rgb
         except Exception as err:
             raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
         return to_square_rgb(cell, self.image_size), self.index.labels[j]
 
 
-class HFStreamingDataset(IterableDataset):
-    """A streamed ``datasets`` source; each process and worker reads its own shard, endlessly."""
+def streamed(
+    path: str,
+    image_size: int,
+    split: str = "train",
+    image_column: str = "",
+    label_column: str = "",
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    skip_log: SkipLog | None = None,
+) -> DecodedStream:
+    """A streamed ``datasets`` source; each process reads its own share (``split_dataset_by_node``)."""
+    data = load_source(path, split, streaming=True)
+    image, label = pick_columns(data.features, image_column, label_column)
+    rows = data.cast_column(image, datasets.Image(decode=False))
+    if world > 1:
+        rows = split_dataset_by_node(rows, rank=rank, world_size=world)
+    return DecodedStream(rows, image, label, image_size, seed, skip_log, path)
+
+
+class DecodedStream(IterableDataset):
+    """Rows of a streamed ``datasets`` source as an endless stream of ``(uint8 (3,S,S), label)``.
+
+    ``datasets`` deals the source's shards to the DataLoader workers and shuffles (shard order and a
+    buffer of :data:`SHUFFLE_BUFFER` rows, reseeded every epoch). A row whose image cannot be decoded
+    is skipped and listed in the skip log (as ``url#key`` for WebDataset samples).
+    """
 
     def __init__(
         self,
-        path: str,
+        rows: datasets.IterableDataset,
+        image_column: str,
+        label_column: str | None,
         image_size: int,
-        split: str = "train",
-        image_column: str = "",
-        label_column: str = "",
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
+        seed: int,
+        skip_log: SkipLog | None,
+        source: str,
     ) -> None:
-        self.path, self.split, self.image_size = path, split, image_size
-        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
-        self.data = load_source(path, split, streaming=True)
-        self.image_column, self.label_column = pick_columns(self.data.features, image_column, label_column)
+        """Args:
+        rows: This process's rows, with the image column undecoded (``Image(decode=False)``).
+        image_column: The image column.
+        label_column: The label column, or None.
+        image_size: Side of the returned square images.
+        seed: Shuffling seed (plus the epoch).
+        skip_log: Where skipped rows are listed.
+        source: ``data.path``, to name rows that have no WebDataset key.
+        """
+        self.rows, self.image_column, self.label_column = rows, image_column, label_column
+        self.image_size, self.seed, self.epoch, self.skip_log, self.source = image_size, seed, 0, skip_log, source
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        # one share per process; datasets itself splits a share among the DataLoader workers
-        data = split_dataset_by_node(self.data, rank=self.rank, world_size=self.world) if self.world > 1 else self.data
         while True:  # the training loop cuts epochs with train.max_steps_per_epoch
             produced = 0
-            for row in data.shuffle(seed=self.seed + self.epoch, buffer_size=1000):
+            for row in self.rows.shuffle(seed=self.seed + self.epoch, buffer_size=SHUFFLE_BUFFER):
                 try:
                     image = to_square_rgb(row[self.image_column], self.image_size)
-                except BadImage:
+                except BadImage as err:
+                    if self.skip_log is not None:
+                        name = f"{row['__url__']}#{row['__key__']}" if "__key__" in row else f"{self.source}#(streamed)"
+                        self.skip_log.record(Path(name), str(err))
                     continue
                 produced += 1
-                yield image, int(row[self.label_column]) if self.label_column else UNLABELED
+                label = row[self.label_column] if self.label_column else None
+                yield image, UNLABELED if label is None else int(label)
             self.epoch += 1
             if not produced:  # e.g. a DataLoader worker that got no shard: end, do not spin
                 return

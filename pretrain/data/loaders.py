@@ -3,7 +3,8 @@
 Three ways, chosen by ``data.path`` and ``data.cache``: a DataLoader whose workers decode the
 files (or read the disk cache, or a Hugging Face data set), sharded across processes by
 Accelerate; batches cut on the device from the decoded cache (``data.cache=device``, no workers);
-or a stream of fixed-length epochs (``data.streaming=true``). The supervised objectives get P x K
+or a stream of fixed-length epochs (``data.streaming=true``, and WebDataset tar shards, which are
+always streamed: :mod:`twinview.pretrain.data.shards`). The supervised objectives get P x K
 class-balanced batches in each of the first two. With ``data.decode=gpu`` the workers send JPEG
 bytes and the batches are decoded on the device (:mod:`twinview.pretrain.data.gpu_decode`). The
 data is checked against the config (``twinview.pretrain.validate.validate_data``) before any batch
@@ -24,7 +25,7 @@ from twinview.pretrain.config import Config
 from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
 from twinview.pretrain.data.gpu_decode import DeviceDecoder, EncodedImageFolder, encoded_collate
 from twinview.pretrain.data.pk_sampler import PKBatchSampler
-from twinview.pretrain.data.source_kind import is_hf_source
+from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source
 from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog, scan_source, worker_init
 from twinview.pretrain.objectives.registry import get as get_objective
 from twinview.pretrain.validate import DataSummary, World, validate_data
@@ -66,27 +67,30 @@ class Batches:
 
     def _decoded(self) -> Iterator[Batch]:
         assert self.decoder is not None
-        for payloads, labels, indices in self.source:
-            yield self.decoder(payloads, labels, indices)
+        for batch in self.source:
+            yield self.decoder(batch)
 
 
 def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log: SkipLog) -> Batches:
     """The run's batches: decoded every epoch, from the disk cache, from the device cache, or streamed."""
     d = cfg.data
     pin = accelerator.device.type == "cuda"
-    if is_hf_source(d.path) and d.streaming:
-        from twinview.pretrain.data.hf import HFStreamingDataset
+    if is_shard_source(d.path) or (is_hf_source(d.path) and d.streaming):
+        from twinview.pretrain.data.hf import streamed
+        from twinview.pretrain.data.shards import shard_stream
 
-        stream = HFStreamingDataset(
-            d.path,
-            d.image_size,
-            d.split,
-            d.image_column,
-            d.label_column,
-            accelerator.process_index,
-            accelerator.num_processes,
-            cfg.train.seed,
-        )
+        common: dict[str, Any] = {
+            "image_column": d.image_column,
+            "label_column": d.label_column,
+            "rank": accelerator.process_index,
+            "world": accelerator.num_processes,
+            "seed": cfg.train.seed,
+            "skip_log": skip_log,
+        }
+        if is_shard_source(d.path):
+            stream = shard_stream(d.path, d.image_size, **common)
+        else:
+            stream = streamed(d.path, d.image_size, d.split, **common)
         loader = DataLoader(
             stream,
             batch_size=cfg.train.batch_size,
@@ -156,7 +160,7 @@ def _loader(cfg: Config, dataset: Any, sampler: PKBatchSampler | None, pin: bool
     if isinstance(dataset, CachedDataset):
         common["collate_fn"] = batched_collate  # the cache reads whole batches (__getitems__)
     if isinstance(dataset, EncodedImageFolder):
-        common["collate_fn"] = encoded_collate  # payloads differ in length: a list
+        common["collate_fn"] = encoded_collate  # payloads differ in length: packed into one tensor
     if sampler is not None:
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, **common)
