@@ -16,6 +16,7 @@ does, so a batch keeps its size (``data.strict=true`` raises instead).
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,9 @@ from twinview.pretrain.data.sources import ImageFolderDataset, first_decodable, 
 
 EXIF_ORIENTATION = 0x0112
 Payload = torch.Tensor  # 1-D uint8: a JPEG's bytes; (3, S, S) uint8: an image decoded in the worker
-EncodedBatch = tuple[list[Payload], torch.Tensor, torch.Tensor]  # payloads, labels (B,), item indices (B,)
+# What a worker sends: every payload's bytes back to back (N,) uint8, their offsets (B + 1,), whether
+# each is decoded pixels (B,) bool, labels (B,), item indices (B,)
+EncodedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def read_for_device(path: Path, size: int) -> Payload:
@@ -79,8 +82,32 @@ class EncodedImageFolder(Dataset):
 
 
 def encoded_collate(items: Sequence[tuple[Payload, int, int]]) -> EncodedBatch:
-    """Payloads stay a list (their lengths differ); labels and indices become tensors."""
-    return [p for p, _, _ in items], torch.tensor([y for _, y, _ in items]), torch.tensor([i for _, _, i in items])
+    """Packs a batch's payloads into one byte tensor with offsets.
+
+    One tensor, not B: a worker hands every tensor of a batch to the main process as its own
+    shared-memory file, and B payloads per batch, times the batches in flight (workers x
+    prefetch), exceed the usual limit of 1,024 open files at batch 256 ("Too many open files").
+    """
+    flat = [p.reshape(-1) for p, _, _ in items]
+    offsets = torch.zeros(len(flat) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor([p.numel() for p in flat]).cumsum(0)
+    return (
+        torch.cat(flat),
+        offsets,
+        torch.tensor([p.dim() == 3 for p, _, _ in items]),
+        torch.tensor([y for _, y, _ in items]),
+        torch.tensor([i for _, _, i in items]),
+    )
+
+
+def unpack(batch: EncodedBatch, size: int) -> tuple[list[Payload], torch.Tensor, torch.Tensor]:
+    """The payloads of a packed batch (views into it: JPEG bytes, or ``(3, size, size)`` pixels),
+    its labels and item indices."""
+    blob, offsets, decoded, labels, indices = batch
+    bounds = offsets.tolist()
+    payloads = [blob[a:b] for a, b in itertools.pairwise(bounds)]
+    payloads = [p.view(3, size, size) if d else p for p, d in zip(payloads, decoded.tolist(), strict=True)]
+    return payloads, labels, indices
 
 
 def centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -120,11 +147,15 @@ class DeviceDecoder:
         self.decode_jpegs = decode_jpegs
         self.rejected: set[int] = set()  # items nvJPEG failed on: sent to the CPU from then on
 
-    def __call__(
-        self, payloads: list[Payload], labels: torch.Tensor, indices: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's ``(B, 3, S, S)`` uint8 images and ``(B,)`` labels on the device (a replaced
         file's label is its replacement's)."""
+        return self.decode(*unpack(batch, self.folder.image_size))
+
+    def decode(
+        self, payloads: list[Payload], labels: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__` of an unpacked batch."""
         size = self.folder.image_size
         out = torch.empty((len(payloads), 3, size, size), dtype=torch.uint8, device=self.device)
         jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1 and int(indices[k]) not in self.rejected]

@@ -4,6 +4,8 @@ nvJPEG; the lent GPU machines run the real one (bench/gpu_check.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from twinview.pretrain.data.gpu_decode import (
     centre_square,
     encoded_collate,
     read_for_device,
+    unpack,
 )
 from twinview.pretrain.data.loaders import build_batches
 from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
@@ -47,6 +50,11 @@ def _folder(root: Path) -> Path:
     return root
 
 
+def _batch(items: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A batch as the workers send it (packed by encoded_collate), unpacked as the decoder does."""
+    return unpack(encoded_collate(items), SIZE)
+
+
 def _cpu_decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(decode_jpeg(data, mode=ImageReadMode.RGB))
 
@@ -69,6 +77,45 @@ def test_workers_send_plain_jpegs_as_bytes_and_decode_the_rest(tmp_path: Path) -
         read_for_device(tmp_path / "text.jpg", SIZE)
 
 
+def test_a_batch_travels_as_one_packed_tensor_and_unpacks_to_its_items(tmp_path: Path) -> None:
+    folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
+    items = [EncodedImageFolder(folder)[i] for i in range(len(folder))]
+    packed = encoded_collate(items)
+    assert len(packed) == 5 and packed[0].dim() == 1  # five tensors whatever the batch size
+    payloads, labels, indices = unpack(packed, SIZE)
+    for (payload, label, index), got in zip(items, payloads, strict=True):
+        assert got.shape == payload.shape and torch.equal(got, payload)
+    assert labels.tolist() == [y for _, y, _ in items] and indices.tolist() == list(range(len(folder)))
+
+
+FD_LIMITED = """
+import resource, sys
+from torch.utils.data import DataLoader
+from twinview.pretrain.data.gpu_decode import EncodedImageFolder, encoded_collate
+from twinview.pretrain.data.sources import ImageFolderDataset
+resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+data = EncodedImageFolder(ImageFolderDataset(sys.argv[1], 8))
+loader = DataLoader(data, batch_size=300, num_workers=2, collate_fn=encoded_collate, drop_last=True)
+print(sum(len(batch[1]) - 1 for batch in loader))
+"""
+
+
+def test_workers_send_large_batches_within_a_low_open_file_limit(tmp_path: Path) -> None:
+    # one shared-memory file per payload tensor ran out of file descriptors ("Too many open files")
+    # and hung the loader; the packed batch needs a handful per batch
+    rng = np.random.default_rng(0)
+    for i in range(600):
+        (tmp_path / "img" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / str(i % 2) / f"{i}.jpg"
+        )
+    done = subprocess.run(
+        [sys.executable, "-c", FD_LIMITED, str(tmp_path / "img")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["600"]
+
+
 def test_centre_square_crops_the_middle_and_keeps_a_square_of_the_right_size() -> None:
     image = torch.zeros(3, 10, 16, dtype=torch.uint8)
     image[:, :, 3:13] = 200  # the centred 10 x 10 square
@@ -79,8 +126,8 @@ def test_centre_square_crops_the_middle_and_keeps_a_square_of_the_right_size() -
 def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
     folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
     encoded = EncodedImageFolder(folder)
-    payloads, labels, indices = encoded_collate([encoded[i] for i in range(len(encoded))])
-    images, got_labels = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode)(payloads, labels, indices)
+    payloads, labels, indices = _batch([encoded[i] for i in range(len(encoded))])
+    images, got_labels = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode).decode(payloads, labels, indices)
     expected = torch.stack([folder[i][0] for i in range(len(folder))])
     assert images.shape == expected.shape == (9, 3, SIZE, SIZE)
     assert torch.equal(got_labels, torch.tensor(folder.index.labels))
@@ -91,7 +138,7 @@ def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
 def test_a_rejected_file_falls_back_to_one_by_one_then_the_cpu(tmp_path: Path) -> None:
     folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
     encoded = EncodedImageFolder(folder)
-    payloads, labels, indices = encoded_collate([encoded[i] for i in range(6)])
+    payloads, labels, indices = _batch([encoded[i] for i in range(6)])
     rejected = payloads[2]
     calls = []
 
@@ -101,9 +148,9 @@ def test_a_rejected_file_falls_back_to_one_by_one_then_the_cpu(tmp_path: Path) -
             raise RuntimeError("nvjpeg: unsupported")
         return _cpu_decode(data)
 
-    images, _ = DeviceDecoder(folder, torch.device("cpu"), picky)(payloads, labels, indices)
+    images, _ = DeviceDecoder(folder, torch.device("cpu"), picky).decode(payloads, labels, indices)
     assert calls == [6, 1, 1, 1, 1, 1, 1]  # the batch, then each file alone
-    reference, _ = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode)(payloads, labels, indices)
+    reference, _ = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode).decode(payloads, labels, indices)
     assert (images.float() - reference.float()).abs().mean() < 2.0
 
 
@@ -123,7 +170,7 @@ def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(t
     log = SkipLog(tmp_path / "skipped")
     folder = ImageFolderDataset(root, SIZE, skip_log=log)
     encoded = EncodedImageFolder(folder)
-    payloads, labels, indices = encoded_collate([encoded[i] for i in range(6)])
+    payloads, labels, indices = _batch([encoded[i] for i in range(6)])
     # item 5 (the last of class a) as bytes that pass the worker's checks and that neither decoder reads
     broken = bytearray(payloads[5][:20].numpy().tobytes() + b"\x00garbage" * 8 + b"\xff\xd9")
     payloads[5] = torch.frombuffer(broken, dtype=torch.uint8)
@@ -135,29 +182,29 @@ def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(t
 
     decoder = DeviceDecoder(folder, torch.device("cpu"), nvjpeg)
     with pytest.warns(UserWarning, match="nvJPEG could not decode"):
-        images, got_labels = decoder(payloads, labels, indices)
+        images, got_labels = decoder.decode(payloads, labels, indices)
     assert images.shape[0] == 6 and decoder.rejected == {5}
     assert list(log.collect()) == [str(root / "a" / "5.jpg")] and 5 in folder.bad
     replacement, label = folder[6]  # the next decodable item, decoded on the CPU, with its own label
     assert torch.equal(images[5], replacement) and int(got_labels[5]) == label == 1
     assert torch.equal(got_labels[:5], labels[:5])
-    images, _ = decoder(payloads, labels, indices)  # known bad: straight to the replacement, logged once
+    images, _ = decoder.decode(payloads, labels, indices)  # known bad: straight to the replacement, logged once
     assert torch.equal(images[5], replacement) and len(log.collect()) == 1
     folder.strict, folder.bad = True, {}
     with pytest.raises(BadImage, match=r"5\.jpg"):
-        DeviceDecoder(folder, torch.device("cpu"), nvjpeg)(payloads, labels, indices)
+        DeviceDecoder(folder, torch.device("cpu"), nvjpeg).decode(payloads, labels, indices)
 
 
 def test_out_of_memory_is_not_taken_for_a_bad_file(tmp_path: Path) -> None:
     folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
     encoded = EncodedImageFolder(folder)
-    payloads, labels, indices = encoded_collate([encoded[i] for i in range(3)])
+    payloads, labels, indices = _batch([encoded[i] for i in range(3)])
 
     def oom(data: list[torch.Tensor]) -> list[torch.Tensor]:
         raise RuntimeError("CUDA error: out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        DeviceDecoder(folder, torch.device("cpu"), oom)(payloads, labels, indices)
+        DeviceDecoder(folder, torch.device("cpu"), oom).decode(payloads, labels, indices)
 
 
 def test_build_batches_decodes_on_the_device_through_the_loader(tmp_path: Path) -> None:
@@ -200,8 +247,8 @@ def test_nvjpeg_batches_match_the_cpu_path_on_a_gpu(tmp_path: Path) -> None:
     _photo(root / "c" / "big.jpg", 20, w=300, h=200)  # resized on the device
     folder = ImageFolderDataset(root, SIZE)
     encoded = EncodedImageFolder(folder)
-    payloads, labels, indices = encoded_collate([encoded[i] for i in range(len(encoded))])
-    images, got = DeviceDecoder(folder, torch.device("cuda"))(payloads, labels, indices)
+    payloads, labels, indices = _batch([encoded[i] for i in range(len(encoded))])
+    images, got = DeviceDecoder(folder, torch.device("cuda")).decode(payloads, labels, indices)
     assert images.device.type == "cuda" and got.device.type == "cuda"
     expected = torch.stack([folder[i][0] for i in range(len(folder))])
     assert (images.cpu().float() - expected.float()).abs().mean() < 3.0
