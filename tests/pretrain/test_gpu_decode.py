@@ -83,7 +83,7 @@ def test_a_batch_travels_as_one_packed_tensor_and_unpacks_to_its_items(tmp_path:
     packed = encoded_collate(items)
     assert len(packed) == 5 and packed[0].dim() == 1  # five tensors whatever the batch size
     payloads, labels, indices = unpack(packed, SIZE)
-    for (payload, label, index), got in zip(items, payloads, strict=True):
+    for (payload, _, _), got in zip(items, payloads, strict=True):
         assert got.shape == payload.shape and torch.equal(got, payload)
     assert labels.tolist() == [y for _, y, _ in items] and indices.tolist() == list(range(len(folder)))
 
