@@ -83,7 +83,7 @@ def main() -> None:
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]
     _, model = load_trained_model(run_dir)
-    reference, query = labelled_folders(str(train_dir), str(root / "test"), cfg.data.image_size)
+    reference, query = labelled_folders(str(train_dir), str(root / "test"), cfg.data.size)
     t0 = time.perf_counter()
     trained = evaluate_backbone(model.backbone, cfg, reference, query)
     eval_seconds = time.perf_counter() - t0

@@ -98,12 +98,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if args.resume:
             run_dir = Path(args.resume)
             cfg = load_run_config(run_dir, args.overrides)
-            train(cfg, run_dir, resume=True)
+            train(cfg, run_dir, resume=True, recipe=f"resumed from {run_dir}")
         else:
             cfg = load_config(args.config, args.overrides)
             run_dir = new_shared_run_dir(cfg, overwrite=args.overwrite)  # one directory for all processes
             _main_print(f"Run directory: {run_dir}")
-            train(cfg, run_dir)
+            train(cfg, run_dir, recipe=str(args.config or ""))
     except TrainingInterrupted as stop:
         print(f"twinview pretrain: interrupted by {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -150,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg, backbone = load_backbone_for_evaluation(run_dir, args.overrides)
     _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
-    reference, query = labelled_folders(args.train, args.test, cfg.data.image_size)
+    reference, query = labelled_folders(args.train, args.test, cfg.data.size)
     accelerator = _launched_accelerator()
     main_process = accelerator is None or accelerator.is_main_process
     plots_dir = run_dir / "plots"
@@ -227,7 +227,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if args.size:
         overrides.append(f"data.image_size={args.size}")
     cfg = load_config(args.config, overrides + list(args.overrides))
-    images = _random_images(ImageFolderDataset(cfg.data.path, cfg.data.image_size), args.num, args.seed)
+    if cfg.data.image_size == "auto":
+        from twinview.pretrain.data.survey import auto_image_size, survey
+
+        size, why = auto_image_size(survey(cfg.data.path))
+        print(f"data.image_size=auto: {size} px ({why}).")
+        cfg.data.image_size = size
+    images = _random_images(ImageFolderDataset(cfg.data.path, cfg.data.size), args.num, args.seed)
     out = preview(images, cfg.augment, Path(args.out), seed=args.seed)
     print(f"Wrote {out} ({cfg.augment.recipe} views of {args.num} images from {args.data}).")
     return 0
@@ -247,9 +253,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config("demo", overrides + list(args.overrides))
     run_dir = new_run_dir(cfg)
     print(f"Pretraining {cfg.model.backbone} with SimCLR for {cfg.train.epochs} epochs -> {run_dir}")
-    train(cfg, run_dir)
+    train(cfg, run_dir, recipe="demo")
     _, backbone = load_backbone_for_evaluation(run_dir)
-    reference, query = labelled_folders(str(digits / "train"), str(digits / "test"), cfg.data.image_size)
+    reference, query = labelled_folders(str(digits / "train"), str(digits / "test"), cfg.data.size)
     result = {
         "pretrained": evaluate_backbone(backbone, cfg, reference, query),
         "random_init": evaluate_backbone(random_init_backbone(cfg), cfg, reference, query),

@@ -36,7 +36,10 @@ class DataConfig:
             (``/data/train-{000000..000999}.tar`` or a glob; always streamed) or ``builtin:digits``.
             Required: empty is an error.
         image_size: Side of the square uint8 images the loader returns (shorter side resized,
-            then centre-cropped). Augmentation crops are made from these.
+            then centre-cropped). Augmentation crops are made from these. ``auto``: from a sample
+            of the images, their median shorter side rounded down to a multiple of 32 within
+            32-224 px (:func:`twinview.pretrain.data.survey.auto_image_size`); the run prints the
+            size chosen and why, and stores it in config.yaml. An explicit size always wins.
         num_workers: DataLoader worker processes that decode and resize.
         samples_per_class: K of the P x K batches of the supervised objectives (P =
             train.batch_size / K classes per batch).
@@ -56,7 +59,7 @@ class DataConfig:
     """
 
     path: str = ""
-    image_size: int = 32
+    image_size: int | str = "auto"
     num_workers: int = 2
     samples_per_class: int = 4
     strict: bool = False
@@ -66,6 +69,13 @@ class DataConfig:
     image_column: str = ""
     label_column: str = ""
     streaming: bool = False
+
+    @property
+    def size(self) -> int:
+        """``image_size`` in pixels, once ``auto`` has been resolved at the start of a run."""
+        if not isinstance(self.image_size, int):
+            raise ValueError(f"data.image_size={self.image_size} has not been resolved to pixels yet.")
+        return self.image_size
 
 
 @dataclass
@@ -266,6 +276,10 @@ def _check_keys(tree: Any, cls: type, prefix: str, source: str) -> None:
         sub = _section_class(fields[key])
         if sub is not None:
             _check_keys(value, sub, f"{prefix}{key}.", source)
+        elif isinstance(value, bool) and fields[key].type in ("str", str):
+            # YAML reads an unquoted no/off/false as a boolean; for a text key such as
+            # train.mixed_precision=no the word was meant
+            tree[key] = "yes" if value else "no"
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:

@@ -71,7 +71,7 @@ def evaluate_backbone(
         query,
         cfg.eval,
         cfg.augment,
-        cfg.data.image_size,
+        cfg.data.size,
         mean,
         std,
         num_workers=cfg.data.num_workers,

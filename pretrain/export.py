@@ -53,7 +53,7 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
     """
     out_dir = Path(out_dir)
     mean, std = normalization_stats(backbone)
-    size = cfg.data.image_size
+    size = cfg.data.size
     data_config = {
         "input_size": (3, size, size),
         "interpolation": "bicubic",
@@ -135,7 +135,7 @@ def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = N
         f"| architecture | `{cfg.model.backbone}`{' (CIFAR stem)' if cfg.model.cifar_stem else ''}"
         f"{' ' + json.dumps(dict(cfg.model.kwargs)) if cfg.model.kwargs else ''} |",
         f"| objective | `{o.name}` ({get(o.name).paper}): {_settings(objective_section(cfg))} |",
-        f"| views | recipe `{a.recipe}`, {cfg.data.image_size} px |",
+        f"| views | recipe `{a.recipe}`, {cfg.data.size} px |",
         f"| data | `{cfg.data.path}` |",
         f"| schedule | {t.epochs} epochs, batch {t.batch_size} per process, `{cfg.optim.name}` lr {cfg.optim.lr}, "
         f"weight decay {cfg.optim.weight_decay}, warm-up {cfg.optim.warmup_epochs} epoch(s) + cosine |",
@@ -189,5 +189,5 @@ def export_run(run_dir: Path, out_dir: Path, onnx: bool = False) -> Path:
     eval_file = Path(run_dir) / "eval.json"
     model_card(cfg, Path(out_dir), json.loads(eval_file.read_text()) if eval_file.is_file() else None)
     if onnx:
-        export_onnx(model.backbone, cfg.data.image_size, Path(out_dir) / "model.onnx")
+        export_onnx(model.backbone, cfg.data.size, Path(out_dir) / "model.onnx")
     return Path(out_dir)

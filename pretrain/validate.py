@@ -74,6 +74,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 
+MIN_IMAGE_SIZE = 8
 _AT_LEAST = {  # key: minimum, and what the minimum means
     "train.batch_size": (1, ""),
     "train.epochs": (0, ""),
@@ -140,6 +141,12 @@ def _check_values(cfg: Config) -> None:
         assert isinstance(value, int)
         if value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}.")
+    size = cfg.data.image_size
+    if size != "auto" and not (isinstance(size, int) and size >= MIN_IMAGE_SIZE):
+        raise ConfigError(
+            f"invalid value for 'data.image_size': {size!r}. "
+            f"Valid values: auto, or a side in pixels >= {MIN_IMAGE_SIZE}."
+        )
 
 
 def _check_data_source(cfg: Config) -> None:

@@ -80,13 +80,16 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
 
 @pytest.mark.parametrize("recipe", shipped_recipes())
 def test_every_shipped_recipe_validates_and_takes_one_optimiser_step(recipe: str, tmp_path: Path) -> None:
-    """The recipe's own objective, optimiser, schedule and views, shrunk to tiny images and model."""
+    """The recipe's own backbone, objective, optimiser, schedule and views, shrunk to tiny images,
+    a small batch and a narrow head."""
     from twinview.pretrain.engine.train import train
 
-    data = make_image_folder(tmp_path / "img", classes=4, per_class=8, size=16)
+    data = make_image_folder(tmp_path / "img", classes=4, per_class=8, size=32)
+    vit = "vit" in load_config(recipe, ["data.path=/imgs"]).model.backbone
     overrides = [
         f"data.path={data}",
-        "data.image_size=16",
+        "data.image_size=32",
+        *(["model.kwargs.img_size=32"] if vit else []),
         "data.num_workers=0",
         "train.batch_size=16",
         "data.samples_per_class=4",
@@ -94,7 +97,8 @@ def test_every_shipped_recipe_validates_and_takes_one_optimiser_step(recipe: str
         "train.max_steps_per_epoch=1",
         f"train.output_dir={tmp_path}",
         "train.run_name=r",
-        "model.backbone=resnet18",
+        "data.cache=none",
+        "train.mixed_precision=no",
         "model.proj_hidden_dim=32",
         "model.proj_dim=16",
         "model.predictor_hidden_dim=32",

@@ -88,9 +88,9 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
             "skip_log": skip_log,
         }
         if is_shard_source(d.path):
-            stream = shard_stream(d.path, d.image_size, **common)
+            stream = shard_stream(d.path, d.size, **common)
         else:
-            stream = streamed(d.path, d.image_size, d.split, **common)
+            stream = streamed(d.path, d.size, d.split, **common)
         loader = DataLoader(
             stream,
             batch_size=cfg.train.batch_size,
@@ -104,19 +104,19 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
         from twinview.pretrain.data.hf import HFImageDataset
 
         dataset: Any = HFImageDataset(
-            d.path, d.image_size, d.split, d.image_column, d.label_column, strict=d.strict, skip_log=skip_log
+            d.path, d.size, d.split, d.image_column, d.label_column, strict=d.strict, skip_log=skip_log
         )
     elif d.decode == "gpu":
-        folder = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
+        folder = ImageFolderDataset(d.path, d.size, strict=d.strict, skip_log=skip_log)
         dataset = EncodedImageFolder(folder)
         sampler = _checked_sampler(cfg, world, dataset)
         return Batches(_loader(cfg, dataset, sampler, pin), sampler, DeviceDecoder(folder, accelerator.device))
     elif d.cache == "none":
-        dataset = ImageFolderDataset(d.path, d.image_size, strict=d.strict, skip_log=skip_log)
+        dataset = ImageFolderDataset(d.path, d.size, strict=d.strict, skip_log=skip_log)
     else:
         # the cache's file lock makes one process build while the others wait (no collective
         # barrier, which would time out on a long build under NCCL)
-        cache = build_or_load(scan_source(d.path), d.image_size, workers=d.num_workers, strict=d.strict)
+        cache = build_or_load(scan_source(d.path), d.size, workers=d.num_workers, strict=d.strict)
         for path, reason in cache.skipped.items():
             skip_log.record(Path(path), reason)
         accelerator.print(f"Decoded cache: {cache.path} ({len(cache.kept)} images, {len(cache.skipped)} skipped)")

@@ -31,7 +31,7 @@ def monitor_knn(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -
         reference, query = labelled_folders(
             cfg.eval.monitor_train,
             cfg.eval.monitor_test,
-            cfg.data.image_size,
+            cfg.data.size,
             names=("eval.monitor_train", "eval.monitor_test"),
         )
         mean, std = normalization_stats(backbone)

@@ -41,6 +41,7 @@ from twinview.pretrain.engine.metrics_log import (
 )
 from twinview.pretrain.engine.monitor import monitor_knn
 from twinview.pretrain.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from twinview.pretrain.engine.run_start import print_start, survey_and_size
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.models import ContrastiveModel, create_model, normalization_stats
@@ -101,13 +102,14 @@ def _clip_or_measure_grad_norm(t: Trainer) -> torch.Tensor | None:
     return grad_norm(t.parameters) if t.guard.checks_gradients else None
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
+def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") -> Path:
     """Pretrains a backbone with the configured objective and writes everything into ``run_dir``.
 
     Args:
         cfg: The resolved config.
         run_dir: The run directory (created if missing; see :mod:`twinview.pretrain.runs`).
         resume: Continue from the run's latest checkpoint instead of starting afresh.
+        recipe: The recipe the config came from, for the start-of-run summary.
 
     Returns:
         The path of the final ``model.safetensors``.
@@ -119,6 +121,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     # session) must be free to choose its own mixed precision.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     world = current_world(cfg)
+    cfg, start = survey_and_size(cfg)  # data.image_size=auto resolved, and saved so below
     validate(cfg, world)  # before any compute
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, run_dir)
@@ -135,7 +138,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     dtype = low if device.type == "cuda" else torch.float32
     seed = cfg.train.seed * 1_000_003 + accelerator.process_index  # each process its own random stream
-    views = build_views(cfg.augment, cfg.data.image_size, mean, std, seed=seed, device=device, dtype=dtype)
+    views = build_views(cfg.augment, cfg.data.size, mean, std, seed=seed, device=device, dtype=dtype)
     method = create_method(cfg, online).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer(cfg, online, peak_lr, device)
@@ -148,6 +151,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, peak_lr, steps_per_epoch)
+    print_start(accelerator, cfg, start, recipe, online, world, peak_lr, steps_per_epoch)
     mode = resolve_mode(cfg.train.nonfinite_check, cfg.train.max_nonfinite_steps, device)
     reduce = all_reduce_min if accelerator.num_processes > 1 else None
     guard = StepGuard(model, method, optimizer, mode, device, reduce, scaler_skips=accelerator.scaler is not None)

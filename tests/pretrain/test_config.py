@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from twinview.pretrain.config import Config, ConfigError, load_config, recipe_path, save_config
+from twinview.pretrain.config import Config, ConfigError, load_config, recipe_path, save_config, shipped_recipes
 
 
 def test_defaults_are_the_dataclass_defaults() -> None:
@@ -25,15 +25,24 @@ def test_recipe_overrides_and_dotted_overrides_apply_in_order() -> None:
 
 
 def test_shipped_recipes_resolve_by_name_and_path() -> None:
+    assert {"demo", "simclr-cifar10", "simclr-photos", "simclr-imagenet", "moco-v3-vit-small"} <= set(shipped_recipes())
     assert recipe_path("demo").name == "demo.yaml"
     assert recipe_path("configs/simclr-cifar10.yaml").name == "simclr-cifar10.yaml"
-    with pytest.raises(ConfigError, match="Shipped: demo, moco-v2-cifar10, simclr-cifar10, supcon-cifar10"):
+    with pytest.raises(ConfigError, match="Shipped: " + ", ".join(shipped_recipes())):
         recipe_path("nope")
 
 
 def test_every_shipped_recipe_loads() -> None:
-    for name in ("demo", "simclr-cifar10", "moco-v2-cifar10", "supcon-cifar10"):
-        load_config(name, ["data.path=/imgs"])
+    for name in shipped_recipes():  # and takes an optimiser step: tests/test_structure.py
+        assert load_config(name, ["data.path=/imgs"]).data.path == "/imgs"
+
+
+def test_an_unquoted_no_stays_a_word_for_text_keys(tmp_path: Path) -> None:
+    assert load_config(None, ["data.path=/imgs", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n  channels_last: no\n")
+    cfg = load_config(recipe, ["data.path=/imgs"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False
 
 
 def test_model_kwargs_take_dotted_timm_arguments() -> None:

@@ -1,0 +1,130 @@
+"""What a run's data looks like before any compute, and ``data.image_size=auto`` chosen from it.
+
+A survey counts the images and classes and reads the size of a fixed sample of them (image headers
+only, no decoding), so the start of a run can say what it found, pick an image size when asked
+to, and warn about settings that do not suit the data.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source
+
+SAMPLE = 200  # images whose size is read
+AUTO_MIN, AUTO_MAX, AUTO_STEP = 32, 224, 32  # data.image_size=auto: within these, a multiple of this
+
+
+@dataclass(frozen=True)
+class DataSurvey:
+    """The data a run found.
+
+    Attributes:
+        source: ``data.path``.
+        images: Number of images; None for a stream (not counted).
+        classes: Number of class labels (0: unlabeled).
+        shorter_sides: Shorter side in pixels of each sampled image.
+    """
+
+    source: str
+    images: int | None
+    classes: int
+    shorter_sides: tuple[int, ...]
+
+    @property
+    def median_side(self) -> float:
+        """Median shorter side of the sample (0 when nothing was sampled)."""
+        return float(statistics.median(self.shorter_sides)) if self.shorter_sides else 0.0
+
+    def describe(self) -> str:
+        """One line: count, classes and the sampled size range."""
+        count = "a stream of images" if self.images is None else f"{self.images:,} images"
+        classes = f", {self.classes} classes" if self.classes else ", unlabeled"
+        if not self.shorter_sides:
+            return f"{count}{classes}"
+        lo, hi = min(self.shorter_sides), max(self.shorter_sides)
+        return (
+            f"{count}{classes}; shorter side {lo}-{hi} px, median {self.median_side:.0f} "
+            f"(sample of {len(self.shorter_sides)})"
+        )
+
+
+def survey(path: str, split: str = "train") -> DataSurvey:
+    """Counts a source's images and classes and samples the size of up to :data:`SAMPLE` of them.
+
+    Args:
+        path: Anything ``data.path`` accepts.
+        split: Split of a Hugging Face source.
+    """
+    if is_shard_source(path) or is_hf_source(path):
+        return _survey_datasets(path, split)
+    from twinview.pretrain.data.sources import scan_source
+
+    index = scan_source(path)
+    step = max(1, len(index.files) // SAMPLE)
+    sides = []
+    for f in index.files[::step][:SAMPLE]:
+        try:
+            with Image.open(f) as img:  # the header only
+                sides.append(min(img.size))
+        except Exception:  # a bad file: the loader lists it
+            continue
+    return DataSurvey(path, len(index.files), len(index.classes), tuple(sides))
+
+
+def _survey_datasets(path: str, split: str) -> DataSurvey:
+    import datasets
+
+    from twinview.pretrain.data.hf import load_source, pick_columns
+
+    streamed = is_shard_source(path)
+    data = load_source(path, split, streaming=streamed)
+    image, label = pick_columns(data.features, "", "")
+    data = data.cast_column(image, datasets.Image(decode=False))
+    if isinstance(data, datasets.Dataset):
+        step = max(1, len(data) // SAMPLE)
+        rows = data.select(range(0, len(data), step)[:SAMPLE])
+        images: int | None = len(data)
+        classes = len(set(data[label])) if label else 0
+    else:
+        rows, images, classes = data.take(SAMPLE), None, 0
+    sides = []
+    for row in rows:
+        cell = row[image]
+        try:
+            with Image.open(_bytes_or_path(cell)) as img:
+                sides.append(min(img.size))
+        except Exception:
+            continue
+    return DataSurvey(path, images, classes, tuple(sides))
+
+
+def _bytes_or_path(cell: dict[str, Any]) -> io.BytesIO | Path:
+    return io.BytesIO(cell["bytes"]) if cell.get("bytes") else Path(cell["path"])
+
+
+def auto_image_size(found: DataSurvey) -> tuple[int, str]:
+    """``data.image_size=auto``: the sample's median shorter side, rounded down to a multiple of
+    :data:`AUTO_STEP` (no upscaling) and clamped to ``AUTO_MIN..AUTO_MAX``.
+
+    Returns:
+        The size and a sentence saying why.
+    """
+    if not found.shorter_sides:
+        return AUTO_MAX, f"no image size could be read from '{found.source}'; {AUTO_MAX} px"
+    median = found.median_side
+    size = min(AUTO_MAX, max(AUTO_MIN, int(median) // AUTO_STEP * AUTO_STEP))
+    why = f"the median shorter side of {len(found.shorter_sides)} sampled images is {median:.0f} px"
+    if size == AUTO_MAX and median > AUTO_MAX:
+        why += f"; capped at {AUTO_MAX} px, the papers' ImageNet size"
+    elif size == AUTO_MIN and median < AUTO_MIN:
+        why += f"; raised to the minimum of {AUTO_MIN} px"
+    else:
+        why += f", rounded down to a multiple of {AUTO_STEP}"
+    return size, why

@@ -1,0 +1,92 @@
+"""The start of a run: the data survey, data.image_size=auto, the summary block and its warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from twinview.pretrain.config import load_config
+from twinview.pretrain.data.survey import DataSurvey, auto_image_size, survey
+from twinview.pretrain.engine.run_start import StartInfo, final_feature_side, start_warnings
+from twinview.pretrain.engine.train import train
+from twinview.pretrain.models import create_backbone
+
+from ..conftest import make_image_folder
+
+
+def _sized(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        folder = root / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("sides", "size", "why"),
+    [
+        ([96] * 5, 96, "median shorter side of 5 sampled images is 96 px, rounded down"),
+        ([100, 120, 130], 96, "is 120 px, rounded down to a multiple of 32"),
+        ([480, 500, 1024], 224, "capped at 224 px"),
+        ([20, 28], 32, "raised to the minimum of 32 px"),
+    ],
+)
+def test_auto_image_size_is_the_median_shorter_side_rounded_down(sides: list[int], size: int, why: str) -> None:
+    got, reason = auto_image_size(DataSurvey("/x", len(sides), 0, tuple(sides)))
+    assert got == size and why in reason
+
+
+def test_the_survey_counts_images_and_classes_and_reads_sizes_from_headers(tmp_path: Path) -> None:
+    root = _sized(tmp_path / "img", [(40, 30), (64, 80), (50, 50), (100, 20)])
+    found = survey(str(root))
+    assert (found.images, found.classes, sorted(found.shorter_sides)) == (4, 2, [20, 30, 50, 64])
+    assert found.median_side == 40 and "4 images, 2 classes; shorter side 20-64 px, median 40" in found.describe()
+
+
+def test_a_run_with_no_size_setting_picks_one_prints_why_and_saves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _sized(tmp_path / "img", [(72, 90)] * 12 + [(300, 200)] * 4)  # median shorter side 72 -> 64
+    cfg = load_config(
+        None,
+        [
+            f"data.path={root}",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "model.proj_hidden_dim=32",
+            "model.proj_dim=16",
+            f"train.output_dir={tmp_path}",
+        ],
+    )
+    assert cfg.data.image_size == "auto"
+    train(cfg, tmp_path / "run", recipe="(test)")
+    out = capsys.readouterr().out
+    assert "data.image_size=auto: the median shorter side of 16 sampled images is 72 px" in out
+    assert "16 images, 2 classes; shorter side 72-200 px" in out and "recipe     (test)" in out
+    assert "batch      8 global = 8 per process x 1 process(es) x 1 pass(es)" in out
+    assert "steps      2 per epoch x 1 epochs = 2" in out
+    assert "warning: an epoch of 16 images is only 2 optimiser step(s)" in out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["image_size"] == 64
+
+
+def test_warnings_name_the_setting_to_change(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "img", classes=2, per_class=4, size=24)
+    found = survey(str(folder))
+    cfg = load_config(None, [f"data.path={folder}", "data.image_size=64"])
+    backbone = create_backbone(cfg.model)
+    (upscaled,) = start_warnings(cfg, StartInfo(found, ""), backbone, steps_per_epoch=100)
+    assert "upscaled to data.image_size=64" in upscaled and "data.image_size=auto" in upscaled
+    small = load_config(None, [f"data.path={folder}", "data.image_size=32"])
+    warnings = start_warnings(small, StartInfo(found, ""), backbone, steps_per_epoch=100)
+    assert final_feature_side(backbone, 32) == 1 and final_feature_side(backbone, 64) == 2
+    assert any("reduces 32 px images to 1x1" in w and "model.cifar_stem=true" in w for w in warnings)
+    cifar = create_backbone(load_config(None, ["data.path=/x", "model.cifar_stem=true"]).model)
+    assert final_feature_side(cifar, 32) == 4
+    assert not start_warnings(small, StartInfo(found, ""), cifar, steps_per_epoch=100)
