@@ -98,13 +98,20 @@ class ContrastiveModel(nn.Module):
         self.head = head
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor, predict: bool = False) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | list[torch.Tensor], predict: bool = False) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, proj_dim)`` projections (predictions with ``predict=True``).
 
-        The predictor runs inside ``forward`` so that distributed data parallel sees every
-        parameter used in its forward pass.
+        A list of batches at different resolutions (multi-crop: the global views, then the local
+        ones) goes through the backbone one batch at a time and through the head together; the
+        projections come back concatenated in list order. The predictor runs inside ``forward``,
+        and all views go through one call, so that distributed data parallel sees every parameter
+        used in one forward pass.
         """
-        z = self.head(self.backbone(images))
+        if isinstance(images, list):
+            features = torch.cat([self.backbone(batch) for batch in images])  # (sum B_i, F)
+        else:
+            features = self.backbone(images)
+        z = self.head(features)
         if predict:
             if self.predictor is None:
                 raise ValueError("this model has no predictor (only objective.name=moco_v3 builds one)")

@@ -209,11 +209,11 @@ def _check_decode(cfg: Config, world: World) -> None:
 
 def _check_views(cfg: Config) -> None:
     # A training check only: `twinview preview` shows multi-crop views of any config.
-    # TODO(issue 14): objectives that consume local views (multi-crop) lift this.
-    if cfg.augment.local_crops:
+    if cfg.augment.local_crops and not registry.get(cfg.objective.name).multi_crop:
+        takes = ", ".join(o.name for o in registry.OBJECTIVES.values() if o.multi_crop)
         raise ConfigError(
             f"augment.local_crops={cfg.augment.local_crops}: objective '{cfg.objective.name}' uses two views "
-            "and no multi-crop local views; set augment.local_crops=0."
+            f"and no multi-crop local views; set augment.local_crops=0 (multi-crop: {takes})."
         )
 
 

@@ -107,6 +107,27 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> t
     return torch.where(has, per_anchor, 0.0).sum() / has.sum().clamp_min(1)
 
 
+def multi_positive_nt_xent(views: list[torch.Tensor], temperature: float = 0.2) -> torch.Tensor:
+    """NT-Xent with more than two views per image (multi-crop; Caron et al., NeurIPS 2020): every
+    other view of the same image is a positive, every view of another image (of every process) a
+    negative. It is :func:`supcon` (Khosla et al. 2020, eq. 2) with each image its own class:
+
+        l_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i . z_p / t) / sum_{a != i} exp(z_i . z_a / t) )
+
+    over the V x M views, |P(i)| = V - 1. With two views it equals :func:`nt_xent`.
+
+    Args:
+        views: V ``(N, D)`` embeddings, one per view; row j of each is image j.
+        temperature: t > 0.
+
+    Returns:
+        The mean loss over this process's V x N anchors.
+    """
+    n = views[0].shape[0]
+    images = torch.arange(n, device=views[0].device) + distributed.rank() * n  # (N,) unique over processes
+    return supcon(torch.cat(views), images.repeat(len(views)), temperature)  # (V * N, D), (V * N,)
+
+
 def pairwise_contrastive(
     z_1: torch.Tensor, z_2: torch.Tensor, dissimilar: torch.Tensor, margin: float = 1.0
 ) -> torch.Tensor:

@@ -7,6 +7,7 @@ unwrapped trained model and the run's seed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +18,14 @@ from twinview.pretrain import distributed
 from twinview.pretrain.config import Config, objective_section
 from twinview.pretrain.distributed import to_device_async
 from twinview.pretrain.models import ContrastiveModel
-from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
+from twinview.pretrain.objectives.losses import (
+    info_nce,
+    multi_positive_nt_xent,
+    nt_xent,
+    pairwise_contrastive,
+    supcon,
+    triplet,
+)
 from twinview.pretrain.objectives.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
 from twinview.pretrain.objectives.registry import (
     ContrastiveConfig,
@@ -35,6 +43,13 @@ Tensors = list[torch.Tensor]
 def _two(model: nn.Module, views: Tensors, **kwargs: bool) -> Tensors:
     """Both views through the model in one call (one batch-norm batch, one DDP forward)."""
     return list(model(torch.cat(views[:2]), **kwargs).chunk(2))  # z_a, z_b: (N, D) each
+
+
+def _with_locals(model: nn.Module, first: Tensors, locals_: Tensors, **kwargs: bool) -> Tensors:
+    """Views at two resolutions through the model in one call (one DDP forward): ``first`` (the
+    global views) as one backbone batch, the multi-crop local views as another."""
+    out = model([torch.cat(first), torch.cat(locals_)], **kwargs)  # ((G + L) * N, D)
+    return list(out.chunk(len(first) + len(locals_)))  # (N, D) each, in view order
 
 
 _EARLIER_ENTRIES = ("shuffle_generator", "pair_generator")
@@ -92,13 +107,19 @@ class Method(nn.Module):
 
 
 class SimCLR(Method):
-    """NT-Xent over two views (Chen et al. 2020)."""
+    """NT-Xent over two views (Chen et al. 2020); with multi-crop local views, the multi-positive
+    NT-Xent over all of them (every view of an image a positive of the others)."""
 
     def __init__(self, section: SimCLRConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
         self.temperature = section.temperature
 
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        return _two(model, views) if len(views) == 2 else _with_locals(model, views[:2], views[2:])
+
     def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        if len(outputs) > 2:
+            return multi_positive_nt_xent(outputs, self.temperature)
         z_a, z_b = outputs
         return nt_xent(z_a, z_b, self.temperature)
 
@@ -125,7 +146,9 @@ class _Momentum(Method):
 
 class MoCoV2(_Momentum):
     """MoCo v2: InfoNCE of queries against their momentum keys and a queue of older keys; keys
-    encoded with shuffle BN (several processes) or split BN (one process). Asymmetric by default."""
+    encoded with shuffle BN (several processes) or split BN (one process). Asymmetric by default.
+    Multi-crop local views are extra queries, each against every global view's key (the loss is
+    the mean over query-key pairs)."""
 
     def __init__(self, section: MoCoV2Config, online: ContrastiveModel, seed: int) -> None:
         super().__init__(section, online, seed)
@@ -144,16 +167,24 @@ class MoCoV2(_Momentum):
         return super().load_state_dict(state, strict, assign)
 
     def embed(self, model: nn.Module, views: Tensors) -> Tensors:
-        """Queries: the projections of the first view (of both if symmetric)."""
+        """Queries: the projections of the first view (of both if symmetric), then of the local views."""
+        first = views[:2] if self.symmetric else views[:1]
+        if len(views) > 2:
+            return _with_locals(model, first, views[2:])
         return _two(model, views) if self.symmetric else [model(views[0])]
 
     def keys(self, views: Tensors) -> Tensors:
-        """Momentum keys, no gradient: of the second view (of both if symmetric)."""
+        """Momentum keys, no gradient: of the second view (of both if symmetric); never of local views."""
         chosen = views[:2] if self.symmetric else views[1:2]
         return [encode_keys_without_bn_leak(self.key.encoder, v, self.bn_splits, self.generator) for v in chosen]
 
     def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
         negatives = self.queue.keys.clone()  # (K, D)
+        globals_ = 2 if self.symmetric else 1
+        if len(outputs) > globals_:  # multi-crop
+            pairs = list(zip(outputs[:globals_], keys[::-1] if self.symmetric else keys, strict=True))
+            pairs += [(q, k) for q in outputs[globals_:] for k in keys]
+            return sum_of(info_nce(q, k, negatives, self.temperature) for q, k in pairs) / len(pairs)
         if self.symmetric:
             (q_a, q_b), (k_a, k_b) = outputs, keys
             return (
@@ -173,18 +204,31 @@ class MoCoV2(_Momentum):
 
 class MoCoV3(_Momentum):
     """MoCo v3: a predictor on the query branch, symmetric InfoNCE against the in-batch momentum
-    keys of every process, no queue (ViTs as well as ResNets)."""
+    keys of every process, no queue (ViTs as well as ResNets). Multi-crop local views are extra
+    queries against both global keys (the loss is then the mean over query-key pairs, scaled as
+    the two-view loss is)."""
 
     def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        if len(views) > 2:
+            return _with_locals(model, views[:2], views[2:], predict=True)
         return _two(model, views, predict=True)  # q_a, q_b: (N, D)
 
     def keys(self, views: Tensors) -> Tensors:
         return [self.key(views[0]), self.key(views[1])]  # k_a, k_b: whole-batch BN, as in the paper
 
     def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        if len(outputs) > 2:  # multi-crop
+            pairs = [(outputs[0], keys[1]), (outputs[1], keys[0])] + [(q, k) for q in outputs[2:] for k in keys]
+            mean = sum_of(_in_batch_info_nce(q, k, self.temperature) for q, k in pairs) / len(pairs)
+            return mean * 2 * 2 * self.temperature  # two terms' worth, as below
         (q_a, q_b), (k_a, k_b) = outputs, keys
         loss = _in_batch_info_nce(q_a, k_b, self.temperature) + _in_batch_info_nce(q_b, k_a, self.temperature)
         return loss * 2 * self.temperature  # x 2t, as in the paper's code
+
+
+def sum_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of scalar loss terms (``sum()`` with a tensor start, for the type checker)."""
+    return torch.stack(list(terms)).sum()
 
 
 def _in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:

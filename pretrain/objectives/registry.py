@@ -178,6 +178,8 @@ class Objective:
         paper: The paper it follows, for the model card and the export's config.json.
         supervised: Trains on class labels, from P x K class-balanced batches.
         predictor: The model gets a predictor MLP on top of the head (MoCo v3).
+        multi_crop: Its method uses multi-crop local views (``augment.local_crops``); the others
+            refuse them.
         choices: Allowed values of string keys of the section.
         checks: Settings that cannot work with the run's batches, refused before any compute.
     """
@@ -189,6 +191,7 @@ class Objective:
     paper: str
     supervised: bool = False
     predictor: bool = False
+    multi_crop: bool = False
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     checks: tuple[Check, ...] = ()
 
@@ -212,6 +215,7 @@ OBJECTIVES: dict[str, Objective] = {
             "NT-Xent over two views; negatives from every process, gathered with gradient",
             "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations "
             "(arXiv:2002.05709)",
+            multi_crop=True,
             checks=(_two_per_process("simclr"),),
         ),
         Objective(
@@ -220,6 +224,7 @@ OBJECTIVES: dict[str, Objective] = {
             MoCoV2Config,
             "query encoder vs momentum key encoder, InfoNCE against a queue of keys",
             "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning (arXiv:2003.04297)",
+            multi_crop=True,
             choices=_MOMENTUM,
             checks=(_check_moco_v2,),
         ),
@@ -230,6 +235,7 @@ OBJECTIVES: dict[str, Objective] = {
             "predictor on the query branch, symmetric InfoNCE against the in-batch momentum keys",
             "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers (arXiv:2104.02057)",
             predictor=True,
+            multi_crop=True,
             choices=_MOMENTUM,
             checks=(_two_per_process("moco_v3"),),
         ),

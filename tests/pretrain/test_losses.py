@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from twinview.pretrain.objectives.losses import info_nce, nt_xent, pairwise_contrastive, supcon, triplet
+from twinview.pretrain.objectives.losses import (
+    info_nce,
+    multi_positive_nt_xent,
+    nt_xent,
+    pairwise_contrastive,
+    supcon,
+    triplet,
+)
 
 
 def nt_xent_loop(z_a: torch.Tensor, z_b: torch.Tensor, t: float) -> torch.Tensor:
@@ -207,3 +214,30 @@ def test_triplet_hand_computed_and_no_valid_triplets() -> None:
     assert triplet(z, torch.tensor([0, 1, 2]), 1.0, "batch_all").item() == 0.0
     with pytest.raises(ValueError, match="batch_hard"):
         triplet(z, labels, 1.0, "hardest")
+
+
+def multi_positive_loop(views: list[torch.Tensor], t: float) -> torch.Tensor:
+    """Multi-crop NT-Xent written out anchor by anchor: every other view of the same image is a
+    positive, the mean of -log softmax over them; all other views are in the denominator."""
+    v, n = len(views), views[0].shape[0]
+    z = torch.cat(views).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    image = [i % n for i in range(v * n)]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(v * n):
+        denominator = sum(torch.exp(z[i] @ z[k] / t) for k in range(v * n) if k != i)
+        positives = [p for p in range(v * n) if p != i and image[p] == image[i]]
+        total = total - sum(torch.log(torch.exp(z[i] @ z[p] / t) / denominator) for p in positives) / len(positives)
+    return total / (v * n)
+
+
+@pytest.mark.parametrize("views", [3, 5])
+def test_multi_positive_nt_xent_matches_loop_and_is_nt_xent_for_two_views(views: int) -> None:
+    g = torch.Generator().manual_seed(views)
+    zs = [torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(views)]
+    fast, slow = multi_positive_nt_xent(zs, 0.3), multi_positive_loop(zs, 0.3)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    for got, want in zip(torch.autograd.grad(fast, zs), torch.autograd.grad(slow, zs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    a, b = zs[0].detach(), zs[1].detach()
+    assert multi_positive_nt_xent([a, b], 0.3).item() == pytest.approx(nt_xent(a, b, 0.3).item(), rel=1e-5)

@@ -435,3 +435,36 @@ def test_a_compiled_run_resumes_exactly_trains_like_eager_and_exports_to_plain_t
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model.backbone(x))
+
+
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [
+        ("simclr", ()),
+        ("simclr", ("train.grad_accumulation=2", "train.batch_size=4")),  # cached: the loss sees both passes
+        ("moco_v2", ("objective.moco_v2.queue_size=16", "objective.moco_v2.bn_splits=2")),
+        ("moco_v3", ()),
+    ],
+)
+def test_multi_crop_local_views_train(image_folder: Path, tmp_path: Path, objective: str, extra: tuple) -> None:
+    cfg = _cfg(
+        image_folder,
+        tmp_path,
+        f"objective.name={objective}",
+        "augment.local_crops=2",
+        "augment.local_crop_size=12",
+        "train.epochs=1",
+        "train.run_name=mc",
+        *extra,
+    )
+    train(cfg, tmp_path / "mc")
+    losses = [r["loss"] for r in _metrics(tmp_path / "mc") if r["kind"] == "step"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_objectives_without_multi_crop_refuse_local_views(image_folder: Path, tmp_path: Path) -> None:
+    from twinview.pretrain.validate import ConfigError, World, validate
+
+    cfg = _cfg(image_folder, tmp_path, "objective.name=supcon", "augment.local_crops=2")
+    with pytest.raises(ConfigError, match=r"local_crops=2: objective 'supcon'.*multi-crop: simclr, moco_v2, moco_v3"):
+        validate(cfg, World())
