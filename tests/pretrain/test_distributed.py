@@ -11,11 +11,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from twinview.pretrain import distributed
-from twinview.pretrain.objectives.losses import nt_xent, supcon
+from twinview.pretrain.objectives.losses import multi_positive_nt_xent, nt_xent, supcon
 from twinview.pretrain.objectives.moco import KeyQueue, encode_keys_without_bn_leak
 
 WORLD = 2
 N, D_IN, D = 6, 5, 4  # per-process batch, input and embedding widths
+LOSSES = ("nt_xent", "supcon", "multi_positive")
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,14 +33,18 @@ def _model() -> nn.Module:
 
 
 def _losses(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    z_a, z_b = model(x_a), model(x_b)
-    return {"nt_xent": nt_xent(z_a, z_b, 0.2), "supcon": supcon(torch.cat([z_a, z_b]), labels.repeat(2), 0.1)}
+    z_a, z_b, z_c = model(x_a), model(x_b), model(x_a * 0.5 - x_b)  # z_c: a third (multi-crop) view
+    return {
+        "nt_xent": nt_xent(z_a, z_b, 0.2),
+        "supcon": supcon(torch.cat([z_a, z_b]), labels.repeat(2), 0.1),
+        "multi_positive": multi_positive_nt_xent([z_a, z_b, z_c], 0.2),
+    }
 
 
 def _reference() -> dict[str, tuple[float, list[torch.Tensor]]]:
     x_a, x_b, labels = _data()
     out = {}
-    for name in ("nt_xent", "supcon"):
+    for name in LOSSES:
         model = _model()
         loss = _losses(model, x_a, x_b, labels)[name]
         loss.backward()
@@ -53,7 +58,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         x_a, x_b, labels = _data()
         rows = slice(rank * N, (rank + 1) * N)
         out = {"gathered": distributed.gather(torch.full((2,), float(rank)))}
-        for name in ("nt_xent", "supcon"):
+        for name in LOSSES:
             model = nn.parallel.DistributedDataParallel(_model())
             loss = _losses(model, x_a[rows], x_b[rows], labels[rows])[name]
             loss.backward()  # DDP averages the parameter gradients over the processes
@@ -89,7 +94,7 @@ def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("name", ["nt_xent", "supcon"])
+@pytest.mark.parametrize("name", LOSSES)
 def test_two_processes_match_one_process_on_the_whole_batch(two_process_results: list[dict], name: str) -> None:
     expected_loss, expected_grads = _reference()[name]
     for result in two_process_results:
