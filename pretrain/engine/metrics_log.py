@@ -128,6 +128,7 @@ class TrainingLog:
         self.skipped_total = self.skipped_before = guard.read_and_reset()[0] if guard.mode != "off" else 0
         self.window = Window(accelerator.device, time.perf_counter())
         self.bar: Any = None
+        self.estimated = False  # the time per epoch is printed once, at the first log point
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
         """``done`` of the epoch's ``steps`` were run before a resume."""
@@ -186,6 +187,13 @@ class TrainingLog:
         if self.guard.mode != "off":
             record["skipped_steps"] = self.skipped_total
         self.metrics.write(record)
+        if not self.estimated and self.accelerator.is_main_process:
+            self.estimated = True
+            per_step = (now - self.window.start) / self.window.steps
+            tqdm.write(
+                f"  estimate   {per_step * self.steps:.0f} s per epoch ({per_step:.2f} s per step, {rate:.0f} images/s "
+                "over the first steps, compile and warm-up included)"
+            )
         self.loss_sum, self.good = self.loss_sum + loss_sum, self.good + good
         self.window.reset(now)
         if worst_run >= self.max_nonfinite_steps > 0 or stop_votes:

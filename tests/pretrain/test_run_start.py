@@ -72,6 +72,7 @@ def test_a_run_with_no_size_setting_picks_one_prints_why_and_saves_it(
     assert "batch      8 global = 8 per process x 1 process(es) x 1 pass(es)" in out
     assert "steps      2 per epoch x 1 epochs = 2" in out
     assert "warning: an epoch of 16 images is only 2 optimiser step(s)" in out
+    assert "  estimate   " in out and " s per epoch (" in out  # after the first log interval
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["image_size"] == 64
 
