@@ -40,6 +40,7 @@ gpu-check: install
 	$(PY) bench/gpu_check.py $(ARGS)
 
 bench: install
+	$(PY) bench/host.py
 	$(PY) bench/augment.py
 	$(PY) bench/losses.py
 	$(PY) bench/data.py

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
+from host import host_kind
 from torch.utils.data import DataLoader, Dataset
 
 from twinview.augment.config import RECIPES
@@ -144,8 +144,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "augment",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"torch {torch.__version__}, threads={torch.get_num_threads()}",
+                "machine": f"{host_kind()}, torch {torch.__version__}, threads={torch.get_num_threads()}",
                 "batch": args.batch,
                 "repeats": args.repeats,
                 "unit": "source images/s, two views each",

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from host import host_kind
 from simclr_step import simclr_step  # bench/ is on the path of a bench script
 
 
@@ -59,7 +59,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "compile",
-                "host": platform.processor() or platform.machine(),
+                "host": host_kind(),
                 "device": args.device,
                 "torch": torch.__version__,
                 "recipe": args.recipe,

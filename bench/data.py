@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tarfile
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from host import host_kind
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -183,9 +183,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "data",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"torch {torch.__version__}, "
-                f"device={device}",
+                "machine": f"{host_kind()}, torch {torch.__version__}, device={device}",
                 "workers": args.workers,
                 "batch": args.batch,
                 "results": results,

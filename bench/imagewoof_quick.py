@@ -15,13 +15,13 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from host import host_kind
 
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.builtin import cache_dir, extract_archive
@@ -80,8 +80,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "imagewoof_quick",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"torch {torch.__version__}, cuda={torch.cuda.is_available()}",
+                "machine": f"{host_kind()}, torch {torch.__version__}, cuda={torch.cuda.is_available()}",
                 "recipe": args.recipe,
                 "objective": cfg.objective.name,
                 "backbone": cfg.model.backbone,

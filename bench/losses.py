@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from host import host_kind
 
 DIM = 128
 
@@ -111,8 +112,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "losses",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                f"torch {torch.__version__}, device={args.device}",
+                "machine": f"{host_kind()}, torch {torch.__version__}, device={args.device}",
                 "dim": DIM,
                 "results": results,
             },

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+
+from host import host_kind
 
 ACCUMULATION = {"one_pass": (1, "cached"), "cached": (0, "cached"), "independent": (0, "independent")}
 
@@ -219,7 +220,7 @@ def main() -> None:
             {
                 "bench": "train_step",
                 "device": args.device,
-                "host": platform.processor() or platform.machine(),
+                "host": host_kind(),
                 "batch": args.batch,
                 "passes": args.passes,
                 "rounds": args.rounds,

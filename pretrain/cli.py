@@ -92,7 +92,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from twinview.pretrain.engine.step_guard import NonFiniteTraining
     from twinview.pretrain.engine.train import TrainingInterrupted, train
-    from twinview.pretrain.runs import load_run_config, new_shared_run_dir
+    from twinview.pretrain.runs import discard_unstarted, load_run_config, new_shared_run_dir
 
     try:
         if args.resume:
@@ -103,7 +103,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, args.overrides)
             run_dir = new_shared_run_dir(cfg, overwrite=args.overwrite)  # one directory for all processes
             _main_print(f"Run directory: {run_dir}")
-            train(cfg, run_dir, recipe=str(args.config or ""))
+            try:
+                train(cfg, run_dir, recipe=str(args.config or ""))
+            except (TrainingInterrupted, NonFiniteTraining):
+                raise
+            except BaseException:  # refused or failed before a checkpoint: leave nothing that blocks a retry
+                if _is_main_process():
+                    discard_unstarted(run_dir)
+                raise
     except TrainingInterrupted as stop:
         print(f"twinview pretrain: interrupted by {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -114,9 +121,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch`` (or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _main_print(message: str) -> None:
     """Prints once under ``accelerate launch`` (from the process of rank 0)."""
-    if os.environ.get("RANK", "0") == "0":
+    if _is_main_process():
         print(message)
 
 

@@ -10,6 +10,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -46,19 +47,41 @@ def new_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     """
     name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.train.output_dir).expanduser() / name
-    if (run_dir / CONFIG_FILE).exists() and not overwrite:
+    if holds_run(run_dir) and not overwrite:
         raise FileExistsError(
             f"'{run_dir}' already holds a run. Continue it with `twinview pretrain --resume {run_dir}`, "
             f"choose another train.run_name, or pass --overwrite."
         )
-    if overwrite and (run_dir / CONFIG_FILE).exists():
-        # the previous run's checkpoints, logs and skip lists must not mix with the new run's
-        for stale in (CHECKPOINT_DIR, ".skipped", "features", "plots"):
-            shutil.rmtree(run_dir / stale, ignore_errors=True)
-        for stale in (METRICS_FILE, WEIGHTS_FILE, "skipped_files.txt", "eval.json", "report.md"):
-            (run_dir / stale).unlink(missing_ok=True)
+    if (run_dir / CONFIG_FILE).exists():  # an overwritten run, or what a refused or failed start left
+        _remove_run_files(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a directory holds a run worth keeping: a checkpoint or trained weights (a directory
+    with only the config of a run that was refused or failed before its first checkpoint does not)."""
+    return bool(checkpoints(run_dir)) or (Path(run_dir) / WEIGHTS_FILE).is_file()
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    """Removes what a run writes (checkpoints, logs, skip lists, weights, evaluation), so that a new
+    run's files never mix with an earlier one's."""
+    for stale in (CHECKPOINT_DIR, ".skipped", "features", "plots", "tensorboard"):
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    for stale in (CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, "skipped_files.txt", "eval.json", "report.md"):
+        (run_dir / stale).unlink(missing_ok=True)
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """After a run stopped before its first checkpoint (refused settings, missing data, an error):
+    removes its files and, when nothing else is in it, the directory, so the corrected command
+    starts cleanly. A directory that holds a run is left alone."""
+    if holds_run(run_dir) or not run_dir.is_dir():
+        return
+    _remove_run_files(run_dir)
+    with contextlib.suppress(OSError):  # not empty: files that are not the run's stay
+        run_dir.rmdir()
 
 
 def new_shared_run_dir(cfg: Config, overwrite: bool = False) -> Path:

@@ -77,7 +77,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 MIN_IMAGE_SIZE = 8
 _AT_LEAST = {  # key: minimum, and what the minimum means
     "train.batch_size": (1, ""),
-    "train.epochs": (0, ""),
+    "train.epochs": (1, " (a run of 0 epochs would save untrained weights)"),
     "train.max_steps_per_epoch": (0, " (0: no cap)"),
     "train.grad_accumulation": (1, " (1: no accumulation)"),
     "train.max_nonfinite_steps": (0, " (0: no check)"),

@@ -156,3 +156,31 @@ def test_onnx_export_gives_the_same_features(image_folder: Path, tmp_path: Path)
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, model.backbone(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_refused_run_leaves_nothing_and_the_corrected_command_just_works(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    runs = tmp_path / "runs"
+    common = [f"train.output_dir={runs}", *TINY]
+    assert main(["pretrain", "data.path=/typo", "train.run_name=x", *common]) == 2
+    assert main(["pretrain", "data.path=/typo", *common]) == 2  # a timestamp name
+    assert main(["pretrain", *common, f"data.path={image_folder}", "train.batch_size=500", "train.run_name=x"]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+    assert not runs.exists() or not any(runs.iterdir())  # no run directory left behind
+    (runs / "x").mkdir(parents=True)
+    (runs / "x" / "config.yaml").write_text("left by an earlier version's refused start\n")
+    assert main(["pretrain", f"data.path={image_folder}", "train.run_name=x", *common]) == 0
+    assert (runs / "x" / "model.safetensors").is_file()
+    assert main(["pretrain", f"data.path={image_folder}", "train.run_name=x", *common]) == 2  # now it holds a run
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_settings_that_train_nothing_are_refused_and_library_noise_stays_out(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    common = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", *TINY]
+    assert main(["pretrain", *common, "train.epochs=0"]) == 2
+    assert "train.epochs=0 must be >= 1" in capsys.readouterr().err
+    assert main(["pretrain", *common, "train.max_steps_per_epoch=1"]) == 0  # a decay of one step
+    assert "Cosine annealing scheduler" not in caplog.text + capsys.readouterr().err

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,12 +53,26 @@ def build_scheduler(
     """Linear warm-up over ``optim.warmup_epochs``, then cosine decay to ``optim.min_lr``, per step."""
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(total_steps - warmup_steps, 1),
-        lr_min=cfg.optim.min_lr,
-        warmup_t=warmup_steps,
-        warmup_lr_init=peak_lr * 1e-3,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    # timm warns that a decay of one step "will have no effect"; in a run that short it is meant
+    with _quiet_logger("timm.scheduler.cosine_lr"):
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=max(total_steps - warmup_steps, 1),
+            lr_min=cfg.optim.min_lr,
+            warmup_t=warmup_steps,
+            warmup_lr_init=peak_lr * 1e-3,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silences a library logger below ERROR for the duration."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,141 @@
+"""Side by side with lightly: the Imagewoof-96 protocol of ``bench/imagewoof_quick.py`` run with
+lightly's SimCLR pieces, right after twinview's run, in the same process tree on the same host.
+
+lightly (``pip install -e .[bench]``; never a twinview dependency) trains what its SimCLR
+benchmark trains (``benchmarks/imagenet/resnet50/simclr.py`` in the lightly repository), at this
+protocol's sizes: its ``SimCLRTransform`` (64 px crops, colour jitter, grayscale, blur) in 2
+DataLoader workers, its ``SimCLRProjectionHead``, its ``NTXentLoss`` (T 0.1) and its benchmark
+optimiser (LARS, lr 0.075 x sqrt(batch), momentum 0.9, weight decay 1e-6 off norms and biases,
+``CosineWarmupScheduler`` with 1 warm-up epoch per 10). The backbone is the same timm ResNet-18 as
+twinview's (torchvision's ResNet-18 under timm's names), and both runs are scored by the same
+frozen-feature kNN (k=200, T=0.1) and linear probe, val against train, at 96 px.
+
+Prints one JSON object with both runs and the ratios the photos issue sets targets for: kNN top-1
+twinview / lightly (target >= 1.1) and seconds per epoch twinview / lightly (target <= 0.7).
+
+Usage: python bench/peer_lightly.py [--epochs 8] [--recipe simclr-photos] [--no-probe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from host import host_kind
+
+from twinview.pretrain.config import load_config
+from twinview.pretrain.data.builtin import extract_archive
+from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders
+
+DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagewoof-96.tar.gz"
+BATCH, CROP, IMAGE, WORKERS = 256, 64, 96, 2
+
+
+def train_lightly(train_dir: Path, epochs: int, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
+    """lightly's SimCLR benchmark recipe, as a plain PyTorch loop; returns the backbone and the
+    seconds of each epoch."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.models.utils import get_weight_decay_parameters
+    from lightly.transforms import SimCLRTransform
+    from lightly.utils.lars import LARS
+    from lightly.utils.scheduler import CosineWarmupScheduler
+    from torchvision.datasets import ImageFolder
+
+    torch.manual_seed(seed)
+    backbone = timm.create_model("resnet18", num_classes=0)
+    head = SimCLRProjectionHead(input_dim=512, hidden_dim=512, output_dim=128)
+    criterion = NTXentLoss(temperature=0.1)
+    data = ImageFolder(str(train_dir), transform=SimCLRTransform(input_size=CROP))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=WORKERS, persistent_workers=True
+    )
+    params, no_decay = get_weight_decay_parameters([backbone, head])
+    optimizer = LARS(
+        [{"params": params}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.075 * math.sqrt(BATCH),
+        momentum=0.9,
+        weight_decay=1e-6,
+    )
+    steps = len(loader) * epochs
+    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=steps / 10, max_epochs=steps)
+    seconds = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        backbone.train()
+        head.train()
+        for (x0, x1), _ in loader:
+            z0, z1 = head(backbone(x0)), head(backbone(x1))
+            loss = criterion(z0, z1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        seconds.append(time.perf_counter() - start)
+        print(f"lightly epoch {epoch + 1}/{epochs}: {seconds[-1]:.1f} s, loss {loss.item():.4f}", file=sys.stderr)
+    return backbone.eval(), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, default=Path(os.environ.get("TWINVIEW_IMAGEWOOF", DEFAULT_ARCHIVE)))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--recipe", default="simclr-photos")
+    parser.add_argument("--no-probe", action="store_true")
+    parser.add_argument("--skip-twinview", type=Path, default=None, help="reuse an imagewoof_quick.py JSON")
+    args = parser.parse_args()
+    if not args.archive.is_file():
+        print(json.dumps({"skipped": f"Imagewoof-96 archive not found at {args.archive}"}))
+        sys.exit(0)
+    try:
+        import lightly
+    except ImportError:
+        print(json.dumps({"skipped": "lightly is not installed: pip install -e .[bench]"}))
+        sys.exit(0)
+    root = extract_archive(args.archive) / "imagewoof-96"
+
+    if args.skip_twinview:
+        ours: dict[str, Any] = json.loads(args.skip_twinview.read_text())
+    else:  # twinview first, in its own process (its own threads and workers), then lightly here
+        command = [sys.executable, str(Path(__file__).with_name("imagewoof_quick.py")), "--epochs", str(args.epochs)]
+        command += ["--recipe", args.recipe, "--archive", str(args.archive)] + (["--no-probe"] if args.no_probe else [])
+        ours = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+    backbone, seconds = train_lightly(root / "train", args.epochs)
+    cfg = load_config(args.recipe, [f"data.path={root / 'train'}", f"data.image_size={IMAGE}"])
+    reference, query = labelled_folders(str(root / "train"), str(root / "val"), IMAGE)
+    peer = evaluate_backbone(backbone, cfg, reference, query, probe=not args.no_probe)
+    theirs = {
+        "seconds_per_epoch_median": statistics.median(seconds),
+        "seconds_per_epoch": [round(s, 2) for s in seconds],
+        "knn_top1": peer["knn_top1"],
+        **({"probe_top1": peer["linear_probe"]["probe_top1"]} if not args.no_probe else {}),
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "peer_lightly",
+                "machine": f"{host_kind()}, torch {torch.__version__}, lightly {lightly.__version__}",
+                "epochs": args.epochs,
+                "twinview": ours,
+                "lightly": theirs,
+                "knn_ratio": ours["knn_top1"] / theirs["knn_top1"],
+                "seconds_per_epoch_ratio": ours["seconds_per_epoch_median"] / theirs["seconds_per_epoch_median"],
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
