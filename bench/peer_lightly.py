@@ -1,7 +1,7 @@
 """Side by side with lightly: the Imagewoof-96 protocol of ``bench/imagewoof_quick.py`` run with
 lightly's SimCLR pieces, right after twinview's run, in the same process tree on the same host.
 
-lightly (``pip install -e .[bench]``; never a twinview dependency) trains what its SimCLR
+lightly (never a twinview dependency) trains what its SimCLR
 benchmark trains (``benchmarks/imagenet/resnet50/simclr.py`` in the lightly repository), at this
 protocol's sizes: its ``SimCLRTransform`` (64 px crops, colour jitter, grayscale, blur) in 2
 DataLoader workers, its ``SimCLRProjectionHead``, its ``NTXentLoss`` (T 0.1) and its benchmark
@@ -12,6 +12,12 @@ frozen-feature kNN (k=200, T=0.1) and linear probe, val against train, at 96 px.
 
 Prints one JSON object with both runs and the ratios the photos issue sets targets for: kNN top-1
 twinview / lightly (target >= 1.1) and seconds per epoch twinview / lightly (target <= 0.7).
+
+lightly needs hydra-core, which pins omegaconf below 2.4, the version twinview needs: install it
+into a separate environment, e.g. ``python -m venv .venv-peer && .venv-peer/bin/pip install
+torch==2.14.1 torchvision==0.29.1 && .venv-peer/bin/pip install -e . lightly``, and run this
+script with that environment's python (twinview's training there gave results bit-identical to
+its own environment's).
 
 Usage: python bench/peer_lightly.py [--epochs 8] [--recipe simclr-photos] [--no-probe]
 """
@@ -100,7 +106,7 @@ def main() -> None:
     try:
         import lightly
     except ImportError:
-        print(json.dumps({"skipped": "lightly is not installed: pip install -e .[bench]"}))
+        print(json.dumps({"skipped": "lightly is not installed (see this script's docstring)"}))
         sys.exit(0)
     root = extract_archive(args.archive) / "imagewoof-96"
 
