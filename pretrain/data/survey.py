@@ -55,15 +55,17 @@ class DataSurvey:
         )
 
 
-def survey(path: str, split: str = "train") -> DataSurvey:
+def survey(path: str, split: str = "train", streaming: bool = False) -> DataSurvey:
     """Counts a source's images and classes and samples the size of up to :data:`SAMPLE` of them.
 
     Args:
         path: Anything ``data.path`` accepts.
         split: Split of a Hugging Face source.
+        streaming: The source is streamed (``data.streaming``): only its first rows are read, and
+            it is not counted (shards are always streamed).
     """
     if is_shard_source(path) or is_hf_source(path):
-        return _survey_datasets(path, split)
+        return _survey_datasets(path, split, streaming or is_shard_source(path))
     from twinview.pretrain.data.sources import scan_source
 
     index = scan_source(path)
@@ -78,12 +80,11 @@ def survey(path: str, split: str = "train") -> DataSurvey:
     return DataSurvey(path, len(index.files), len(index.classes), tuple(sides))
 
 
-def _survey_datasets(path: str, split: str) -> DataSurvey:
+def _survey_datasets(path: str, split: str, streamed: bool) -> DataSurvey:
     import datasets
 
     from twinview.pretrain.data.hf import load_source, pick_columns
 
-    streamed = is_shard_source(path)
     data = load_source(path, split, streaming=streamed)
     image, label = pick_columns(data.features, "", "")
     data = data.cast_column(image, datasets.Image(decode=False))

@@ -29,7 +29,7 @@ class StartInfo:
 
 def survey_and_size(cfg: Config) -> tuple[Config, StartInfo]:
     """Surveys the data and resolves ``data.image_size=auto`` (the config returned has pixels)."""
-    found = survey(cfg.data.path, cfg.data.split)
+    found = survey(cfg.data.path, cfg.data.split, cfg.data.streaming)  # a stream is not downloaded whole
     if cfg.data.image_size != "auto":
         return cfg, StartInfo(found, f"{cfg.data.image_size} px (data.image_size)")
     size, why = auto_image_size(found)

@@ -91,3 +91,17 @@ def test_warnings_name_the_setting_to_change(tmp_path: Path) -> None:
     cifar = create_backbone(load_config(None, ["data.path=/x", "model.cifar_stem=true"]).model)
     assert final_feature_side(cifar, 32) == 4
     assert not start_warnings(small, StartInfo(found, ""), cifar, steps_per_epoch=100)
+
+
+def test_a_streamed_source_is_sampled_from_its_first_rows_not_counted(tmp_path: Path) -> None:
+    import datasets
+
+    folder = make_image_folder(tmp_path / "img", classes=2, per_class=4, size=24)
+    files = sorted(folder.rglob("*.png"))
+    data = datasets.Dataset.from_dict(
+        {"img": [str(f) for f in files]}, features=datasets.Features({"img": datasets.Image()})
+    )
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    streamed, mapped = survey(str(tmp_path / "d.parquet"), streaming=True), survey(str(tmp_path / "d.parquet"))
+    assert streamed.images is None and mapped.images == 8
+    assert streamed.shorter_sides == mapped.shorter_sides == (24,) * 8
