@@ -22,6 +22,11 @@ class ClassIndex(Protocol):
         ...
 
     @property
+    def files(self) -> Sequence[Path]:
+        """Path of every item (or ``source#row`` for rows of a Hugging Face source), in item order."""
+        ...
+
+    @property
     def labels(self) -> Sequence[int]:
         """Class index of every item, in item order."""
         ...

@@ -39,6 +39,25 @@ def state_checksum(module: nn.Module) -> float:
 
 
 @torch.no_grad()
+def frozen_forward(
+    backbone: nn.Module, normalize: Normalize, images: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Features of one batch as every command computes them (evaluation, ``twinview embed``, search).
+
+    Args:
+        backbone: In eval mode, on ``device``.
+        normalize: The backbone's normalisation, on ``device``.
+        images: ``(B, 3, S, S)`` uint8 images.
+        device: Where to run.
+
+    Returns:
+        ``(B, D)`` float32 features on ``device``.
+    """
+    x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+    return backbone(x).float()
+
+
+@torch.no_grad()
 def extract_features(
     backbone: nn.Module,
     dataset: Dataset[Any] | LabelledImages,
@@ -82,8 +101,8 @@ def extract_features(
         loader = sharded.prepare_data_loader(loader)
     feats, labels = [], []
     for images, targets in loader:
-        x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        f, t = backbone(x).float(), torch.as_tensor(targets, device=x.device)
+        f = frozen_forward(backbone, normalize, images, device)
+        t = torch.as_tensor(targets, device=f.device)
         if sharded is not None:
             f, t = sharded.gather_for_metrics((f, t))
         feats.append(f.cpu())

@@ -1,4 +1,4 @@
-"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``export``, ``preview`` and ``demo``."""
+"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``embed``, ``search``, ``export``, ``preview`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,28 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy of the backbone")
     p.add_argument("--linear-probe", action="store_true", help="also train and score a linear probe on frozen features")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.knn_temperature=0.07")
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="write the embedding of every image of a source to a Parquet or .npy file",
+        description="Embed every image of a source with a trained backbone. The file's suffix picks the format: "
+        ".parquet (columns path, embedding, label; read by pandas, DuckDB, datasets) or .npy (an (N, D) array, "
+        "with NAME.rows.csv and NAME.meta.json beside it). An interrupted embed continues where it stopped "
+        "when run again; several processes under accelerate launch split the images.",
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export"
+    )
+    p.add_argument(
+        "--data", required=True, help="the images: anything data.path accepts (folder, file list, hf:..., shards)"
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="embeddings.parquet or embeddings.npy")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding type in the file")
+    p.add_argument("--split", default="train", help="split of a Hugging Face source (default: train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.batch_size=256 data.num_workers=4")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -209,6 +231,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from twinview.evaluate.embed import skipped_file
+    from twinview.pretrain.evaluation import embed_images
+    from twinview.pretrain.runs import load_backbone_for_evaluation
+
+    cfg, backbone = load_backbone_for_evaluation(Path(args.run_dir), args.overrides)
+    accelerator = _launched_accelerator()
+    _main_print(f"Embedding {args.data} at {cfg.data.size} px with {cfg.model.backbone} from {args.run_dir}")
+    summary = embed_images(
+        backbone,
+        cfg,
+        args.data,
+        Path(args.out),
+        made_from=str(args.run_dir),
+        split=args.split,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        accelerator=accelerator,
+    )
+    resumed = f", {summary.chunks_done_before} chunk(s) from an earlier try" if summary.chunks_done_before else ""
+    _main_print(
+        f"Wrote {summary.rows:,} embeddings of {summary.dims} dims ({args.dtype}) to {summary.out} "
+        f"in {summary.seconds:.0f} s{resumed}."
+    )
+    if summary.skipped:
+        _main_print(f"Skipped {len(summary.skipped)} image(s) that could not be decoded: {skipped_file(summary.out)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from twinview.pretrain.export import export_run
 
@@ -294,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_evaluate(sub)
+    _add_embed(sub)
     _add_export(sub)
     _add_preview(sub)
     _add_demo(sub)
@@ -303,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "pretrain": cmd_pretrain,
     "evaluate": cmd_evaluate,
+    "embed": cmd_embed,
     "export": cmd_export,
     "preview": cmd_preview,
     "demo": cmd_demo,

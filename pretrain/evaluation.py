@@ -8,16 +8,19 @@ take the image size, kNN settings, augment recipe and seed from the run's config
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from twinview.evaluate.dataset import LabelledImages, check_labelled_pair
-from twinview.evaluate.run import evaluate
+from twinview.evaluate.run import default_device, evaluate
 from twinview.pretrain.config import Config
 from twinview.pretrain.data.images import open_images
 from twinview.pretrain.models import create_backbone, normalization_stats
+
+if TYPE_CHECKING:
+    from twinview.evaluate.embed import EmbedSummary
 
 
 def labelled_folders(
@@ -81,4 +84,67 @@ def evaluate_backbone(
         seed=cfg.train.seed,
         plots_dir=plots_dir,
         features_dir=features_dir,
+    )
+
+
+def embed_images(
+    backbone: nn.Module,
+    cfg: Config,
+    source: str,
+    out: Path,
+    *,
+    made_from: str,
+    split: str = "train",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    accelerator: Any | None = None,
+    progress: bool = True,
+) -> EmbedSummary:
+    """:func:`twinview.evaluate.embed.embed_source` of every image of ``source`` with the run's settings.
+
+    Images are loaded at ``data.image_size`` with ``data.num_workers`` decoding workers and embedded
+    ``eval.batch_size`` at a time, exactly as ``twinview evaluate`` extracts features; an image that
+    cannot be decoded is listed in ``OUT.skipped.txt`` instead of being replaced.
+
+    Args:
+        backbone: The backbone to embed with.
+        cfg: The run's config.
+        source: Anything ``data.path`` accepts.
+        out: ``.parquet`` or ``.npy`` file.
+        made_from: The run directory or export, stored in the file's metadata.
+        split: Split of a Hugging Face source.
+        dtype: ``float32`` or ``float16`` in the file.
+        overwrite: Replace an existing file.
+        accelerator: Several processes (``accelerate launch``) split the images.
+        progress: Show a progress bar.
+    """
+    from twinview.evaluate.embed import embed_source
+    from twinview.evaluate.features import state_checksum
+    from twinview.pretrain import __version__
+    from twinview.pretrain.data.decode import BadImage
+
+    mean, std = normalization_stats(backbone)
+    metadata = {
+        "model": cfg.model.backbone,
+        "made_from": made_from,
+        "image_size": cfg.data.size,
+        "weights": state_checksum(backbone),
+        "source": source,
+        "twinview": __version__,
+    }
+    return embed_source(
+        backbone,
+        open_images(source, cfg.data.size, split, strict=True),
+        out,
+        mean,
+        std,
+        metadata=metadata,
+        dtype=dtype,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        device=accelerator.device if accelerator is not None else default_device(),
+        accelerator=accelerator,
+        skip_errors=(BadImage,),
+        overwrite=overwrite,
+        progress=progress,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,10 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Processes started with torch.multiprocessing.spawn unpickle their target by module name
+# (tests.evaluate.test_...): the repository root must be importable in them, whatever ran before.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 CIFAR_ARCHIVE = Path(os.environ.get("TWINVIEW_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
 
 

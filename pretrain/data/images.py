@@ -17,13 +17,17 @@ if TYPE_CHECKING:  # hf.py imports datasets, which only its sources need
     from twinview.pretrain.data.hf import HFImageDataset
 
 
-def open_images(path: str, image_size: int, split: str = "train") -> ImageFolderDataset | HFImageDataset:
+def open_images(
+    path: str, image_size: int, split: str = "train", strict: bool = False
+) -> ImageFolderDataset | HFImageDataset:
     """Opens a folder, file list, Hugging Face source or tar shards.
 
     Args:
         path: Anything ``data.path`` accepts.
         image_size: Side of the returned square images.
         split: Split of a Hugging Face source.
+        strict: Raise :class:`~twinview.pretrain.data.decode.BadImage` on an image that cannot be
+            decoded, instead of returning the next good one in its place.
 
     Returns:
         The data set; both kinds have an ``index`` (files or ``url#key`` names, labels, classes).
@@ -31,5 +35,5 @@ def open_images(path: str, image_size: int, split: str = "train") -> ImageFolder
     if is_hf_source(path):
         from twinview.pretrain.data.hf import HFImageDataset
 
-        return HFImageDataset(path, image_size, split)
-    return ImageFolderDataset(path, image_size)
+        return HFImageDataset(path, image_size, split, strict=strict)
+    return ImageFolderDataset(path, image_size, strict=strict)
