@@ -264,7 +264,8 @@ def _summarise(parts: Path, num_chunks: int, dataset: LabelledImages) -> tuple[i
     """Width, rows and skipped images over all parts (reads the parts' headers and row numbers)."""
     from safetensors import safe_open
 
-    dims, rows, skipped = 0, 0, {}
+    dims, rows = 0, 0
+    skipped: dict[str, str] = {}
     for c in range(num_chunks):
         with safe_open(str(_part(parts, c)), "pt") as f:
             shape = f.get_slice("embedding").get_shape()

@@ -1,4 +1,5 @@
-"""Plots a person can look at: training curves, a 2-D map of the embeddings, nearest neighbours.
+"""Plots a person can look at: training curves, a 2-D map of the embeddings, nearest neighbours,
+and for the unlabeled report near-duplicate pairs, clusters and similarity histograms.
 
 All figures are PNG files written with matplotlib's non-interactive Agg backend.
 """
@@ -6,6 +7,7 @@ All figures are PNG files written with matplotlib's non-interactive Agg backend.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,3 +105,155 @@ def retrieval_grid(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+PAIRS_PER_ROW = 3  # duplicate pairs side by side in a row of pair_grid (6 tiles)
+CLUSTER_ROWS = 12  # clusters shown by cluster_grid
+
+
+def _tile(ax: plt.Axes, image: torch.Tensor, title: str = "", fontsize: int = 8) -> None:
+    """Draws a ``(3, H, W)`` uint8 image without ticks, titled."""
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _message(text: str, out: Path, title: str = "") -> Path:
+    """A figure that only says ``text`` (for an empty section)."""
+    fig, ax = plt.subplots(figsize=(6, 1.6))
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12)
+    ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def self_neighbour_grid(
+    query_images: torch.Tensor | Sequence[torch.Tensor],
+    neighbour_images: Sequence[Sequence[torch.Tensor]],
+    similarities: torch.Tensor,
+    out: Path,
+    title: str,
+) -> Path:
+    """Each row: a query (framed), then its k nearest images, each titled with its cosine similarity.
+
+    Args:
+        query_images: ``Q`` uint8 images ``(3, H, W)`` (or one ``(Q, 3, H, W)`` tensor).
+        neighbour_images: Per query, its k neighbours' images, nearest first.
+        similarities: ``(Q, k)`` their similarities to the query.
+        out: The PNG file.
+        title: The figure's title.
+    """
+    rows = len(query_images)
+    if rows == 0:
+        return _message("no queries", out, title)
+    cols = 1 + max(len(n) for n in neighbour_images)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.55 * rows), squeeze=False)
+    for i in range(rows):
+        _tile(axes[i][0], query_images[i], "query")
+        for spine in axes[i][0].spines.values():
+            spine.set(color="black", linewidth=3)
+        for j, ax in enumerate(axes[i][1:]):
+            if j < len(neighbour_images[i]):
+                _tile(ax, neighbour_images[i][j], f"{float(similarities[i, j]):.2f}")
+            else:
+                ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def pair_grid(
+    pairs_images: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    similarities: Sequence[float],
+    exact: Sequence[bool],
+    out: Path,
+    title: str,
+) -> Path:
+    """Near-duplicate pairs, ``PAIRS_PER_ROW`` pairs (two tiles each) per row, captioned "0.97" or "exact".
+
+    Args:
+        pairs_images: The two uint8 images ``(3, H, W)`` of each pair.
+        similarities: Cosine similarity of each pair.
+        exact: Whether each pair's files are byte-identical (captioned "exact", framed red).
+        out: The PNG file.
+        title: The figure's title.
+
+    Returns:
+        ``out``; without pairs, a figure saying there are none.
+    """
+    if not pairs_images:
+        return _message("no pairs above the threshold", out, title)
+    rows = math.ceil(len(pairs_images) / PAIRS_PER_ROW)
+    cols = min(PAIRS_PER_ROW, len(pairs_images))
+    fig = plt.figure(figsize=(2.7 * cols, 1.5 * rows + 0.4), layout="constrained")
+    # one subfigure per pair, so its caption is centred over its two tiles and pairs stand apart
+    cells = fig.subfigures(rows, cols, squeeze=False, wspace=0.04)
+    for p, ((left, right), sim, same) in enumerate(zip(pairs_images, similarities, exact, strict=True)):
+        cell = cells[p // PAIRS_PER_ROW][p % PAIRS_PER_ROW]
+        for ax, image in zip(cell.subplots(1, 2), (left, right), strict=True):
+            _tile(ax, image)
+            for spine in ax.spines.values():
+                spine.set(color="tab:red" if same else "black", linewidth=2)
+        cell.suptitle("exact" if same else f"{sim:.2f}", fontsize=9, color="tab:red" if same else "black")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out, dpi=110)  # constrained layout: no tight_layout
+    plt.close(fig)
+    return out
+
+
+def cluster_grid(cluster_images: Sequence[Sequence[torch.Tensor]], sizes: Sequence[int], out: Path) -> Path:
+    """One row per cluster (the first ``CLUSTER_ROWS``): its images, labelled "cluster i (n images)".
+
+    Args:
+        cluster_images: Per cluster, the uint8 images ``(3, H, W)`` to show (e.g. its most central members).
+        sizes: Members of each cluster.
+        out: The PNG file.
+    """
+    shown = min(len(cluster_images), CLUSTER_ROWS)
+    title = f"clusters, largest first ({len(cluster_images)})"
+    if len(cluster_images) > CLUSTER_ROWS:
+        title = f"the {CLUSTER_ROWS} largest of {len(cluster_images)} clusters"
+    if shown == 0 or not any(cluster_images[:shown]):
+        return _message("no clusters", out, title)
+    cols = max(len(images) for images in cluster_images[:shown])
+    fig, axes = plt.subplots(shown, cols, figsize=(1.3 * cols + 0.6, 1.4 * shown), squeeze=False)
+    for i in range(shown):
+        for j, ax in enumerate(axes[i]):
+            if j < len(cluster_images[i]):
+                _tile(ax, cluster_images[i][j])
+            else:
+                ax.set_axis_off()
+        axes[i][0].set_ylabel(f"cluster {i}\n({sizes[i]} images)", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def similarity_histogram(stats_by_model: dict[str, torch.Tensor], out: Path) -> Path:
+    """Overlaid histograms of pairwise cosine similarities, one per model (e.g. pretrained, random init).
+
+    Args:
+        stats_by_model: Per model name, a ``(P,)`` sample of pairwise similarities (see
+            ``label_free.pairwise_cosines``).
+        out: The PNG file.
+    """
+    if not stats_by_model:
+        return _message("no similarities", out, "pairwise cosine similarity")
+    bins = np.linspace(-1.0, 1.0, 81).tolist()  # 80 bins of width 0.025
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, sims in stats_by_model.items():
+        values = sims.detach().double().cpu().numpy()
+        label = f"{name} (mean {values.mean():.2f})" if len(values) else name
+        ax.hist(values, bins=bins, density=True, alpha=0.5, label=label)
+    ax.set(title="pairwise cosine similarity", xlabel="cosine similarity", ylabel="density", xlim=(-1.0, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)

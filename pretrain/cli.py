@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
+    from twinview.pretrain.config import Config
     from twinview.pretrain.data.sources import ImageFolderDataset
 
 
@@ -45,14 +46,26 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "evaluate", help="kNN, retrieval, verification, diagnostics (and a linear probe) of a frozen backbone"
+        "evaluate",
+        help="score a frozen backbone: without labels (--data) or with them (--train/--test)",
+        description="Evaluate a frozen backbone. With --data (no labels needed): RankMe, view alignment, "
+        "uniformity and similarity distributions against a random-init copy, nearest-neighbour grids, "
+        "near-duplicates (duplicates.csv) and k-means clusters (clusters.csv). With --train/--test (class "
+        "sub-folders): kNN, retrieval, verification and diagnostics. Both write eval.json, report.md and a "
+        "self-contained report.html in the run directory (or export folder).",
     )
     p.add_argument(
         "run_dir", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export"
     )
-    p.add_argument("--train", required=True, help="labelled reference folder (class sub-folders)")
-    p.add_argument("--test", required=True, help="labelled query folder")
-    p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy of the backbone")
+    p.add_argument("--data", default=None, help="images to inspect without labels: anything data.path accepts")
+    p.add_argument("--split", default="train", help="split of a Hugging Face --data source (default: train)")
+    p.add_argument(
+        "--duplicate-threshold", type=float, default=None, metavar="COS", help="near-duplicate cosine (default 0.95)"
+    )
+    p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means clusters (default: from N)")
+    p.add_argument("--train", default=None, help="labelled reference folder (class sub-folders)")
+    p.add_argument("--test", default=None, help="labelled query folder")
+    p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy (labelled)")
     p.add_argument("--linear-probe", action="store_true", help="also train and score a linear probe on frozen features")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.knn_temperature=0.07")
 
@@ -77,6 +90,21 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", help="split of a Hugging Face source (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.batch_size=256 data.num_workers=4")
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="find the nearest images of an embedding file to new images",
+        description="Exact cosine search of the query image(s) in a file written by twinview embed, with the "
+        "same model; prints paths and similarities and draws a grid PNG.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORT", help="the model that made the embedding file")
+    p.add_argument("--index", required=True, metavar="FILE", help="embedding file (.parquet or .npy)")
+    p.add_argument("--query", required=True, metavar="IMAGE_OR_FOLDER", help="an image, or a folder of images")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default: 10)")
+    p.add_argument("--out", default="search.png", metavar="PNG", help="the grid (default: search.png)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.batch_size=64")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -176,16 +204,61 @@ def _launched_accelerator() -> Accelerator | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from twinview.evaluate.plots import training_curves
-    from twinview.evaluate.report import write_report
-    from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
+    from twinview.evaluate.report import label_free_sections, labelled_sections, write_html, write_markdown
     from twinview.pretrain.runs import load_backbone_for_evaluation
 
+    if not args.data and not (args.train and args.test):
+        raise ValueError("give --data SOURCE (images without labels), or --train and --test (labelled folders).")
     run_dir = Path(args.run_dir)
     cfg, backbone = load_backbone_for_evaluation(run_dir, args.overrides)
+    accelerator = _launched_accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
+    result: dict = _evaluate_labelled(args, run_dir, cfg, backbone, accelerator) if args.train else {}
+    if args.data:
+        from twinview.pretrain.evaluation import evaluate_source
+
+        _main_print(f"Label-free evaluation of {args.data} (pretrained vs random init)")
+        label_free = evaluate_source(
+            backbone,
+            cfg,
+            args.data,
+            run_dir,
+            made_from=str(run_dir),
+            split=args.split,
+            threshold=args.duplicate_threshold,
+            num_clusters=args.clusters,
+            accelerator=accelerator,
+        )
+        if label_free is not None:
+            result["label_free"] = label_free
+            _print_label_free(label_free)
+    if not main_process:  # the other processes only help extract the features
+        return 0
+    diagnosed = [(n, r["diagnostics"]) for n, r in result.items() if n != "label_free"]
+    diagnosed += [(f"{n}, --data", r["diagnostics"]) for n, r in result.get("label_free", {}).items() if n in NAMES]
+    for name, d in diagnosed:
+        if d["collapse_warning"]:
+            print(f"warning ({name}): {d['collapse_warning']}")
+    out = run_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    labelled = {k: v for k, v in result.items() if k != "label_free"}
+    sections = labelled_sections(labelled) + (label_free_sections(result["label_free"]) if args.data else [])
+    title = f"Evaluation of {run_dir.resolve().name}"
+    report = write_markdown(sections, run_dir / "report.md", title)
+    page = write_html(sections, run_dir / "report.html", title)
+    print(f"Wrote {out}, {report}, {page} and plots in {run_dir / 'plots'}/")
+    return 0
+
+
+def _evaluate_labelled(
+    args: argparse.Namespace, run_dir: Path, cfg: Config, backbone: torch.nn.Module, accelerator: Accelerator | None
+) -> dict:
+    """kNN, retrieval, verification and diagnostics on ``--train`` / ``--test`` (and the baseline)."""
+    from twinview.evaluate.plots import training_curves
+    from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
+
     _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
     reference, query = labelled_folders(args.train, args.test, cfg.data.size)
-    accelerator = _launched_accelerator()
     main_process = accelerator is None or accelerator.is_main_process
     plots_dir = run_dir / "plots"
     features_dir = run_dir / "features" if accelerator is None else None
@@ -201,10 +274,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             accelerator=accelerator,
         )
     }
-    if not main_process:  # the other processes only help extract the features
+    if not main_process:
         if args.baseline:
             evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, accelerator=accelerator)
-        return 0
+        return {}
     if (run_dir / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
         result["pretrained"]["plots"].append(
             str(training_curves(run_dir / "metrics.jsonl", plots_dir / "training.png"))
@@ -221,14 +294,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             accelerator=accelerator,
         )
         _print_knn("random-init backbone", result["random_init"])
-    for name, r in result.items():
-        if r["diagnostics"]["collapse_warning"]:
-            print(f"warning ({name}): {r['diagnostics']['collapse_warning']}")
-    out = run_dir / "eval.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    report = write_report(result, run_dir / "report.md", f"Evaluation of {args.run_dir}")
-    print(f"Wrote {out}, {report} and plots in {plots_dir}/")
-    return 0
+    return result
+
+
+NAMES = ("pretrained", "random_init")  # the backbones an evaluation compares
+
+
+def _print_label_free(result: dict) -> None:
+    """The label-free headline: RankMe and alignment of both backbones, duplicates, clusters."""
+    skipped = f" ({result['skipped']} skipped)" if result["skipped"] else ""
+    print(f"{result['num_images']:,} images{skipped}")
+    for name in NAMES:
+        if name in result:
+            d = result[name]["diagnostics"]
+            print(
+                f"{name.replace('_', '-') + ' backbone':<22} effective rank {d['effective_rank']:.1f} of {d['dims']}"
+                f"  alignment {d['alignment']:.3f}  uniformity {d['uniformity']:.3f}"
+                f"  nearest-neighbour cosine {d['nn_cosine']['p50']:.3f}"
+            )
+    dup = result["duplicates"]
+    print(
+        f"near-duplicates at cosine >= {dup['threshold']:g}: {dup['pairs']} pair(s), {dup['exact']} exact "
+        f"({dup['csv']}); {result['clusters']['k']} clusters ({result['clusters']['csv']})"
+    )
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -257,6 +345,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     if summary.skipped:
         _main_print(f"Skipped {len(summary.skipped)} image(s) that could not be decoded: {skipped_file(summary.out)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from twinview.pretrain.evaluation import search_images
+    from twinview.pretrain.runs import load_backbone_for_evaluation
+
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}.")
+    cfg, backbone = load_backbone_for_evaluation(Path(args.run_dir), args.overrides)
+    names, hits, warnings = search_images(backbone, cfg, Path(args.index), args.query, args.k, Path(args.out))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for name, found, sims in zip(names, hits.names, hits.similarities.tolist(), strict=True):
+        print(name)
+        for rank, (other, sim) in enumerate(zip(found, sims, strict=True), start=1):
+            print(f"  {rank:>3}  {sim:.4f}  {other}")
+    print(f"Wrote {args.out}")
     return 0
 
 
@@ -346,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_evaluate(sub)
     _add_embed(sub)
+    _add_search(sub)
     _add_export(sub)
     _add_preview(sub)
     _add_demo(sub)
@@ -356,6 +463,7 @@ _COMMANDS = {
     "pretrain": cmd_pretrain,
     "evaluate": cmd_evaluate,
     "embed": cmd_embed,
+    "search": cmd_search,
     "export": cmd_export,
     "preview": cmd_preview,
     "demo": cmd_demo,

@@ -21,6 +21,7 @@ from twinview.pretrain.models import create_backbone, normalization_stats
 
 if TYPE_CHECKING:
     from twinview.evaluate.embed import EmbedSummary
+    from twinview.evaluate.search import Hits
 
 
 def labelled_folders(
@@ -99,6 +100,7 @@ def embed_images(
     overwrite: bool = False,
     accelerator: Any | None = None,
     progress: bool = True,
+    dataset: LabelledImages | None = None,
 ) -> EmbedSummary:
     """:func:`twinview.evaluate.embed.embed_source` of every image of ``source`` with the run's settings.
 
@@ -117,6 +119,7 @@ def embed_images(
         overwrite: Replace an existing file.
         accelerator: Several processes (``accelerate launch``) split the images.
         progress: Show a progress bar.
+        dataset: ``source`` already opened strict (see :func:`open_images`), else it is opened here.
     """
     from twinview.evaluate.embed import embed_source
     from twinview.evaluate.features import state_checksum
@@ -134,7 +137,7 @@ def embed_images(
     }
     return embed_source(
         backbone,
-        open_images(source, cfg.data.size, split, strict=True),
+        dataset or open_images(source, cfg.data.size, split, strict=True),
         out,
         mean,
         std,
@@ -148,3 +151,136 @@ def embed_images(
         overwrite=overwrite,
         progress=progress,
     )
+
+
+def evaluate_source(
+    backbone: nn.Module,
+    cfg: Config,
+    source: str,
+    out_dir: Path,
+    *,
+    made_from: str,
+    split: str = "train",
+    threshold: float | None = None,
+    num_clusters: int | None = None,
+    accelerator: Any | None = None,
+) -> dict[str, Any] | None:
+    """The label-free evaluation (:func:`twinview.evaluate.unlabelled.evaluate_unlabelled`) of a
+    source, for the trained backbone against a random-init copy, with the run's settings.
+
+    Both embeddings are written to ``OUT_DIR/features/`` (Parquet, named by a hash of the data and the
+    weights), so a second evaluation of the same images and weights reads them instead.
+
+    Args:
+        backbone: The trained backbone.
+        cfg: The run's config (image size, views, workers, batch size, seed).
+        source: Anything ``data.path`` accepts; labels, if any, are not used.
+        out_dir: Where the CSV files, plots and embeddings go.
+        made_from: The run directory or export, stored with the embeddings.
+        split: Split of a Hugging Face source.
+        threshold: Near-duplicate cosine threshold (None: the default).
+        num_clusters: k of k-means (None: automatic).
+        accelerator: Several processes (``accelerate launch``) split the embedding; only the main
+            process scores and draws (the others return None).
+
+    Returns:
+        The label-free result on the main process.
+    """
+    import hashlib
+
+    from twinview.evaluate.embedding_file import read_embedding_file
+    from twinview.evaluate.features import state_checksum
+    from twinview.evaluate.unlabelled import DUPLICATE_THRESHOLD, Embedded, evaluate_unlabelled
+
+    dataset = open_images(source, cfg.data.size, split, strict=True)
+    fingerprint = dataset.fingerprint()
+    embedded = []
+    for name, net in (("pretrained", backbone), ("random_init", random_init_backbone(cfg))):
+        key = hashlib.sha256(f"{fingerprint}:{state_checksum(net)!r}".encode()).hexdigest()[:16]
+        file = Path(out_dir) / "features" / f"{Path(source.rstrip('/')).name or 'data'}-{key}.parquet"
+        if not file.is_file():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            embed_images(
+                net, cfg, source, file, made_from=made_from, split=split, accelerator=accelerator, dataset=dataset
+            )
+        embedded.append(Embedded(name, net, read_embedding_file(file)))
+    if accelerator is not None and not accelerator.is_main_process:
+        return None
+    mean, std = normalization_stats(backbone)
+    result = evaluate_unlabelled(
+        embedded,
+        dataset,
+        cfg.augment,
+        mean,
+        std,
+        out_dir,
+        device=accelerator.device if accelerator is not None else default_device(),
+        threshold=DUPLICATE_THRESHOLD if threshold is None else threshold,
+        num_clusters=num_clusters,
+        training_log=Path(out_dir) / "metrics.jsonl",
+        seed=cfg.train.seed,
+    )
+    return {"source": source} | result
+
+
+MAX_QUERIES = 1000  # search is for a few new images; embed a larger set with twinview embed
+
+
+def search_images(
+    backbone: nn.Module, cfg: Config, index: Path, query: str, k: int, grid: Path | None
+) -> tuple[list[str], Hits, list[str]]:
+    """Embeds the query image(s) as ``twinview embed`` did the index, and searches the index.
+
+    Args:
+        backbone: The backbone that made the index.
+        cfg: Its run's config (image size, batch size).
+        index: An embedding file written by ``twinview embed``.
+        query: An image file, or a folder / file list of at most ``MAX_QUERIES`` images.
+        k: Neighbours per query.
+        grid: Draw the queries and their neighbours there (PNG), when given.
+
+    Returns:
+        The query names, the :class:`~twinview.evaluate.search.Hits`, and warnings (e.g. an index
+        made by other weights).
+    """
+    from twinview.augment.views import Normalize
+    from twinview.evaluate.embedding_file import read_metadata
+    from twinview.evaluate.features import frozen_forward, state_checksum
+    from twinview.evaluate.search import search
+    from twinview.pretrain.data.sources import IMAGE_EXTENSIONS, load_image
+
+    warnings = []
+    made_by = read_metadata(index)
+    size = int(made_by.get("image_size", cfg.data.size))
+    if made_by.get("weights") not in (None, state_checksum(backbone)):
+        warnings.append(f"'{index}' was made by other weights ({made_by.get('made_from')}): similarities mean little")
+    path = Path(query)
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        names, images = [str(path)], load_image(path, size)[None]
+    else:
+        dataset = open_images(query, size)
+        if len(dataset) > MAX_QUERIES:
+            raise ValueError(
+                f"--query '{query}' holds {len(dataset):,} images (at most {MAX_QUERIES}); "
+                "embed it with twinview embed instead."
+            )
+        names = [str(f) for f in dataset.index.files]
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    device = default_device()
+    backbone.eval().to(device)
+    mean, std = normalization_stats(backbone)
+    normalize = Normalize(mean, std).to(device)
+    batches = images.split(cfg.eval.batch_size)
+    features = torch.cat([frozen_forward(backbone, normalize, b, device).cpu() for b in batches])
+    hits = search(features, index, k)
+    if grid is not None:
+        from twinview.evaluate.plots import self_neighbour_grid
+
+        def tile(name: str) -> torch.Tensor:
+            file = Path(name)
+            return load_image(file, size) if file.is_file() else torch.full((3, size, size), 128, dtype=torch.uint8)
+
+        self_neighbour_grid(
+            list(images), [[tile(n) for n in row] for row in hits.names], hits.similarities, grid, f"nearest in {index}"
+        )
+    return names, hits, warnings

@@ -1,0 +1,367 @@
+"""Label-free analysis of a set of embeddings: near-duplicates, clusters, similarity statistics, neighbours.
+
+The pieces of the unlabeled report, as pure functions of an ``(N, D)`` feature matrix (plus image
+paths where a file is written). Similarities are cosine: features are L2-normalised first. Every
+search against all ``N`` rows runs in chunks of rows, so memory is ``chunk x N``, never ``N x N``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans, MiniBatchKMeans
+
+CHUNK = 4096  # rows per block of a search against all rows
+FULL_KMEANS_MAX = 20000  # above this many rows, MiniBatchKMeans
+KMEANS_INITS = 2  # k-means++ restarts of the full-batch KMeans (the best inertia wins; each costs a full fit)
+MINIBATCH_INITS = 3  # and of MiniBatchKMeans
+MINIBATCH_SIZE = 4096
+AUTO_CLUSTERS = (2, 50)  # bounds of the automatic number of clusters
+QUANTILE_SAMPLE_MAX = 5000  # 5000 items: 12.5M distinct pairs, within torch.quantile's 2^24 elements
+HASH_BLOCK = 1 << 20  # bytes read at a time by file_digest
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    """Two images whose embeddings are (nearly) the same.
+
+    Attributes:
+        a: Index of the first image (``a < b``).
+        b: Index of the second image.
+        similarity: Cosine similarity of their embeddings.
+        exact: The two files have the same bytes (set by :func:`mark_exact`).
+    """
+
+    a: int
+    b: int
+    similarity: float
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """A k-means partition of the embeddings, clusters numbered by size.
+
+    Attributes:
+        labels: ``(N,)`` int64 cluster of each item; cluster 0 is the largest.
+        sizes: Items per cluster, ``sizes[i]`` for cluster ``i`` (non-increasing; no empty cluster).
+        central: Per cluster, the indices of its (up to ``central``) members most cosine-similar to
+            its centre, closest first.
+    """
+
+    labels: torch.Tensor
+    sizes: list[int]
+    central: list[list[int]]
+
+
+def _others_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar other rows of each of ``rows`` in ``x``, in blocks of ``chunk`` rows.
+
+    Args:
+        x: ``(N, D)`` L2-normalised features.
+        rows: ``(R,)`` long indices into ``x``.
+        k: Neighbours per row, ``<= N - 1``.
+        chunk: Rows per block (memory ``chunk x N``).
+
+    Returns:
+        ``(R, k)`` long indices and ``(R, k)`` similarities, most similar first.
+    """
+    indices, sims = [], []
+    for start in range(0, len(rows), chunk):
+        block = rows[start : start + chunk]  # (m,)
+        sim = x[block] @ x.T  # (m, N)
+        sim[torch.arange(len(block), device=x.device), block] = float("-inf")  # never itself
+        top = sim.topk(k, dim=1)  # (m, k)
+        indices.append(top.indices)
+        sims.append(top.values)
+    if not indices:
+        return torch.empty(0, k, dtype=torch.long, device=x.device), torch.empty(0, k, device=x.device)
+    return torch.cat(indices), torch.cat(sims)
+
+
+def near_duplicates(features: torch.Tensor, threshold: float, k: int = 10, chunk: int = CHUNK) -> list[DuplicatePair]:
+    """Pairs of items whose embeddings have cosine similarity ``>= threshold``.
+
+    An exact search, but only among each item's ``k`` nearest others: a pair is found when one of
+    its items is among the other's ``k`` nearest. That bounds the cost (``N x k`` candidates, and
+    memory ``chunk x N`` however many pairs pass the threshold), at the price that a group of more
+    than ``k + 1`` identical images is reported partially (each member pairs with only ``k`` of the
+    others), which still shows every such image as a duplicate.
+
+    Args:
+        features: ``(N, D)`` embeddings.
+        threshold: The least cosine similarity of a reported pair.
+        k: Neighbours of each item that are considered.
+        chunk: Rows per block of the search.
+
+    Returns:
+        The pairs, ``a < b``, each once, most similar first (ties by ``(a, b)``); the similarity of
+        a pair found from both sides is the larger of the two (they differ by rounding at most).
+
+    Raises:
+        ValueError: If ``k`` or ``chunk`` is below 1.
+    """
+    if k < 1 or chunk < 1:
+        raise ValueError(f"k and chunk must be at least 1 (got k={k}, chunk={chunk}).")
+    n = features.shape[0]
+    if n < 2:
+        return []
+    x = F.normalize(features.float(), dim=1)  # (N, D)
+    idx, sim = _others_topk(x, torch.arange(n, device=x.device), min(k, n - 1), chunk)  # (N, k)
+    keep = sim >= threshold
+    rows = torch.arange(n, device=x.device)[:, None].expand_as(idx)[keep]  # (P,)
+    cols, sims = idx[keep], sim[keep]
+    a, b = torch.minimum(rows, cols), torch.maximum(rows, cols)
+    keys, inverse = torch.unique(a * n + b, return_inverse=True)  # sorted: by (a, b)
+    best = torch.full((len(keys),), float("-inf"), device=x.device).scatter_reduce(0, inverse, sims, "amax")
+    order = best.sort(descending=True, stable=True).indices  # ties keep (a, b) order
+    keys, best = keys[order].cpu(), best[order].cpu()
+    return [
+        DuplicatePair(int(key) // n, int(key) % n, float(s))
+        for key, s in zip(keys.tolist(), best.tolist(), strict=True)
+    ]
+
+
+def mark_exact(pairs: Sequence[DuplicatePair], digest: Callable[[int], str]) -> list[DuplicatePair]:
+    """The pairs with ``exact=True`` where both items have the same digest.
+
+    Args:
+        pairs: Pairs from :func:`near_duplicates`.
+        digest: Digest of an item's file (e.g. ``lambda i: file_digest(paths[i])``); called once
+            per index.
+
+    Returns:
+        The same pairs in the same order, ``exact`` set.
+    """
+    cache: dict[int, str] = {}
+
+    def cached(i: int) -> str:
+        if i not in cache:
+            cache[i] = digest(i)
+        return cache[i]
+
+    return [replace(p, exact=cached(p.a) == cached(p.b)) for p in pairs]
+
+
+def file_digest(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks of ``HASH_BLOCK`` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_duplicates_csv(pairs: Sequence[DuplicatePair], names: Sequence[str], path: str | Path) -> Path:
+    """Writes the pairs as CSV: ``path_a,path_b,similarity,exact``.
+
+    Args:
+        pairs: The pairs, written in their order.
+        names: Name (path) of each item, by index.
+        path: The CSV file (its folder is created).
+
+    Returns:
+        ``path``. Similarities have 4 decimals; ``exact`` is ``true`` or ``false``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path_a", "path_b", "similarity", "exact"])
+        writer.writerows([names[p.a], names[p.b], f"{p.similarity:.4f}", "true" if p.exact else "false"] for p in pairs)
+    return path
+
+
+def auto_num_clusters(n: int) -> int:
+    """``round(sqrt(n / 2))`` (the rule of thumb of Mardia et al.), clamped to ``AUTO_CLUSTERS`` and ``<= n``."""
+    low, high = AUTO_CLUSTERS
+    return min(n, max(low, min(high, round(math.sqrt(n / 2)))))
+
+
+def _kmeans_labels(x: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
+    """k-means labels of the rows of ``x`` (seeded)."""
+    # Full-batch Lloyd iterations cost N x K x D per step and per restart; up to ~20k rows that is
+    # cheap and gives the best partition. Above, mini-batches reach nearly the same inertia in a
+    # fraction of the time and memory.
+    if len(x) <= FULL_KMEANS_MAX:
+        model: KMeans | MiniBatchKMeans = KMeans(num_clusters, n_init=KMEANS_INITS, random_state=seed)
+    else:
+        model = MiniBatchKMeans(num_clusters, batch_size=MINIBATCH_SIZE, n_init=MINIBATCH_INITS, random_state=seed)
+    return model.fit_predict(x)
+
+
+def _by_size(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Labels renumbered so that cluster 0 is the largest (ties: the one whose first member comes first).
+
+    Empty clusters are dropped, so the labels are ``0 .. C-1`` for the C non-empty ones.
+    """
+    n = len(labels)
+    sizes = torch.bincount(labels, minlength=num_clusters)  # (K,)
+    first = torch.full((num_clusters,), n, dtype=torch.long).scatter_reduce(0, labels, torch.arange(n), "amin")
+    order = first.sort(stable=True).indices  # by first member ...
+    order = order[sizes[order].sort(descending=True, stable=True).indices]  # ... then by size
+    order = order[sizes[order] > 0]
+    rank = torch.empty(num_clusters, dtype=torch.long)
+    rank[order] = torch.arange(len(order))
+    return rank[labels]
+
+
+def _central_members(x: torch.Tensor, labels: torch.Tensor, sizes: list[int], central: int) -> list[list[int]]:
+    """Per cluster, its up to ``central`` members most cosine-similar to the mean of its members, closest first.
+
+    Args:
+        x: ``(N, D)`` L2-normalised features.
+        labels: ``(N,)`` clusters ``0 .. C-1``.
+        sizes: Members per cluster.
+        central: Members kept per cluster.
+    """
+    centres = torch.zeros(len(sizes), x.shape[1], dtype=x.dtype).index_add_(0, labels, x)  # (C, D)
+    centres = F.normalize(centres, dim=1)  # the mean's direction: only the cosine matters
+    score = (x * centres[labels]).sum(dim=1)  # (N,) cosine to its own centre
+    order = score.sort(descending=True, stable=True).indices  # ties: lower index first
+    order = order[labels[order].sort(stable=True).indices]  # grouped by cluster, closest first
+    return [members[:central].tolist() for members in order.split(sizes)]
+
+
+def cluster(features: torch.Tensor, num_clusters: int | None = None, seed: int = 0, central: int = 8) -> Clusters:
+    """k-means (scikit-learn) of the L2-normalised embeddings.
+
+    Args:
+        features: ``(N, D)`` embeddings.
+        num_clusters: Clusters K; None picks :func:`auto_num_clusters` (``round(sqrt(N / 2))``,
+            between 2 and 50, at most N).
+        seed: Seed of the k-means initialisation.
+        central: Members listed per cluster in :attr:`Clusters.central`.
+
+    Returns:
+        The clusters, renumbered by size (largest first). A cluster k-means leaves empty (fewer
+        distinct embeddings than K) is dropped, so there may be fewer than K.
+
+    Raises:
+        ValueError: Without features, or with K outside ``[1, N]``.
+    """
+    n = features.shape[0]
+    if n == 0:
+        raise ValueError("clustering needs at least one embedding.")
+    k = auto_num_clusters(n) if num_clusters is None else num_clusters
+    if not 1 <= k <= n:
+        raise ValueError(f"num_clusters must be in [1, {n}] (got {k}).")
+    x = F.normalize(features.detach().float().cpu(), dim=1)  # (N, D)
+    raw = torch.from_numpy(_kmeans_labels(x.numpy(), k, seed).astype(np.int64))
+    labels = _by_size(raw, k)
+    sizes = torch.bincount(labels).tolist()
+    return Clusters(labels, sizes, _central_members(x, labels, sizes, central))
+
+
+def write_clusters_csv(clusters: Clusters, names: Sequence[str], path: str | Path) -> Path:
+    """Writes each item's cluster as CSV: ``path,cluster``, in item order; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "cluster"])
+        writer.writerows(zip(names, clusters.labels.tolist(), strict=True))
+    return path
+
+
+def _sample(features: torch.Tensor, sample: int, seed: int) -> torch.Tensor:
+    """Up to ``sample`` rows drawn without replacement (seeded), as float32 on the CPU."""
+    if not 2 <= sample <= QUANTILE_SAMPLE_MAX:
+        raise ValueError(f"sample must be in [2, {QUANTILE_SAMPLE_MAX}] (got {sample}).")
+    if features.shape[0] < 2:
+        raise ValueError("similarity statistics need at least two embeddings.")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(features.shape[0], generator=g)[:sample]
+    return features.detach()[pick.to(features.device)].float().cpu()
+
+
+def _cosine_matrix(features: torch.Tensor) -> torch.Tensor:
+    """``(S, S)`` cosine similarities of the rows."""
+    x = F.normalize(features, dim=1)
+    return x @ x.T
+
+
+def _distinct_pairs(sims: torch.Tensor) -> torch.Tensor:
+    """The ``S (S - 1) / 2`` entries above the diagonal of an ``(S, S)`` matrix."""
+    i, j = torch.triu_indices(len(sims), len(sims), offset=1)
+    return sims[i, j]
+
+
+def pairwise_cosines(features: torch.Tensor, sample: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Cosine similarity of every distinct pair of a seeded sample of the embeddings.
+
+    Args:
+        features: ``(N, D)`` embeddings, ``N >= 2``.
+        sample: Items drawn (without replacement; all when ``N <= sample``), at most
+            ``QUANTILE_SAMPLE_MAX`` so the pairs fit :func:`torch.quantile`.
+        seed: Seed of the draw.
+
+    Returns:
+        ``(S (S - 1) / 2,)`` float32 similarities, ``S = min(N, sample)``.
+    """
+    return _distinct_pairs(_cosine_matrix(_sample(features, sample, seed)))
+
+
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    """Mean and the 5th, 50th and 95th percentiles (linear interpolation)."""
+    v = values.double()
+    q = torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    return {"mean": v.mean().item(), "p5": q[0], "p50": q[1], "p95": q[2]}
+
+
+def similarity_stats(features: torch.Tensor, sample: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How spread out the embeddings are, on a seeded sample (the one :func:`pairwise_cosines` draws).
+
+    Args:
+        features: ``(N, D)`` embeddings, ``N >= 2``.
+        sample: Items drawn (see :func:`pairwise_cosines`).
+        seed: Seed of the draw.
+
+    Returns:
+        ``norm`` (L2 norms of the raw embeddings), ``cosine`` (cosine similarity of every distinct
+        pair) and ``nn_cosine`` (each item's similarity to its nearest other item in the sample),
+        each as ``mean``, ``p5``, ``p50`` and ``p95``.
+    """
+    x = _sample(features, sample, seed)  # (S, D)
+    sims = _cosine_matrix(x)  # (S, S)
+    others = sims.clone().fill_diagonal_(float("-inf"))
+    return {
+        "norm": _summary(x.norm(dim=1)),
+        "cosine": _summary(_distinct_pairs(sims)),
+        "nn_cosine": _summary(others.max(dim=1).values),
+    }
+
+
+def self_neighbours(
+    features: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's k nearest other items of the same set (never itself), by cosine similarity.
+
+    Args:
+        features: ``(N, D)`` embeddings.
+        queries: ``(Q,)`` long indices of the queries into ``features``.
+        k: Neighbours per query, capped at ``N - 1``.
+        chunk: Queries per block (memory ``chunk x N``).
+
+    Returns:
+        ``(Q, k)`` long indices and ``(Q, k)`` float32 similarities, most similar first, on the
+        features' device.
+
+    Raises:
+        ValueError: If ``k`` or ``chunk`` is below 1, or there are fewer than two items.
+    """
+    if k < 1 or chunk < 1:
+        raise ValueError(f"k and chunk must be at least 1 (got k={k}, chunk={chunk}).")
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError("neighbours need at least two embeddings.")
+    x = F.normalize(features.float(), dim=1)  # (N, D)
+    return _others_topk(x, queries.long().to(x.device), min(k, n - 1), chunk)

@@ -1,0 +1,215 @@
+"""The label-free evaluation of a frozen backbone on one image source (``twinview evaluate --data``).
+
+For people with no labels: the source is embedded with the trained backbone and with a random-init
+copy of it (:mod:`twinview.evaluate.embed`, so a bad image is listed, not replaced by its neighbour),
+and the report compares the two: effective rank (RankMe), alignment of two augmented views,
+uniformity, norm and similarity distributions, nearest-neighbour grids of a fixed sample of the
+user's images, near-duplicate pairs (exact byte copies flagged), and k-means clusters. Every step is
+a named function of :mod:`twinview.evaluate.label_free` or :mod:`twinview.evaluate.plots`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from twinview.augment.config import AugmentConfig
+from twinview.evaluate.dataset import LabelledImages
+from twinview.evaluate.embedding_file import EmbeddingRows
+from twinview.evaluate.label_free import (
+    cluster,
+    file_digest,
+    mark_exact,
+    near_duplicates,
+    pairwise_cosines,
+    self_neighbours,
+    similarity_stats,
+    write_clusters_csv,
+    write_duplicates_csv,
+)
+from twinview.evaluate.metrics import collapse_warning, effective_rank, uniformity
+from twinview.evaluate.run import DIAGNOSTIC_SAMPLE, view_alignment
+
+DUPLICATE_THRESHOLD = 0.95  # default cosine threshold of near-duplicates (measured: docs/BENCHMARKS.md)
+GRID_QUERIES = 8  # rows of the nearest-neighbour grids
+GRID_NEIGHBOURS = 6  # neighbours per row
+DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
+TOP_PAIRS = 20  # pairs listed in the report's table
+CLUSTER_IMAGES = 8  # most central images shown per cluster
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One backbone's embedding of the source's decodable images.
+
+    Attributes:
+        name: ``pretrained`` or ``random_init``.
+        backbone: The backbone.
+        rows: The rows of its embedding file (names, ``(N, D)`` embeddings).
+    """
+
+    name: str
+    backbone: nn.Module
+    rows: EmbeddingRows
+
+
+def evaluate_unlabelled(
+    embedded: Sequence[Embedded],
+    dataset: LabelledImages,
+    augment: AugmentConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    out_dir: Path,
+    *,
+    device: torch.device,
+    threshold: float = DUPLICATE_THRESHOLD,
+    num_clusters: int | None = None,
+    training_log: Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scores and draws the embeddings of one source without labels.
+
+    Args:
+        embedded: The trained backbone's embedding first, then optionally the random-init copy's
+            (same rows).
+        dataset: The source, opened strict (every row its own image); only shown images are read.
+        augment: The run's views, whose alignment is measured.
+        mean: Normalisation mean of the backbones.
+        std: Normalisation std of the backbones.
+        out_dir: Where ``duplicates.csv``, ``clusters.csv`` and ``plots/`` go.
+        device: Where the alignment's views and forwards run.
+        threshold: Cosine similarity from which two images count as near-duplicates.
+        num_clusters: k of k-means; None picks it from the number of images.
+        training_log: The run's ``metrics.jsonl``, drawn as training curves when given.
+        seed: Seed of the samples, the views and k-means.
+
+    Returns:
+        The label-free result (schema in :func:`twinview.evaluate.report.label_free_sections`).
+    """
+    from twinview.evaluate import plots  # matplotlib only here
+
+    plots_dir = Path(out_dir) / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    trained = embedded[0]
+    position = {str(f): i for i, f in enumerate(dataset.index.files)}
+    rows = torch.tensor([position[n] for n in trained.rows.names], dtype=torch.long)  # row -> dataset item
+    image = _image_loader(dataset, rows)
+    good = cast("LabelledImages", Subset(cast("Any", dataset), rows.tolist()))
+    result: dict[str, Any] = {"num_images": len(rows), "skipped": len(dataset) - len(rows), "plots": {}}
+    for e in embedded:
+        result[e.name] = {
+            "diagnostics": diagnostics(e.rows.embeddings)
+            | {"alignment": view_alignment(e.backbone, good, augment, dataset.image_size, mean, std, device)}
+        }
+    features = trained.rows.embeddings
+    result["duplicates"] = duplicates_section(features, trained.rows.names, image, out_dir, threshold, plots_dir)
+    result["plots"]["duplicates"] = result["duplicates"].pop("grid")
+    clusters = cluster(features, num_clusters, seed=seed, central=CLUSTER_IMAGES)
+    write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
+    result["clusters"] = {"k": len(clusters.sizes), "sizes": clusters.sizes, "csv": str(Path(out_dir) / "clusters.csv")}
+    drawn = result["plots"]
+    drawn["clusters"] = str(
+        plots.cluster_grid(
+            [[image(i) for i in c] for c in clusters.central], clusters.sizes, plots_dir / "clusters.png"
+        )
+    )
+    names = [f"cluster {i} ({n})" for i, n in enumerate(clusters.sizes)]
+    drawn["embeddings"] = str(plots.embedding_map(features, clusters.labels, names, plots_dir / "embeddings.png"))
+    drawn["similarity"] = str(
+        plots.similarity_histogram(
+            {e.name.replace("_", " "): pairwise_cosines(e.rows.embeddings, seed=seed) for e in embedded},
+            plots_dir / "similarity.png",
+        )
+    )
+    queries = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:GRID_QUERIES]
+    for e, key in zip(embedded, ("neighbours", "random_neighbours"), strict=False):
+        drawn[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png"))
+    if training_log is not None and training_log.is_file():
+        drawn["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
+    return result
+
+
+def diagnostics(features: torch.Tensor) -> dict[str, Any]:
+    """RankMe, uniformity and the collapse warning on a seeded sample, and the similarity statistics."""
+    sample = features[torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:DIAGNOSTIC_SAMPLE]]
+    return {
+        "effective_rank": effective_rank(sample),
+        "dims": features.shape[1],
+        "uniformity": uniformity(sample),
+        "collapse_warning": collapse_warning(sample),
+        **similarity_stats(features),
+    }
+
+
+def duplicates_section(
+    features: torch.Tensor,
+    names: Sequence[str],
+    image: Callable[[int], torch.Tensor],
+    out_dir: Path,
+    threshold: float,
+    plots_dir: Path,
+) -> dict[str, Any]:
+    """Near-duplicate pairs above ``threshold`` (byte copies flagged) to ``duplicates.csv``, and their grid."""
+    from twinview.evaluate import plots
+
+    pairs = mark_exact(near_duplicates(features, threshold), lambda i: content_digest(names[i], image, i))
+    csv_path = write_duplicates_csv(pairs, names, Path(out_dir) / "duplicates.csv")
+    shown = pairs[:DUPLICATES_SHOWN]
+    grid = plots.pair_grid(
+        [(image(p.a), image(p.b)) for p in shown],
+        [p.similarity for p in shown],
+        [p.exact for p in shown],
+        plots_dir / "duplicates.png",
+        f"{len(pairs)} near-duplicate pairs at cosine >= {threshold:g}"
+        + (f" (the {len(shown)} most similar)" if len(pairs) > len(shown) else ""),
+    )
+    return {
+        "threshold": threshold,
+        "pairs": len(pairs),
+        "exact": sum(p.exact for p in pairs),
+        "csv": str(csv_path),
+        "top": [[names[p.a], names[p.b], p.similarity, p.exact] for p in pairs[:TOP_PAIRS]],
+        "grid": str(grid),
+    }
+
+
+def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int | None = None) -> str:
+    """The file's sha256 when ``name`` is a file; for rows of a Hugging Face source or tar shard
+    (``source#row``), the hash of the decoded image (the bytes are not at hand)."""
+    path = Path(name)
+    if path.is_file():
+        return file_digest(path)
+    return hashlib.sha256(image(row).numpy().tobytes()).hexdigest() if row is not None else name
+
+
+def neighbour_grid(embedded: Embedded, queries: torch.Tensor, image: Callable[[int], torch.Tensor], out: Path) -> Path:
+    """The fixed sample of ``queries`` with their nearest other images under ``embedded``."""
+    from twinview.evaluate import plots
+
+    neighbours, sims = self_neighbours(embedded.rows.embeddings, queries, GRID_NEIGHBOURS)
+    return plots.self_neighbour_grid(
+        [image(int(q)) for q in queries],
+        [[image(int(j)) for j in row] for row in neighbours],
+        sims,
+        out,
+        f"nearest neighbours, {embedded.name.replace('_', ' ')} backbone (cosine similarity)",
+    )
+
+
+def _image_loader(dataset: LabelledImages, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """Image of embedding row ``r`` (decoded once, then kept: grids show a few dozen images)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def image(r: int) -> torch.Tensor:
+        if r not in seen:
+            seen[r] = dataset[int(rows[r])][0]
+        return seen[r]
+
+    return image

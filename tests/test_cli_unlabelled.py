@@ -1,0 +1,112 @@
+"""The label-free path as a user runs it: pretrain on an unlabeled folder -> embed -> evaluate --data
+(report.html, duplicates.csv, clusters.csv) -> search; and embed equals evaluate's features."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from twinview.evaluate.embedding_file import read_embedding_file
+from twinview.pretrain.cli import main
+
+from .conftest import make_image_folder
+
+TINY = [
+    "data.image_size=24",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "model.proj_hidden_dim=32",
+    "model.proj_dim=16",
+    "eval.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A run pretrained on a flat folder of 24 images plus planted copies: an exact one and a flip."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    labelled = make_image_folder(root / "labelled")
+    folder = root / "photos"
+    folder.mkdir()
+    for i, f in enumerate(sorted(labelled.rglob("*.png"))):
+        shutil.copy(f, folder / f"img_{i:03d}.png")
+    shutil.copy(folder / "img_005.png", folder / "copy_of_005.png")  # the same bytes
+    Image.open(folder / "img_017.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "flip_of_017.png")
+    runs = root / "runs"
+    args = ["pretrain", "--config", "simclr-cifar10", f"data.path={folder}", f"train.output_dir={runs}"]
+    assert main([*args, "train.run_name=u", *TINY]) == 0
+    return runs / "u", folder
+
+
+def test_embed_evaluate_search(
+    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir, folder = unlabelled_run
+    out = tmp_path / "photos.parquet"
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(out)]) == 0
+    rows = read_embedding_file(out)
+    assert len(rows.names) == 26 and rows.labels is None and rows.embeddings.shape[1] == 512
+
+    assert main(["evaluate", str(run_dir), "--data", str(folder), "--duplicate-threshold", "0.99"]) == 0
+    printed = capsys.readouterr().out
+    assert "effective rank" in printed and "near-duplicates" in printed
+    result = json.loads((run_dir / "eval.json").read_text())["label_free"]
+    assert result["num_images"] == 26 and result["skipped"] == 0
+    assert {"pretrained", "random_init"} <= result.keys()
+    with (run_dir / "duplicates.csv").open() as f:
+        pairs = {(Path(r["path_a"]).name, Path(r["path_b"]).name): r for r in csv.DictReader(f)}
+    exact = pairs[("copy_of_005.png", "img_005.png")]
+    assert exact["exact"] in ("True", "true", "1") and float(exact["similarity"]) > 0.999
+    assert all(
+        r["exact"] in ("False", "false", "0") for k, r in pairs.items() if k != ("copy_of_005.png", "img_005.png")
+    )
+    with (run_dir / "clusters.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 26
+    page = (run_dir / "report.html").read_text()
+    assert "Near-duplicates" in page and "Clusters" in page and 'src="plots/' not in page
+    for key in ("neighbours", "random_neighbours", "duplicates", "clusters", "similarity", "embeddings", "training"):
+        assert Path(result["plots"][key]).is_file(), key
+
+    # the random-init embeddings of evaluate come from the same engine: embed reproduces them
+    cached = sorted((run_dir / "features").glob("photos-*.parquet"))
+    assert len(cached) == 2
+    assert any(torch.equal(read_embedding_file(c).embeddings, rows.embeddings) for c in cached)
+
+    grid = tmp_path / "search.png"
+    query = folder / "img_017.png"
+    assert (
+        main(["search", str(run_dir), "--index", str(out), "--query", str(query), "--k", "3", "--out", str(grid)]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(query)
+    rank, sim, path = lines[1].split()
+    assert rank == "1" and path == str(query) and float(sim) == pytest.approx(1.0, abs=1e-4)
+    assert len(lines) == 5 and np.asarray(Image.open(grid)).std() > 0
+
+
+def test_embed_equals_the_features_evaluate_caches(image_folder: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = ["pretrain", "--config", "simclr-cifar10", f"data.path={image_folder}", f"train.output_dir={runs}"]
+    assert main([*args, "train.run_name=l", *TINY]) == 0
+    run_dir = runs / "l"
+    assert main(["evaluate", str(run_dir), "--train", str(image_folder), "--test", str(image_folder)]) == 0
+    cached = torch.load(next((run_dir / "features").glob("*.pt")))
+    assert main(["embed", str(run_dir), "--data", str(image_folder), "--out", str(tmp_path / "e.npy")]) == 0
+    rows = read_embedding_file(tmp_path / "e.npy")
+    torch.testing.assert_close(rows.embeddings, cached["features"], rtol=0, atol=0)
+    assert rows.labels == [f"class_{int(y)}" for y in cached["labels"]]
+
+
+def test_evaluate_needs_data_or_a_labelled_pair(
+    unlabelled_run: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["evaluate", str(unlabelled_run[0])]) == 2
+    assert "--data" in capsys.readouterr().err
