@@ -31,9 +31,10 @@ def training_curves(metrics_file: Path, out: Path) -> Path:
     knn = [r for r in records if "knn_top1" in r]
     panels = 3 if knn else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4))
-    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue")
+    marker = "o" if len(steps) < 3 else None  # a run of one or two log intervals is still visible
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", marker=marker)
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
-    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
+    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange", marker=marker)
     axes[1].set(title="learning rate", xlabel="step", ylabel="lr")
     if knn:
         axes[2].plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o", color="tab:green")

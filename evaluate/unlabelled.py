@@ -98,6 +98,11 @@ def evaluate_unlabelled(
     plots_dir = Path(out_dir) / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     trained = embedded[0]
+    if len(trained.rows.names) < 2:
+        raise ValueError(
+            f"{len(trained.rows.names)} of the {len(dataset)} images could be decoded; a label-free evaluation "
+            "compares images with each other and needs at least 2."
+        )
     position = {str(f): i for i, f in enumerate(dataset.index.files)}
     rows = torch.tensor([position[n] for n in trained.rows.names], dtype=torch.long)  # row -> dataset item
     image = _image_loader(dataset, rows)

@@ -69,7 +69,8 @@ def _remove_run_files(run_dir: Path) -> None:
     run's files never mix with an earlier one's."""
     for stale in (CHECKPOINT_DIR, ".skipped", "features", "plots", "tensorboard"):
         shutil.rmtree(run_dir / stale, ignore_errors=True)
-    for stale in (CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, "skipped_files.txt", "eval.json", "report.md"):
+    written = (CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, "skipped_files.txt", "eval.json", "report.md", "report.html")
+    for stale in (*written, "duplicates.csv", "clusters.csv"):
         (run_dir / stale).unlink(missing_ok=True)
 
 
