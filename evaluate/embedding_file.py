@@ -216,13 +216,14 @@ def _iter_npy(path: Path, batch_rows: int, wanted: set[str]) -> Iterator[Embeddi
         rows = csv.reader(f)
         next(rows)  # header
         for start in range(0, len(array), batch_rows):
-            block = [next(rows) for _ in range(min(batch_rows, len(array) - start))]
+            n = min(batch_rows, len(array) - start)
+            block = [next(rows) for _ in range(n)] if "path" in wanted else []
             names = [r[1] for r in block]
             labels = [r[2] for r in block] if any(r[2] for r in block) else None
             embeddings = (
-                torch.from_numpy(np.array(array[start : start + len(block)], dtype=np.float32))
+                torch.from_numpy(np.array(array[start : start + n], dtype=np.float32))
                 if "embedding" in wanted
-                else torch.empty(len(block), 0)
+                else torch.empty(n, 0)
             )
             yield EmbeddingRows(start, names, embeddings, labels)
 

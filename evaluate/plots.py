@@ -22,6 +22,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 MAP_SAMPLE = 2000  # points on the embedding maps (t-SNE is quadratic)
+MAP_LEGEND_MAX = 20  # colours named in the embedding map's legend
 
 
 def training_curves(metrics_file: Path, out: Path) -> Path:
@@ -67,7 +68,8 @@ def embedding_map(
             name = classes[c] if 0 <= c < len(classes) else str(c)
             ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(int(c) % cmap.N), label=name, alpha=0.7)
         ax.set(title=f"{title} of {len(x)} embeddings", xticks=[], yticks=[])
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
+    if len(np.unique(y)) <= MAP_LEGEND_MAX:  # beyond, a legend would dwarf the maps (e.g. 45 clusters)
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -37,7 +37,7 @@ from twinview.evaluate.label_free import (
 from twinview.evaluate.metrics import collapse_warning, effective_rank, uniformity
 from twinview.evaluate.run import DIAGNOSTIC_SAMPLE, view_alignment
 
-DUPLICATE_THRESHOLD = 0.95  # default cosine threshold of near-duplicates (measured: docs/BENCHMARKS.md)
+DUPLICATE_THRESHOLD = 0.98  # default cosine threshold of near-duplicates (chosen on planted copies: docs/BENCHMARKS.md)
 GRID_QUERIES = 8  # rows of the nearest-neighbour grids
 GRID_NEIGHBOURS = 6  # neighbours per row
 DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
