@@ -153,6 +153,7 @@ def embed_source(
     skip_errors: tuple[type[BaseException], ...] = (),
     overwrite: bool = False,
     progress: bool = True,
+    mirrored: bool = False,
 ) -> EmbedSummary:
     """Embeds every image of ``dataset`` into ``out`` (``.parquet`` or ``.npy``), resumably.
 
@@ -172,6 +173,8 @@ def embed_source(
         skip_errors: Exceptions of a bad image; such images are listed, not embedded.
         overwrite: Replace an existing OUT (and an unfinished embed of other settings).
         progress: Show a progress bar (main process only).
+        mirrored: Embed each image's mirror image (flipped left-right) instead; the label-free
+            evaluation compares both to find mirrored copies.
 
     Returns:
         An :class:`EmbedSummary`.
@@ -190,6 +193,7 @@ def embed_source(
         "rows": num_rows,
         "chunk_rows": chunk_rows,
         "dtype": dtype,
+        "mirrored": mirrored,
     }
     done_before = _prepare_parts(out, manifest, overwrite, main_process, accelerator)
     parts = parts_dir(out)
@@ -212,6 +216,7 @@ def embed_source(
     bar = tqdm(total=sum(map(len, batches)), unit="img", desc="embed", disable=not (progress and main_process))
     pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
     for images, rows, errors in loader:
+        images = images.flip(-1) if mirrored else images  # (B, 3, S, S): left-right
         pending.append((frozen_forward(backbone, normalize, images, device).cpu(), rows, list(errors)))
         bar.update(len(rows))
         chunk = int(rows[-1]) // chunk_rows
@@ -225,7 +230,12 @@ def embed_source(
     dims, rows_written, skipped = _summarise(parts, num_chunks, dataset)
     if main_process:
         write_embedding_file(
-            out, _merged_parts(parts, num_chunks, dataset), dims, dtype, metadata | {"dtype": dtype}, rows_written
+            out,
+            _merged_parts(parts, num_chunks, dataset),
+            dims,
+            dtype,
+            metadata | {"dtype": dtype, "mirrored": mirrored},
+            rows_written,
         )
         _write_skipped(out, skipped)
     if accelerator is not None:

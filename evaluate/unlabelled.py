@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
@@ -37,7 +38,9 @@ from twinview.evaluate.label_free import (
 from twinview.evaluate.metrics import collapse_warning, effective_rank, uniformity
 from twinview.evaluate.run import DIAGNOSTIC_SAMPLE, view_alignment
 
-DUPLICATE_THRESHOLD = 0.98  # default cosine threshold of near-duplicates (chosen on planted copies: docs/BENCHMARKS.md)
+DUPLICATE_THRESHOLD = (
+    0.985  # default cosine threshold of near-duplicates (chosen on planted copies: docs/BENCHMARKS.md)
+)
 GRID_QUERIES = 8  # rows of the nearest-neighbour grids
 GRID_NEIGHBOURS = 6  # neighbours per row
 DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
@@ -73,6 +76,7 @@ def evaluate_unlabelled(
     num_clusters: int | None = None,
     training_log: Path | None = None,
     seed: int = 0,
+    mirrored: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Scores and draws the embeddings of one source without labels.
 
@@ -89,6 +93,9 @@ def evaluate_unlabelled(
         num_clusters: k of k-means; None picks it from the number of images.
         training_log: The run's ``metrics.jsonl``, drawn as training curves when given.
         seed: Seed of the samples, the views and k-means.
+        mirrored: ``(N, D)`` embeddings of the mirror images (same rows) by the trained backbone:
+            near-duplicates are then searched with :func:`mirror_invariant` embeddings, so that a
+            mirrored copy is found too.
 
     Returns:
         The label-free result (schema in :func:`twinview.evaluate.report.label_free_sections`).
@@ -114,7 +121,9 @@ def evaluate_unlabelled(
             | {"alignment": view_alignment(e.backbone, good, augment, dataset.image_size, mean, std, device)}
         }
     features = trained.rows.embeddings
-    result["duplicates"] = duplicates_section(features, trained.rows.names, image, out_dir, threshold, plots_dir)
+    copies = features if mirrored is None else mirror_invariant(features, mirrored)
+    result["duplicates"] = duplicates_section(copies, trained.rows.names, image, out_dir, threshold, plots_dir)
+    result["duplicates"]["mirror_invariant"] = mirrored is not None
     result["plots"]["duplicates"] = result["duplicates"].pop("grid")
     clusters = cluster(features, num_clusters, seed=seed, central=CLUSTER_IMAGES)
     write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
@@ -139,6 +148,20 @@ def evaluate_unlabelled(
     if training_log is not None and training_log.is_file():
         drawn["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
     return result
+
+
+def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """``normalize(f(x)) + normalize(f(mirror(x)))`` per row: an image and its mirror image get the
+    same vector, and other near-copies (re-encoded, slightly cropped) stay as close as before.
+
+    Args:
+        features: ``(N, D)`` embeddings of the images.
+        mirrored: ``(N, D)`` embeddings of their mirror images.
+
+    Returns:
+        ``(N, D)`` embeddings, unchanged by mirroring the image.
+    """
+    return F.normalize(features.float(), dim=1) + F.normalize(mirrored.float(), dim=1)
 
 
 def diagnostics(features: torch.Tensor) -> dict[str, Any]:

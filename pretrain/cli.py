@@ -60,7 +60,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="images to inspect without labels: anything data.path accepts")
     p.add_argument("--split", default="train", help="split of a Hugging Face --data source (default: train)")
     p.add_argument(
-        "--duplicate-threshold", type=float, default=None, metavar="COS", help="near-duplicate cosine (default 0.98)"
+        "--duplicate-threshold", type=float, default=None, metavar="COS", help="near-duplicate cosine (default 0.985)"
     )
     p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means clusters (default: from N)")
     p.add_argument("--train", default=None, help="labelled reference folder (class sub-folders)")

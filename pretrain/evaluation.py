@@ -101,6 +101,7 @@ def embed_images(
     accelerator: Any | None = None,
     progress: bool = True,
     dataset: LabelledImages | None = None,
+    mirrored: bool = False,
 ) -> EmbedSummary:
     """:func:`twinview.evaluate.embed.embed_source` of every image of ``source`` with the run's settings.
 
@@ -120,6 +121,7 @@ def embed_images(
         accelerator: Several processes (``accelerate launch``) split the images.
         progress: Show a progress bar.
         dataset: ``source`` already opened strict (see :func:`open_images`), else it is opened here.
+        mirrored: Embed the mirror images instead (see :func:`~twinview.evaluate.embed.embed_source`).
     """
     from twinview.evaluate.embed import embed_source
     from twinview.evaluate.features import state_checksum
@@ -150,6 +152,7 @@ def embed_images(
         skip_errors=(BadImage,),
         overwrite=overwrite,
         progress=progress,
+        mirrored=mirrored,
     )
 
 
@@ -168,8 +171,9 @@ def evaluate_source(
     """The label-free evaluation (:func:`twinview.evaluate.unlabelled.evaluate_unlabelled`) of a
     source, for the trained backbone against a random-init copy, with the run's settings.
 
-    Both embeddings are written to ``OUT_DIR/features/`` (Parquet, named by a hash of the data and the
-    weights), so a second evaluation of the same images and weights reads them instead.
+    The embeddings (trained, random init, and trained on the mirror images, for mirrored copies)
+    are written to ``OUT_DIR/features/`` (Parquet, named by a hash of the data and the weights), so a
+    second evaluation of the same images and weights reads them instead.
 
     Args:
         backbone: The trained backbone.
@@ -194,18 +198,33 @@ def evaluate_source(
 
     dataset = open_images(source, cfg.data.size, split, strict=True)
     fingerprint = dataset.fingerprint()
-    embedded = []
-    for name, net in (("pretrained", backbone), ("random_init", random_init_backbone(cfg))):
-        key = hashlib.sha256(f"{fingerprint}:{state_checksum(net)!r}".encode()).hexdigest()[:16]
-        file = Path(out_dir) / "features" / f"{Path(source.rstrip('/')).name or 'data'}-{key}.parquet"
-        if not file.is_file():
-            file.parent.mkdir(parents=True, exist_ok=True)
+    files, random_init = {}, random_init_backbone(cfg)
+    for name, net, mirrored in (
+        ("pretrained", backbone, False),
+        ("random_init", random_init, False),
+        ("pretrained_mirrored", backbone, True),  # finds mirrored copies among the near-duplicates
+    ):
+        key = hashlib.sha256(f"{fingerprint}:{state_checksum(net)!r}:{mirrored}".encode()).hexdigest()[:16]
+        files[name] = Path(out_dir) / "features" / f"{Path(source.rstrip('/')).name or 'data'}-{key}.parquet"
+        if not files[name].is_file():
+            files[name].parent.mkdir(parents=True, exist_ok=True)
             embed_images(
-                net, cfg, source, file, made_from=made_from, split=split, accelerator=accelerator, dataset=dataset
+                net,
+                cfg,
+                source,
+                files[name],
+                made_from=made_from,
+                split=split,
+                accelerator=accelerator,
+                dataset=dataset,
+                mirrored=mirrored,
             )
-        embedded.append(Embedded(name, net, read_embedding_file(file)))
     if accelerator is not None and not accelerator.is_main_process:
         return None
+    embedded = [
+        Embedded("pretrained", backbone, read_embedding_file(files["pretrained"])),
+        Embedded("random_init", random_init, read_embedding_file(files["random_init"])),
+    ]
     mean, std = normalization_stats(backbone)
     result = evaluate_unlabelled(
         embedded,
@@ -219,6 +238,7 @@ def evaluate_source(
         num_clusters=num_clusters,
         training_log=Path(out_dir) / "metrics.jsonl",
         seed=cfg.train.seed,
+        mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
     )
     return {"source": source} | result
 
