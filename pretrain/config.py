@@ -174,7 +174,10 @@ class TrainConfig:
         epochs: Number of passes over the data.
         batch_size: Images per process per forward pass (each gives two views). The global batch
             of an optimiser step is batch_size x processes x grad_accumulation.
-        mixed_precision: ``no``, ``fp16`` or ``bf16`` (bf16 also on CPU).
+        mixed_precision: ``no``, ``fp16``, ``bf16`` (also on CPU) or ``auto``: bf16 where the device
+            computes it natively (CUDA compute capability >= 8.0; a CPU with AVX512-BF16 or AMX),
+            fp16 on older CUDA GPUs, else no. The choice and why are printed at the start and
+            stored in config.yaml.
         cpu: Train on the CPU even where an accelerator is present.
         seed: Seed for weights, data order and augmentation.
         output_dir: Parent directory of run directories.

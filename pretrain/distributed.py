@@ -98,3 +98,11 @@ def use_cpu(cpu_setting: bool) -> bool:
     accelerator only when told ``cpu=True``; otherwise each process trains alone.
     """
     return cpu_setting or not torch.accelerator.is_available()
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): there bf16 autocast is ~1.8x
+    faster than fp32 (docs/BENCHMARKS.md); elsewhere it is emulated and slower."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's private probes (>= 2.3)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)

@@ -37,12 +37,15 @@ class World:
         device_type: ``cpu``, ``cuda``, ``mps``, ...
         bf16_supported: Whether the device runs bf16 (CUDA: compute capability >= 8.0).
         device_name: For messages, e.g. ``Tesla V100``.
+        bf16_native: Whether it computes bf16 in hardware (a CPU with AVX512-BF16 or AMX; on
+            other CPUs bf16 is emulated and slower than fp32).
     """
 
     processes: int = 1
     device_type: str = "cpu"
     bf16_supported: bool = True
     device_name: str = ""
+    bf16_native: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment.backend": ("fast", "kornia"),
     "data.cache": ("none", "disk", "device"),
     "data.decode": ("cpu", "gpu"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.mixed_precision": ("no", "fp16", "bf16", "auto"),
     "train.log_with": ("none", "tensorboard", "wandb"),
     "train.nonfinite_check": ("auto", "sync", "device"),
     "train.grad_accumulation_mode": ("cached", "independent"),

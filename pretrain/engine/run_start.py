@@ -25,6 +25,7 @@ class StartInfo:
 
     found: DataSurvey
     size_note: str
+    precision_note: str = ""
 
 
 def survey_and_size(cfg: Config) -> tuple[Config, StartInfo]:
@@ -35,6 +36,25 @@ def survey_and_size(cfg: Config) -> tuple[Config, StartInfo]:
     size, why = auto_image_size(found)
     resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
     return resolved, StartInfo(found, f"{size} px (data.image_size=auto: {why})")
+
+
+def resolve_precision(cfg: Config, world: World, info: StartInfo) -> tuple[Config, StartInfo]:
+    """Resolves ``train.mixed_precision=auto`` for the device (the config returned has the choice).
+
+    bf16 where the device computes it natively (a CUDA GPU of compute capability >= 8.0, a CPU with
+    AVX512-BF16 or AMX), fp16 on older CUDA GPUs, otherwise no mixed precision.
+    """
+    chosen = cfg.train.mixed_precision
+    if chosen != "auto":
+        return cfg, dataclasses.replace(info, precision_note=f"{chosen} (train.mixed_precision)")
+    if world.device_type == "cuda":
+        chosen, why = ("bf16", "the GPU computes bf16") if world.bf16_supported else ("fp16", "no bf16 on this GPU")
+    elif world.device_type == "cpu" and world.bf16_native:
+        chosen, why = "bf16", "this CPU has bf16 instructions (AVX512-BF16 or AMX)"
+    else:
+        chosen, why = "no", f"no native bf16 on this {world.device_type}"
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=chosen))
+    return resolved, dataclasses.replace(info, precision_note=f"{chosen} (train.mixed_precision=auto: {why})")
 
 
 def start_block(
@@ -64,7 +84,11 @@ def start_block(
         ),
         ("lr", f"{peak_lr:.4g} peak{scaling}; {cfg.optim.name}, warm-up {cfg.optim.warmup_epochs:g} epoch(s), cosine"),
         ("steps", f"{steps_per_epoch} per epoch x {cfg.train.epochs} epochs = {steps_per_epoch * cfg.train.epochs}"),
-        ("device", f"{world.device_name or world.device_type} x {processes}, precision {cfg.train.mixed_precision}"),
+        (
+            "device",
+            f"{world.device_name or world.device_type} x {processes}, "
+            f"precision {info.precision_note or cfg.train.mixed_precision}",
+        ),
     ]
     return "\n".join(f"  {name:<11}{text}" for name, text in rows)
 

@@ -29,7 +29,7 @@ from twinview.augment.views import build_views
 from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.data.loaders import Batches, build_batches
 from twinview.pretrain.data.sources import SkipLog
-from twinview.pretrain.distributed import all_reduce_min, use_cpu
+from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, use_cpu
 from twinview.pretrain.engine.accumulation import Pass, accumulate
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
 from twinview.pretrain.engine.metrics_log import (
@@ -41,7 +41,7 @@ from twinview.pretrain.engine.metrics_log import (
 )
 from twinview.pretrain.engine.monitor import monitor_knn
 from twinview.pretrain.engine.optim import build_optimizer, build_scheduler, scaled_lr
-from twinview.pretrain.engine.run_start import print_start, survey_and_size
+from twinview.pretrain.engine.run_start import print_start, resolve_precision, survey_and_size
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.models import ContrastiveModel, create_model, normalization_stats
@@ -122,6 +122,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") ->
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     world = current_world(cfg)
     cfg, start = survey_and_size(cfg)  # data.image_size=auto resolved, and saved so below
+    cfg, start = resolve_precision(cfg, world, start)  # train.mixed_precision=auto likewise
     validate(cfg, world)  # before any compute
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, run_dir)
@@ -219,6 +220,7 @@ def current_world(cfg: Config) -> World:
         device_type=state.device.type,
         bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,
         device_name=torch.cuda.get_device_name(state.device) if cuda else state.device.type,
+        bf16_native=torch.cuda.is_bf16_supported() if cuda else cpu_computes_bf16(),
     )
 
 

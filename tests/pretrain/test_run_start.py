@@ -11,9 +11,11 @@ from PIL import Image
 
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.survey import DataSurvey, auto_image_size, survey
-from twinview.pretrain.engine.run_start import StartInfo, final_feature_side, start_warnings
+from twinview.pretrain.distributed import cpu_computes_bf16
+from twinview.pretrain.engine.run_start import StartInfo, final_feature_side, resolve_precision, start_warnings
 from twinview.pretrain.engine.train import train
 from twinview.pretrain.models import create_backbone
+from twinview.pretrain.validate import World
 
 from ..conftest import make_image_folder
 
@@ -62,6 +64,7 @@ def test_a_run_with_no_size_setting_picks_one_prints_why_and_saves_it(
             "model.proj_hidden_dim=32",
             "model.proj_dim=16",
             f"train.output_dir={tmp_path}",
+            "train.mixed_precision=auto",
         ],
     )
     assert cfg.data.image_size == "auto"
@@ -75,6 +78,29 @@ def test_a_run_with_no_size_setting_picks_one_prints_why_and_saves_it(
     assert "  estimate   " in out and " s per epoch (" in out  # after the first log interval
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["image_size"] == 64
+    precision = "bf16" if cpu_computes_bf16() else "no"  # this host's CPU decides
+    assert saved["train"]["mixed_precision"] == precision
+    assert f"precision {precision} (train.mixed_precision=auto: " in out
+
+
+@pytest.mark.parametrize(
+    "world,chosen",
+    [
+        (World(device_type="cuda", bf16_supported=True, bf16_native=True), "bf16"),
+        (World(device_type="cuda", bf16_supported=False), "fp16"),
+        (World(device_type="cpu", bf16_native=True), "bf16"),
+        (World(device_type="cpu", bf16_native=False), "no"),
+        (World(device_type="mps"), "no"),
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(world: World, chosen: str) -> None:
+    info = StartInfo(found=None, size_note="")  # type: ignore[arg-type]
+    cfg, info = resolve_precision(load_config(None, ["data.path=x", "train.mixed_precision=auto"]), world, info)
+    assert cfg.train.mixed_precision == chosen and info.precision_note.startswith(
+        f"{chosen} (train.mixed_precision=auto"
+    )
+    explicit, info = resolve_precision(load_config(None, ["data.path=x", "train.mixed_precision=no"]), world, info)
+    assert explicit.train.mixed_precision == "no" and info.precision_note == "no (train.mixed_precision)"
 
 
 def test_warnings_name_the_setting_to_change(tmp_path: Path) -> None:
