@@ -75,7 +75,7 @@ class _Rows(Dataset):
         try:
             return self.dataset[i][0], i, ""
         except self.skip_errors as err:
-            return self.blank, i, str(err) or type(err).__name__
+            return self.blank, i, getattr(err, "reason", "") or str(err) or type(err).__name__
 
 
 def parts_dir(out: Path) -> Path:
@@ -154,6 +154,7 @@ def embed_source(
     overwrite: bool = False,
     progress: bool = True,
     mirrored: bool = False,
+    desc: str = "embed",
 ) -> EmbedSummary:
     """Embeds every image of ``dataset`` into ``out`` (``.parquet`` or ``.npy``), resumably.
 
@@ -175,6 +176,7 @@ def embed_source(
         progress: Show a progress bar (main process only).
         mirrored: Embed each image's mirror image (flipped left-right) instead; the label-free
             evaluation compares both to find mirrored copies.
+        desc: The progress bar's label.
 
     Returns:
         An :class:`EmbedSummary`.
@@ -213,7 +215,7 @@ def embed_source(
     )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc="embed", disable=not (progress and main_process))
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=desc, disable=not (progress and main_process))
     pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
     for images, rows, errors in loader:
         images = images.flip(-1) if mirrored else images  # (B, 3, S, S): left-right

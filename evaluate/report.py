@@ -154,6 +154,9 @@ def summary_section(result: Mapping[str, Any]) -> Section:
             ("images", str(result["num_images"])),
             ("skipped (unreadable)", str(result["skipped"])),
         ),
+        files=((Path(result["skipped_list"]), "the images that could not be decoded, with the reason"),)
+        if result.get("skipped_list")
+        else (),
     )
 
 
@@ -166,6 +169,15 @@ REPRESENTATION_ROWS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] 
     ("cosine mean", lambda d: f"{d['cosine']['mean']:.4f}"),
     ("cosine p95", lambda d: f"{d['cosine']['p95']:.4f}"),
     ("nearest-neighbour cosine p50", lambda d: f"{d['nn_cosine']['p50']:.4f}"),
+)
+
+
+READING_GUIDE = (
+    "How to read it: a useful representation has a high effective rank (RankMe: how many dimensions "
+    "the images spread over) and a low uniformity (spread over the sphere), with pairwise and "
+    "nearest-neighbour cosines well below 1. Alignment (distance between two views of an image) is "
+    "lower-is-better only next to those: a random-init backbone maps every image to nearly the same "
+    "vector, so its views align trivially."
 )
 
 
@@ -183,11 +195,12 @@ def representation_section(result: Mapping[str, Any], plots: Mapping[str, Path])
         header=("metric", *(BACKBONE_NAMES[name] for name in backbones)),
         rows=tuple((row, *(_format_or_missing(fmt, d) for d in diagnostics)) for row, fmt in REPRESENTATION_ROWS),
     )
-    notes = tuple(
+    warnings = tuple(
         f"{WARNING_PREFIX}{BACKBONE_NAMES[name]}: {d['collapse_warning']}."
         for name, d in zip(backbones, diagnostics, strict=True)
         if d.get("collapse_warning")
     )
+    notes = (READING_GUIDE, *warnings)
     return Section(title="Representation", tables=(table,), notes=notes, figures=_figures(plots, ["similarity"]))
 
 
@@ -228,6 +241,13 @@ def duplicates_section(result: Mapping[str, Any], plots: Mapping[str, Path]) -> 
         notes = (f"The {len(top)} most similar of {dup['pairs']} pairs; the CSV lists them all.",)
     else:
         notes = ()
+    if dup.get("mirror_invariant"):
+        notes += (
+            "Similarities here compare each image's embedding plus its mirror image's, so a mirrored copy "
+            "scores like an exact one; they are not the cosines of the neighbour grids or of twinview search.",
+        )
+    if dup.get("warning"):
+        notes += (f"{WARNING_PREFIX}{dup['warning']}.",)
     return Section(
         title="Near-duplicates",
         metrics=(

@@ -46,6 +46,8 @@ GRID_NEIGHBOURS = 6  # neighbours per row
 DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
 TOP_PAIRS = 20  # pairs listed in the report's table
 CLUSTER_IMAGES = 8  # most central images shown per cluster
+LOOKALIKE_MARGIN = 0.01  # warn when the median nearest-neighbour cosine is this close to the threshold
+BLOCK_FLOATS = 1 << 26  # similarities held at once by the searches against all rows (256 MB)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def evaluate_unlabelled(
         mean: Normalisation mean of the backbones.
         std: Normalisation std of the backbones.
         out_dir: Where ``duplicates.csv``, ``clusters.csv`` and ``plots/`` go.
-        device: Where the alignment's views and forwards run.
+        device: Where the alignment's views and forwards, and the searches of all pairs, run.
         threshold: Cosine similarity from which two images count as near-duplicates.
         num_clusters: k of k-means; None picks it from the number of images.
         training_log: The run's ``metrics.jsonl``, drawn as training curves when given.
@@ -102,7 +104,7 @@ def evaluate_unlabelled(
     """
     from twinview.evaluate import plots  # matplotlib only here
 
-    plots_dir = Path(out_dir) / "plots"
+    plots_dir = Path(out_dir) / "plots" / "data"  # beside, not over, the labelled evaluation's plots
     plots_dir.mkdir(parents=True, exist_ok=True)
     trained = embedded[0]
     if len(trained.rows.names) < 2:
@@ -122,8 +124,16 @@ def evaluate_unlabelled(
         }
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
-    result["duplicates"] = duplicates_section(copies, trained.rows.names, image, out_dir, threshold, plots_dir)
+    result["duplicates"] = duplicates_section(
+        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir
+    )
     result["duplicates"]["mirror_invariant"] = mirrored is not None
+    typical = result["pretrained"]["diagnostics"]["nn_cosine"]["p50"]
+    if typical >= threshold - LOOKALIKE_MARGIN:
+        result["duplicates"]["warning"] = (
+            f"half of the images have a neighbour at cosine >= {typical:.3f}, close to the threshold {threshold:g}: "
+            "many pairs will be look-alikes, not copies (a briefly trained model); raise --duplicate-threshold"
+        )
     result["plots"]["duplicates"] = result["duplicates"].pop("grid")
     clusters = cluster(features, num_clusters, seed=seed, central=CLUSTER_IMAGES)
     write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
@@ -144,10 +154,16 @@ def evaluate_unlabelled(
     )
     queries = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:GRID_QUERIES]
     for e, key in zip(embedded, ("neighbours", "random_neighbours"), strict=False):
-        drawn[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png"))
+        drawn[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png", device))
     if training_log is not None and training_log.is_file():
         drawn["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
     return result
+
+
+def block_rows(n: int) -> int:
+    """Rows per block of a search against all ``n`` rows: a ``(block, n)`` float32 similarity block
+    of at most ``BLOCK_FLOATS`` (256 MB), so a million images need no more memory than ten thousand."""
+    return max(1, min(4096, BLOCK_FLOATS // max(n, 1)))
 
 
 def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
@@ -187,7 +203,8 @@ def duplicates_section(
     """Near-duplicate pairs above ``threshold`` (byte copies flagged) to ``duplicates.csv``, and their grid."""
     from twinview.evaluate import plots
 
-    pairs = mark_exact(near_duplicates(features, threshold), lambda i: content_digest(names[i], image, i))
+    found = near_duplicates(features, threshold, chunk=block_rows(len(features)))
+    pairs = mark_exact(found, lambda i: content_digest(names[i], image, i))
     csv_path = write_duplicates_csv(pairs, names, Path(out_dir) / "duplicates.csv")
     shown = pairs[:DUPLICATES_SHOWN]
     grid = plots.pair_grid(
@@ -217,11 +234,19 @@ def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int | N
     return hashlib.sha256(image(row).numpy().tobytes()).hexdigest() if row is not None else name
 
 
-def neighbour_grid(embedded: Embedded, queries: torch.Tensor, image: Callable[[int], torch.Tensor], out: Path) -> Path:
+def neighbour_grid(
+    embedded: Embedded,
+    queries: torch.Tensor,
+    image: Callable[[int], torch.Tensor],
+    out: Path,
+    device: torch.device | str = "cpu",
+) -> Path:
     """The fixed sample of ``queries`` with their nearest other images under ``embedded``."""
     from twinview.evaluate import plots
 
-    neighbours, sims = self_neighbours(embedded.rows.embeddings, queries, GRID_NEIGHBOURS)
+    x = embedded.rows.embeddings.to(device)
+    neighbours, sims = self_neighbours(x, queries.to(device), GRID_NEIGHBOURS, chunk=block_rows(len(x)))
+    neighbours, sims = neighbours.cpu(), sims.cpu()
     return plots.self_neighbour_grid(
         [image(int(q)) for q in queries],
         [[image(int(j)) for j in row] for row in neighbours],

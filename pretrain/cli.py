@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
+    from twinview.evaluate.dataset import LabelledImages
     from twinview.pretrain.config import Config
     from twinview.pretrain.data.sources import ImageFolderDataset
 
@@ -65,7 +66,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means clusters (default: from N)")
     p.add_argument("--train", default=None, help="labelled reference folder (class sub-folders)")
     p.add_argument("--test", default=None, help="labelled query folder")
-    p.add_argument("--baseline", action="store_true", help="also score a randomly initialised copy (labelled)")
+    p.add_argument(
+        "--baseline", action="store_true", help="also score a random-init copy with --train/--test (--data always does)"
+    )
     p.add_argument("--linear-probe", action="store_true", help="also train and score a linear probe on frozen features")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.knn_temperature=0.07")
 
@@ -203,17 +206,41 @@ def _launched_accelerator() -> Accelerator | None:
     return Accelerator(cpu=use_cpu(False))  # CPU-only machines: see use_cpu
 
 
+def _check_evaluate_options(args: argparse.Namespace) -> None:
+    """The option combinations ``twinview evaluate`` refuses, before anything is loaded."""
+    if bool(args.train) != bool(args.test):
+        raise ValueError("--train and --test go together (a labelled reference and query set).")
+    if not args.data and not args.train:
+        raise ValueError("give --data SOURCE (images, no labels needed), or --train and --test (labelled folders).")
+    if args.linear_probe and not args.train and not args.data:
+        raise ValueError("--linear-probe needs labels: --train and --test, or a --data folder of class sub-folders.")
+    if args.clusters is not None and args.clusters < 1:
+        raise ValueError(f"--clusters must be at least 1, got {args.clusters}.")
+    if args.duplicate_threshold is not None and not -1.0 <= args.duplicate_threshold <= 1.0:
+        raise ValueError(f"--duplicate-threshold is a cosine similarity in [-1, 1], got {args.duplicate_threshold}.")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinview.evaluate.report import label_free_sections, labelled_sections, write_html, write_markdown
+    from twinview.pretrain.evaluation import labelled_folders, labelled_split
     from twinview.pretrain.runs import load_backbone_for_evaluation
 
-    if not args.data and not (args.train and args.test):
-        raise ValueError("give --data SOURCE (images without labels), or --train and --test (labelled folders).")
+    _check_evaluate_options(args)
     run_dir = Path(args.run_dir)
     cfg, backbone = load_backbone_for_evaluation(run_dir, args.overrides)
     accelerator = _launched_accelerator()
     main_process = accelerator is None or accelerator.is_main_process
-    result: dict = _evaluate_labelled(args, run_dir, cfg, backbone, accelerator) if args.train else {}
+    result: dict = {}
+    if args.train:
+        _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
+        pair = labelled_folders(args.train, args.test, cfg.data.size)
+        result = _evaluate_labelled(args, run_dir, cfg, backbone, accelerator, *pair, baseline=args.baseline)
+    elif args.data and (split := labelled_split(args.data, cfg.data.size, args.split, cfg.train.seed)) is not None:
+        _main_print(
+            f"{args.data} has class labels: kNN (k={cfg.eval.knn_k}) of a seeded 20% of each class "
+            "against the other 80%, as well as the label-free report"
+        )
+        result = _evaluate_labelled(args, run_dir, cfg, backbone, accelerator, *split, baseline=True)
     if args.data:
         from twinview.pretrain.evaluation import evaluate_source
 
@@ -228,6 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             threshold=args.duplicate_threshold,
             num_clusters=args.clusters,
             accelerator=accelerator,
+            training_curves=not result,  # the labelled evaluation drew them
         )
         if label_free is not None:
             result["label_free"] = label_free
@@ -251,14 +279,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_labelled(
-    args: argparse.Namespace, run_dir: Path, cfg: Config, backbone: torch.nn.Module, accelerator: Accelerator | None
+    args: argparse.Namespace,
+    run_dir: Path,
+    cfg: Config,
+    backbone: torch.nn.Module,
+    accelerator: Accelerator | None,
+    reference: LabelledImages,
+    query: LabelledImages,
+    *,
+    baseline: bool,
 ) -> dict:
-    """kNN, retrieval, verification and diagnostics on ``--train`` / ``--test`` (and the baseline)."""
+    """kNN, retrieval, verification and diagnostics of the queries against the reference set (and
+    the random-init baseline)."""
     from twinview.evaluate.plots import training_curves
-    from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
+    from twinview.pretrain.evaluation import evaluate_backbone, random_init_backbone
 
-    _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
-    reference, query = labelled_folders(args.train, args.test, cfg.data.size)
     main_process = accelerator is None or accelerator.is_main_process
     plots_dir = run_dir / "plots"
     features_dir = run_dir / "features" if accelerator is None else None
@@ -275,7 +310,7 @@ def _evaluate_labelled(
         )
     }
     if not main_process:
-        if args.baseline:
+        if baseline:
             evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, accelerator=accelerator)
         return {}
     if (run_dir / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
@@ -283,7 +318,7 @@ def _evaluate_labelled(
             str(training_curves(run_dir / "metrics.jsonl", plots_dir / "training.png"))
         )
     _print_knn("pretrained backbone", result["pretrained"])
-    if args.baseline:
+    if baseline:
         result["random_init"] = evaluate_backbone(
             random_init_backbone(cfg),
             cfg,
@@ -312,7 +347,11 @@ def _print_label_free(result: dict) -> None:
                 f"  alignment {d['alignment']:.3f}  uniformity {d['uniformity']:.3f}"
                 f"  nearest-neighbour cosine {d['nn_cosine']['p50']:.3f}"
             )
+    if result.get("skipped_list"):
+        print(f"images that could not be decoded: {result['skipped_list']}")
     dup = result["duplicates"]
+    if dup.get("warning"):
+        print(f"warning: {dup['warning']}")
     print(
         f"near-duplicates at cosine >= {dup['threshold']:g}: {dup['pairs']} pair(s), {dup['exact']} exact "
         f"({dup['csv']}); {result['clusters']['k']} clusters ({result['clusters']['csv']})"
@@ -470,6 +509,12 @@ _COMMANDS = {
 }
 
 
+RESUME_HINTS = {  # what a command interrupted with Ctrl-C keeps
+    "embed": " The chunks already embedded are kept in FILE.parts/: run the same command again to continue.",
+    "evaluate": " The embeddings already made are kept in RUN_DIR/features/: run the same command again to continue.",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``twinview`` console script; returns the exit status."""
     parser = build_parser()
@@ -482,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"twinview {args.command}: interrupted.{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, BadImage) as err:
         print(f"twinview {args.command}: error: {err}", file=sys.stderr)
         return 2

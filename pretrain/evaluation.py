@@ -7,6 +7,7 @@ take the image size, kNN settings, augment recipe and seed from the run's config
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from twinview.evaluate.dataset import LabelledImages, check_labelled_pair
 from twinview.evaluate.run import default_device, evaluate
 from twinview.pretrain.config import Config
 from twinview.pretrain.data.images import open_images
+from twinview.pretrain.data.sources import FolderIndex
 from twinview.pretrain.models import create_backbone, normalization_stats
 
 if TYPE_CHECKING:
@@ -42,6 +44,59 @@ def labelled_folders(
     reference, query = open_images(train_path, image_size), open_images(test_path, image_size)
     check_labelled_pair(reference, query, names)
     return reference, query
+
+
+class LabelledSubset:
+    """Some items of a labelled data set, as a data set of their own (what evaluation reads)."""
+
+    def __init__(self, dataset: LabelledImages, items: list[int], name: str) -> None:
+        """Selects ``items`` of ``dataset``; ``name`` tells the part apart (messages, feature cache)."""
+        self.dataset, self.items, self.name = dataset, items, name
+        index = dataset.index
+        self.index = FolderIndex(
+            root=Path(f"{index.root}#{name}"),
+            files=tuple(index.files[i] for i in items),
+            labels=tuple(index.labels[i] for i in items),
+            classes=tuple(index.classes),
+        )
+        self.image_size = dataset.image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[self.items[i]]
+
+    def fingerprint(self) -> str:
+        """The data set's fingerprint, the part's name and its items."""
+        return f"{self.dataset.fingerprint()}:{self.name}:{hash(tuple(self.items))}"
+
+
+def labelled_split(
+    source: str, image_size: int, split: str = "train", seed: int = 0, query_fraction: float = 0.2
+) -> tuple[LabelledSubset, LabelledSubset] | None:
+    """A labelled source cut into a reference and a query part, for ``twinview evaluate --data``.
+
+    Each class gives a seeded ``query_fraction`` of its images (at least one, when it has two) to the
+    query part and the rest to the reference part; unlabelled items go to neither.
+
+    Returns:
+        ``(reference, query)``, or None when the source has no labels.
+    """
+    dataset = open_images(source, image_size, split)
+    if not dataset.index.labeled:
+        return None
+    labels = torch.tensor(dataset.index.labels)
+    g = torch.Generator().manual_seed(seed)
+    query: list[int] = []
+    for c in labels.unique().tolist():
+        if c < 0:
+            continue
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=g)]
+        query += members[: max(1, round(query_fraction * len(members))) if len(members) > 1 else 0].tolist()
+    reference = sorted(set((labels >= 0).nonzero().squeeze(1).tolist()) - set(query))
+    return LabelledSubset(dataset, reference, "reference"), LabelledSubset(dataset, sorted(query), "query")
 
 
 def random_init_backbone(cfg: Config) -> nn.Module:
@@ -88,6 +143,13 @@ def evaluate_backbone(
     )
 
 
+def absolute_source(source: str) -> str:
+    """A local folder or file list as an absolute path (so the names written with the embeddings
+    resolve from any working directory); other sources (``hf:...``, shard patterns) as given."""
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else source
+
+
 def embed_images(
     backbone: nn.Module,
     cfg: Config,
@@ -102,6 +164,7 @@ def embed_images(
     progress: bool = True,
     dataset: LabelledImages | None = None,
     mirrored: bool = False,
+    desc: str = "embed",
 ) -> EmbedSummary:
     """:func:`twinview.evaluate.embed.embed_source` of every image of ``source`` with the run's settings.
 
@@ -122,12 +185,14 @@ def embed_images(
         progress: Show a progress bar.
         dataset: ``source`` already opened strict (see :func:`open_images`), else it is opened here.
         mirrored: Embed the mirror images instead (see :func:`~twinview.evaluate.embed.embed_source`).
+        desc: The progress bar's label.
     """
     from twinview.evaluate.embed import embed_source
     from twinview.evaluate.features import state_checksum
     from twinview.pretrain import __version__
     from twinview.pretrain.data.decode import BadImage
 
+    source = absolute_source(source)
     mean, std = normalization_stats(backbone)
     metadata = {
         "model": cfg.model.backbone,
@@ -153,6 +218,7 @@ def embed_images(
         overwrite=overwrite,
         progress=progress,
         mirrored=mirrored,
+        desc=desc,
     )
 
 
@@ -167,6 +233,7 @@ def evaluate_source(
     threshold: float | None = None,
     num_clusters: int | None = None,
     accelerator: Any | None = None,
+    training_curves: bool = True,
 ) -> dict[str, Any] | None:
     """The label-free evaluation (:func:`twinview.evaluate.unlabelled.evaluate_unlabelled`) of a
     source, for the trained backbone against a random-init copy, with the run's settings.
@@ -186,23 +253,28 @@ def evaluate_source(
         num_clusters: k of k-means (None: automatic).
         accelerator: Several processes (``accelerate launch``) split the embedding; only the main
             process scores and draws (the others return None).
+        training_curves: Draw the run's training curves too (the labelled evaluation draws them
+            when it runs as well).
 
     Returns:
-        The label-free result on the main process.
+        The label-free result on the main process; its plots are in ``OUT_DIR/plots/data/`` and the
+        images that could not be decoded are listed in ``OUT_DIR/skipped_data.txt``.
     """
     import hashlib
 
+    from twinview.evaluate.embed import skipped_file
     from twinview.evaluate.embedding_file import read_embedding_file
     from twinview.evaluate.features import state_checksum
     from twinview.evaluate.unlabelled import DUPLICATE_THRESHOLD, Embedded, evaluate_unlabelled
 
+    source = absolute_source(source)
     dataset = open_images(source, cfg.data.size, split, strict=True)
     fingerprint = dataset.fingerprint()
     files, random_init = {}, random_init_backbone(cfg)
-    for name, net, mirrored in (
-        ("pretrained", backbone, False),
-        ("random_init", random_init, False),
-        ("pretrained_mirrored", backbone, True),  # finds mirrored copies among the near-duplicates
+    for name, net, mirrored, desc in (
+        ("pretrained", backbone, False, "embed 1/3 (trained)"),
+        ("random_init", random_init, False, "embed 2/3 (random init)"),
+        ("pretrained_mirrored", backbone, True, "embed 3/3 (trained, mirror images)"),  # for mirrored copies
     ):
         key = hashlib.sha256(f"{fingerprint}:{state_checksum(net)!r}:{mirrored}".encode()).hexdigest()[:16]
         files[name] = Path(out_dir) / "features" / f"{Path(source.rstrip('/')).name or 'data'}-{key}.parquet"
@@ -218,9 +290,16 @@ def evaluate_source(
                 accelerator=accelerator,
                 dataset=dataset,
                 mirrored=mirrored,
+                desc=desc,
             )
     if accelerator is not None and not accelerator.is_main_process:
         return None
+    skipped = Path(out_dir) / "skipped_data.txt"
+    listed = skipped_file(files["pretrained"])
+    if listed.is_file():
+        shutil.copyfile(listed, skipped)
+    else:
+        skipped.unlink(missing_ok=True)
     embedded = [
         Embedded("pretrained", backbone, read_embedding_file(files["pretrained"])),
         Embedded("random_init", random_init, read_embedding_file(files["random_init"])),
@@ -236,10 +315,12 @@ def evaluate_source(
         device=accelerator.device if accelerator is not None else default_device(),
         threshold=DUPLICATE_THRESHOLD if threshold is None else threshold,
         num_clusters=num_clusters,
-        training_log=Path(out_dir) / "metrics.jsonl",
+        training_log=Path(out_dir) / "metrics.jsonl" if training_curves else None,
         seed=cfg.train.seed,
         mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
     )
+    if skipped.is_file():
+        result["skipped_list"] = str(skipped)
     return {"source": source} | result
 
 
@@ -267,25 +348,44 @@ def search_images(
     from twinview.evaluate.embedding_file import read_metadata
     from twinview.evaluate.features import frozen_forward, state_checksum
     from twinview.evaluate.search import search
+    from twinview.pretrain.data.decode import BadImage
     from twinview.pretrain.data.sources import IMAGE_EXTENSIONS, load_image
 
+    if not Path(index).is_file():
+        raise FileNotFoundError(f"--index '{index}' does not exist (write one with twinview embed).")
     warnings = []
     made_by = read_metadata(index)
     size = int(made_by.get("image_size", cfg.data.size))
     if made_by.get("weights") not in (None, state_checksum(backbone)):
-        warnings.append(f"'{index}' was made by other weights ({made_by.get('made_from')}): similarities mean little")
+        raise ValueError(
+            f"--index '{index}' was made by other weights ({made_by.get('made_from')}): search it with that "
+            "model, or embed the images again with this one."
+        )
     path = Path(query)
+    if not path.exists() and not query.startswith("hf:"):
+        raise FileNotFoundError(f"--query '{query}' does not exist.")
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        names, images = [str(path)], load_image(path, size)[None]
+        try:
+            names, images = [str(path)], load_image(path, size)[None]
+        except BadImage as err:
+            raise BadImage(f"--query '{path}': {err}") from None
     else:
-        dataset = open_images(query, size)
+        dataset = open_images(absolute_source(query), size, strict=True)
         if len(dataset) > MAX_QUERIES:
             raise ValueError(
                 f"--query '{query}' holds {len(dataset):,} images (at most {MAX_QUERIES}); "
                 "embed it with twinview embed instead."
             )
-        names = [str(f) for f in dataset.index.files]
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        names, decoded = [], []
+        for i, file in enumerate(dataset.index.files):
+            try:
+                decoded.append(dataset[i][0])
+                names.append(str(file))
+            except BadImage as err:  # listed, not replaced by its neighbour
+                warnings.append(f"skipped {file}: {getattr(err, 'reason', err)}")
+        if not decoded:
+            raise BadImage(f"--query '{query}': none of its {len(dataset)} images could be decoded.")
+        images = torch.stack(decoded)
     device = default_device()
     backbone.eval().to(device)
     mean, std = normalization_stats(backbone)

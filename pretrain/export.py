@@ -145,6 +145,15 @@ def model_card(cfg: Config, out_dir: Path, evaluation: dict[str, Any] | None = N
     if evaluation:
         lines += ["## Evaluation (frozen features)", "", "| backbone | metric | value |", "| --- | --- | --- |"]
         for name, r in evaluation.items():
+            if name == "label_free":  # twinview evaluate --data: no labels, no kNN
+                for backbone in ("pretrained", "random_init"):
+                    if backbone in r:
+                        d = r[backbone]["diagnostics"]
+                        lines.append(
+                            f"| {backbone} | effective rank (RankMe) on `{r['source']}` "
+                            f"| {d['effective_rank']:.1f} of {d['dims']} |"
+                        )
+                continue
             lines.append(f"| {name} | kNN top-1 / top-5 (k={r['k']}) | {r['knn_top1']:.4f} / {r['knn_top5']:.4f} |")
             if "linear_probe" in r:
                 lines.append(f"| {name} | linear probe top-1 | {r['linear_probe']['probe_top1']:.4f} |")

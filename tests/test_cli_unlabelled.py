@@ -120,3 +120,77 @@ def test_mirror_invariant_embeddings_do_not_change_when_the_image_is_mirrored() 
     torch.testing.assert_close(mirror_invariant(f, f_mirror), mirror_invariant(f_mirror, f))
     expected = f / f.norm(dim=1, keepdim=True) + f_mirror / f_mirror.norm(dim=1, keepdim=True)
     torch.testing.assert_close(mirror_invariant(f, f_mirror), expected)
+
+
+def test_labels_and_no_labels_together_keep_their_own_plots_and_export_still_works(
+    unlabelled_run: tuple[Path, Path], image_folder: Path, tmp_path: Path
+) -> None:
+    run_dir, folder = unlabelled_run
+    both = ["evaluate", str(run_dir), "--data", str(folder), "--train", str(image_folder), "--test", str(image_folder)]
+    assert main([*both, "eval.knn_k=5"]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    labelled_plots = {Path(p).relative_to(run_dir).as_posix() for p in result["pretrained"]["plots"]}
+    assert labelled_plots == {"plots/embeddings.png", "plots/neighbours.png", "plots/training.png"}
+    assert all(Path(p).parent == run_dir / "plots" / "data" for p in result["label_free"]["plots"].values())
+    assert "training" not in result["label_free"]["plots"]  # drawn once, by the labelled part
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "kNN top-1" in card and "effective rank (RankMe)" in card
+
+
+def test_a_labelled_data_folder_also_gets_knn_on_a_seeded_split(image_folder: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = ["pretrain", "--config", "simclr-cifar10", f"data.path={image_folder}", f"train.output_dir={runs}"]
+    assert main([*args, "train.run_name=l", *TINY]) == 0
+    assert main(["evaluate", str(runs / "l"), "--data", str(image_folder), "eval.knn_k=5"]) == 0
+    result = json.loads((runs / "l" / "eval.json").read_text())
+    assert result["pretrained"]["num_train"] == 18 and result["pretrained"]["num_test"] == 6  # 2 of 8 per class
+    assert "random_init" in result and result["label_free"]["num_images"] == 24
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--train", "x"], "--train and --test go together"),
+        (["--clusters", "0"], "--clusters must be at least 1"),
+        (["--duplicate-threshold", "1.5"], "--duplicate-threshold is a cosine similarity"),
+    ],
+)
+def test_option_mistakes_are_refused_before_any_work(
+    unlabelled_run: tuple[Path, Path], capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    run_dir, folder = unlabelled_run
+    assert main(["evaluate", str(run_dir), "--data", str(folder), *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_search_lists_a_broken_query_instead_of_answering_for_its_neighbour(
+    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir, folder = unlabelled_run
+    monkeypatch.chdir(folder.parent)  # a relative --data: the file still names absolute paths
+    assert main(["embed", str(run_dir), "--data", folder.name, "--out", str(tmp_path / "i.parquet")]) == 0
+    assert all(Path(n).is_absolute() for n in read_embedding_file(tmp_path / "i.parquet").names)
+    queries = tmp_path / "q"
+    queries.mkdir()
+    shutil.copy(folder / "img_003.png", queries / "a.png")
+    (queries / "zz_broken.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert main(["search", str(run_dir), "--index", str(tmp_path / "i.parquet"), "--query", str(queries)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "zz_broken.png" in captured.err
+    assert "zz_broken.png" not in captured.out and str(queries / "a.png") in captured.out
+
+
+def test_an_interrupted_embed_says_how_to_continue(
+    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import twinview.pretrain.evaluation as evaluation
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "embed_images", interrupted)
+    run_dir, folder = unlabelled_run
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(tmp_path / "e.parquet")]) == 130
+    assert "run the same command again to continue" in capsys.readouterr().err

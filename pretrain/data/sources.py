@@ -232,7 +232,9 @@ def first_decodable(
             return load(j)
         except BadImage as err:
             if strict:
-                raise BadImage(f"{name(j)}: {err} (data.strict=true)") from None
+                strict_error = BadImage(f"{name(j)}: {err} (data.strict=true)")
+                strict_error.reason = str(err)  # type: ignore[attr-defined]  # the reason alone, for lists
+                raise strict_error from None
             bad[j] = str(err)
             if skip_log is not None:
                 skip_log.record(name(j), str(err))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from twinview.evaluate.report import (
     MISSING,
+    READING_GUIDE,
     Section,
     Table,
     label_free_sections,
@@ -189,7 +190,7 @@ def test_label_free_sections_in_order_with_formatted_numbers(tmp_path: Path) -> 
         ("cosine p95", "0.5679", "0.5679"),
         ("nearest-neighbour cosine p50", "0.8111", "0.8111"),
     )
-    assert s["Representation"].notes == ("Warning: random init: the representation looks collapsed.",)
+    assert s["Representation"].notes == (READING_GUIDE, "Warning: random init: the representation looks collapsed.")
     plots = tmp_path / "run" / "plots"
     assert s["Representation"].figures == ((plots / "similarity.png", "cosine similarity histogram"),)
     assert s["Training"].figures == ((plots / "training.png", "training curves"),)
@@ -236,7 +237,7 @@ def test_label_free_sections_omit_what_the_result_lacks() -> None:
     rep = _by_title(sections)["Representation"]
     assert rep.tables[0].header == ("metric", "pretrained")  # no random-init column
     assert rep.tables[0].rows[-1] == ("nearest-neighbour cosine p50", MISSING)
-    assert rep.notes == () and rep.figures == ()
+    assert rep.notes == (READING_GUIDE,) and rep.figures == ()
     dup = _by_title(sections)["Near-duplicates"]
     assert dup.tables == () and dup.files == ()
     assert dup.notes == ("No pair of images is above the threshold.",)

@@ -352,10 +352,10 @@ def test_dom_has_the_run_name_and_every_section(chromium: str, report: Path, tmp
 
 def test_screenshot_shows_a_drawn_page(chromium: str, report: Path, tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
-    run_chromium(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri())
+    run_chromium(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,3000", report.as_uri())
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
 
-    assert pixels.shape == (2000, 1200, 3)
+    assert pixels.shape == (3000, 1200, 3)
     grey = pixels.mean(axis=2)
     assert grey.std() > 20 and (grey < 250).mean() > 0.05  # text and figures, not a blank page
     # The first figures' histograms are drawn: each fills ~12,000 px of its matplotlib colour, which
