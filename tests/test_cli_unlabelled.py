@@ -194,3 +194,33 @@ def test_an_interrupted_embed_says_how_to_continue(
     run_dir, folder = unlabelled_run
     assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(tmp_path / "e.parquet")]) == 130
     assert "run the same command again to continue" in capsys.readouterr().err
+
+
+def _evaluate_worker(rank: int, run_dir: str, folder: str, port: int) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    assert main(["evaluate", run_dir, "--data", folder, "train.cpu=true"]) == 0
+
+
+def test_two_processes_write_the_same_label_free_report(unlabelled_run: tuple[Path, Path], tmp_path: Path) -> None:
+    import os
+
+    import torch.multiprocessing as mp
+
+    run_dir, folder = unlabelled_run
+    one, two = tmp_path / "one", tmp_path / "two"
+    for copy in (one, two):
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("features", "plots", "checkpoints"))
+    assert main(["evaluate", str(one), "--data", str(folder)]) == 0
+    port = 29500 + (os.getpid() + 11) % 1000
+    mp.spawn(_evaluate_worker, args=(str(two), str(folder), port), nprocs=2, join=True)
+    a, b = (json.loads((d / "eval.json").read_text())["label_free"] for d in (one, two))
+    for backbone in ("pretrained", "random_init"):
+        assert a[backbone]["diagnostics"]["effective_rank"] == pytest.approx(
+            b[backbone]["diagnostics"]["effective_rank"]
+        )
+    assert (one / "duplicates.csv").read_text() == (two / "duplicates.csv").read_text()
+    assert (one / "clusters.csv").read_text() == (two / "clusters.csv").read_text()
