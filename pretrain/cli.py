@@ -64,6 +64,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--duplicate-threshold", type=float, default=None, metavar="COS", help="near-duplicate cosine (default 0.985)"
     )
     p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means clusters (default: from N)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where the report, CSVs, plots and features go (default: the model's folder)",
+    )
     p.add_argument("--train", default=None, help="labelled reference folder (class sub-folders)")
     p.add_argument("--test", default=None, help="labelled query folder")
     p.add_argument(
@@ -226,21 +232,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinview.pretrain.runs import load_backbone_for_evaluation
 
     _check_evaluate_options(args)
-    run_dir = Path(args.run_dir)
-    cfg, backbone = load_backbone_for_evaluation(run_dir, args.overrides)
+    model_dir = Path(args.run_dir)
+    cfg, backbone = load_backbone_for_evaluation(model_dir, args.overrides)
+    run_dir = Path(args.out) if args.out else model_dir  # where everything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = model_dir / "metrics.jsonl"  # a run directory's training log (an export has none)
     accelerator = _launched_accelerator()
     main_process = accelerator is None or accelerator.is_main_process
     result: dict = {}
     if args.train:
         _main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
         pair = labelled_folders(args.train, args.test, cfg.data.size)
-        result = _evaluate_labelled(args, run_dir, cfg, backbone, accelerator, *pair, baseline=args.baseline)
+        result = _evaluate_labelled(args, run_dir, log, cfg, backbone, accelerator, *pair, baseline=args.baseline)
     elif args.data and (split := labelled_split(args.data, cfg.data.size, args.split, cfg.train.seed)) is not None:
         _main_print(
             f"{args.data} has class labels: kNN (k={cfg.eval.knn_k}) of a seeded 20% of each class "
             "against the other 80%, as well as the label-free report"
         )
-        result = _evaluate_labelled(args, run_dir, cfg, backbone, accelerator, *split, baseline=True)
+        result = _evaluate_labelled(args, run_dir, log, cfg, backbone, accelerator, *split, baseline=True)
     if args.data:
         from twinview.pretrain.evaluation import evaluate_source
 
@@ -250,12 +259,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             cfg,
             args.data,
             run_dir,
-            made_from=str(run_dir),
+            made_from=str(model_dir),
             split=args.split,
             threshold=args.duplicate_threshold,
             num_clusters=args.clusters,
             accelerator=accelerator,
-            training_curves=not result,  # the labelled evaluation drew them
+            training_log=None if result else log,  # else the labelled evaluation drew the curves
         )
         if label_free is not None:
             result["label_free"] = label_free
@@ -271,7 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     labelled = {k: v for k, v in result.items() if k != "label_free"}
     sections = labelled_sections(labelled) + (label_free_sections(result["label_free"]) if args.data else [])
-    title = f"Evaluation of {run_dir.resolve().name}"
+    title = f"Evaluation of {model_dir.resolve().name}"
     report = write_markdown(sections, run_dir / "report.md", title)
     page = write_html(sections, run_dir / "report.html", title)
     print(f"Wrote {out}, {report}, {page} and plots in {run_dir / 'plots'}/")
@@ -281,6 +290,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_labelled(
     args: argparse.Namespace,
     run_dir: Path,
+    log: Path,
     cfg: Config,
     backbone: torch.nn.Module,
     accelerator: Accelerator | None,
@@ -313,10 +323,8 @@ def _evaluate_labelled(
         if baseline:
             evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, accelerator=accelerator)
         return {}
-    if (run_dir / "metrics.jsonl").is_file():  # a run directory (an export has no training log)
-        result["pretrained"]["plots"].append(
-            str(training_curves(run_dir / "metrics.jsonl", plots_dir / "training.png"))
-        )
+    if log.is_file():  # a run directory (an export has no training log)
+        result["pretrained"]["plots"].append(str(training_curves(log, plots_dir / "training.png")))
     _print_knn("pretrained backbone", result["pretrained"])
     if baseline:
         result["random_init"] = evaluate_backbone(

@@ -233,7 +233,7 @@ def evaluate_source(
     threshold: float | None = None,
     num_clusters: int | None = None,
     accelerator: Any | None = None,
-    training_curves: bool = True,
+    training_log: Path | None = None,
 ) -> dict[str, Any] | None:
     """The label-free evaluation (:func:`twinview.evaluate.unlabelled.evaluate_unlabelled`) of a
     source, for the trained backbone against a random-init copy, with the run's settings.
@@ -253,8 +253,7 @@ def evaluate_source(
         num_clusters: k of k-means (None: automatic).
         accelerator: Several processes (``accelerate launch``) split the embedding; only the main
             process scores and draws (the others return None).
-        training_curves: Draw the run's training curves too (the labelled evaluation draws them
-            when it runs as well).
+        training_log: The run's ``metrics.jsonl``, to draw its training curves (None: not drawn).
 
     Returns:
         The label-free result on the main process; its plots are in ``OUT_DIR/plots/data/`` and the
@@ -315,7 +314,7 @@ def evaluate_source(
         device=accelerator.device if accelerator is not None else default_device(),
         threshold=DUPLICATE_THRESHOLD if threshold is None else threshold,
         num_clusters=num_clusters,
-        training_log=Path(out_dir) / "metrics.jsonl" if training_curves else None,
+        training_log=training_log,
         seed=cfg.train.seed,
         mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
     )

@@ -136,6 +136,10 @@ def test_labels_and_no_labels_together_keep_their_own_plots_and_export_still_wor
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     card = (tmp_path / "export" / "README.md").read_text()
     assert "kNN top-1" in card and "effective rank (RankMe)" in card
+    shipped = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert main(["evaluate", str(tmp_path / "export"), "--data", str(folder), "--out", str(tmp_path / "ev")]) == 0
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == shipped  # the export stays as shipped
+    assert (tmp_path / "ev" / "report.html").is_file() and (tmp_path / "ev" / "duplicates.csv").is_file()
 
 
 def test_a_labelled_data_folder_also_gets_knn_on_a_seeded_split(image_folder: Path, tmp_path: Path) -> None:
