@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from twinview.augment.views import Normalize
 from twinview.evaluate.dataset import LabelledImages
-from twinview.evaluate.embedding_file import file_format, write_embedding_file
+from twinview.evaluate.embedding_file import Part, file_format, write_embedding_file
 from twinview.evaluate.features import frozen_forward, quiet_worker, state_checksum
 
 CHUNK_ROWS = 4096  # rows per part file: what a restarted embed may have to redo
@@ -263,13 +262,10 @@ def _write_part(path: Path, pending: list[tuple[torch.Tensor, torch.Tensor, list
     tmp.replace(path)  # a part exists only once complete
 
 
-def _read_part(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        skipped = json.loads((f.metadata() or {}).get("skipped", "{}"))
+def _read_part(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A part's embeddings and row numbers (its skipped rows are read by :func:`_summarise`)."""
     tensors = load_file(str(path))
-    return tensors["embedding"], tensors["row"], {int(k): v for k, v in skipped.items()}
+    return tensors["embedding"], tensors["row"]
 
 
 def _summarise(parts: Path, num_chunks: int, dataset: LabelledImages) -> tuple[int, int, dict[str, str]]:
@@ -288,13 +284,11 @@ def _summarise(parts: Path, num_chunks: int, dataset: LabelledImages) -> tuple[i
     return dims, rows, skipped
 
 
-def _merged_parts(
-    parts: Path, num_chunks: int, dataset: LabelledImages
-) -> Iterator[tuple[list[str], np.ndarray, list[str] | None]]:
+def _merged_parts(parts: Path, num_chunks: int, dataset: LabelledImages) -> Iterator[Part]:
     """The parts in row order as ``(names, embeddings, labels)``, one at a time."""
     index = dataset.index
     for c in range(num_chunks):
-        embeddings, rows, _ = _read_part(_part(parts, c))
+        embeddings, rows = _read_part(_part(parts, c))
         names = [str(index.files[r]) for r in rows.tolist()]
         labels = [index.classes[index.labels[r]] if index.labels[r] >= 0 else "" for r in rows.tolist()]
         yield names, embeddings.numpy(), labels if index.labeled else None

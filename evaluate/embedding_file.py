@@ -28,6 +28,7 @@ import torch
 
 FORMATS = {".parquet": "parquet", ".npy": "npy"}
 METADATA_KEY = b"twinview"
+Part = tuple[list[str], np.ndarray, "list[str] | None"]  # names, (n, D) embeddings, labels (None: unlabelled)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def meta_file(path: Path) -> Path:
 
 def write_embedding_file(
     path: Path,
-    parts: Iterator[tuple[list[str], np.ndarray, list[str] | None]],
+    parts: Iterator[Part],
     dims: int,
     dtype: str,
     metadata: dict[str, Any],
@@ -102,7 +103,7 @@ def write_embedding_file(
 
 def _write_parquet(
     tmp: Path,
-    parts: Iterator[tuple[list[str], np.ndarray, list[str] | None]],
+    parts: Iterator[Part],
     dims: int,
     dtype: str,
     metadata: dict[str, Any],
@@ -136,7 +137,7 @@ def _write_parquet(
 def _write_npy(
     tmp: Path,
     path: Path,
-    parts: Iterator[tuple[list[str], np.ndarray, list[str] | None]],
+    parts: Iterator[Part],
     dims: int,
     dtype: str,
     metadata: dict[str, Any],

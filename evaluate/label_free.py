@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-CHUNK = 4096  # rows per block of a search against all rows
+CHUNK = 4096  # rows per block of a search against all rows, at most
+BLOCK_FLOATS = 1 << 26  # similarities a block may hold (256 MB of float32), so a million rows fit too
 FULL_KMEANS_MAX = 20000  # above this many rows, MiniBatchKMeans
 KMEANS_INITS = 2  # k-means++ restarts of the full-batch KMeans (the best inertia wins; each costs a full fit)
 MINIBATCH_INITS = 3  # and of MiniBatchKMeans
@@ -62,18 +63,20 @@ class Clusters:
     central: list[list[int]]
 
 
-def _others_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _others_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar other rows of each of ``rows`` in ``x``, in blocks of ``chunk`` rows.
 
     Args:
         x: ``(N, D)`` L2-normalised features.
         rows: ``(R,)`` long indices into ``x``.
         k: Neighbours per row, ``<= N - 1``.
-        chunk: Rows per block (memory ``chunk x N``).
+        chunk: Rows per block (memory ``chunk x N``); None: ``CHUNK``, fewer where ``N`` is so large
+            that a block would hold more than ``BLOCK_FLOATS`` similarities.
 
     Returns:
         ``(R, k)`` long indices and ``(R, k)`` similarities, most similar first.
     """
+    chunk = chunk or max(1, min(CHUNK, BLOCK_FLOATS // len(x)))
     indices, sims = [], []
     for start in range(0, len(rows), chunk):
         block = rows[start : start + chunk]  # (m,)
@@ -87,7 +90,9 @@ def _others_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> tup
     return torch.cat(indices), torch.cat(sims)
 
 
-def near_duplicates(features: torch.Tensor, threshold: float, k: int = 10, chunk: int = CHUNK) -> list[DuplicatePair]:
+def near_duplicates(
+    features: torch.Tensor, threshold: float, k: int = 10, chunk: int | None = None
+) -> list[DuplicatePair]:
     """Pairs of items whose embeddings have cosine similarity ``>= threshold``.
 
     An exact search, but only among each item's ``k`` nearest others: a pair is found when one of
@@ -100,7 +105,7 @@ def near_duplicates(features: torch.Tensor, threshold: float, k: int = 10, chunk
         features: ``(N, D)`` embeddings.
         threshold: The least cosine similarity of a reported pair.
         k: Neighbours of each item that are considered.
-        chunk: Rows per block of the search.
+        chunk: Rows per block of the search (None: bounded by ``BLOCK_FLOATS``, see :func:`_others_topk`).
 
     Returns:
         The pairs, ``a < b``, each once, most similar first (ties by ``(a, b)``); the similarity of
@@ -109,7 +114,7 @@ def near_duplicates(features: torch.Tensor, threshold: float, k: int = 10, chunk
     Raises:
         ValueError: If ``k`` or ``chunk`` is below 1.
     """
-    if k < 1 or chunk < 1:
+    if k < 1 or (chunk is not None and chunk < 1):
         raise ValueError(f"k and chunk must be at least 1 (got k={k}, chunk={chunk}).")
     n = features.shape[0]
     if n < 2:
@@ -341,7 +346,7 @@ def similarity_stats(features: torch.Tensor, sample: int = 2000, seed: int = 0) 
 
 
 def self_neighbours(
-    features: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = CHUNK
+    features: torch.Tensor, queries: torch.Tensor, k: int, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's k nearest other items of the same set (never itself), by cosine similarity.
 
@@ -349,7 +354,7 @@ def self_neighbours(
         features: ``(N, D)`` embeddings.
         queries: ``(Q,)`` long indices of the queries into ``features``.
         k: Neighbours per query, capped at ``N - 1``.
-        chunk: Queries per block (memory ``chunk x N``).
+        chunk: Queries per block (memory ``chunk x N``; None: as :func:`near_duplicates`).
 
     Returns:
         ``(Q, k)`` long indices and ``(Q, k)`` float32 similarities, most similar first, on the
@@ -358,7 +363,7 @@ def self_neighbours(
     Raises:
         ValueError: If ``k`` or ``chunk`` is below 1, or there are fewer than two items.
     """
-    if k < 1 or chunk < 1:
+    if k < 1 or (chunk is not None and chunk < 1):
         raise ValueError(f"k and chunk must be at least 1 (got k={k}, chunk={chunk}).")
     n = features.shape[0]
     if n < 2:

@@ -5,7 +5,7 @@ from an evaluation result by :func:`labelled_sections` (``twinview evaluate`` on
 or :func:`label_free_sections` (the label-free evaluation of an unlabelled image set), and written
 by :func:`write_markdown` (figures linked relative to the report) or :func:`write_html` (figures
 inlined as base64 ``data:`` URLs, so the page reads offline and can be sent as one file).
-:func:`write_report` is what ``twinview evaluate`` calls: RUN_DIR/report.md and report.html.
+:func:`write_report` writes both, as ``twinview evaluate`` does (RUN_DIR/report.md and report.html).
 """
 
 from __future__ import annotations
@@ -515,21 +515,16 @@ def _esc(text: str) -> str:
 # --- what `twinview evaluate` writes -----------------------------------------------------------
 
 
-def write_report(result: dict[str, Any], path: Path, title: str) -> Path:
-    """Writes the report of a labelled evaluation: ``path`` (Markdown) and the same name in ``.html``.
-
-    One metric table per evaluated backbone, with a warning when its representation collapsed, and
-    its plots.
+def write_report(sections: Sequence[Section], folder: Path, title: str) -> tuple[Path, Path]:
+    """Writes ``folder/report.md`` and ``folder/report.html`` from the same sections.
 
     Args:
-        result: Backbone name (e.g. ``pretrained``, ``random_init``) -> what
-            :func:`twinview.evaluate.run.evaluate` returned for it.
-        path: The Markdown file to write; the HTML page goes next to it (``report.html``).
+        sections: From :func:`labelled_sections` and/or :func:`label_free_sections`.
+        folder: The run directory (or ``--out``); figures are linked relative to it.
         title: The report's heading.
 
     Returns:
-        ``path``.
+        The Markdown and HTML files.
     """
-    sections = labelled_sections(result)
-    write_html(sections, Path(path).with_suffix(".html"), title)
-    return write_markdown(sections, path, title)
+    folder = Path(folder)
+    return write_markdown(sections, folder / "report.md", title), write_html(sections, folder / "report.html", title)

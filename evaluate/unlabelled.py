@@ -35,8 +35,7 @@ from twinview.evaluate.label_free import (
     write_clusters_csv,
     write_duplicates_csv,
 )
-from twinview.evaluate.metrics import collapse_warning, effective_rank, uniformity
-from twinview.evaluate.run import DIAGNOSTIC_SAMPLE, view_alignment
+from twinview.evaluate.run import feature_diagnostics, view_alignment
 
 DUPLICATE_THRESHOLD = (
     0.985  # default cosine threshold of near-duplicates (chosen on planted copies: docs/BENCHMARKS.md)
@@ -47,7 +46,6 @@ DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
 TOP_PAIRS = 20  # pairs listed in the report's table
 CLUSTER_IMAGES = 8  # most central images shown per cluster
 LOOKALIKE_MARGIN = 0.01  # warn when the median nearest-neighbour cosine is this close to the threshold
-BLOCK_FLOATS = 1 << 26  # similarities held at once by the searches against all rows (256 MB)
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,7 @@ def evaluate_unlabelled(
         }
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
-    result["duplicates"] = duplicates_section(
+    result["duplicates"], result["plots"]["duplicates"] = duplicates_section(
         copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir
     )
     result["duplicates"]["mirror_invariant"] = mirrored is not None
@@ -134,7 +132,6 @@ def evaluate_unlabelled(
             f"half of the images have a neighbour at cosine >= {typical:.3f}, close to the threshold {threshold:g}: "
             "many pairs will be look-alikes, not copies (a briefly trained model); raise --duplicate-threshold"
         )
-    result["plots"]["duplicates"] = result["duplicates"].pop("grid")
     clusters = cluster(features, num_clusters, seed=seed, central=CLUSTER_IMAGES)
     write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
     result["clusters"] = {"k": len(clusters.sizes), "sizes": clusters.sizes, "csv": str(Path(out_dir) / "clusters.csv")}
@@ -160,12 +157,6 @@ def evaluate_unlabelled(
     return result
 
 
-def block_rows(n: int) -> int:
-    """Rows per block of a search against all ``n`` rows: a ``(block, n)`` float32 similarity block
-    of at most ``BLOCK_FLOATS`` (256 MB), so a million images need no more memory than ten thousand."""
-    return max(1, min(4096, BLOCK_FLOATS // max(n, 1)))
-
-
 def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
     """``normalize(f(x)) + normalize(f(mirror(x)))`` per row: an image and its mirror image get the
     same vector, and other near-copies (re-encoded, slightly cropped) stay as close as before.
@@ -181,15 +172,8 @@ def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Te
 
 
 def diagnostics(features: torch.Tensor) -> dict[str, Any]:
-    """RankMe, uniformity and the collapse warning on a seeded sample, and the similarity statistics."""
-    sample = features[torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:DIAGNOSTIC_SAMPLE]]
-    return {
-        "effective_rank": effective_rank(sample),
-        "dims": features.shape[1],
-        "uniformity": uniformity(sample),
-        "collapse_warning": collapse_warning(sample),
-        **similarity_stats(features),
-    }
+    """The labelled evaluation's diagnostics (RankMe, uniformity, collapse warning) and the similarity statistics."""
+    return feature_diagnostics(features) | similarity_stats(features)
 
 
 def duplicates_section(
@@ -199,11 +183,15 @@ def duplicates_section(
     out_dir: Path,
     threshold: float,
     plots_dir: Path,
-) -> dict[str, Any]:
-    """Near-duplicate pairs above ``threshold`` (byte copies flagged) to ``duplicates.csv``, and their grid."""
+) -> tuple[dict[str, Any], str]:
+    """Near-duplicate pairs above ``threshold`` (byte copies flagged) to ``duplicates.csv``, and their grid.
+
+    Returns:
+        The section of the result, and the grid's PNG file.
+    """
     from twinview.evaluate import plots
 
-    found = near_duplicates(features, threshold, chunk=block_rows(len(features)))
+    found = near_duplicates(features, threshold)
     pairs = mark_exact(found, lambda i: content_digest(names[i], image, i))
     csv_path = write_duplicates_csv(pairs, names, Path(out_dir) / "duplicates.csv")
     shown = pairs[:DUPLICATES_SHOWN]
@@ -221,17 +209,16 @@ def duplicates_section(
         "exact": sum(p.exact for p in pairs),
         "csv": str(csv_path),
         "top": [[names[p.a], names[p.b], p.similarity, p.exact] for p in pairs[:TOP_PAIRS]],
-        "grid": str(grid),
-    }
+    }, str(grid)
 
 
-def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int | None = None) -> str:
+def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int) -> str:
     """The file's sha256 when ``name`` is a file; for rows of a Hugging Face source or tar shard
     (``source#row``), the hash of the decoded image (the bytes are not at hand)."""
     path = Path(name)
     if path.is_file():
         return file_digest(path)
-    return hashlib.sha256(image(row).numpy().tobytes()).hexdigest() if row is not None else name
+    return hashlib.sha256(image(row).numpy().tobytes()).hexdigest()
 
 
 def neighbour_grid(
@@ -245,7 +232,7 @@ def neighbour_grid(
     from twinview.evaluate import plots
 
     x = embedded.rows.embeddings.to(device)
-    neighbours, sims = self_neighbours(x, queries.to(device), GRID_NEIGHBOURS, chunk=block_rows(len(x)))
+    neighbours, sims = self_neighbours(x, queries.to(device), GRID_NEIGHBOURS)
     neighbours, sims = neighbours.cpu(), sims.cpu()
     return plots.self_neighbour_grid(
         [image(int(q)) for q in queries],

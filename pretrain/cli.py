@@ -227,7 +227,7 @@ def _check_evaluate_options(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from twinview.evaluate.report import label_free_sections, labelled_sections, write_html, write_markdown
+    from twinview.evaluate.report import label_free_sections, labelled_sections, write_report
     from twinview.pretrain.evaluation import labelled_folders, labelled_split
     from twinview.pretrain.runs import load_backbone_for_evaluation
 
@@ -281,8 +281,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labelled = {k: v for k, v in result.items() if k != "label_free"}
     sections = labelled_sections(labelled) + (label_free_sections(result["label_free"]) if args.data else [])
     title = f"Evaluation of {model_dir.resolve().name}"
-    report = write_markdown(sections, run_dir / "report.md", title)
-    page = write_html(sections, run_dir / "report.html", title)
+    report, page = write_report(sections, run_dir, title)
     print(f"Wrote {out}, {report}, {page} and plots in {run_dir / 'plots'}/")
     return 0
 

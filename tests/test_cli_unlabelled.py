@@ -17,16 +17,9 @@ from twinview.evaluate.embedding_file import read_embedding_file
 from twinview.pretrain.cli import main
 
 from .conftest import make_image_folder
+from .test_cli import TINY as CLI_TINY
 
-TINY = [
-    "data.image_size=24",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "model.proj_hidden_dim=32",
-    "model.proj_dim=16",
-    "eval.batch_size=16",
-]
+TINY = [*CLI_TINY, "eval.batch_size=16"]
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,8 @@ def test_parts_of_other_weights_are_not_mixed_in(image_folder: Path, tmp_path: P
     torch.nn.init.zeros_(other[0].bias)
     with pytest.raises(ValueError, match="other weights"):
         embed_source(other, ImageFolderDataset(image_folder, 16, strict=True), out, MEAN, STD, metadata={})
+    embed(ImageFolderDataset(image_folder, 16, strict=True), tmp_path / "done.parquet")
     with pytest.raises(FileExistsError):  # a finished file is not replaced silently
-        embed(ImageFolderDataset(image_folder, 16, strict=True), tmp_path / "done.parquet")
         embed(ImageFolderDataset(image_folder, 16, strict=True), tmp_path / "done.parquet")
 
 
@@ -115,10 +115,8 @@ def test_bad_files_get_no_row_and_are_listed(image_folder: Path, tmp_path: Path)
     assert summary.rows == 23 and str(bad) not in rows.names  # type: ignore[attr-defined]
     assert list(summary.skipped) == [str(bad)]  # type: ignore[attr-defined]
     assert skipped_file(out).read_text().startswith(f"{bad}\t")
-    good = [i for i, f in enumerate(ImageFolderDataset(image_folder, 16).index.files) if f != bad]
     bad.unlink()  # the reference: the same images without the bad one
     torch.testing.assert_close(rows.embeddings, reference_features(image_folder), **SAME)
-    assert len(good) == 23
 
 
 def _worker(rank: int, folder: str, port: int, out: str) -> None:

@@ -116,9 +116,9 @@ def test_labelled_markdown_has_each_backbones_metrics_warning_and_relative_figur
         "random_init": _labelled(warning="the representation looks collapsed", probe=False),
     }
 
-    md = write_report(result, tmp_path / "report.md", "Evaluation of runs/demo")
+    md, page = write_report(labelled_sections(result), tmp_path, "Evaluation of runs/demo")
 
-    assert md == tmp_path / "report.md"
+    assert md == tmp_path / "report.md" and page == tmp_path / "report.html" and page.is_file()
     text = md.read_text()
     pretrained, random_init = text.split("## random_init")
     assert text.startswith("# Evaluation of runs/demo\n\n## pretrained\n\n| metric | value |\n| --- | --- |\n")
