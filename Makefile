@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench gpu-check clean
+.PHONY: install demo test test-fast lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/twinview demo
 
+# Everything, as CI runs it (.ci/run: make lint, then make test).
 test: install
 	$(PY) -m pytest
+
+# The loop between edits: the unit tests, without the end-to-end runs marked `slow` (< 2 min on 2 cores).
+test-fast: install
+	$(PY) -m pytest -m "not slow" -q
 
 # ruff (format and lint) on everything; mypy on the package, through a link tree that names the
 # folders as the twinview namespace does (mypy cannot follow the editable install's import hook).
@@ -33,8 +38,7 @@ lint: install
 	for p in pretrain augment evaluate configs; do ln -sfn ../../$$p .typecheck/twinview/$$p; done
 	MYPYPATH=.typecheck $(PY) -m mypy -p twinview.pretrain -p twinview.augment -p twinview.evaluate
 
-# The prepared GPU check (bench/gpu_check.py; docs/BENCHMARKS.md says how to run it on a lent GPU,
-# where there is no network to install into .venv: there it is `python3 bench/gpu_check.py`).
+# The prepared GPU check (bench/gpu_check.py): its figures go to docs/BENCHMARKS.md with the GPU named.
 # `make gpu-check ARGS=--dry-run` runs every part at toy sizes on the CPU, as CI does.
 gpu-check: install
 	$(PY) bench/gpu_check.py $(ARGS)

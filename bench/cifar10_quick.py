@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from host import host_kind
 
+from twinview.evaluate.run import evaluate
+from twinview.pretrain.app.evaluation import labelled_pair
+from twinview.pretrain.app.model import load_model
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.builtin import cache_dir, extract_archive
 from twinview.pretrain.engine.train import train
-from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
-from twinview.pretrain.runs import load_trained_model
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PER_CLASS = 1000
@@ -82,12 +83,13 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]
-    _, model = load_trained_model(run_dir)
-    reference, query = labelled_folders(str(train_dir), str(root / "test"), cfg.data.size)
+    model = load_model(run_dir)
+    reference, query = labelled_pair(str(train_dir), str(root / "test"), cfg.data.size)
     t0 = time.perf_counter()
-    trained = evaluate_backbone(model.backbone, cfg, reference, query)
+    trained = evaluate(model.embedder(), reference, query, cfg.eval, cfg.augment, seed=cfg.train.seed)
     eval_seconds = time.perf_counter() - t0
-    baseline = evaluate_backbone(random_init_backbone(cfg), cfg, reference, query)
+    random_init = model.embedder(backbone=model.random_init())
+    baseline = evaluate(random_init, reference, query, cfg.eval, cfg.augment, seed=cfg.train.seed)
     print(
         json.dumps(
             {
@@ -98,16 +100,16 @@ def main() -> None:
                 "backbone": cfg.model.backbone,
                 "epochs": cfg.train.epochs,
                 "batch_size": cfg.train.batch_size,
-                "train_images": trained["num_train"],
+                "train_images": trained.knn.num_reference,
                 "seconds_per_epoch_median": statistics.median(e["seconds"] for e in epochs),
                 "seconds_per_epoch": [round(e["seconds"], 2) for e in epochs],
                 "images_per_s_median": statistics.median(e["images_per_s"] for e in epochs),
                 "train_seconds_total": train_seconds,
                 "final_loss": epochs[-1]["loss"],
-                "knn_top1": trained["knn_top1"],
-                "knn_top5": trained["knn_top5"],
-                "knn_top1_random_init": baseline["knn_top1"],
-                "knn_top5_random_init": baseline["knn_top5"],
+                "knn_top1": trained.knn.top1,
+                "knn_top5": trained.knn.top5,
+                "knn_top1_random_init": baseline.knn.top1,
+                "knn_top5_random_init": baseline.knn.top5,
                 "eval_seconds": eval_seconds,
                 "run_dir": str(run_dir),
                 "overrides": args.overrides,

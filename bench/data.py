@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader
 
 from twinview.pretrain.data.builtin import cache_dir, extract_archive
 from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data.folder import ImageFolderDataset, worker_init
 from twinview.pretrain.data.shards import shard_stream
-from twinview.pretrain.data.sources import ImageFolderDataset, scan_source, worker_init
+from twinview.pretrain.data.source import resolve_source, scan_source
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -117,7 +118,7 @@ def measure(
     folder: Path, size: int, workers: int, batch: int, repeats: int, device: torch.device, shards: int
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"data": str(folder), "image_size": size}
-    jpeg = ImageFolderDataset(folder, size)
+    jpeg = ImageFolderDataset(scan_source(folder), size)
     row["images"] = len(jpeg)
     loader = DataLoader(
         jpeg,
@@ -146,7 +147,7 @@ def measure(
     seconds, n = epoch_seconds(on_device, device, repeats)
     row["device_cache_images_per_s"] = n / seconds
     if shards:
-        stream = shard_stream(tar_shards(folder, shards), size)
+        stream = shard_stream(resolve_source(tar_shards(folder, shards)), size)
         loader = DataLoader(stream, batch_size=batch, num_workers=workers, worker_init_fn=worker_init)
         seconds, n = epoch_seconds(FixedEpochs(loader, len(jpeg) // batch), device, repeats)
         row["shards"] = shards

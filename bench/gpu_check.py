@@ -216,9 +216,9 @@ def part_data(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from twinview.pretrain.config import load_config
+    from twinview.pretrain.data.folder import SkipLog
     from twinview.pretrain.data.loaders import build_batches
-    from twinview.pretrain.data.sources import SkipLog
-    from twinview.pretrain.engine.train import current_world
+    from twinview.pretrain.data.source import resolve_data
 
     torch, device, _ = _setup(dry)
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +235,8 @@ def part_data(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
         )
         accelerator = Accelerator(cpu=dry)
         start = time.perf_counter()
-        batches = build_batches(cfg, accelerator, current_world(cfg), SkipLog(Path(tmp) / "skipped"))
+        source = resolve_data(cfg.data, survey=False)  # the folder scan counts, as in a run's start
+        batches = build_batches(cfg, source, accelerator, SkipLog(Path(tmp) / "skipped"))
         batches.prepare(accelerator)
         build_s = time.perf_counter() - start
         result: dict[str, Any] = {"cache_build_s": build_s, "epochs": {}}
@@ -271,9 +272,9 @@ def _decode_rate(
     import torch
 
     from twinview.pretrain.config import load_config
+    from twinview.pretrain.data.folder import SkipLog
     from twinview.pretrain.data.loaders import build_batches
-    from twinview.pretrain.data.sources import SkipLog
-    from twinview.pretrain.engine.train import current_world
+    from twinview.pretrain.data.source import resolve_data
 
     cfg = load_config(
         "simclr-cifar10",
@@ -285,28 +286,38 @@ def _decode_rate(
             f"train.cpu={dry}",
         ],
     )
-    batches = build_batches(cfg, accelerator, current_world(cfg), SkipLog(tmp / "skipped"))
-    batches.prepare(accelerator).set_epoch(0)
-    images, start = 0, 0.0
-    for i, (x, _) in enumerate(batches):
-        if i >= 3:
-            images += x.shape[0]
-        if i == 2:  # the clock starts once the third batch is here
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        if i + 1 == limit + 3:
-            break
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    batches = build_batches(cfg, resolve_data(cfg.data, survey=False), accelerator, SkipLog(tmp / "skipped"))
+    try:
+        batches.prepare(accelerator).set_epoch(0)
+        images, start = 0, 0.0
+        for i, (x, _) in enumerate(batches):
+            if i >= 3:
+                images += x.shape[0]
+            if i == 2:  # the clock starts once the third batch is here
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            if i + 1 == limit + 3:
+                break
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return images / (time.perf_counter() - start)
+    finally:
+        # Stop the loader's workers now, even after an error. They ignore SIGTERM (worker_init): a
+        # loader still alive at exit hangs the process in multiprocessing's exit join, and one freed
+        # by the garbage collector does not stop them. The accelerator keeps every loader it
+        # prepared, and the first import of torchvision (by the nvJPEG decoder) can keep this call's
+        # frames, with their locals, in a reference cycle.
+        del batches
+        accelerator.free_memory()  # collects that cycle, then drops the accelerator's loaders
 
 
 def part_run(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
+    from twinview.evaluate.run import evaluate
+    from twinview.pretrain.app.evaluation import labelled_pair
+    from twinview.pretrain.app.model import load_model
     from twinview.pretrain.config import load_config
     from twinview.pretrain.engine.train import train
-    from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders
-    from twinview.pretrain.runs import load_trained_model
 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -337,14 +348,14 @@ def part_run(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
             train(cfg, Path(tmp) / "run")
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         seconds = [r["seconds"] for r in records if r["kind"] == "epoch"]
-        _, model = load_trained_model(Path(tmp) / "run")
-        reference, query = labelled_folders(str(root / "train"), str(root / "test"), cfg.data.image_size)
-        knn = evaluate_backbone(model.backbone, cfg, reference, query)
+        model = load_model(Path(tmp) / "run")
+        reference, query = labelled_pair(str(root / "train"), str(root / "test"), model.cfg.data.size)
+        knn = evaluate(model.embedder(), reference, query, cfg.eval, cfg.augment, seed=cfg.train.seed).knn
     return {
         "epochs": epochs,
         "seconds_per_epoch_median": statistics.median(seconds),
-        "knn_top1": knn["knn_top1"],
-        "knn_top5": knn["knn_top5"],
+        "knn_top1": knn.top1,
+        "knn_top5": knn.top5,
         "projected_200_epochs_min": 200 * statistics.median(seconds) / 60,
         "goal": "200 epochs to kNN >= 0.85 in <= 8 minutes on one H100",
     }

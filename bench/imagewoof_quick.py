@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from host import host_kind
 
+from twinview.evaluate.run import evaluate
+from twinview.pretrain.app.evaluation import labelled_pair
+from twinview.pretrain.app.model import load_model
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.builtin import cache_dir, extract_archive
 from twinview.pretrain.engine.train import train
-from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders, random_init_backbone
-from twinview.pretrain.runs import load_trained_model
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagewoof-96.tar.gz"
 
@@ -62,19 +63,25 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
         train(cfg, run_dir, recipe=args.recipe)
     train_seconds = time.perf_counter() - started
-    cfg, model = load_trained_model(run_dir)  # the saved config: data.image_size resolved
+    model = load_model(run_dir)
+    cfg = model.cfg  # the saved config: data.image_size resolved
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["kind"] == "epoch"]
-    reference, query = labelled_folders(str(root / "train"), str(root / "val"), cfg.data.size)
+    reference, query = labelled_pair(str(root / "train"), str(root / "val"), cfg.data.size)
     t0 = time.perf_counter()
-    trained = evaluate_backbone(model.backbone, cfg, reference, query, probe=not args.no_probe)
+    trained = evaluate(
+        model.embedder(), reference, query, cfg.eval, cfg.augment, probe=not args.no_probe, seed=cfg.train.seed
+    )
     eval_seconds = time.perf_counter() - t0
-    baseline = evaluate_backbone(random_init_backbone(cfg), cfg, reference, query, probe=not args.no_probe)
+    random_init = model.embedder(backbone=model.random_init())
+    baseline = evaluate(
+        random_init, reference, query, cfg.eval, cfg.augment, probe=not args.no_probe, seed=cfg.train.seed
+    )
     probe = {}
-    if not args.no_probe:
+    if trained.linear_probe is not None and baseline.linear_probe is not None:  # not with --no-probe
         probe = {
-            "probe_top1": trained["linear_probe"]["probe_top1"],
-            "probe_top1_random_init": baseline["linear_probe"]["probe_top1"],
+            "probe_top1": trained.linear_probe.top1,
+            "probe_top1_random_init": baseline.linear_probe.top1,
         }
     print(
         json.dumps(
@@ -88,13 +95,13 @@ def main() -> None:
                 "crop_size": cfg.augment.crop_size or cfg.data.size,
                 "epochs": cfg.train.epochs,
                 "batch_size": cfg.train.batch_size,
-                "train_images": trained["num_train"],
+                "train_images": trained.knn.num_reference,
                 "seconds_per_epoch_median": statistics.median(e["seconds"] for e in epochs),
                 "seconds_per_epoch": [round(e["seconds"], 2) for e in epochs],
                 "train_seconds_total": train_seconds,
                 "final_loss": epochs[-1]["loss"],
-                "knn_top1": trained["knn_top1"],
-                "knn_top1_random_init": baseline["knn_top1"],
+                "knn_top1": trained.knn.top1,
+                "knn_top1_random_init": baseline.knn.top1,
                 **probe,
                 "eval_seconds": eval_seconds,
                 "run_dir": str(run_dir),

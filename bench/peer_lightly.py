@@ -39,9 +39,12 @@ import timm
 import torch
 from host import host_kind
 
+from twinview.evaluate.features import Embedder
+from twinview.evaluate.run import default_device, evaluate
+from twinview.pretrain.app.evaluation import labelled_pair
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.builtin import extract_archive
-from twinview.pretrain.evaluation import evaluate_backbone, labelled_folders
+from twinview.pretrain.models import normalization_stats
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagewoof-96.tar.gz"
 BATCH, CROP, IMAGE, WORKERS = 256, 64, 96, 2
@@ -119,13 +122,15 @@ def main() -> None:
 
     backbone, seconds = train_lightly(root / "train", args.epochs)
     cfg = load_config(args.recipe, [f"data.path={root / 'train'}", f"data.image_size={IMAGE}"])
-    reference, query = labelled_folders(str(root / "train"), str(root / "val"), IMAGE)
-    peer = evaluate_backbone(backbone, cfg, reference, query, probe=not args.no_probe)
+    reference, query = labelled_pair(str(root / "train"), str(root / "val"), IMAGE)
+    mean, std = normalization_stats(backbone)
+    embedder = Embedder(backbone, mean, std, cfg.eval.batch_size, cfg.data.num_workers, default_device())
+    peer = evaluate(embedder, reference, query, cfg.eval, cfg.augment, probe=not args.no_probe, seed=cfg.train.seed)
     theirs = {
         "seconds_per_epoch_median": statistics.median(seconds),
         "seconds_per_epoch": [round(s, 2) for s in seconds],
-        "knn_top1": peer["knn_top1"],
-        **({"probe_top1": peer["linear_probe"]["probe_top1"]} if not args.no_probe else {}),
+        "knn_top1": peer.knn.top1,
+        **({"probe_top1": peer.linear_probe.top1} if peer.linear_probe is not None else {}),
     }
     print(
         json.dumps(

@@ -85,6 +85,8 @@ def _trainers(device_name: str, modes: list[str], overrides: list[str]) -> tuple
                 Progress(guard=guard),
                 1000 * cfg.train.epochs,
                 list(model.parameters()),
+                passes=cfg.train.grad_accumulation,
+                cached=cfg.train.grad_accumulation > 1 and cfg.train.grad_accumulation_mode == "cached",
             )
         )
     return trainers, accelerator.device

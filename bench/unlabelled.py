@@ -4,7 +4,7 @@ On Imagewoof-96 ``val`` (``../shared/data/imagewoof-96.tar.gz``), with a trained
 it, ``moco-v2-photos`` is pretrained on ``train`` for ``--epochs`` first):
 
 1. ``embed``: images/s of ``twinview embed`` (Parquet) vs the feature path of ``twinview evaluate``
-   (``extract_features``) on the same images, medians of ``--repeats`` runs each, interleaved; also on
+   (``Embedder.features``) on the same images, medians of ``--repeats`` runs each, interleaved; also on
    CIFAR-10 ``test`` when its archive is there.
 2. ``duplicates``: 100 val images copied back into a copy of the folder after a small change (34
    crops of 90 % of the side, 33 JPEG re-encodings at quality 70, 33 horizontal flips); then
@@ -42,14 +42,13 @@ from host import host_kind
 from PIL import Image
 
 from twinview.evaluate.embedding_file import write_embedding_file
-from twinview.evaluate.features import extract_features
 from twinview.evaluate.search import search
-from twinview.pretrain.cli import main as twinview
+from twinview.pretrain.app.cli import main as twinview
+from twinview.pretrain.app.embedding import absolute_source, embed_images
+from twinview.pretrain.app.model import load_model
 from twinview.pretrain.data.builtin import cache_dir, extract_archive
 from twinview.pretrain.data.images import open_images
-from twinview.pretrain.evaluation import embed_images
-from twinview.pretrain.models import normalization_stats
-from twinview.pretrain.runs import load_backbone_for_evaluation
+from twinview.pretrain.data.source import resolve_source
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 T = TypeVar("T")
@@ -84,32 +83,21 @@ def pretrained_run(args: argparse.Namespace, woof: Path) -> Path:
 
 
 def embed_throughput(run: Path, source: Path, repeats: int, tmp: Path, overrides: tuple[str, ...] = ()) -> dict:
-    """images/s of embed (to Parquet) and of evaluate's extraction, interleaved, medians."""
-    cfg, backbone = load_backbone_for_evaluation(run, overrides)
-    mean, std = normalization_stats(backbone)
-    n = len(open_images(str(source), cfg.data.size))
+    """images/s of embed (to Parquet) and of evaluate's extraction, interleaved, medians; each
+    timing includes resolving and opening the source, as the commands do."""
+    model = load_model(run, overrides)
+    cfg, embedder = model.cfg, model.embedder()
+    path = absolute_source(str(source))
+    n = len(open_images(resolve_source(path, survey=False), cfg.data.size))
     embed_s, extract_s = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        quiet(
-            embed_images,
-            backbone,
-            cfg,
-            str(source),
-            tmp / f"{source.name}-{r}.parquet",
-            made_from=str(run),
-            progress=False,
-        )
+        resolved = resolve_source(path, survey=False)
+        dataset = open_images(resolved, cfg.data.size, strict=True)  # as twinview embed opens it
+        quiet(embed_images, model, embedder, resolved, dataset, tmp / f"{source.name}-{r}.parquet", progress=False)
         embed_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        extract_features(
-            backbone,
-            open_images(str(source), cfg.data.size),
-            mean,
-            std,
-            batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers,
-        )
+        embedder.features(open_images(resolve_source(path, survey=False), cfg.data.size))
         extract_s.append(time.perf_counter() - t0)
     return {
         "images": n,
@@ -160,7 +148,7 @@ def duplicate_scores(run: Path, folder: Path, planted: dict[str, str]) -> dict:
     from twinview.evaluate.label_free import near_duplicates
     from twinview.evaluate.unlabelled import mirror_invariant
 
-    trained_weights = state_checksum(load_backbone_for_evaluation(run)[1])
+    trained_weights = state_checksum(load_model(run).backbone)
     truth = {frozenset(p) for p in planted.items()}
     embeddings = {}
     for file in sorted((run / "features").glob(f"{folder.name}-*.parquet")):

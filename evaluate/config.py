@@ -1,8 +1,15 @@
-"""The ``eval`` config section: how frozen features are scored."""
+"""The ``eval`` config section: how frozen features are scored; the label-free evaluation's default
+threshold."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The default cosine threshold of near-duplicates in the label-free evaluation (``twinview evaluate
+# --data``, ``--duplicate-threshold``): where F1 peaked on copies planted in Imagewoof-96
+# (docs/BENCHMARKS.md, "Without labels"). Here, not in evaluate/unlabelled.py, so the command-line
+# help reads it without importing torch.
+DUPLICATE_THRESHOLD = 0.985
 
 
 @dataclass

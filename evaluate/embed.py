@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from twinview.augment.views import Normalize
 from twinview.evaluate.dataset import LabelledImages
 from twinview.evaluate.embedding_file import Part, file_format, write_embedding_file
-from twinview.evaluate.features import frozen_forward, quiet_worker, state_checksum
+from twinview.evaluate.features import Embedder, frozen_forward, quiet_worker
+from twinview.evaluate.progress import Progress
 
 CHUNK_ROWS = 4096  # rows per part file: what a restarted embed may have to redo
 MANIFEST = "manifest.json"
@@ -136,18 +136,12 @@ def _prepare_parts(
 
 @torch.no_grad()
 def embed_source(
-    backbone: nn.Module,
+    embedder: Embedder,
     dataset: LabelledImages,
     out: Path,
-    mean: Sequence[float],
-    std: Sequence[float],
     *,
     metadata: dict[str, Any],
     dtype: str = "float32",
-    batch_size: int = 256,
-    num_workers: int = 2,
-    device: torch.device | str = "cpu",
-    accelerator: Any | None = None,
     chunk_rows: int = CHUNK_ROWS,
     skip_errors: tuple[type[BaseException], ...] = (),
     overwrite: bool = False,
@@ -158,17 +152,12 @@ def embed_source(
     """Embeds every image of ``dataset`` into ``out`` (``.parquet`` or ``.npy``), resumably.
 
     Args:
-        backbone: The frozen backbone (its weights are not changed).
+        embedder: The frozen backbone (its weights are not changed), its normalisation, batch
+            size, decoding workers and device; several processes (its ``accelerator``) split the chunks.
         dataset: The images, opened so that a bad image raises one of ``skip_errors``.
         out: The embedding file; its suffix picks the format.
-        mean: Normalisation mean of the backbone.
-        std: Normalisation std of the backbone.
         metadata: What made the embedding (model, image size, source), stored in the file.
         dtype: ``float32`` or ``float16`` in the file.
-        batch_size: Images per forward pass.
-        num_workers: Decoding workers.
-        device: Where to run the backbone.
-        accelerator: An ``accelerate.Accelerator`` of several processes: they split the chunks.
         chunk_rows: Rows per part file.
         skip_errors: Exceptions of a bad image; such images are listed, not embedded.
         overwrite: Replace an existing OUT (and an unfinished embed of other settings).
@@ -185,12 +174,13 @@ def embed_source(
     file_format(out)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype '{dtype}' is not one of float32, float16.")
+    accelerator, backbone, device = embedder.accelerator, embedder.backbone, torch.device(embedder.device)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     main_process = rank == 0
     num_rows = len(dataset)
     manifest = {
         "data": dataset.fingerprint(),
-        "weights": state_checksum(backbone),
+        "weights": embedder.weights(),
         "rows": num_rows,
         "chunk_rows": chunk_rows,
         "dtype": dtype,
@@ -200,21 +190,18 @@ def embed_source(
     parts = parts_dir(out)
     num_chunks = -(-num_rows // chunk_rows)
     mine = [c for c in range(rank, num_chunks, world) if not _part(parts, c).is_file()]
-    device = torch.device(device)
     was_training = backbone.training
     backbone.eval().to(device)
-    normalize = Normalize(mean, std).to(device)
-    batches = chunk_batches(mine, num_rows, chunk_rows, batch_size)
+    normalize = Normalize(embedder.mean, embedder.std).to(device)
+    batches = chunk_batches(mine, num_rows, chunk_rows, embedder.batch_size)
     loader: DataLoader[Any] = DataLoader(
         _Rows(dataset, skip_errors),
         batch_sampler=batches,
-        num_workers=num_workers if batches else 0,
-        worker_init_fn=quiet_worker if num_workers > 0 else None,
+        num_workers=embedder.num_workers if batches else 0,
+        worker_init_fn=quiet_worker if embedder.num_workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=desc, disable=not (progress and main_process))
+    bar = Progress(sum(map(len, batches)), desc, unit="img", enabled=progress and main_process)
     pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
     for images, rows, errors in loader:
         images = images.flip(-1) if mirrored else images  # (B, 3, S, S): left-right

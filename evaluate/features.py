@@ -1,10 +1,12 @@
 """Frozen-backbone feature extraction, batched on the device, sharded over processes when launched
 with several (``accelerate launch``): each process extracts its share and ``gather_for_metrics``
-puts every feature back, in dataset order, on every process. :class:`FeatureExtractor` adds an
-optional on-disk cache keyed by the data set's fingerprint and the backbone's weights."""
+puts every feature back, in dataset order, on every process. :class:`Embedder` holds a backbone
+with its normalisation and extraction settings, and adds an optional on-disk cache keyed by the
+data set's fingerprint and the backbone's weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import signal
 from collections.abc import Sequence
@@ -136,19 +138,19 @@ def load_features(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class FeatureExtractor:
-    """Extracts the frozen features of labelled data sets with one backbone, optionally cached.
+class Embedder:
+    """A frozen backbone and how images reach it: what every command that embeds images shares
+    (the labelled and label-free evaluations, ``twinview embed`` and ``search``, the online monitor).
 
     Attributes:
-        backbone: The frozen backbone.
+        backbone: The frozen backbone (its weights are never changed).
         mean: Its normalisation mean.
         std: Its normalisation std.
         batch_size: Images per forward pass.
         num_workers: Decoding workers.
         device: Where to run the backbone.
-        accelerator: Several processes (``accelerate launch``) split the extraction, see
-            :func:`extract_features`.
-        cache_dir: Cache the features of each data set there (``None``: no cache).
+        accelerator: Several processes (``accelerate launch``) split the work (see
+            :func:`extract_features`); None for one process.
     """
 
     backbone: nn.Module
@@ -156,15 +158,33 @@ class FeatureExtractor:
     std: Sequence[float]
     batch_size: int = 512
     num_workers: int = 2
-    device: torch.device | str = "cpu"
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     accelerator: Any | None = None
-    cache_dir: Path | None = None
 
-    def __call__(self, dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, D)`` features and ``(N,)`` labels of ``dataset``, read from the cache when there."""
-        if self.cache_dir is None:
+    def with_backbone(self, backbone: nn.Module) -> Embedder:
+        """The same settings for another backbone of the same architecture (a random-init copy)."""
+        return dataclasses.replace(self, backbone=backbone)
+
+    def weights(self) -> float:
+        """:func:`state_checksum` of the backbone: which weights made an embedding."""
+        return state_checksum(self.backbone)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` float32 features of ``(B, 3, S, S)`` uint8 images, on the device (eval mode)."""
+        self.backbone.eval().to(self.device)
+        return frozen_forward(self.backbone, Normalize(self.mean, self.std).to(self.device), images, self.device)
+
+    def features(self, dataset: LabelledImages, cache_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, D)`` features and ``(N,)`` labels of ``dataset``, in order, on the CPU.
+
+        Args:
+            dataset: The images.
+            cache_dir: Cache the features there, keyed by the data set's fingerprint and the
+                weights, and read them from there when present (None: no cache).
+        """
+        if cache_dir is None:
             return self._extract(dataset)
-        path = cache_file(self.cache_dir, dataset, state_checksum(self.backbone))
+        path = cache_file(cache_dir, dataset, self.weights())
         if path.is_file():
             return load_features(path)
         features, labels = self._extract(dataset)

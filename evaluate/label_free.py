@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
+from twinview.evaluate.results import SimilarityStats, Spread
+
 CHUNK = 4096  # rows per block of a search against all rows, at most
 BLOCK_FLOATS = 1 << 26  # similarities a block may hold (256 MB of float32), so a million rows fit too
 FULL_KMEANS_MAX = 20000  # above this many rows, MiniBatchKMeans
@@ -315,14 +317,14 @@ def pairwise_cosines(features: torch.Tensor, sample: int = 2000, seed: int = 0) 
     return _distinct_pairs(_cosine_matrix(_sample(features, sample, seed)))
 
 
-def _summary(values: torch.Tensor) -> dict[str, float]:
+def _summary(values: torch.Tensor) -> Spread:
     """Mean and the 5th, 50th and 95th percentiles (linear interpolation)."""
     v = values.double()
     q = torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-    return {"mean": v.mean().item(), "p5": q[0], "p50": q[1], "p95": q[2]}
+    return Spread(v.mean().item(), q[0], q[1], q[2])
 
 
-def similarity_stats(features: torch.Tensor, sample: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+def similarity_stats(features: torch.Tensor, sample: int = 2000, seed: int = 0) -> SimilarityStats:
     """How spread out the embeddings are, on a seeded sample (the one :func:`pairwise_cosines` draws).
 
     Args:
@@ -338,11 +340,11 @@ def similarity_stats(features: torch.Tensor, sample: int = 2000, seed: int = 0) 
     x = _sample(features, sample, seed)  # (S, D)
     sims = _cosine_matrix(x)  # (S, S)
     others = sims.clone().fill_diagonal_(float("-inf"))
-    return {
-        "norm": _summary(x.norm(dim=1)),
-        "cosine": _summary(_distinct_pairs(sims)),
-        "nn_cosine": _summary(others.max(dim=1).values),
-    }
+    return SimilarityStats(
+        norm=_summary(x.norm(dim=1)),
+        cosine=_summary(_distinct_pairs(sims)),
+        nn_cosine=_summary(others.max(dim=1).values),
+    )
 
 
 def self_neighbours(

@@ -9,11 +9,12 @@ training features and scored on the test features (top-1/top-5).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from twinview.evaluate.results import ProbeResult
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
@@ -76,7 +77,7 @@ def linear_probe(
     val_fraction: float = 0.1,
     weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> ProbeResult:
     """Trains and scores the probe.
 
     Args:
@@ -90,7 +91,7 @@ def linear_probe(
         seed: For the split and the shuffling.
 
     Returns:
-        ``probe_top1``, ``probe_top5``, the chosen ``weight_decay`` and the validation top-1 of each.
+        Top-1 and top-5 on the test features, the chosen weight decay and the validation top-1 of each.
     """
     g = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
@@ -106,10 +107,4 @@ def linear_probe(
     torch.manual_seed(seed)
     model = _fit(xs, train_y, classes, best, epochs, lr, batch_size, g)
     top1, top5 = _topk(model, xt, test_y)
-    return {
-        "probe_top1": top1,
-        "probe_top5": top5,
-        "weight_decay": best,
-        "val_top1_by_weight_decay": {str(k): v for k, v in val_top1.items()},
-        "epochs": epochs,
-    }
+    return ProbeResult(top1, top5, best, {str(k): v for k, v in val_top1.items()}, epochs)

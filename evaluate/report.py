@@ -18,8 +18,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
+
+from twinview.evaluate.results import (
+    ClusterSizes,
+    Diagnostics,
+    DuplicatePairs,
+    LabelFreeResult,
+    LabelledResult,
+    SimilarityStats,
+)
 
 MISSING = "—"  # a table cell whose value the result does not hold
 WARNING_PREFIX = "Warning: "  # a note starting with it is rendered as a highlighted warning
@@ -67,13 +75,11 @@ class Section:
 # --- sections of a labelled evaluation ---------------------------------------------------------
 
 
-def labelled_sections(result: Mapping[str, Any]) -> list[Section]:
+def labelled_sections(result: Mapping[str, LabelledResult]) -> list[Section]:
     """One section per evaluated backbone: its metrics, a collapse warning, its plots.
 
     Args:
-        result: Backbone name (e.g. ``pretrained``, ``random_init``) -> what
-            :func:`twinview.evaluate.run.evaluate` returned for it (``plots``, when present, is a
-            list of PNG paths).
+        result: Backbone name (e.g. ``pretrained``, ``random_init``) -> its result.
 
     Returns:
         The sections, in the result's order.
@@ -81,33 +87,32 @@ def labelled_sections(result: Mapping[str, Any]) -> list[Section]:
     return [labelled_section(name, r) for name, r in result.items()]
 
 
-def labelled_section(name: str, r: Mapping[str, Any]) -> Section:
+def labelled_section(name: str, r: LabelledResult) -> Section:
     """The section of one backbone of a labelled evaluation (see :func:`labelled_sections`)."""
-    warning = r["diagnostics"]["collapse_warning"]
+    warning = r.diagnostics.collapse_warning
     return Section(
         title=name,
         metrics=labelled_metrics(r),
         notes=(f"{WARNING_PREFIX}{warning}.",) if warning else (),
-        figures=tuple((Path(p), figure_caption(Path(p))) for p in r.get("plots", [])),
+        figures=tuple((Path(p), figure_caption(Path(p))) for p in r.plots),
     )
 
 
-def labelled_metrics(r: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+def labelled_metrics(r: LabelledResult) -> tuple[tuple[str, str], ...]:
     """kNN, linear probe, retrieval, verification and diagnostics of one backbone, formatted."""
-    metrics = [(f"kNN top-1 / top-5 (k={r['k']}, T={r['temperature']})", f"{r['knn_top1']:.4f} / {r['knn_top5']:.4f}")]
-    if "linear_probe" in r:
-        p = r["linear_probe"]
-        metrics.append(
-            (f"linear probe top-1 / top-5 (wd {p['weight_decay']:g})", f"{p['probe_top1']:.4f} / {p['probe_top5']:.4f}")
-        )
-    metrics += [(k, f"{v:.4f}") for k, v in r["retrieval"].items()]
-    metrics += [(k, f"{v:.4f}") for k, v in r["verification"].items()]
-    d = r["diagnostics"]
+    knn = r.knn
+    metrics = [(f"kNN top-1 / top-5 (k={knn.k}, T={knn.temperature})", f"{knn.top1:.4f} / {knn.top5:.4f}")]
+    if r.linear_probe is not None:
+        p = r.linear_probe
+        metrics.append((f"linear probe top-1 / top-5 (wd {p.weight_decay:g})", f"{p.top1:.4f} / {p.top5:.4f}"))
+    metrics += [(k, f"{v:.4f}") for k, v in r.retrieval.items()]
+    metrics += [(k, f"{v:.4f}") for k, v in r.verification.items()]
+    d = r.diagnostics
     metrics += [
-        ("alignment (two views)", f"{d['alignment']:.4f}"),
-        ("uniformity", f"{d['uniformity']:.4f}"),
-        (f"effective rank (of {d['dims']})", f"{d['effective_rank']:.1f}"),
-        ("images train / test", f"{r['num_train']} / {r['num_test']}"),
+        ("alignment (two views)", f"{d.alignment:.4f}"),
+        ("uniformity", f"{d.uniformity:.4f}"),
+        (f"effective rank (of {d.dims})", f"{d.effective_rank:.1f}"),
+        ("images train / test", f"{knn.num_reference} / {knn.num_query}"),
     ]
     return tuple(metrics)
 
@@ -120,56 +125,57 @@ def figure_caption(png: Path) -> str:
 # --- sections of a label-free evaluation -------------------------------------------------------
 
 
-def label_free_sections(result: Mapping[str, Any]) -> list[Section]:
-    """The sections of a label-free evaluation; a section whose data is absent is left out.
-
-    Args:
-        result: The label-free result: ``source``, ``num_images``, ``skipped``, ``pretrained``
-            and ``random_init`` (each with ``diagnostics``), ``duplicates``, ``clusters`` and
-            ``plots`` (name -> PNG path); every part but the first three may be absent.
+def label_free_sections(result: LabelFreeResult) -> list[Section]:
+    """The sections of a label-free evaluation.
 
     Returns:
         Summary, Representation, Training, Embedding map, Nearest neighbours, Near-duplicates and
         Clusters, those that have data, in this order.
     """
-    plots = {name: Path(p) for name, p in result.get("plots", {}).items()}
+    plots = {name: Path(p) for name, p in result.plots.items()}
     candidates = [
         summary_section(result),
-        representation_section(result, plots),
+        representation_section(result.backbones, plots),
         figure_section("Training", plots, ["training"]),
         figure_section("Embedding map", plots, ["embeddings"]),
         figure_section("Nearest neighbours", plots, ["neighbours", "random_neighbours"]),
-        duplicates_section(result, plots),
-        clusters_section(result, plots),
+        duplicates_section(result.duplicates, result.source, plots),
+        clusters_section(result.clusters, plots),
     ]
     return [s for s in candidates if s is not None]
 
 
-def summary_section(result: Mapping[str, Any]) -> Section:
+def summary_section(result: LabelFreeResult) -> Section:
     """The source of the images, how many were embedded and how many could not be read."""
     return Section(
         title="Summary",
         metrics=(
-            ("source", str(result["source"])),
-            ("images", str(result["num_images"])),
-            ("skipped (unreadable)", str(result["skipped"])),
+            ("source", result.source),
+            ("images", str(result.num_images)),
+            ("skipped (unreadable)", str(result.skipped)),
         ),
-        files=((Path(result["skipped_list"]), "the images that could not be decoded, with the reason"),)
-        if result.get("skipped_list")
+        files=((Path(result.skipped_list), "the images that could not be decoded, with the reason"),)
+        if result.skipped_list
         else (),
     )
 
 
 # (row name, how to read and format it from a backbone's diagnostics)
-REPRESENTATION_ROWS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
-    ("effective rank (RankMe)", lambda d: f"{d['effective_rank']:.1f} of {d['dims']}"),
-    ("alignment (two views)", lambda d: f"{d['alignment']:.4f}"),
-    ("uniformity", lambda d: f"{d['uniformity']:.4f}"),
-    ("feature norm p50", lambda d: f"{d['norm']['p50']:.4f}"),
-    ("cosine mean", lambda d: f"{d['cosine']['mean']:.4f}"),
-    ("cosine p95", lambda d: f"{d['cosine']['p95']:.4f}"),
-    ("nearest-neighbour cosine p50", lambda d: f"{d['nn_cosine']['p50']:.4f}"),
+REPRESENTATION_ROWS: tuple[tuple[str, Callable[[Diagnostics], str]], ...] = (
+    ("effective rank (RankMe)", lambda d: f"{d.effective_rank:.1f} of {d.dims}"),
+    ("alignment (two views)", lambda d: f"{d.alignment:.4f}"),
+    ("uniformity", lambda d: f"{d.uniformity:.4f}"),
+    ("feature norm p50", lambda d: f"{_similarity(d).norm.p50:.4f}"),
+    ("cosine mean", lambda d: f"{_similarity(d).cosine.mean:.4f}"),
+    ("cosine p95", lambda d: f"{_similarity(d).cosine.p95:.4f}"),
+    ("nearest-neighbour cosine p50", lambda d: f"{_similarity(d).nn_cosine.p50:.4f}"),
 )
+
+
+def _similarity(d: Diagnostics) -> SimilarityStats:
+    if d.similarity is None:
+        raise LookupError("no similarity statistics")
+    return d.similarity
 
 
 READING_GUIDE = (
@@ -181,34 +187,34 @@ READING_GUIDE = (
 )
 
 
-def representation_section(result: Mapping[str, Any], plots: Mapping[str, Path]) -> Section | None:
+def representation_section(backbones: Mapping[str, Diagnostics], plots: Mapping[str, Path]) -> Section | None:
     """The pretrained backbone's representation statistics beside the random-init baseline's.
 
     Returns:
-        None when the result holds no ``pretrained`` diagnostics.
+        None when there are no ``pretrained`` diagnostics.
     """
-    backbones = [name for name in BACKBONE_NAMES if name in result]
-    if "pretrained" not in backbones:
+    names = [name for name in BACKBONE_NAMES if name in backbones]
+    if "pretrained" not in names:
         return None
-    diagnostics = [result[name]["diagnostics"] for name in backbones]
+    diagnostics = [backbones[name] for name in names]
     table = Table(
-        header=("metric", *(BACKBONE_NAMES[name] for name in backbones)),
+        header=("metric", *(BACKBONE_NAMES[name] for name in names)),
         rows=tuple((row, *(_format_or_missing(fmt, d) for d in diagnostics)) for row, fmt in REPRESENTATION_ROWS),
     )
     warnings = tuple(
-        f"{WARNING_PREFIX}{BACKBONE_NAMES[name]}: {d['collapse_warning']}."
-        for name, d in zip(backbones, diagnostics, strict=True)
-        if d.get("collapse_warning")
+        f"{WARNING_PREFIX}{BACKBONE_NAMES[name]}: {d.collapse_warning}."
+        for name, d in zip(names, diagnostics, strict=True)
+        if d.collapse_warning
     )
     notes = (READING_GUIDE, *warnings)
     return Section(title="Representation", tables=(table,), notes=notes, figures=_figures(plots, ["similarity"]))
 
 
-def _format_or_missing(fmt: Callable[[Mapping[str, Any]], str], diagnostics: Mapping[str, Any]) -> str:
+def _format_or_missing(fmt: Callable[[Diagnostics], str], diagnostics: Diagnostics) -> str:
     """``fmt(diagnostics)``, or :data:`MISSING` when a value it reads is absent."""
     try:
         return fmt(diagnostics)
-    except (KeyError, TypeError):
+    except LookupError:
         return MISSING
 
 
@@ -224,41 +230,36 @@ def _figures(plots: Mapping[str, Path], names: Iterable[str]) -> tuple[tuple[Pat
     return tuple((plots[name], captions[name]) for name in names if name in plots)
 
 
-def duplicates_section(result: Mapping[str, Any], plots: Mapping[str, Path]) -> Section | None:
+def duplicates_section(dup: DuplicatePairs, source: str, plots: Mapping[str, Path]) -> Section:
     """Near-duplicate pairs: the threshold, the counts, the closest pairs, their grid and the CSV."""
-    if "duplicates" not in result:
-        return None
-    dup = result["duplicates"]
-    top = dup.get("top", [])
-    source = str(result.get("source", ""))
     rows = tuple(
         (_short_path(a, source), _short_path(b, source), f"{float(sim):.4f}", "yes" if exact else "no")
-        for a, b, sim, exact in top
+        for a, b, sim, exact in dup.top
     )
-    if dup["pairs"] == 0:
+    if dup.pairs == 0:
         notes: tuple[str, ...] = ("No pair of images is above the threshold.",)
-    elif dup["pairs"] > len(top):
-        notes = (f"The {len(top)} most similar of {dup['pairs']} pairs; the CSV lists them all.",)
+    elif dup.pairs > len(dup.top):
+        notes = (f"The {len(dup.top)} most similar of {dup.pairs} pairs; the CSV lists them all.",)
     else:
         notes = ()
-    if dup.get("mirror_invariant"):
+    if dup.mirror_invariant:
         notes += (
             "Similarities here compare each image's embedding plus its mirror image's, so a mirrored copy "
             "scores like an exact one; they are not the cosines of the neighbour grids or of twinview search.",
         )
-    if dup.get("warning"):
-        notes += (f"{WARNING_PREFIX}{dup['warning']}.",)
+    if dup.warning:
+        notes += (f"{WARNING_PREFIX}{dup.warning}.",)
     return Section(
         title="Near-duplicates",
         metrics=(
-            ("cosine threshold", f"{dup['threshold']:g}"),
-            ("pairs above it", str(dup["pairs"])),
-            ("exact copies (same bytes)", str(dup["exact"])),
+            ("cosine threshold", f"{dup.threshold:g}"),
+            ("pairs above it", str(dup.pairs)),
+            ("exact copies (same bytes)", str(dup.exact)),
         ),
         tables=(Table(("image A", "image B", "cosine", "exact copy"), rows),) if rows else (),
         notes=notes,
         figures=_figures(plots, ["duplicates"]),
-        files=((Path(dup["csv"]), "every pair above the threshold"),) if dup.get("csv") else (),
+        files=((Path(dup.csv), "every pair above the threshold"),) if dup.csv else (),
     )
 
 
@@ -270,24 +271,20 @@ def _short_path(path: str, source: str) -> str:
         return path
 
 
-def clusters_section(result: Mapping[str, Any], plots: Mapping[str, Path]) -> Section | None:
+def clusters_section(clusters: ClusterSizes, plots: Mapping[str, Path]) -> Section:
     """k-means clusters: k, each cluster's size and share of the images, their grid and the CSV."""
-    if "clusters" not in result:
-        return None
-    clusters = result["clusters"]
-    sizes = [int(s) for s in clusters["sizes"]]
-    total = sum(sizes) or 1
+    total = sum(clusters.sizes) or 1
     return Section(
         title="Clusters",
-        metrics=(("k (k-means)", str(clusters["k"])),),
+        metrics=(("k (k-means)", str(clusters.k)),),
         tables=(
             Table(
                 ("cluster", "images", "share"),
-                tuple((str(i), str(size), f"{100 * size / total:.1f}%") for i, size in enumerate(sizes)),
+                tuple((str(i), str(size), f"{100 * size / total:.1f}%") for i, size in enumerate(clusters.sizes)),
             ),
         ),
         figures=_figures(plots, ["clusters"]),
-        files=((Path(clusters["csv"]), "the cluster of every image"),) if clusters.get("csv") else (),
+        files=((Path(clusters.csv), "the cluster of every image"),) if clusters.csv else (),
     )
 
 

@@ -9,20 +9,17 @@ of a pretraining run, and every section has its own function below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from twinview.augment.config import AugmentConfig
 from twinview.augment.views import build_views
 from twinview.evaluate.config import EvalConfig
-from twinview.evaluate.dataset import LabelledImages, check_labelled_pair
-from twinview.evaluate.features import FeatureExtractor, state_checksum
+from twinview.evaluate.dataset import Images, LabelledImages, check_labelled_pair
+from twinview.evaluate.features import Embedder
 from twinview.evaluate.knn import knn_accuracy
 from twinview.evaluate.linear_probe import linear_probe
 from twinview.evaluate.metrics import (
@@ -33,6 +30,7 @@ from twinview.evaluate.metrics import (
     uniformity,
     verification_metrics,
 )
+from twinview.evaluate.results import Diagnostics, KnnResult, LabelledResult, SimilarityStats
 
 ALIGNMENT_SAMPLE = 512  # query images whose two views are compared
 DIAGNOSTIC_SAMPLE = 2000  # query features for uniformity and effective rank
@@ -64,38 +62,27 @@ def default_device() -> torch.device:
 
 
 def evaluate(
-    backbone: nn.Module,
+    embedder: Embedder,
     reference: LabelledImages,
     query: LabelledImages,
     eval_cfg: EvalConfig,
     augment: AugmentConfig,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     *,
-    num_workers: int = 2,
-    device: torch.device | None = None,
-    accelerator: Any | None = None,
     probe: bool = False,
     seed: int = 0,
     plots_dir: Path | None = None,
     features_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> LabelledResult:
     """Extracts frozen features of both sets and scores them.
 
     Args:
-        backbone: The backbone; its weights are not changed.
+        embedder: The backbone with its normalisation and extraction settings; with several
+            processes (its ``accelerator``) extraction is split among them and gathered, and every
+            process computes the same metrics. Its weights are not changed.
         reference: Labelled reference set (kNN memory, retrieval gallery, probe training data).
         query: Labelled query set with the same classes.
-        eval_cfg: kNN k and temperature, extraction batch size.
+        eval_cfg: kNN k and temperature.
         augment: The views whose alignment is measured (the run's recipe).
-        image_size: Side of those views' source images (``data.image_size``).
-        mean: Normalisation mean of the backbone.
-        std: Normalisation std of the backbone.
-        num_workers: Decoding workers of the extraction.
-        device: Where to run; defaults to CUDA when available.
-        accelerator: With several processes (``accelerate launch``), extraction is split among them
-            and gathered; every process then holds all features and computes the same metrics.
         probe: Also train and score a linear probe on the frozen features (seeded with ``seed``).
         seed: Seed of the linear probe.
         plots_dir: Also draw the embedding map and a nearest-neighbour grid there.
@@ -103,86 +90,57 @@ def evaluate(
             backbone's weights, so a second evaluation skips the extraction.
 
     Returns:
-        ``knn_top1``, ``knn_top5``, ``k``, ``temperature``, ``num_train``, ``num_test``, and the
-        ``retrieval``, ``verification``, ``diagnostics`` (and ``linear_probe``, ``plots``) sections,
-        plus ``backbone_unchanged`` (the backbone's weights and buffers were not modified).
+        The :class:`~twinview.evaluate.results.LabelledResult`.
 
     Raises:
         ValueError: If a set is unlabeled or the class names differ.
     """
     check_labelled_pair(reference, query)
-    device = device or default_device()
-    before = state_checksum(backbone)
-    extractor = FeatureExtractor(
-        backbone, mean, std, eval_cfg.batch_size, num_workers, device, accelerator, features_dir
-    )
-    features = frozen_features(extractor, reference, query)
-    result = knn_result(features, eval_cfg)
-    result["retrieval"] = retrieval_result(features)
-    result["verification"] = verification_result(features)
-    result["diagnostics"] = {
-        **feature_diagnostics(features.query),
-        "alignment": view_alignment(backbone, query, augment, image_size, mean, std, device),
-    }
-    if probe:
-        result["linear_probe"] = linear_probe(
+    before = embedder.weights()
+    features = frozen_features(embedder, reference, query, features_dir)
+    diagnostics = feature_diagnostics(features.query, view_alignment(embedder, query, augment))
+    return LabelledResult(
+        knn=knn_result(features, eval_cfg),
+        retrieval=retrieval_result(features),
+        verification=verification_result(features),
+        diagnostics=diagnostics,
+        linear_probe=linear_probe(
             features.reference, features.reference_labels, features.query, features.query_labels, seed=seed
         )
-    if plots_dir is not None:
-        result["plots"] = draw_plots(Path(plots_dir), reference, query, features)
-    result["backbone_unchanged"] = state_checksum(backbone) == before
-    return result
+        if probe
+        else None,
+        plots=tuple(draw_plots(Path(plots_dir), reference, query, features)) if plots_dir is not None else (),
+        backbone_unchanged=embedder.weights() == before,
+    )
 
 
 def knn_only(
-    backbone: nn.Module,
+    embedder: Embedder,
     reference: LabelledImages,
     query: LabelledImages,
     eval_cfg: EvalConfig,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    num_workers: int = 2,
-    device: torch.device | None = None,
-    accelerator: Any | None = None,
     features_dir: Path | None = None,
-) -> dict[str, Any]:
-    """The kNN part of :func:`evaluate` alone: features of both sets, then kNN top-1 / top-5.
-
-    Args:
-        backbone: The backbone; its weights are not changed.
-        reference: Labelled reference set (the kNN memory).
-        query: Labelled query set with the same classes.
-        eval_cfg: kNN k and temperature, extraction batch size.
-        mean: Normalisation mean of the backbone.
-        std: Normalisation std of the backbone.
-        num_workers: Decoding workers of the extraction.
-        device: Where to run; defaults to CUDA when available.
-        accelerator: Several processes split the extraction (see :func:`evaluate`).
-        features_dir: Feature cache (see :func:`evaluate`).
-
-    Returns:
-        ``knn_top1``, ``knn_top5``, ``k``, ``temperature``, ``num_train``, ``num_test``: the same
-        values :func:`evaluate` returns under these keys.
+) -> KnnResult:
+    """The kNN part of :func:`evaluate` alone: features of both sets, then kNN top-1 / top-5 (the
+    same values :func:`evaluate` returns in ``knn``).
 
     Raises:
         ValueError: If a set is unlabeled or the class names differ.
     """
     check_labelled_pair(reference, query)
-    extractor = FeatureExtractor(
-        backbone, mean, std, eval_cfg.batch_size, num_workers, device or default_device(), accelerator, features_dir
-    )
-    return knn_result(frozen_features(extractor, reference, query), eval_cfg)
+    return knn_result(frozen_features(embedder, reference, query, features_dir), eval_cfg)
 
 
-def frozen_features(extractor: FeatureExtractor, reference: LabelledImages, query: LabelledImages) -> FrozenFeatures:
-    """Features and labels of both sets (from the extractor's cache when it has them)."""
-    reference_x, reference_y = extractor(reference)
-    query_x, query_y = extractor(query)
+def frozen_features(
+    embedder: Embedder, reference: LabelledImages, query: LabelledImages, cache_dir: Path | None = None
+) -> FrozenFeatures:
+    """Features and labels of both sets (from the cache in ``cache_dir`` when it has them)."""
+    reference_x, reference_y = embedder.features(reference, cache_dir)
+    query_x, query_y = embedder.features(query, cache_dir)
     return FrozenFeatures(reference_x, reference_y, query_x, query_y)
 
 
-def knn_result(features: FrozenFeatures, eval_cfg: EvalConfig) -> dict[str, Any]:
+def knn_result(features: FrozenFeatures, eval_cfg: EvalConfig) -> KnnResult:
     """Weighted kNN top-1 / top-5 of the queries against the reference set, with its settings and sizes."""
     acc = knn_accuracy(
         features.reference,
@@ -192,14 +150,9 @@ def knn_result(features: FrozenFeatures, eval_cfg: EvalConfig) -> dict[str, Any]
         k=eval_cfg.knn_k,
         temperature=eval_cfg.knn_temperature,
     )
-    return {
-        "knn_top1": acc["top1"],
-        "knn_top5": acc["top5"],
-        "k": eval_cfg.knn_k,
-        "temperature": eval_cfg.knn_temperature,
-        "num_train": len(features.reference),
-        "num_test": len(features.query),
-    }
+    return KnnResult(
+        acc["top1"], acc["top5"], eval_cfg.knn_k, eval_cfg.knn_temperature, len(features.reference), len(features.query)
+    )
 
 
 def retrieval_result(features: FrozenFeatures) -> dict[str, float]:
@@ -232,43 +185,38 @@ def verification_pairs(features: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return (x[a[pick]] * x[b[pick]]).sum(dim=1), same[pick]
 
 
-def feature_diagnostics(features: torch.Tensor) -> dict[str, Any]:
-    """Uniformity and effective rank of a (seeded) sample of the features, with a collapse warning."""
+def feature_diagnostics(
+    features: torch.Tensor, alignment: float, similarity: SimilarityStats | None = None
+) -> Diagnostics:
+    """Uniformity and effective rank of a (seeded) sample of the features, with a collapse warning.
+
+    Args:
+        features: ``(N, D)`` features.
+        alignment: The view alignment measured for them (:func:`view_alignment`).
+        similarity: Their norm and similarity distributions, when measured.
+    """
     g = torch.Generator().manual_seed(0)
     sample = features[torch.randperm(len(features), generator=g)[:DIAGNOSTIC_SAMPLE]]
-    return {
-        "uniformity": uniformity(sample),
-        "effective_rank": effective_rank(sample),
-        "dims": features.shape[1],
-        "collapse_warning": collapse_warning(sample),
-    }
+    return Diagnostics(
+        uniformity(sample), effective_rank(sample), features.shape[1], collapse_warning(sample), alignment, similarity
+    )
 
 
 @torch.no_grad()
-def view_alignment(
-    backbone: nn.Module,
-    dataset: LabelledImages,
-    augment: AugmentConfig,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-) -> float:
+def view_alignment(embedder: Embedder, dataset: Images, augment: AugmentConfig) -> float:
     """Wang & Isola's alignment of two augmented views (seeded) of a sample of the data set's images.
 
     Args:
-        backbone: Run in eval mode (its mode is restored).
+        embedder: The backbone, run in eval mode (its mode is restored), on its device.
         dataset: Source of up to ``ALIGNMENT_SAMPLE`` images, drawn with seed 0.
-        augment: The views' recipe.
-        image_size: Side of the source images.
-        mean: Normalisation mean of the backbone.
-        std: Normalisation std of the backbone.
-        device: Where to make the views and run the backbone.
+        augment: The views' recipe (made from the data set's ``image_size``).
     """
     g = torch.Generator().manual_seed(0)
     picks = torch.randperm(len(dataset), generator=g)[:ALIGNMENT_SAMPLE].tolist()
+    device, backbone = embedder.device, embedder.backbone
     images = torch.stack([dataset[i][0] for i in picks]).to(device)
-    view_a, view_b = build_views(augment, image_size, mean, std, seed=0, device=device)(images)[:2]
+    views = build_views(augment, dataset.image_size, embedder.mean, embedder.std, seed=0, device=device)
+    view_a, view_b = views(images)[:2]
     was_training = backbone.training
     backbone.eval().to(device)
     result = alignment(backbone(view_a).float(), backbone(view_b).float())

@@ -10,20 +10,20 @@ a named function of :mod:`twinview.evaluate.label_free` or :mod:`twinview.evalua
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import Subset
 
 from twinview.augment.config import AugmentConfig
+from twinview.evaluate.config import DUPLICATE_THRESHOLD
 from twinview.evaluate.dataset import LabelledImages
 from twinview.evaluate.embedding_file import EmbeddingRows
+from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
     cluster,
     file_digest,
@@ -35,11 +35,9 @@ from twinview.evaluate.label_free import (
     write_clusters_csv,
     write_duplicates_csv,
 )
+from twinview.evaluate.results import ClusterSizes, Diagnostics, DuplicatePairs, LabelFreeResult
 from twinview.evaluate.run import feature_diagnostics, view_alignment
 
-DUPLICATE_THRESHOLD = (
-    0.985  # default cosine threshold of near-duplicates (chosen on planted copies: docs/BENCHMARKS.md)
-)
 GRID_QUERIES = 8  # rows of the nearest-neighbour grids
 GRID_NEIGHBOURS = 6  # neighbours per row
 DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
@@ -54,12 +52,12 @@ class Embedded:
 
     Attributes:
         name: ``pretrained`` or ``random_init``.
-        backbone: The backbone.
+        embedder: The backbone with its normalisation and device.
         rows: The rows of its embedding file (names, ``(N, D)`` embeddings).
     """
 
     name: str
-    backbone: nn.Module
+    embedder: Embedder
     rows: EmbeddingRows
 
 
@@ -67,28 +65,24 @@ def evaluate_unlabelled(
     embedded: Sequence[Embedded],
     dataset: LabelledImages,
     augment: AugmentConfig,
-    mean: Sequence[float],
-    std: Sequence[float],
     out_dir: Path,
     *,
-    device: torch.device,
+    source: str = "",
     threshold: float = DUPLICATE_THRESHOLD,
     num_clusters: int | None = None,
     training_log: Path | None = None,
     seed: int = 0,
     mirrored: torch.Tensor | None = None,
-) -> dict[str, Any]:
+) -> LabelFreeResult:
     """Scores and draws the embeddings of one source without labels.
 
     Args:
         embedded: The trained backbone's embedding first, then optionally the random-init copy's
-            (same rows).
+            (same rows). The first one's device makes the alignment's views and searches all pairs.
         dataset: The source, opened strict (every row its own image); only shown images are read.
         augment: The run's views, whose alignment is measured.
-        mean: Normalisation mean of the backbones.
-        std: Normalisation std of the backbones.
         out_dir: Where ``duplicates.csv``, ``clusters.csv`` and ``plots/`` go.
-        device: Where the alignment's views and forwards, and the searches of all pairs, run.
+        source: What the images are, for the report.
         threshold: Cosine similarity from which two images count as near-duplicates.
         num_clusters: k of k-means; None picks it from the number of images.
         training_log: The run's ``metrics.jsonl``, drawn as training curves when given.
@@ -98,13 +92,14 @@ def evaluate_unlabelled(
             mirrored copy is found too.
 
     Returns:
-        The label-free result (schema in :func:`twinview.evaluate.report.label_free_sections`).
+        The :class:`~twinview.evaluate.results.LabelFreeResult`.
     """
     from twinview.evaluate import plots  # matplotlib only here
 
     plots_dir = Path(out_dir) / "plots" / "data"  # beside, not over, the labelled evaluation's plots
     plots_dir.mkdir(parents=True, exist_ok=True)
     trained = embedded[0]
+    device = trained.embedder.device
     if len(trained.rows.names) < 2:
         raise ValueError(
             f"{len(trained.rows.names)} of the {len(dataset)} images could be decoded; a label-free evaluation "
@@ -113,37 +108,31 @@ def evaluate_unlabelled(
     position = {str(f): i for i, f in enumerate(dataset.index.files)}
     rows = torch.tensor([position[n] for n in trained.rows.names], dtype=torch.long)  # row -> dataset item
     image = _image_loader(dataset, rows)
-    good = cast("LabelledImages", Subset(cast("Any", dataset), rows.tolist()))
-    result: dict[str, Any] = {"num_images": len(rows), "skipped": len(dataset) - len(rows), "plots": {}}
-    for e in embedded:
-        result[e.name] = {
-            "diagnostics": diagnostics(e.rows.embeddings)
-            | {"alignment": view_alignment(e.backbone, good, augment, dataset.image_size, mean, std, device)}
-        }
+    good = _Rows(dataset, rows.tolist())
+    backbones = {e.name: diagnostics(e.rows.embeddings, view_alignment(e.embedder, good, augment)) for e in embedded}
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
-    result["duplicates"], result["plots"]["duplicates"] = duplicates_section(
-        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir
-    )
-    result["duplicates"]["mirror_invariant"] = mirrored is not None
-    typical = result["pretrained"]["diagnostics"]["nn_cosine"]["p50"]
+    duplicates, drawn = duplicates_section(copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir)
+    similarity = backbones[trained.name].similarity
+    typical = similarity.nn_cosine.p50 if similarity is not None else 0.0
+    warning = ""
     if typical >= threshold - LOOKALIKE_MARGIN:
-        result["duplicates"]["warning"] = (
+        warning = (
             f"half of the images have a neighbour at cosine >= {typical:.3f}, close to the threshold {threshold:g}: "
             "many pairs will be look-alikes, not copies (a briefly trained model); raise --duplicate-threshold"
         )
+    duplicates = dataclasses.replace(duplicates, mirror_invariant=mirrored is not None, warning=warning)
     clusters = cluster(features, num_clusters, seed=seed, central=CLUSTER_IMAGES)
-    write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
-    result["clusters"] = {"k": len(clusters.sizes), "sizes": clusters.sizes, "csv": str(Path(out_dir) / "clusters.csv")}
-    drawn = result["plots"]
-    drawn["clusters"] = str(
+    clusters_csv = write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
+    figures = {"duplicates": drawn}
+    figures["clusters"] = str(
         plots.cluster_grid(
             [[image(i) for i in c] for c in clusters.central], clusters.sizes, plots_dir / "clusters.png"
         )
     )
     names = [f"cluster {i} ({n})" for i, n in enumerate(clusters.sizes)]
-    drawn["embeddings"] = str(plots.embedding_map(features, clusters.labels, names, plots_dir / "embeddings.png"))
-    drawn["similarity"] = str(
+    figures["embeddings"] = str(plots.embedding_map(features, clusters.labels, names, plots_dir / "embeddings.png"))
+    figures["similarity"] = str(
         plots.similarity_histogram(
             {e.name.replace("_", " "): pairwise_cosines(e.rows.embeddings, seed=seed) for e in embedded},
             plots_dir / "similarity.png",
@@ -151,10 +140,18 @@ def evaluate_unlabelled(
     )
     queries = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:GRID_QUERIES]
     for e, key in zip(embedded, ("neighbours", "random_neighbours"), strict=False):
-        drawn[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png", device))
+        figures[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png", device))
     if training_log is not None and training_log.is_file():
-        drawn["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
-    return result
+        figures["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
+    return LabelFreeResult(
+        source=source,
+        num_images=len(rows),
+        skipped=len(dataset) - len(rows),
+        backbones=backbones,
+        duplicates=duplicates,
+        clusters=ClusterSizes(len(clusters.sizes), tuple(clusters.sizes), str(clusters_csv)),
+        plots=figures,
+    )
 
 
 def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
@@ -171,9 +168,10 @@ def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Te
     return F.normalize(features.float(), dim=1) + F.normalize(mirrored.float(), dim=1)
 
 
-def diagnostics(features: torch.Tensor) -> dict[str, Any]:
-    """The labelled evaluation's diagnostics (RankMe, uniformity, collapse warning) and the similarity statistics."""
-    return feature_diagnostics(features) | similarity_stats(features)
+def diagnostics(features: torch.Tensor, alignment: float) -> Diagnostics:
+    """The labelled evaluation's diagnostics (RankMe, uniformity, collapse warning, alignment) and the
+    similarity statistics."""
+    return feature_diagnostics(features, alignment, similarity_stats(features))
 
 
 def duplicates_section(
@@ -183,7 +181,7 @@ def duplicates_section(
     out_dir: Path,
     threshold: float,
     plots_dir: Path,
-) -> tuple[dict[str, Any], str]:
+) -> tuple[DuplicatePairs, str]:
     """Near-duplicate pairs above ``threshold`` (byte copies flagged) to ``duplicates.csv``, and their grid.
 
     Returns:
@@ -203,13 +201,8 @@ def duplicates_section(
         f"{len(pairs)} near-duplicate pairs at cosine >= {threshold:g}"
         + (f" (the {len(shown)} most similar)" if len(pairs) > len(shown) else ""),
     )
-    return {
-        "threshold": threshold,
-        "pairs": len(pairs),
-        "exact": sum(p.exact for p in pairs),
-        "csv": str(csv_path),
-        "top": [[names[p.a], names[p.b], p.similarity, p.exact] for p in pairs[:TOP_PAIRS]],
-    }, str(grid)
+    top = tuple((names[p.a], names[p.b], p.similarity, p.exact) for p in pairs[:TOP_PAIRS])
+    return DuplicatePairs(threshold, len(pairs), sum(p.exact for p in pairs), str(csv_path), top), str(grid)
 
 
 def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int) -> str:
@@ -241,6 +234,19 @@ def neighbour_grid(
         out,
         f"nearest neighbours, {embedded.name.replace('_', ' ')} backbone (cosine similarity)",
     )
+
+
+class _Rows:
+    """The items of a data set that got an embedding, as a data set of their own (for the views)."""
+
+    def __init__(self, dataset: LabelledImages, items: list[int]) -> None:
+        self.dataset, self.items, self.image_size = dataset, items, dataset.image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[self.items[i]]
 
 
 def _image_loader(dataset: LabelledImages, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:

@@ -91,6 +91,12 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on a CPU, which computes synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def use_cpu(cpu_setting: bool) -> bool:
     """Whether Accelerate must be told ``cpu=True``: asked for, or no accelerator on the machine.
 

@@ -11,15 +11,12 @@ A run directory holds::
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from twinview.pretrain.config import Config, load_config
@@ -170,39 +167,3 @@ def save_weights(model: torch.nn.Module, run_dir: Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     return path
-
-
-def load_backbone_for_evaluation(
-    path: Path, overrides: tuple[str, ...] | list[str] = ()
-) -> tuple[Config, torch.nn.Module]:
-    """A run directory's or an export folder's config and backbone (eval mode, CPU).
-
-    An export (``twinview export``) carries the run's config in its ``config.json``; its backbone
-    is loaded the way a user would, with ``timm.create_model("local-dir:...")``.
-    """
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        cfg, model = load_trained_model(path)
-        return load_run_config(path, overrides), model.backbone
-    hub_config = path / "config.json"
-    if not hub_config.is_file():
-        raise FileNotFoundError(
-            f"'{path}' is neither a twinview run directory ({CONFIG_FILE}) nor an export (config.json)."
-        )
-    saved = json.loads(hub_config.read_text()).get("twinview", {}).get("config")
-    if saved is None:
-        raise ValueError(f"'{hub_config}' was not written by twinview export (no 'twinview' entry).")
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = Path(tmp) / "config.yaml"
-        recipe.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-        cfg = load_config(recipe, overrides)
-    import timm
-
-    from twinview.pretrain.models import apply_cifar_stem
-
-    if cfg.model.cifar_stem:  # timm cannot rebuild the stem from the name: build it, then load
-        backbone = apply_cifar_stem(timm.create_model(cfg.model.backbone, num_classes=0, **dict(cfg.model.kwargs)))
-        backbone.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    else:
-        backbone = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
-    return cfg, backbone.eval()

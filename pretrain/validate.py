@@ -4,7 +4,8 @@
   objective registry) and the loop's settings; given the :class:`World` (processes, device) also
   the batch shape, the precision and the tracker. ``load_config`` runs it without a world, the
   training loop with one, before it builds anything.
-* :func:`validate_data` checks the config against the data found (size, labels, classes).
+* :func:`validate_data` checks the config against the resolved data source (its kind, shards,
+  images, labels and classes): the command resolves the source once and calls it before compute.
 * :func:`validate_epoch` checks that an epoch holds at least one optimiser step.
 
 Each error names the key to change. This module imports no torch, so reading a config stays light.
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twinview.augment.config import RECIPES
-from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source, shard_files
 from twinview.pretrain.objectives import registry
 
 if TYPE_CHECKING:  # config.py calls validate(); the reverse import is for types only
     from twinview.pretrain.config import Config
+    from twinview.pretrain.data.source import Source
 
 
 class ConfigError(ValueError):
@@ -46,23 +47,6 @@ class World:
     bf16_supported: bool = True
     device_name: str = ""
     bf16_native: bool = False
-
-
-@dataclass(frozen=True)
-class DataSummary:
-    """What the checks need to know of the data found.
-
-    Attributes:
-        root: The data path, for messages.
-        images: Number of images (of this split).
-        labeled: Whether the images have class labels.
-        classes: Number of classes that have images (0 when unlabeled).
-    """
-
-    root: str
-    images: int
-    labeled: bool
-    classes: int
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -98,12 +82,10 @@ def validate(cfg: Config, world: World | None = None) -> None:
         world: Processes and device of the run; None checks only what needs neither.
     """
     _check_values(cfg)
-    _check_data_source(cfg)
     _check_monitor(cfg)
     if world is None:
         return
     _check_views(cfg)
-    _check_shards(cfg, world)
     _check_decode(cfg, world)
     _check_objective(cfg, world)
     _check_precision(cfg.train.mixed_precision, world)
@@ -152,39 +134,6 @@ def _check_values(cfg: Config) -> None:
         )
 
 
-def _check_data_source(cfg: Config) -> None:
-    d, supervised = cfg.data, registry.get(cfg.objective.name).supervised
-    if not is_hf_source(d.path):
-        return
-    if d.cache != "none":
-        raise ConfigError(
-            "data.cache works with image folders and file lists; a Hugging Face source or tar shards "
-            "are read by datasets, which keeps its own Arrow cache. Set data.cache=none."
-        )
-    streamed = "tar shards (always streamed)" if is_shard_source(d.path) else "data.streaming=true"
-    if (d.streaming or is_shard_source(d.path)) and not cfg.train.max_steps_per_epoch:
-        raise ConfigError(f"{streamed} has no epoch length: set train.max_steps_per_epoch.")
-    if (d.streaming or is_shard_source(d.path)) and supervised:
-        raise ConfigError(
-            f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
-            f"({streamed}) cannot give."
-        )
-
-
-def _check_shards(cfg: Config, world: World) -> None:
-    if not is_shard_source(cfg.data.path):
-        return
-    try:
-        shards = len(shard_files(cfg.data.path))
-    except FileNotFoundError as err:
-        raise ConfigError(f"data.path: {err}") from None
-    if shards < world.processes:
-        raise ConfigError(
-            f"data.path names {shards} shards for {world.processes} processes; each process reads whole shards. "
-            "Write at least one shard per process (more, for the DataLoader workers: data.num_workers)."
-        )
-
-
 def _check_monitor(cfg: Config) -> None:
     if cfg.eval.monitor_every and not (cfg.eval.monitor_train and cfg.eval.monitor_test):
         raise ConfigError("eval.monitor_every needs eval.monitor_train and eval.monitor_test (labelled folders).")
@@ -203,10 +152,6 @@ def _check_decode(cfg: Config, world: World) -> None:
         raise ConfigError(
             f"data.decode=gpu decodes every epoch; data.cache={d.cache} decodes once on the CPU. "
             "Use one of them (data.cache=none or data.decode=cpu)."
-        )
-    if is_hf_source(d.path):
-        raise ConfigError(
-            "data.decode=gpu reads image files; a Hugging Face source decodes its own images. Use data.decode=cpu."
         )
 
 
@@ -255,19 +200,26 @@ def _check_tracker(name: str) -> None:
         raise ConfigError(f"train.log_with={name} needs the '{name}' package: pip install {name}")
 
 
-def validate_data(cfg: Config, world: World, data: DataSummary) -> None:
-    """Raises ConfigError when the batches the config asks for cannot be cut from the data."""
+def validate_data(cfg: Config, world: World, source: Source) -> None:
+    """Raises ConfigError when the config cannot train on the resolved source: a cache or the GPU
+    decoder for data that ``datasets`` reads, a stream without an epoch length or with an
+    objective that needs P x K batches, fewer shards than processes, fewer images than a batch,
+    or labels and classes an objective needs and the data lacks."""
+    _check_source_kind(cfg, world, source)
+    found = source.survey
+    if found is None or found.images is None:  # a stream is not counted
+        return
     global_batch = cfg.train.batch_size * world.processes
-    if data.images < global_batch:
+    if found.images < global_batch:
         raise ConfigError(
-            f"'{data.root}' has {data.images} images, fewer than one global batch of {global_batch} "
+            f"'{source.path}' has {found.images} images, fewer than one global batch of {global_batch} "
             f"(train.batch_size={cfg.train.batch_size} x {world.processes} processes). Lower train.batch_size."
         )
     if not registry.get(cfg.objective.name).supervised:
         return
-    if not data.labeled:
+    if not found.classes:
         raise ConfigError(
-            f"objective.name={cfg.objective.name} trains on labels, but '{data.root}' has no class "
+            f"objective.name={cfg.objective.name} trains on labels, but '{source.path}' has no class "
             "sub-folders. Use a folder with one sub-folder per class, or a self-supervised objective."
         )
     k = cfg.data.samples_per_class
@@ -279,10 +231,39 @@ def validate_data(cfg: Config, world: World, data: DataSummary) -> None:
             f"P x K batches of train.batch_size={cfg.train.batch_size} with data.samples_per_class={k} hold one "
             "class: there would be no negatives. Use at least 2 classes per batch."
         )
-    if p > data.classes:
+    if p > found.classes:
         raise ConfigError(
-            f"a P x K batch needs {p} classes but the data has {data.classes} with images; "
+            f"a P x K batch needs {p} classes but the data has {found.classes} with images; "
             f"lower train.batch_size or raise data.samples_per_class."
+        )
+
+
+def _check_source_kind(cfg: Config, world: World, source: Source) -> None:
+    d = cfg.data
+    if not source.read_by_datasets:
+        return
+    if d.cache != "none":
+        raise ConfigError(
+            "data.cache works with image folders and file lists; a Hugging Face source or tar shards "
+            "are read by datasets, which keeps its own Arrow cache. Set data.cache=none."
+        )
+    if d.decode == "gpu":
+        raise ConfigError(
+            "data.decode=gpu reads image files; a Hugging Face source decodes its own images. Use data.decode=cpu."
+        )
+    if source.streamed:
+        streamed = "tar shards (always streamed)" if source.shards else "data.streaming=true"
+        if not cfg.train.max_steps_per_epoch:
+            raise ConfigError(f"{streamed} has no epoch length: set train.max_steps_per_epoch.")
+        if registry.get(cfg.objective.name).supervised:
+            raise ConfigError(
+                f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
+                f"({streamed}) cannot give."
+            )
+    if source.shards and len(source.shards) < world.processes:
+        raise ConfigError(
+            f"data.path names {len(source.shards)} shards for {world.processes} processes; each process reads whole "
+            "shards. Write at least one shard per process (more, for the DataLoader workers: data.num_workers)."
         )
 
 

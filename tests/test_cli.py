@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from twinview.pretrain.cli import main
+from twinview.pretrain.app.cli import main
 
 TINY = [
     "data.image_size=24",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from twinview.evaluate.embedding_file import read_embedding_file
-from twinview.pretrain.cli import main
+from twinview.pretrain.app.cli import main
 
 from .conftest import make_image_folder
 from .test_cli import TINY as CLI_TINY
@@ -182,12 +182,12 @@ def test_search_lists_a_broken_query_instead_of_answering_for_its_neighbour(
 def test_an_interrupted_embed_says_how_to_continue(
     unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import twinview.pretrain.evaluation as evaluation
+    import twinview.pretrain.app.embedding as embedding
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluation, "embed_images", interrupted)
+    monkeypatch.setattr(embedding, "embed_images", interrupted)
     run_dir, folder = unlabelled_run
     assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(tmp_path / "e.parquet")]) == 130
     assert "run the same command again to continue" in capsys.readouterr().err

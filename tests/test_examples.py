@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from twinview.pretrain.cli import main
+from twinview.pretrain.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,9 +91,9 @@ def test_dcl_example_objective_trains_through_the_registry(
 ) -> None:
     """The toy objective of docs/ARCHITECTURE.md: one registry entry, then config, validation,
     training and export know it."""
+    from twinview.pretrain.app.export import export_run
     from twinview.pretrain.config import load_config
     from twinview.pretrain.engine.train import train
-    from twinview.pretrain.export import export_run
 
     cfg = load_config(
         None,

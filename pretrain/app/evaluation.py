@@ -1,405 +1,299 @@
-"""A run's backbone scored by :mod:`twinview.evaluate.run`, with what the run's Config says.
+"""``twinview evaluate``: a trained model scored on labelled folders (``--train/--test``), on a
+source without labels (``--data``), or both, with what the run's config says.
 
-``twinview evaluate``, ``twinview demo`` and the online monitor load their labelled folders and
-take the image size, kNN settings, augment recipe and seed from the run's config here;
-``twinview.evaluate`` itself knows nothing of a pretraining run.
+The command resolves each source once, opens it once per way of reading it (bad images replaced for
+kNN, strict for the label-free embedding, which lists them), and hands the data sets and the model's
+:class:`~twinview.evaluate.features.Embedder` to :mod:`twinview.evaluate`, which knows nothing of a
+run. Results are typed (:mod:`twinview.evaluate.results`); ``eval.json`` is their ``to_json()``.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-from torch import nn
-
-from twinview.evaluate.dataset import LabelledImages, check_labelled_pair
-from twinview.evaluate.run import default_device, evaluate
-from twinview.pretrain.config import Config
+from twinview.evaluate.dataset import LabelledImages, check_labelled_pair, split_by_class
+from twinview.evaluate.results import LabelFreeResult, LabelledResult
+from twinview.pretrain.app.embedding import absolute_source, embed_images
+from twinview.pretrain.app.model import TrainedModel, launched_accelerator, load_model, main_print
 from twinview.pretrain.data.images import open_images
-from twinview.pretrain.data.sources import FolderIndex
-from twinview.pretrain.models import create_backbone, normalization_stats
+from twinview.pretrain.data.source import Source, resolve_source
 
-if TYPE_CHECKING:
-    from twinview.evaluate.embed import EmbedSummary
-    from twinview.evaluate.search import Hits
+BACKBONES = ("pretrained", "random_init")  # what an evaluation compares
 
 
-def labelled_folders(
-    train_path: str, test_path: str, image_size: int, names: tuple[str, str] = ("--train", "--test")
+def labelled_pair(
+    reference: str, query: str, image_size: int, names: tuple[str, str] = ("--train", "--test")
 ) -> tuple[LabelledImages, LabelledImages]:
-    """The reference and query data sets of two labelled sources.
+    """The reference and query data sets of two labelled sources, each resolved once.
 
     Args:
-        train_path: Labelled reference: a folder of class sub-folders, a labelled file list, a
+        reference: Labelled reference: a folder of class sub-folders, a labelled file list, a
             Hugging Face source with a label column or tar shards with ``.cls`` fields.
-        test_path: Labelled query source with the same class names.
+        query: Labelled query source with the same class names.
         image_size: Side the images are loaded at.
         names: How the two are called in error messages.
 
     Raises:
-        ValueError: If a folder is unlabeled or the class names differ.
+        ValueError: If a source is unlabeled or the class names differ.
     """
-    reference, query = open_images(train_path, image_size), open_images(test_path, image_size)
-    check_labelled_pair(reference, query, names)
-    return reference, query
+    pair = (
+        open_images(resolve_source(reference, survey=False), image_size),
+        open_images(resolve_source(query, survey=False), image_size),
+    )
+    check_labelled_pair(*pair, names)
+    return pair
 
 
-class LabelledSubset:
-    """Some items of a labelled data set, as a data set of their own (what evaluation reads)."""
-
-    def __init__(self, dataset: LabelledImages, items: list[int], name: str) -> None:
-        """Selects ``items`` of ``dataset``; ``name`` tells the part apart (messages, feature cache)."""
-        self.dataset, self.items, self.name = dataset, items, name
-        index = dataset.index
-        self.index = FolderIndex(
-            root=Path(f"{index.root}#{name}"),
-            files=tuple(index.files[i] for i in items),
-            labels=tuple(index.labels[i] for i in items),
-            classes=tuple(index.classes),
-        )
-        self.image_size = dataset.image_size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.dataset[self.items[i]]
-
-    def fingerprint(self) -> str:
-        """The data set's fingerprint, the part's name and its items."""
-        return f"{self.dataset.fingerprint()}:{self.name}:{hash(tuple(self.items))}"
-
-
-def labelled_split(
-    source: str, image_size: int, split: str = "train", seed: int = 0, query_fraction: float = 0.2
-) -> tuple[LabelledSubset, LabelledSubset] | None:
-    """A labelled source cut into a reference and a query part, for ``twinview evaluate --data``.
-
-    Each class gives a seeded ``query_fraction`` of its images (at least one, when it has two) to the
-    query part and the rest to the reference part; unlabelled items go to neither.
-
-    Returns:
-        ``(reference, query)``, or None when the source has no labels.
-    """
-    dataset = open_images(source, image_size, split)
-    if not dataset.index.labeled:
-        return None
-    labels = torch.tensor(dataset.index.labels)
-    g = torch.Generator().manual_seed(seed)
-    query: list[int] = []
-    for c in labels.unique().tolist():
-        if c < 0:
-            continue
-        members = (labels == c).nonzero().squeeze(1)
-        members = members[torch.randperm(len(members), generator=g)]
-        query += members[: max(1, round(query_fraction * len(members))) if len(members) > 1 else 0].tolist()
-    reference = sorted(set((labels >= 0).nonzero().squeeze(1).tolist()) - set(query))
-    return LabelledSubset(dataset, reference, "reference"), LabelledSubset(dataset, sorted(query), "query")
-
-
-def random_init_backbone(cfg: Config) -> nn.Module:
-    """A randomly initialised copy of the run's backbone (same architecture, seed ``train.seed``)."""
-    torch.manual_seed(cfg.train.seed)
-    return create_backbone(cfg.model)
-
-
-def evaluate_backbone(
-    backbone: nn.Module,
-    cfg: Config,
+def evaluate_labelled(
+    model: TrainedModel,
     reference: LabelledImages,
     query: LabelledImages,
-    *,
-    probe: bool = False,
-    device: torch.device | None = None,
-    accelerator: Any | None = None,
-    plots_dir: Path | None = None,
-    features_dir: Path | None = None,
-) -> dict[str, Any]:
-    """:func:`twinview.evaluate.run.evaluate` of ``backbone`` with the run's settings.
-
-    The config gives the kNN settings and batch size (``eval``), the decoding workers and the image
-    size (``data``), the recipe whose view alignment is measured (``augment``) and the probe's seed;
-    the backbone gives its normalisation. The other arguments are passed on.
-    """
-    mean, std = normalization_stats(backbone)
-    return evaluate(
-        backbone,
-        reference,
-        query,
-        cfg.eval,
-        cfg.augment,
-        cfg.data.size,
-        mean,
-        std,
-        num_workers=cfg.data.num_workers,
-        device=device,
-        accelerator=accelerator,
-        probe=probe,
-        seed=cfg.train.seed,
-        plots_dir=plots_dir,
-        features_dir=features_dir,
-    )
-
-
-def absolute_source(source: str) -> str:
-    """A local folder or file list as an absolute path (so the names written with the embeddings
-    resolve from any working directory); other sources (``hf:...``, shard patterns) as given."""
-    path = Path(source)
-    return str(path.resolve()) if path.exists() else source
-
-
-def embed_images(
-    backbone: nn.Module,
-    cfg: Config,
-    source: str,
-    out: Path,
-    *,
-    made_from: str,
-    split: str = "train",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    accelerator: Any | None = None,
-    progress: bool = True,
-    dataset: LabelledImages | None = None,
-    mirrored: bool = False,
-    desc: str = "embed",
-) -> EmbedSummary:
-    """:func:`twinview.evaluate.embed.embed_source` of every image of ``source`` with the run's settings.
-
-    Images are loaded at ``data.image_size`` with ``data.num_workers`` decoding workers and embedded
-    ``eval.batch_size`` at a time, exactly as ``twinview evaluate`` extracts features; an image that
-    cannot be decoded is listed in ``OUT.skipped.txt`` instead of being replaced.
-
-    Args:
-        backbone: The backbone to embed with.
-        cfg: The run's config.
-        source: Anything ``data.path`` accepts.
-        out: ``.parquet`` or ``.npy`` file.
-        made_from: The run directory or export, stored in the file's metadata.
-        split: Split of a Hugging Face source.
-        dtype: ``float32`` or ``float16`` in the file.
-        overwrite: Replace an existing file.
-        accelerator: Several processes (``accelerate launch``) split the images.
-        progress: Show a progress bar.
-        dataset: ``source`` already opened strict (see :func:`open_images`), else it is opened here.
-        mirrored: Embed the mirror images instead (see :func:`~twinview.evaluate.embed.embed_source`).
-        desc: The progress bar's label.
-    """
-    from twinview.evaluate.embed import embed_source
-    from twinview.evaluate.features import state_checksum
-    from twinview.pretrain import __version__
-    from twinview.pretrain.data.decode import BadImage
-
-    source = absolute_source(source)
-    mean, std = normalization_stats(backbone)
-    metadata = {
-        "model": cfg.model.backbone,
-        "made_from": made_from,
-        "image_size": cfg.data.size,
-        "weights": state_checksum(backbone),
-        "source": source,
-        "twinview": __version__,
-    }
-    return embed_source(
-        backbone,
-        dataset or open_images(source, cfg.data.size, split, strict=True),
-        out,
-        mean,
-        std,
-        metadata=metadata,
-        dtype=dtype,
-        batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers,
-        device=accelerator.device if accelerator is not None else default_device(),
-        accelerator=accelerator,
-        skip_errors=(BadImage,),
-        overwrite=overwrite,
-        progress=progress,
-        mirrored=mirrored,
-        desc=desc,
-    )
-
-
-def evaluate_source(
-    backbone: nn.Module,
-    cfg: Config,
-    source: str,
     out_dir: Path,
     *,
-    made_from: str,
-    split: str = "train",
+    probe: bool = False,
+    baseline: bool = False,
+    accelerator: Any | None = None,
+) -> dict[str, LabelledResult]:
+    """kNN, retrieval, verification and diagnostics of the queries against the reference set, for
+    the trained backbone (and its random-init copy with ``baseline``).
+
+    Args:
+        model: The trained model.
+        reference: Labelled reference set.
+        query: Labelled query set.
+        out_dir: Where plots (``plots/``) and cached features (``features/``) go.
+        probe: Also train and score a linear probe.
+        baseline: Also score a random-init copy of the backbone.
+        accelerator: Several processes split the feature extraction; only the main process draws
+            and returns results (the others return an empty dict).
+
+    Returns:
+        ``pretrained`` (and ``random_init``) -> its result, on the main process.
+    """
+    from twinview.evaluate.plots import training_curves
+    from twinview.evaluate.run import evaluate
+
+    main_process = accelerator is None or accelerator.is_main_process
+    plots_dir = out_dir / "plots"
+    features_dir = out_dir / "features" if accelerator is None else None
+    cfg = model.cfg
+    embedders = {"pretrained": model.embedder(accelerator)}
+    if baseline:
+        embedders["random_init"] = model.embedder(accelerator, model.random_init())
+    results = {}
+    for name, embedder in embedders.items():
+        result = evaluate(
+            embedder,
+            reference,
+            query,
+            cfg.eval,
+            cfg.augment,
+            probe=probe,
+            seed=cfg.train.seed,
+            plots_dir=plots_dir if main_process and name == "pretrained" else None,
+            features_dir=features_dir,
+        )
+        if name == "pretrained" and model.training_log is not None and main_process:
+            curves = str(training_curves(model.training_log, plots_dir / "training.png"))
+            result = _with_plot(result, curves)
+        results[name] = result
+        if main_process:
+            print_knn(f"{name.replace('_', '-')} backbone", result)
+    return results if main_process else {}
+
+
+def _with_plot(result: LabelledResult, png: str) -> LabelledResult:
+    import dataclasses
+
+    return dataclasses.replace(result, plots=(*result.plots, png))
+
+
+def evaluate_label_free(
+    model: TrainedModel,
+    source: Source,
+    out_dir: Path,
+    *,
     threshold: float | None = None,
     num_clusters: int | None = None,
     accelerator: Any | None = None,
-    training_log: Path | None = None,
-) -> dict[str, Any] | None:
+    training_curves: bool = True,
+) -> LabelFreeResult | None:
     """The label-free evaluation (:func:`twinview.evaluate.unlabelled.evaluate_unlabelled`) of a
-    source, for the trained backbone against a random-init copy, with the run's settings.
+    source, for the trained backbone against a random-init copy.
 
     The embeddings (trained, random init, and trained on the mirror images, for mirrored copies)
     are written to ``OUT_DIR/features/`` (Parquet, named by a hash of the data and the weights), so a
     second evaluation of the same images and weights reads them instead.
 
     Args:
-        backbone: The trained backbone.
-        cfg: The run's config (image size, views, workers, batch size, seed).
-        source: Anything ``data.path`` accepts; labels, if any, are not used.
+        model: The trained model.
+        source: The resolved source; labels, if any, are not used.
         out_dir: Where the CSV files, plots and embeddings go.
-        made_from: The run directory or export, stored with the embeddings.
-        split: Split of a Hugging Face source.
         threshold: Near-duplicate cosine threshold (None: the default).
         num_clusters: k of k-means (None: automatic).
-        accelerator: Several processes (``accelerate launch``) split the embedding; only the main
-            process scores and draws (the others return None).
-        training_log: The run's ``metrics.jsonl``, to draw its training curves (None: not drawn).
+        accelerator: Several processes split the embedding; only the main process scores and
+            draws (the others return None).
+        training_curves: Draw the run's training curves too (not when a labelled evaluation did).
 
     Returns:
-        The label-free result on the main process; its plots are in ``OUT_DIR/plots/data/`` and the
-        images that could not be decoded are listed in ``OUT_DIR/skipped_data.txt``.
+        The result on the main process; its plots are in ``OUT_DIR/plots/data/`` and the images
+        that could not be decoded are listed in ``OUT_DIR/skipped_data.txt``.
     """
-    import hashlib
+    import dataclasses
 
+    from twinview.evaluate.config import DUPLICATE_THRESHOLD
     from twinview.evaluate.embed import skipped_file
     from twinview.evaluate.embedding_file import read_embedding_file
-    from twinview.evaluate.features import state_checksum
-    from twinview.evaluate.unlabelled import DUPLICATE_THRESHOLD, Embedded, evaluate_unlabelled
+    from twinview.evaluate.unlabelled import Embedded, evaluate_unlabelled
 
-    source = absolute_source(source)
-    dataset = open_images(source, cfg.data.size, split, strict=True)
+    dataset = open_images(source, model.cfg.data.size, strict=True)  # a bad image is listed, not replaced
     fingerprint = dataset.fingerprint()
-    files, random_init = {}, random_init_backbone(cfg)
-    for name, net, mirrored, desc in (
-        ("pretrained", backbone, False, "embed 1/3 (trained)"),
+    trained, random_init = model.embedder(accelerator), model.embedder(accelerator, model.random_init())
+    files = {}
+    for name, embedder, mirrored, desc in (
+        ("pretrained", trained, False, "embed 1/3 (trained)"),
         ("random_init", random_init, False, "embed 2/3 (random init)"),
-        ("pretrained_mirrored", backbone, True, "embed 3/3 (trained, mirror images)"),  # for mirrored copies
+        ("pretrained_mirrored", trained, True, "embed 3/3 (trained, mirror images)"),  # for mirrored copies
     ):
-        key = hashlib.sha256(f"{fingerprint}:{state_checksum(net)!r}:{mirrored}".encode()).hexdigest()[:16]
-        files[name] = Path(out_dir) / "features" / f"{Path(source.rstrip('/')).name or 'data'}-{key}.parquet"
+        key = hashlib.sha256(f"{fingerprint}:{embedder.weights()!r}:{mirrored}".encode()).hexdigest()[:16]
+        stem = Path(absolute_source(source.path).rstrip("/")).name or "data"
+        files[name] = out_dir / "features" / f"{stem}-{key}.parquet"
         if not files[name].is_file():
             files[name].parent.mkdir(parents=True, exist_ok=True)
-            embed_images(
-                net,
-                cfg,
-                source,
-                files[name],
-                made_from=made_from,
-                split=split,
-                accelerator=accelerator,
-                dataset=dataset,
-                mirrored=mirrored,
-                desc=desc,
-            )
+            embed_images(model, embedder, source, dataset, files[name], mirrored=mirrored, desc=desc)
     if accelerator is not None and not accelerator.is_main_process:
         return None
-    skipped = Path(out_dir) / "skipped_data.txt"
+    skipped = out_dir / "skipped_data.txt"
     listed = skipped_file(files["pretrained"])
     if listed.is_file():
         shutil.copyfile(listed, skipped)
     else:
         skipped.unlink(missing_ok=True)
     embedded = [
-        Embedded("pretrained", backbone, read_embedding_file(files["pretrained"])),
+        Embedded("pretrained", trained, read_embedding_file(files["pretrained"])),
         Embedded("random_init", random_init, read_embedding_file(files["random_init"])),
     ]
-    mean, std = normalization_stats(backbone)
     result = evaluate_unlabelled(
         embedded,
         dataset,
-        cfg.augment,
-        mean,
-        std,
+        model.cfg.augment,
         out_dir,
-        device=accelerator.device if accelerator is not None else default_device(),
+        source=absolute_source(source.path),
         threshold=DUPLICATE_THRESHOLD if threshold is None else threshold,
         num_clusters=num_clusters,
-        training_log=training_log,
-        seed=cfg.train.seed,
+        training_log=model.training_log if training_curves else None,
+        seed=model.cfg.train.seed,
         mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
     )
-    if skipped.is_file():
-        result["skipped_list"] = str(skipped)
-    return {"source": source} | result
+    return dataclasses.replace(result, skipped_list=str(skipped) if skipped.is_file() else "")
 
 
-MAX_QUERIES = 1000  # search is for a few new images; embed a larger set with twinview embed
+def check_options(args: argparse.Namespace) -> None:
+    """The option combinations ``twinview evaluate`` refuses, before anything is loaded."""
+    if bool(args.train) != bool(args.test):
+        raise ValueError("--train and --test go together (a labelled reference and query set).")
+    if not args.data and not args.train:
+        raise ValueError("give --data SOURCE (images, no labels needed), or --train and --test (labelled folders).")
+    if args.linear_probe and not args.train and not args.data:
+        raise ValueError("--linear-probe needs labels: --train and --test, or a --data folder of class sub-folders.")
+    if args.clusters is not None and args.clusters < 1:
+        raise ValueError(f"--clusters must be at least 1, got {args.clusters}.")
+    if args.duplicate_threshold is not None and not -1.0 <= args.duplicate_threshold <= 1.0:
+        raise ValueError(f"--duplicate-threshold is a cosine similarity in [-1, 1], got {args.duplicate_threshold}.")
 
 
-def search_images(
-    backbone: nn.Module, cfg: Config, index: Path, query: str, k: int, grid: Path | None
-) -> tuple[list[str], Hits, list[str]]:
-    """Embeds the query image(s) as ``twinview embed`` did the index, and searches the index.
+def run(args: argparse.Namespace) -> int:
+    """``twinview evaluate MODEL [--train A --test B] [--data SOURCE] ...``"""
+    from twinview.evaluate.report import label_free_sections, labelled_sections, write_report
 
-    Args:
-        backbone: The backbone that made the index.
-        cfg: Its run's config (image size, batch size).
-        index: An embedding file written by ``twinview embed``.
-        query: An image file, or a folder / file list of at most ``MAX_QUERIES`` images.
-        k: Neighbours per query.
-        grid: Draw the queries and their neighbours there (PNG), when given.
-
-    Returns:
-        The query names, the :class:`~twinview.evaluate.search.Hits`, and warnings (e.g. an index
-        made by other weights).
-    """
-    from twinview.augment.views import Normalize
-    from twinview.evaluate.embedding_file import read_metadata
-    from twinview.evaluate.features import frozen_forward, state_checksum
-    from twinview.evaluate.search import search
-    from twinview.pretrain.data.decode import BadImage
-    from twinview.pretrain.data.sources import IMAGE_EXTENSIONS, load_image
-
-    if not Path(index).is_file():
-        raise FileNotFoundError(f"--index '{index}' does not exist (write one with twinview embed).")
-    warnings = []
-    made_by = read_metadata(index)
-    size = int(made_by.get("image_size", cfg.data.size))
-    if made_by.get("weights") not in (None, state_checksum(backbone)):
-        raise ValueError(
-            f"--index '{index}' was made by other weights ({made_by.get('made_from')}): search it with that "
-            "model, or embed the images again with this one."
+    check_options(args)
+    model = load_model(Path(args.run_dir), args.overrides)
+    cfg = model.cfg
+    out_dir = Path(args.out) if args.out else model.path  # where everything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = launched_accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
+    data = resolve_source(args.data, split=args.split, survey=False) if args.data else None  # resolved once
+    labelled: dict[str, LabelledResult] = {}
+    if args.train:
+        main_print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) train={args.train} test={args.test}")
+        reference, query = labelled_pair(args.train, args.test, cfg.data.size)
+        labelled = evaluate_labelled(
+            model, reference, query, out_dir, probe=args.linear_probe, baseline=args.baseline, accelerator=accelerator
         )
-    path = Path(query)
-    if not path.exists() and not query.startswith("hf:"):
-        raise FileNotFoundError(f"--query '{query}' does not exist.")
-    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        try:
-            names, images = [str(path)], load_image(path, size)[None]
-        except BadImage as err:
-            raise BadImage(f"--query '{path}': {err}") from None
-    else:
-        dataset = open_images(absolute_source(query), size, strict=True)
-        if len(dataset) > MAX_QUERIES:
-            raise ValueError(
-                f"--query '{query}' holds {len(dataset):,} images (at most {MAX_QUERIES}); "
-                "embed it with twinview embed instead."
+    elif data is not None and (data.index is None or data.index.labeled):
+        images = open_images(data, cfg.data.size)  # bad images replaced, as kNN reads them
+        if images.index.labeled:
+            main_print(
+                f"{args.data} has class labels: kNN (k={cfg.eval.knn_k}) of a seeded 20% of each class "
+                "against the other 80%, as well as the label-free report"
             )
-        names, decoded = [], []
-        for i, file in enumerate(dataset.index.files):
-            try:
-                decoded.append(dataset[i][0])
-                names.append(str(file))
-            except BadImage as err:  # listed, not replaced by its neighbour
-                warnings.append(f"skipped {file}: {getattr(err, 'reason', err)}")
-        if not decoded:
-            raise BadImage(f"--query '{query}': none of its {len(dataset)} images could be decoded.")
-        images = torch.stack(decoded)
-    device = default_device()
-    backbone.eval().to(device)
-    mean, std = normalization_stats(backbone)
-    normalize = Normalize(mean, std).to(device)
-    batches = images.split(cfg.eval.batch_size)
-    features = torch.cat([frozen_forward(backbone, normalize, b, device).cpu() for b in batches])
-    hits = search(features, index, k)
-    if grid is not None:
-        from twinview.evaluate.plots import self_neighbour_grid
-
-        def tile(name: str) -> torch.Tensor:
-            file = Path(name)
-            return load_image(file, size) if file.is_file() else torch.full((3, size, size), 128, dtype=torch.uint8)
-
-        self_neighbour_grid(
-            list(images), [[tile(n) for n in row] for row in hits.names], hits.similarities, grid, f"nearest in {index}"
+            reference, query = split_by_class(images, seed=cfg.train.seed)
+            labelled = evaluate_labelled(
+                model, reference, query, out_dir, probe=args.linear_probe, baseline=True, accelerator=accelerator
+            )
+    label_free = None
+    if data is not None:
+        main_print(f"Label-free evaluation of {args.data} (pretrained vs random init)")
+        label_free = evaluate_label_free(
+            model,
+            data,
+            out_dir,
+            threshold=args.duplicate_threshold,
+            num_clusters=args.clusters,
+            accelerator=accelerator,
+            training_curves=not labelled,  # else the labelled evaluation drew the curves
         )
-    return names, hits, warnings
+        if label_free is not None:
+            print_label_free(label_free)
+    if not main_process:  # the other processes only help extract the features
+        return 0
+    diagnosed = [(name, r.diagnostics) for name, r in labelled.items()]
+    diagnosed += [(f"{name}, --data", d) for name, d in (label_free.backbones if label_free else {}).items()]
+    for name, d in diagnosed:
+        if d.collapse_warning:
+            print(f"warning ({name}): {d.collapse_warning}")
+    out = out_dir / "eval.json"
+    report: dict[str, Any] = {name: r.to_json() for name, r in labelled.items()}
+    if label_free is not None:
+        report["label_free"] = label_free.to_json()
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    sections = labelled_sections(labelled) + (label_free_sections(label_free) if label_free is not None else [])
+    markdown, page = write_report(sections, out_dir, f"Evaluation of {model.path.resolve().name}")
+    print(f"Wrote {out}, {markdown}, {page} and plots in {out_dir / 'plots'}/")
+    return 0
+
+
+def print_knn(label: str, result: LabelledResult) -> None:
+    """One line: kNN top-1 / top-5, and the probe, MAP@R and ROC AUC where present."""
+    line = f"{label:<22} kNN top-1 {result.knn.top1:.4f}  top-5 {result.knn.top5:.4f}"
+    if result.linear_probe is not None:
+        line += f"  linear probe top-1 {result.linear_probe.top1:.4f}"
+    line += f"  MAP@R {result.retrieval['map@r']:.4f}  ROC AUC {result.verification['roc_auc']:.4f}"
+    print(line)
+
+
+def print_label_free(result: LabelFreeResult) -> None:
+    """The label-free headline: RankMe and alignment of both backbones, duplicates, clusters."""
+    skipped = f" ({result.skipped} skipped)" if result.skipped else ""
+    print(f"{result.num_images:,} images{skipped}")
+    for name, d in result.backbones.items():
+        nn_cosine = f"  nearest-neighbour cosine {d.similarity.nn_cosine.p50:.3f}" if d.similarity else ""
+        print(
+            f"{name.replace('_', '-') + ' backbone':<22} effective rank {d.effective_rank:.1f} of {d.dims}"
+            f"  alignment {d.alignment:.3f}  uniformity {d.uniformity:.3f}{nn_cosine}"
+        )
+    if result.skipped_list:
+        print(f"images that could not be decoded: {result.skipped_list}")
+    dup = result.duplicates
+    if dup.warning:
+        print(f"warning: {dup.warning}")
+    print(
+        f"near-duplicates at cosine >= {dup.threshold:g}: {dup.pairs} pair(s), {dup.exact} exact "
+        f"({dup.csv}); {result.clusters.k} clusters ({result.clusters.csv})"
+    )

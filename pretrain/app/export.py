@@ -7,6 +7,7 @@ Uses timm's own ``save_for_hf``, so the folder is exactly what timm writes for t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -200,3 +201,13 @@ def export_run(run_dir: Path, out_dir: Path, onnx: bool = False) -> Path:
     if onnx:
         export_onnx(model.backbone, cfg.data.size, Path(out_dir) / "model.onnx")
     return Path(out_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``twinview export RUN_DIR --out DIR [--onnx]``"""
+    out = export_run(Path(args.run_dir), Path(args.out), onnx=args.onnx)
+    print(
+        f"Exported backbone to {out}/ (model.safetensors, config.json, README.md{', model.onnx' if args.onnx else ''})."
+    )
+    print(f'Load it with: timm.create_model("local-dir:{out}")')
+    return 0

@@ -11,7 +11,6 @@ the others (other runs, other ranks) wait and then reuse it.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -26,11 +25,9 @@ from torch.utils.data import Dataset
 
 from twinview.pretrain.data.builtin import cache_dir
 from twinview.pretrain.data.decode import BadImage, decode_image
+from twinview.pretrain.data.index import CACHE_VERSION, FolderIndex, cache_key
 from twinview.pretrain.data.pk_sampler import PKBatchSampler
-from twinview.pretrain.data.sources import FolderIndex
 from twinview.pretrain.distributed import to_device_async
-
-CACHE_VERSION = 1
 
 
 @dataclass
@@ -50,19 +47,6 @@ class DecodedCache:
     kept: np.ndarray
     skipped: dict[str, str]
     path: Path
-
-
-def cache_key(index: FolderIndex, size: int) -> str:
-    """Hash of what the cache depends on: files, their sizes and mtimes, labels, size, version."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}:".encode())
-    for f, label in zip(index.files, index.labels, strict=True):
-        try:
-            st = os.stat(f)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{f}\0{stamp}\0{label}\n".encode())
-    return h.hexdigest()[:32]
 
 
 def _decode(args: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:

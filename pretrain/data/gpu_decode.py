@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+# At module level, not in the decoder: torchvision's first import inside a call keeps that call's
+# frames alive until the garbage collector runs (torch.fx.wrap holds its frame), and with them the
+# DataLoader, whose workers ignore SIGTERM and would then keep the process from exiting.
+from torchvision.io import ImageReadMode, decode_jpeg
+
 from twinview.pretrain.data.decode import BadImage, square_rgb
-from twinview.pretrain.data.sources import ImageFolderDataset, first_decodable, load_image
+from twinview.pretrain.data.folder import ImageFolderDataset, first_decodable, load_image
 
 EXIF_ORIENTATION = 0x0112
 Payload = torch.Tensor  # 1-D uint8: a JPEG's bytes; (3, S, S) uint8: an image decoded in the worker
@@ -139,7 +144,6 @@ class DeviceDecoder:
         """
         self.folder, self.device = folder, device
         if decode_jpegs is None:
-            from torchvision.io import ImageReadMode, decode_jpeg
 
             def decode_jpegs(data: list[torch.Tensor]) -> list[torch.Tensor]:
                 return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))

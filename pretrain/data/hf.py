@@ -25,7 +25,7 @@ import glob
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -34,23 +34,56 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from twinview.pretrain.data.decode import BadImage, square_rgb
-from twinview.pretrain.data.source_kind import HF_PREFIX, is_shard_source, shard_files
-from twinview.pretrain.data.sources import UNLABELED, FolderIndex, SkipLog, first_decodable
+from twinview.pretrain.data.folder import SkipLog, first_decodable
+from twinview.pretrain.data.index import HF_PREFIX, SHARDS, UNLABELED, FolderIndex
+
+if TYPE_CHECKING:
+    from twinview.pretrain.data.source import Source
 
 SHUFFLE_BUFFER = 1000  # rows mixed across the shards being read
 LABEL_NAMES = ("label", "cls")  # integer columns taken as labels when there is no ClassLabel
 
 
-def load_source(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
-    """Opens the source as a ``datasets`` data set of one split."""
+def open_table(
+    path: str,
+    kind: str,
+    shards: tuple[str, ...],
+    split: str,
+    streaming: bool,
+    image_column: str = "",
+    label_column: str = "",
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str, str | None]:
+    """Opens a Hugging Face source or tar shards as a ``datasets`` data set of one split.
+
+    Args:
+        path: The path (``hf:...``, a saved data set, parquet/arrow files).
+        kind: Its kind (:data:`~twinview.pretrain.data.source.HF` or ``SHARDS``).
+        shards: The shard files, for tar shards.
+        split: The split of a Hugging Face source.
+        streaming: Open it as an iterable data set (only the rows read are downloaded).
+        image_column: The image column (empty: the one ``Image`` feature).
+        label_column: The label column (empty: see :func:`pick_columns`).
+
+    Returns:
+        The data set with its image column undecoded (``Image(decode=False)``: images are decoded
+        here, so that a bad one is skipped, not fatal), its image column and its label column.
+    """
+    table = _load(path, kind, shards, split, streaming)
+    image, label = pick_columns(table.features, image_column, label_column)
+    return table.cast_column(image, datasets.Image(decode=False)), image, label
+
+
+def _load(
+    path: str, kind: str, shards: tuple[str, ...], split: str, streaming: bool
+) -> datasets.Dataset | datasets.IterableDataset:
+    if kind == SHARDS:
+        return datasets.load_dataset("webdataset", data_files=list(shards), split="train", streaming=streaming)
     if path.startswith(HF_PREFIX + "imagefolder:"):
         return datasets.load_dataset(
             "imagefolder", data_dir=path[len(HF_PREFIX + "imagefolder:") :], split=split, streaming=streaming
         )
     if path.startswith(HF_PREFIX):
         return datasets.load_dataset(path[len(HF_PREFIX) :], split=split, streaming=streaming)
-    if is_shard_source(path):
-        return datasets.load_dataset("webdataset", data_files=shard_files(path), split="train", streaming=streaming)
     p = Path(path).expanduser()
     if p.is_dir():
         loaded = datasets.load_from_disk(str(p))
@@ -104,22 +137,24 @@ def to_square_rgb(image: Any, size: int) -> torch.Tensor:
 
 
 class HFImageDataset(Dataset):
-    """A map-style ``datasets`` source as ``(uint8 (3,S,S), label)`` items; bad rows are replaced."""
+    """A Hugging Face source (or tar shards, through an Arrow copy that ``datasets`` caches) as
+    ``(uint8 (3,S,S), label)`` items; bad rows are replaced by the next good one, or raise with
+    ``strict``."""
 
-    def __init__(
-        self,
-        path: str,
-        image_size: int,
-        split: str = "train",
-        image_column: str = "",
-        label_column: str = "",
-        strict: bool = False,
-        skip_log: SkipLog | None = None,
-    ) -> None:
-        data = load_source(path, split, streaming=False)
-        self.image_column, self.label_column = pick_columns(data.features, image_column, label_column)
-        # images stay bytes here and are decoded in _load, so that a bad row is skipped, not fatal
-        self.data = data.cast_column(self.image_column, datasets.Image(decode=False))
+    def __init__(self, source: Source, image_size: int, strict: bool = False, skip_log: SkipLog | None = None) -> None:
+        """Args:
+        source: A resolved Hugging Face source or tar shards.
+        image_size: Side of the returned square images.
+        strict: Raise :class:`BadImage` on a row that cannot be decoded.
+        skip_log: Where skipped rows are recorded.
+        """
+        self.image_column, self.label_column = source.image_column, source.label_column or None
+        if isinstance(source.table, datasets.Dataset):
+            self.data = source.table
+        else:  # streamed for the survey (shards, data.streaming): read map-style here
+            self.data, _, _ = open_table(
+                source.path, source.kind, source.shards, source.split, False, source.image_column, source.label_column
+            )
         self.image_size = image_size
         if self.label_column:
             labels = tuple(UNLABELED if v is None else int(v) for v in self.data[self.label_column])
@@ -134,8 +169,8 @@ class HFImageDataset(Dataset):
         if "__url__" in self.data.column_names and "__key__" in self.data.column_names:  # WebDataset shards
             names = [f"{u}#{k}" for u, k in zip(self.data["__url__"], self.data["__key__"], strict=True)]
         else:
-            names = [f"{path}#{i}" for i in range(len(self.data))]
-        self.index = FolderIndex(root=Path(path), files=tuple(map(Path, names)), labels=labels, classes=classes)
+            names = [f"{source.path}#{i}" for i in range(len(self.data))]
+        self.index = FolderIndex(root=Path(source.path), files=tuple(map(Path, names)), labels=labels, classes=classes)
         self.strict, self.skip_log = strict, skip_log
         self.bad: dict[int, str] = {}
 
@@ -160,23 +195,15 @@ class HFImageDataset(Dataset):
 
 
 def streamed(
-    path: str,
-    image_size: int,
-    split: str = "train",
-    image_column: str = "",
-    label_column: str = "",
-    rank: int = 0,
-    world: int = 1,
-    seed: int = 0,
-    skip_log: SkipLog | None = None,
+    source: Source, image_size: int, rank: int = 0, world: int = 1, seed: int = 0, skip_log: SkipLog | None = None
 ) -> DecodedStream:
-    """A streamed ``datasets`` source; each process reads its own share (``split_dataset_by_node``)."""
-    data = load_source(path, split, streaming=True)
-    image, label = pick_columns(data.features, image_column, label_column)
-    rows = data.cast_column(image, datasets.Image(decode=False))
+    """A streamed Hugging Face source; each process reads its own share (``split_dataset_by_node``)."""
+    rows = source.table
     if world > 1:
         rows = split_dataset_by_node(rows, rank=rank, world_size=world)
-    return DecodedStream(rows, image, label, image_size, seed, skip_log, path)
+    return DecodedStream(
+        rows, source.image_column, source.label_column or None, image_size, seed, skip_log, source.path
+    )
 
 
 class DecodedStream(IterableDataset):

@@ -7,13 +7,12 @@ or a stream of fixed-length epochs (``data.streaming=true``, and WebDataset tar 
 always streamed: :mod:`twinview.pretrain.data.shards`). The supervised objectives get P x K
 class-balanced batches in each of the first two. With ``data.decode=gpu`` the workers send JPEG
 bytes and the batches are decoded on the device (:mod:`twinview.pretrain.data.gpu_decode`). The
-data is checked against the config (``twinview.pretrain.validate.validate_data``) before any batch
-is made.
+source comes resolved (:mod:`twinview.pretrain.data.source`) and already checked against the config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,11 @@ from torch.utils.data import DataLoader
 
 from twinview.pretrain.config import Config
 from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, batched_collate, build_or_load
+from twinview.pretrain.data.folder import ImageFolderDataset, SkipLog, worker_init
 from twinview.pretrain.data.gpu_decode import DeviceDecoder, EncodedImageFolder, encoded_collate
 from twinview.pretrain.data.pk_sampler import PKBatchSampler
-from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source
-from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog, scan_source, worker_init
+from twinview.pretrain.data.source import SHARDS, Source
 from twinview.pretrain.objectives.registry import get as get_objective
-from twinview.pretrain.validate import DataSummary, World, validate_data
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, 3, S, S) and labels (B,), on the device
 
@@ -71,26 +69,19 @@ class Batches:
             yield self.decoder(batch)
 
 
-def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log: SkipLog) -> Batches:
-    """The run's batches: decoded every epoch, from the disk cache, from the device cache, or streamed."""
+def build_batches(cfg: Config, source: Source, accelerator: Accelerator, skip_log: SkipLog) -> Batches:
+    """The run's batches from its resolved source (checked against the config by the caller,
+    ``twinview.pretrain.validate.validate_data``): decoded every epoch, from the disk cache, from the
+    device cache, or streamed."""
     d = cfg.data
     pin = accelerator.device.type == "cuda"
-    if is_shard_source(d.path) or (is_hf_source(d.path) and d.streaming):
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if source.streamed:
         from twinview.pretrain.data.hf import streamed
         from twinview.pretrain.data.shards import shard_stream
 
-        common: dict[str, Any] = {
-            "image_column": d.image_column,
-            "label_column": d.label_column,
-            "rank": accelerator.process_index,
-            "world": accelerator.num_processes,
-            "seed": cfg.train.seed,
-            "skip_log": skip_log,
-        }
-        if is_shard_source(d.path):
-            stream = shard_stream(d.path, d.size, **common)
-        else:
-            stream = streamed(d.path, d.size, d.split, **common)
+        make_stream = shard_stream if source.kind == SHARDS else streamed
+        stream = make_stream(source, d.size, rank, world, cfg.train.seed, skip_log)
         loader = DataLoader(
             stream,
             batch_size=cfg.train.batch_size,
@@ -100,52 +91,39 @@ def build_batches(cfg: Config, accelerator: Accelerator, world: World, skip_log:
         )
         passes = cfg.train.max_steps_per_epoch * cfg.train.grad_accumulation  # batches per epoch
         return Batches(_StreamBatches(loader, stream, accelerator.device, passes))
-    if is_hf_source(d.path):
+    if source.read_by_datasets:
         from twinview.pretrain.data.hf import HFImageDataset
 
-        dataset: Any = HFImageDataset(
-            d.path, d.size, d.split, d.image_column, d.label_column, strict=d.strict, skip_log=skip_log
-        )
+        dataset: Any = HFImageDataset(source, d.size, strict=d.strict, skip_log=skip_log)
     elif d.decode == "gpu":
-        folder = ImageFolderDataset(d.path, d.size, strict=d.strict, skip_log=skip_log)
+        folder = ImageFolderDataset(source.files, d.size, strict=d.strict, skip_log=skip_log)
         dataset = EncodedImageFolder(folder)
-        sampler = _checked_sampler(cfg, world, dataset)
+        sampler = _sampler(cfg, dataset.index.labels)
         return Batches(_loader(cfg, dataset, sampler, pin), sampler, DeviceDecoder(folder, accelerator.device))
     elif d.cache == "none":
-        dataset = ImageFolderDataset(d.path, d.size, strict=d.strict, skip_log=skip_log)
+        dataset = ImageFolderDataset(source.files, d.size, strict=d.strict, skip_log=skip_log)
     else:
         # the cache's file lock makes one process build while the others wait (no collective
         # barrier, which would time out on a long build under NCCL)
-        cache = build_or_load(scan_source(d.path), d.size, workers=d.num_workers, strict=d.strict)
+        cache = build_or_load(source.files, d.size, workers=d.num_workers, strict=d.strict)
         for path, reason in cache.skipped.items():
             skip_log.record(Path(path), reason)
         accelerator.print(f"Decoded cache: {cache.path} ({len(cache.kept)} images, {len(cache.skipped)} skipped)")
         dataset = CachedDataset(cache)
-    sampler = _checked_sampler(cfg, world, dataset)
+    sampler = _sampler(cfg, dataset.index.labels)
     if d.cache == "device":  # the same sampler on every process; its batches are dealt round-robin
         return Batches(
-            DeviceBatches(
-                dataset.cache,
-                accelerator.device,
-                cfg.train.batch_size,
-                cfg.train.seed,
-                accelerator.process_index,
-                accelerator.num_processes,
-                sampler,
-            )
+            DeviceBatches(dataset.cache, accelerator.device, cfg.train.batch_size, cfg.train.seed, rank, world, sampler)
         )
     return Batches(_loader(cfg, dataset, sampler, pin), sampler)
 
 
-def _checked_sampler(cfg: Config, world: World, dataset: Any) -> PKBatchSampler | None:
-    """Checks the data against the config; the P x K sampler of the supervised objectives."""
-    index = dataset.index
-    present = len(set(index.labels))  # classes with images (a failed decode or a partial split may leave some empty)
-    validate_data(cfg, world, DataSummary(str(index.root), len(dataset), index.labeled, present))
+def _sampler(cfg: Config, labels: Sequence[int]) -> PKBatchSampler | None:
+    """The P x K sampler of the supervised objectives (None for the others)."""
     if not get_objective(cfg.objective.name).supervised:
         return None
     k = cfg.data.samples_per_class
-    return PKBatchSampler(index.labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
+    return PKBatchSampler(labels, cfg.train.batch_size // k, k, seed=cfg.train.seed)
 
 
 def _loader(cfg: Config, dataset: Any, sampler: PKBatchSampler | None, pin: bool) -> DataLoader:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 
+from twinview.pretrain.data.folder import SkipLog
 from twinview.pretrain.data.hf import DecodedStream, pick_columns
-from twinview.pretrain.data.source_kind import shard_files
-from twinview.pretrain.data.sources import SkipLog
+
+if TYPE_CHECKING:
+    from twinview.pretrain.data.source import Source
 
 
 def read_shards(shards: list[str], features: datasets.Features, skip_log: str) -> Iterator[dict[str, Any]]:
@@ -65,29 +67,20 @@ def infer_features(files: list[str]) -> datasets.Features:
     raise ValueError("cannot read the first samples of the shards:\n  " + "\n  ".join(errors))
 
 
-def shard_stream(
-    path: str,
-    image_size: int,
-    image_column: str = "",
-    label_column: str = "",
-    rank: int = 0,
-    world: int = 1,
-    seed: int = 0,
-    skip_log: SkipLog | None = None,
-) -> DecodedStream:
-    """This process's share of the shards as an endless stream of ``(uint8 (3,S,S), label)``.
+def shard_rows(
+    files: list[str], image_column: str = "", label_column: str = "", skip_log: SkipLog | None = None
+) -> tuple[datasets.IterableDataset, str, str | None]:
+    """The samples of some shards as an iterable ``datasets`` data set, the image undecoded.
 
     Args:
-        path: The shard pattern (``data.path``).
-        image_size: Side of the returned square images.
+        files: The shards, read in turn (a damaged one is listed and left, see :func:`read_shards`).
         image_column: The image field (e.g. ``jpg``); empty: the one image field.
         label_column: The label field; empty: ``cls`` when the samples have one.
-        rank: This process's index.
-        world: Number of processes.
-        seed: Shuffling seed (plus the epoch).
-        skip_log: Where skipped samples and shards are listed.
+        skip_log: Where unreadable shards are listed.
+
+    Returns:
+        The rows, the image field and the label field (or None).
     """
-    files = shard_files(path)  # at least one per process: checked by twinview.pretrain.validate
     inferred = infer_features(files)
     image, label = pick_columns(inferred, image_column, label_column)
     features = inferred.copy()
@@ -96,9 +89,27 @@ def shard_stream(
         read_shards,
         features=features,
         gen_kwargs={
-            "shards": files[rank::world],  # a list: datasets deals it to the DataLoader workers
+            "shards": files,  # a list: datasets deals it to the DataLoader workers
             "features": features,
             "skip_log": str(skip_log.directory) if skip_log else "",
         },
     )
-    return DecodedStream(rows, image, label, image_size, seed, skip_log, path)
+    return rows, image, label
+
+
+def shard_stream(
+    source: Source, image_size: int, rank: int = 0, world: int = 1, seed: int = 0, skip_log: SkipLog | None = None
+) -> DecodedStream:
+    """This process's share of the shards as an endless stream of ``(uint8 (3,S,S), label)``.
+
+    Args:
+        source: The resolved shards (their files, image and label fields).
+        image_size: Side of the returned square images.
+        rank: This process's index.
+        world: Number of processes.
+        seed: Shuffling seed (plus the epoch).
+        skip_log: Where skipped samples and shards are listed.
+    """
+    mine = list(source.shards[rank::world])  # at least one per process: checked by twinview.pretrain.validate
+    rows, image, label = shard_rows(mine, source.image_column, source.label_column, skip_log)
+    return DecodedStream(rows, image, label, image_size, seed, skip_log, source.path)

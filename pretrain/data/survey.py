@@ -15,8 +15,6 @@ from typing import Any
 
 from PIL import Image
 
-from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source
-
 SAMPLE = 200  # images whose size is read
 AUTO_MIN, AUTO_MAX, AUTO_STEP = 32, 224, 32  # data.image_size=auto: within these, a multiple of this
 
@@ -55,20 +53,14 @@ class DataSurvey:
         )
 
 
-def survey(path: str, split: str = "train", streaming: bool = False) -> DataSurvey:
-    """Counts a source's images and classes and samples the size of up to :data:`SAMPLE` of them.
+def survey_files(source: str, index: Any) -> DataSurvey:
+    """Counts a folder's or file list's images and classes and reads the size of up to
+    :data:`SAMPLE` of them, evenly spaced (headers only).
 
     Args:
-        path: Anything ``data.path`` accepts.
-        split: Split of a Hugging Face source.
-        streaming: The source is streamed (``data.streaming``): only its first rows are read, and
-            it is not counted (shards are always streamed).
+        source: The path, for messages.
+        index: Its :class:`~twinview.pretrain.data.source.FolderIndex`.
     """
-    if is_shard_source(path) or is_hf_source(path):
-        return _survey_datasets(path, split, streaming or is_shard_source(path))
-    from twinview.pretrain.data.sources import scan_source
-
-    index = scan_source(path)
     step = max(1, len(index.files) // SAMPLE)
     sides = []
     for f in index.files[::step][:SAMPLE]:
@@ -77,33 +69,39 @@ def survey(path: str, split: str = "train", streaming: bool = False) -> DataSurv
                 sides.append(min(img.size))
         except Exception:  # a bad file: the loader lists it
             continue
-    return DataSurvey(path, len(index.files), len(index.classes), tuple(sides))
+    return DataSurvey(source, len(index.files), len(index.classes), tuple(sides))
 
 
-def _survey_datasets(path: str, split: str, streamed: bool) -> DataSurvey:
+def survey_rows(source: str, table: Any, image: str, label: str | None) -> DataSurvey:
+    """The same for a ``datasets`` data set whose image column is undecoded: a map-style one is
+    counted and sampled evenly; a streamed one is not counted, and only its first rows are read.
+
+    Args:
+        source: The path, for messages.
+        table: The ``datasets.Dataset`` or ``datasets.IterableDataset``.
+        image: Its image column (``Image(decode=False)``: path/bytes cells).
+        label: Its label column, or None.
+    """
     import datasets
 
-    from twinview.pretrain.data.hf import load_source, pick_columns
-
-    data = load_source(path, split, streaming=streamed)
-    image, label = pick_columns(data.features, "", "")
-    data = data.cast_column(image, datasets.Image(decode=False))
-    if isinstance(data, datasets.Dataset):
-        step = max(1, len(data) // SAMPLE)
-        rows = data.select(range(0, len(data), step)[:SAMPLE])
-        images: int | None = len(data)
-        classes = len(set(data[label])) if label else 0
+    if isinstance(table, datasets.Dataset):
+        step = max(1, len(table) // SAMPLE)
+        rows = table.select(range(0, len(table), step)[:SAMPLE])
+        images: int | None = len(table)
+        classes = len(set(table[label])) if label else 0
     else:
-        rows, images, classes = data.take(SAMPLE), None, 0
+        rows, images, classes = table.take(SAMPLE), None, 0
     sides = []
-    for row in rows:
-        cell = row[image]
-        try:
-            with Image.open(_bytes_or_path(cell)) as img:
-                sides.append(min(img.size))
-        except Exception:
-            continue
-    return DataSurvey(path, images, classes, tuple(sides))
+    try:
+        for row in rows:
+            try:
+                with Image.open(_bytes_or_path(row[image])) as img:
+                    sides.append(min(img.size))
+            except Exception:  # a bad image: the loader lists it
+                continue
+    except Exception:  # a stream that fails to read further: the sample is what was read
+        pass
+    return DataSurvey(source, images, classes, tuple(sides))
 
 
 def _bytes_or_path(cell: dict[str, Any]) -> io.BytesIO | Path:

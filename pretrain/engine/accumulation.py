@@ -11,9 +11,11 @@
   views and embeddings of all passes. Batch norm still normalises within a pass (as it does within
   a process), its running statistics are updated once per pass, and dropout masks are replayed.
 * ``independent``: each pass computes its own loss on its own images and the gradients are
-  averaged. In-batch negatives, positives and mined triplets then come from one pass only.
+  averaged. In-batch negatives, positives and mined triplets then come from one pass only. This is
+  the training step's own loop (``train_step`` in train.py), of which one pass, the usual case, is
+  the special case.
 
-Both keep DDP's gradient all-reduce for the last pass of a step (``accelerator.no_sync``), and
+Both keep DDP's gradient all-reduce for the last pass of a step (:func:`gradient_sync`), and
 hand the keys of every pass to ``method.after_step`` after the optimiser step (MoCo v2 enqueues
 them all at once, as one big batch would).
 """
@@ -34,58 +36,31 @@ Tensors = list[torch.Tensor]
 Pass = tuple[Tensors, torch.Tensor]  # the views (each (B, 3, S, S)) and labels (B,) of one pass
 
 
-def accumulate(
-    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass], count: int, mode: str
+def gradient_sync(accelerator: Accelerator, model: nn.Module, last: bool) -> Any:
+    """DDP's gradient all-reduce only in the last pass of a step (``accelerator.no_sync`` before it)."""
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+def concat(parts: list[Tensors]) -> Tensors:
+    """Per-pass lists of tensors -> one list, each entry concatenated over the passes."""
+    return [torch.cat(entry) for entry in zip(*parts, strict=True)]
+
+
+def cached_passes(
+    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass]
 ) -> tuple[torch.Tensor, Tensors]:
-    """Forward and backward of several passes for one optimiser step.
+    """Forward and backward of several passes with one loss over all of them (GradCache).
 
     Args:
         accelerator: Runs backward (loss scaling) and autocast.
         model: The trained (possibly DDP-wrapped) model.
         method: The method (twinview.pretrain.objectives.methods.Method).
-        passes: The views and labels of each pass, possibly made as they are drawn (``independent``
-            mode then holds one pass's views at a time; ``cached`` keeps them all for its replay).
-        count: The number of passes.
-        mode: ``cached`` or ``independent``.
+        passes: The views and labels of each pass, kept for the replay in 3.
 
     Returns:
         The step's loss (detached) and its keys, each concatenated over the passes, for
         ``method.after_step``.
     """
-    if mode == "cached":
-        return _cached(accelerator, model, method, passes)
-    if mode == "independent":
-        return _independent(accelerator, model, method, passes, count)
-    raise ValueError(f"unknown gradient accumulation mode '{mode}' (cached or independent)")
-
-
-def _sync_if(accelerator: Accelerator, model: nn.Module, last: bool) -> Any:
-    """DDP's gradient all-reduce only in the last pass of a step."""
-    return contextlib.nullcontext() if last else accelerator.no_sync(model)
-
-
-def _concat(parts: list[Tensors]) -> Tensors:
-    """Per-pass lists of tensors -> one list, each entry concatenated over the passes."""
-    return [torch.cat(entry) for entry in zip(*parts, strict=True)]
-
-
-def _independent(
-    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass], count: int
-) -> tuple[torch.Tensor, Tensors]:
-    losses, keys = [], []
-    for i, (views, labels) in enumerate(passes):
-        with _sync_if(accelerator, model, i == count - 1):
-            with accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
-                loss, pass_keys = method(model, views, labels)
-            accelerator.backward(loss / count)
-        losses.append(loss.detach())
-        keys.append(pass_keys)
-    return torch.stack(losses).mean(), _concat(keys)
-
-
-def _cached(
-    accelerator: Accelerator, model: nn.Module, method: Method, passes: Iterable[Pass]
-) -> tuple[torch.Tensor, Tensors]:
     buffers = list(model.buffers())
     before = [b.clone() for b in buffers]
     kept: list[Pass] = []  # every pass's views, for the replay in 3.
@@ -102,8 +77,8 @@ def _cached(
         torch._foreach_copy_(buffers, before)
 
     # 2. the loss on the whole accumulated batch, and its gradient w.r.t. the embeddings
-    leaves = [t.requires_grad_() for t in _concat(outputs)]  # (k * B, D) each
-    all_keys = _concat(keys)
+    leaves = [t.requires_grad_() for t in concat(outputs)]  # (k * B, D) each
+    all_keys = concat(keys)
     labels = torch.cat([lab for _, lab in kept])
     with accelerator.autocast():
         loss = method.loss(leaves, all_keys, labels)
@@ -113,7 +88,7 @@ def _cached(
     # 3. each pass again, with gradient, fed the cached gradient of its embeddings
     for i, (views, _) in enumerate(kept):
         _set_rng_state(rng[i])  # the same dropout / drop-path masks as in step 1
-        with _sync_if(accelerator, model, i == len(kept) - 1):
+        with gradient_sync(accelerator, model, i == len(kept) - 1):
             with accelerator.autocast():
                 out = method.embed(model, views)
             torch.autograd.backward(out, [g[i] for g in grads])

@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
+from twinview.evaluate.progress import Progress
 from twinview.pretrain.config import Config
-from twinview.pretrain.data.sources import SkipLog
+from twinview.pretrain.data.folder import SkipLog
+from twinview.pretrain.distributed import synchronize
 from twinview.pretrain.engine.step_guard import StepGuard
 
 SKIPPED_FILE = "skipped_files.txt"
+SLOW_STEP_S = 1.0  # a second step this slow is worth an estimate at once; faster ones wait for a log point
 
 
 class MetricsLog:
@@ -105,9 +108,11 @@ def flat_hyperparameters(tree: dict[str, Any], prefix: str = "") -> dict[str, An
 
 
 class TrainingLog:
-    """The loop's reporting: a progress bar, a ``step`` record every ``train.log_every`` steps and an
-    ``epoch`` record per epoch. Sums stay on the device between log points; a log point is the
-    loop's host sync, where the processes also agree on a stop signal one of them got."""
+    """The loop's reporting: progress (a bar on a terminal, plain lines in a log file), a ``step``
+    record every ``train.log_every`` steps and an ``epoch`` record per epoch, and the estimate of
+    the run's time once its second step has ended. Sums stay on the device between log points; a
+    log point is the loop's host sync, where the processes also agree on a stop signal one of them
+    got."""
 
     def __init__(
         self,
@@ -118,7 +123,12 @@ class TrainingLog:
         images_per_step: int,
         log_every: int,
         max_nonfinite_steps: int,
+        estimate: Callable[[float], list[str]] | None = None,
     ) -> None:
+        """Args (besides the obvious):
+        estimate: Seconds per step -> the lines that say how long the run will take (printed once,
+            on the main process).
+        """
         self.accelerator, self.metrics, self.guard, self.optimizer = accelerator, metrics, guard, optimizer
         self.images_per_step, self.log_every, self.max_nonfinite_steps = (
             images_per_step,
@@ -127,8 +137,10 @@ class TrainingLog:
         )
         self.skipped_total = self.skipped_before = guard.read_and_reset()[0] if guard.mode != "off" else 0
         self.window = Window(accelerator.device, time.perf_counter())
-        self.bar: Any = None
-        self.estimated = False  # the time per epoch is printed once, at the first log point
+        self.bar: Progress | None = None
+        self.estimate = estimate
+        self.steps_run = 0  # optimiser steps this process has run since the start (or the resume)
+        self.first_step_end = 0.0
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
         """``done`` of the epoch's ``steps`` were run before a resume."""
@@ -136,17 +148,34 @@ class TrainingLog:
         self.epoch, self.steps, self.done = epoch, steps, done
         self.loss_sum, self.good = 0.0, 0.0
         self.start = time.perf_counter()
-        self.bar = tqdm(
-            initial=done,
-            total=steps,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not self.accelerator.is_main_process,
-            dynamic_ncols=True,
+        self.bar = Progress(
+            steps, f"epoch {epoch + 1}/{epochs}", unit="steps", initial=done, enabled=self.accelerator.is_main_process
         )
 
     def add(self, loss: torch.Tensor, ok: torch.Tensor, norm: torch.Tensor | None) -> None:
         self.window.add(loss, ok, norm)
+        assert self.bar is not None
         self.bar.update(1)
+        self.steps_run += 1
+        if self.estimate is not None and self.steps_run <= 2:
+            self._time_first_steps()
+
+    def _time_first_steps(self) -> None:
+        """The second step's time, as soon as it is known (one device sync after each of the first
+        two steps): the first one pays the warm-up (and compilation), the second is a typical step.
+        A fast step is estimated at the first log point instead, from more steps."""
+        synchronize(self.accelerator.device)
+        now = time.perf_counter()
+        if self.steps_run == 1:
+            self.first_step_end = now
+        elif now - self.first_step_end >= SLOW_STEP_S:
+            self._print_estimate(now - self.first_step_end)
+
+    def _print_estimate(self, per_step: float) -> None:
+        if self.estimate is not None:
+            for line in self.estimate(per_step):
+                self.accelerator.print(line)
+        self.estimate = None  # once
 
     def due(self, step: int, stop_requested: bool) -> bool:
         """Whether ``step`` is a log point: every ``log_every`` steps, at the end of the epoch, when
@@ -171,6 +200,7 @@ class TrainingLog:
         rate = self.window.steps * self.images_per_step / (now - self.window.start)
         lr = self.optimizer.param_groups[0]["lr"]
         mean_loss = loss_sum / good if good else None
+        assert self.bar is not None
         self.bar.set_postfix(
             loss=f"{mean_loss:.4f}" if mean_loss is not None else "nan", lr=f"{lr:.4g}", img_s=f"{rate:.0f}"
         )
@@ -187,13 +217,10 @@ class TrainingLog:
         if self.guard.mode != "off":
             record["skipped_steps"] = self.skipped_total
         self.metrics.write(record)
-        if not self.estimated and self.accelerator.is_main_process:
-            self.estimated = True
-            per_step = (now - self.window.start) / self.window.steps
-            tqdm.write(
-                f"  estimate   {per_step * self.steps:.0f} s per epoch ({per_step:.2f} s per step, {rate:.0f} images/s "
-                "over the first steps, compile and warm-up included)"
-            )
+        if self.estimate is not None:  # fast steps: from every step after the first
+            after_first = self.steps_run - 1
+            per_step = (now - self.first_step_end) / after_first if after_first else now - self.window.start
+            self._print_estimate(per_step)
         self.loss_sum, self.good = self.loss_sum + loss_sum, self.good + good
         self.window.reset(now)
         if worst_run >= self.max_nonfinite_steps > 0 or stop_votes:
@@ -202,6 +229,7 @@ class TrainingLog:
 
     def end_epoch(self, step: int) -> dict[str, Any]:
         """The ``epoch`` record (written by the caller, after the monitor adds to it)."""
+        assert self.bar is not None
         self.bar.close()
         seconds = time.perf_counter() - self.start
         mean = self.loss_sum / self.good if self.good else float("nan")

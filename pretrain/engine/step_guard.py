@@ -32,23 +32,46 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-AfterStep = Callable[[torch.Tensor | None], None]
 
 
 class NonFiniteTraining(RuntimeError):
     """Training stopped after too many non-finite steps in a row."""
 
 
-class StepGuard:
-    """Decides per optimiser step whether it is finite and applies it only if so.
+@dataclass(frozen=True)
+class Decision:
+    """What the training step does with one optimiser step, from :meth:`StepGuard.decide`.
 
-    Usage per step: ``begin()`` before the forward passes, then after backward (and clipping)
-    ``ok = finite(loss, grad_norm)`` and ``apply(ok, after_step)`` in place of
-    ``optimizer.step(); method.after_step(...)``. In mode ``off`` these are exactly that.
+    Attributes:
+        ok: 0-dim bool on the device: loss and gradient norm finite on every process.
+        step_optimizer: Call ``optimizer.step()``. False only for a non-finite step decided on the
+            host; under a GradScaler always True (the scaler skips non-finite gradients itself).
+        update_method: Call ``method.after_step`` (the momentum encoder and queue).
+        apply: ``after_step``'s flag: None when the step was decided on the host, else ``ok``,
+            with which the update leaves the method's state unchanged on a bad step.
+        on_device: The decision was made on the device: weights, optimiser state and buffers of a
+            bad step are put back with ``torch.where`` (:meth:`StepGuard.restore_weights`).
+    """
+
+    ok: torch.Tensor
+    step_optimizer: bool
+    update_method: bool
+    apply: torch.Tensor | None
+    on_device: bool
+
+
+class StepGuard:
+    """Decides per optimiser step whether it is finite; snapshots and restores what a skipped step changed.
+
+    The training step calls, in order: ``snapshot_buffers()`` before the forward passes; after
+    backward and clipping, ``step = decide(loss, grad_norm)``; ``optimizer.step()`` if
+    ``step.step_optimizer``; ``restore_weights(step)``; ``method.after_step(..., step.apply)`` if
+    ``step.update_method``; ``restore_buffers(step)``. In mode ``off`` the calls around the
+    optimiser step and the update do nothing.
     """
 
     def __init__(
@@ -78,7 +101,8 @@ class StepGuard:
         self.all_reduce_min, self.scaler_skips = all_reduce_min, scaler_skips
         self.buffers = [] if mode == "off" else list(itertools.chain(model.buffers(), method.buffers()))
         self.buffer_copies = [torch.empty_like(b) for b in self.buffers]
-        self.shadow: list[torch.Tensor] = []
+        self.shadow: list[torch.Tensor] = []  # device mode: weights and optimiser state before the step
+        self.live: list[torch.Tensor] = []  # device mode: the tensors ``shadow`` copies
         # counters: skipped steps in total, the current run of skips, the longest run since reset
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
         self.run = torch.zeros((), dtype=torch.long, device=device)
@@ -89,63 +113,62 @@ class StepGuard:
 
     @property
     def checks_gradients(self) -> bool:
-        """Whether ``finite`` wants the gradient norm (not under a GradScaler, which checks itself)."""
+        """Whether ``decide`` wants the gradient norm (not under a GradScaler, which checks itself)."""
         return self.mode != "off" and not self.scaler_skips
 
-    def begin(self) -> None:
+    def snapshot_buffers(self) -> None:
         """Remembers the buffers the forward passes will update (batch-norm statistics, queue)."""
         if self.buffers and self.mode != "off":
             torch._foreach_copy_(self.buffer_copies, self.buffers)
 
-    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        """A 0-dim bool on the device: loss and gradient norm finite on every process."""
+    @torch.no_grad()
+    def decide(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Decision:
+        """Whether the step is finite on every process, and how the step is to be applied.
+
+        Counts a bad step on the device. In device mode, also copies the weights and optimiser
+        state that ``optimizer.step()`` is about to change. In sync mode (and in device mode until
+        the optimiser has stepped once and created its state) the flag is read on the host.
+        """
         if self.mode == "off":
-            return self.always_ok
+            return Decision(self.always_ok, True, True, None, False)
         ok = torch.isfinite(loss.detach())
-        if grad_norm is not None:
+        if grad_norm is not None and self.checks_gradients:
             ok = ok & torch.isfinite(grad_norm)
         if self.all_reduce_min is not None:
             ok = self.all_reduce_min(ok.to(torch.int32)).bool()
-        return ok
-
-    @torch.no_grad()
-    def apply(self, ok: torch.Tensor, after_step: AfterStep) -> None:
-        """The optimiser step and ``after_step(apply)`` where ``ok``; restores the buffers where not.
-
-        ``after_step`` gets None (``sync``: only called for a good step) or the flag itself
-        (``device``), which it must use to leave its state unchanged on a bad step.
-        """
-        if self.mode == "off":
-            self.optimizer.step()
-            after_step(None)
-            return
         bad = ~ok
         self.skipped += bad
         self.run.add_(1).mul_(bad)
         torch.maximum(self.worst_run, self.run, out=self.worst_run)
         if self.mode == "device" and self._stepped:
-            if self.scaler_skips:
-                self.optimizer.step()  # the GradScaler skips it on non-finite gradients
-            else:
-                live = [p.data for p in self._parameters()] + self._optimizer_state()
-                if [t.shape for t in self.shadow] != [t.shape for t in live]:
-                    self.shadow = [torch.empty_like(t) for t in live]
-                torch._foreach_copy_(self.shadow, live)
-                self.optimizer.step()
-                _keep_where(ok, live, self.shadow)
-            after_step(ok)
-            _keep_where(ok, self.buffers, self.buffer_copies)
-            return
-        # sync mode, and device mode until the optimiser has stepped once (its state is created then)
+            if not self.scaler_skips:
+                self.live = [p.data for p in self._parameters()] + self._optimizer_state()
+                if [t.shape for t in self.shadow] != [t.shape for t in self.live]:
+                    self.shadow = [torch.empty_like(t) for t in self.live]
+                torch._foreach_copy_(self.shadow, self.live)
+            return Decision(ok, True, True, ok, True)
         good = bool(ok)  # host sync: free on a CPU; once per run in device mode
-        if good or self.scaler_skips:
-            self.optimizer.step()
-        if good:
-            after_step(None)
+        return Decision(ok, good or self.scaler_skips, good, None, False)
+
+    @torch.no_grad()
+    def restore_weights(self, step: Decision) -> None:
+        """Device mode: puts back the weights and optimiser state where the step was not finite
+        (before the method's update, which reads the weights)."""
+        if step.on_device and self.live:
+            _keep_where(step.ok, self.live, self.shadow)
+
+    @torch.no_grad()
+    def restore_buffers(self, step: Decision) -> None:
+        """Puts back the buffers a non-finite step changed (batch-norm statistics, MoCo queue)."""
+        if self.mode == "off":
+            return
+        if step.on_device:
+            _keep_where(step.ok, self.buffers, self.buffer_copies)
+        elif step.update_method:  # a good step decided on the host
             self.host_run = 0
             if self.mode == "device" and not self._stepped:
                 self._stepped = True
-                self._check_device_mode(ok.device)
+                self._check_device_mode(step.ok.device)
         else:
             if self.buffers:
                 torch._foreach_copy_(self.buffers, self.buffer_copies)

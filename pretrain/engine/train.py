@@ -1,12 +1,12 @@
 """The pretraining loop: HF Accelerate on one CPU, one GPU or many processes.
 
-``train()`` builds, in the order of the data flow: config checks -> batches -> model (backbone +
-head) -> views -> method (objective) -> optimiser and schedule -> Accelerate; then runs epochs of
-``train_step()``: views made on the device, forward, loss and backward of the method (handed to
-gradient accumulation when a step has several passes), gradient clipping, the optimiser step and
-the method's update (MoCo's momentum encoder and queue), both skipped when the loss or gradient
-is not finite (the step guard), and the learning-rate schedule. Logging, checkpoints, signals and
-the kNN monitor are named helpers around the step.
+``train()`` builds the run (:func:`build_run`, in the order of the data flow: config checks ->
+batches -> model (backbone + head) -> views -> method (objective) -> optimiser and schedule ->
+Accelerate), then runs its epochs (:func:`run_epochs`) of :func:`train_step`: forward, loss and
+backward of each pass (or of all passes at once, with cached gradient accumulation), gradient
+clipping, the optimiser step and the method's update (MoCo's momentum encoder and queue), both
+skipped when the loss or gradient is not finite, and the learning-rate schedule. Logging,
+checkpoints, signals and the kNN monitor are named helpers around the step.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,12 +26,13 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from twinview.augment.views import build_views
+from twinview.augment.views import MultiView, build_views
 from twinview.pretrain.config import Config, as_dict, save_config
+from twinview.pretrain.data.folder import SkipLog
 from twinview.pretrain.data.loaders import Batches, build_batches
-from twinview.pretrain.data.sources import SkipLog
+from twinview.pretrain.data.source import Source, resolve_data, resolve_image_size
 from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, use_cpu
-from twinview.pretrain.engine.accumulation import Pass, accumulate
+from twinview.pretrain.engine.accumulation import Pass, cached_passes, concat, gradient_sync
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
 from twinview.pretrain.engine.metrics_log import (
     MetricsLog,
@@ -39,21 +41,21 @@ from twinview.pretrain.engine.metrics_log import (
     report_skipped,
     run_record,
 )
-from twinview.pretrain.engine.monitor import monitor_knn
+from twinview.pretrain.engine.monitor import Monitor, build_monitor, monitor_knn
 from twinview.pretrain.engine.optim import build_optimizer, build_scheduler, scaled_lr
-from twinview.pretrain.engine.run_start import print_start, resolve_precision, survey_and_size
+from twinview.pretrain.engine.run_start import StartInfo, estimate_lines, print_start, resolve_precision
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.models import ContrastiveModel, create_model, normalization_stats
 from twinview.pretrain.objectives import registry
 from twinview.pretrain.objectives.methods import Method, create_method
 from twinview.pretrain.runs import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints, save_weights
-from twinview.pretrain.validate import World, validate, validate_epoch
+from twinview.pretrain.validate import World, validate, validate_data, validate_epoch
 
 
 @dataclass
 class Trainer:
-    """What one optimiser step touches, built once by :func:`train`."""
+    """What one optimiser step touches (:func:`train_step`), built once by :func:`build_run`."""
 
     cfg: Config
     accelerator: Accelerator
@@ -66,6 +68,23 @@ class Trainer:
     progress: Progress
     total_steps: int
     parameters: list[nn.Parameter]  # of the prepared model, for clipping and the gradient norm
+    passes: int  # forward/backward passes per optimiser step (train.grad_accumulation)
+    cached: bool  # several passes with one loss over all of them (GradCache)
+
+
+@dataclass
+class Run:
+    """A run built by :func:`build_run`: the trainer and what the loop around its steps needs."""
+
+    trainer: Trainer
+    run_dir: Path
+    batches: Batches
+    views: MultiView
+    memory_format: torch.memory_format
+    steps_per_epoch: int
+    metrics: MetricsLog
+    log: TrainingLog
+    monitor: Monitor | None  # kNN on a labelled hold-out every eval.monitor_every epochs
 
 
 def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -75,45 +94,56 @@ def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.
     the gradient norm (when clipped or checked), all without a host sync.
     """
     t.scheduler.step_update(num_updates=t.progress.step)
-    t.guard.begin()  # buffers (batch-norm statistics, MoCo queue) to put back if the step is skipped
-    if t.cfg.train.grad_accumulation == 1:
-        views, labels = next(iter(passes))
-        with t.accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
-            loss, keys = t.method(t.model, views, labels)
-        t.accelerator.backward(loss)
-        loss = loss.detach()
-    else:  # the loss of the whole accumulated batch (cached) or of each pass (independent)
-        loss, keys = accumulate(
-            t.accelerator, t.model, t.method, passes, t.cfg.train.grad_accumulation, t.cfg.train.grad_accumulation_mode
-        )
-    norm = _clip_or_measure_grad_norm(t)
-    ok = t.guard.finite(loss, norm if t.guard.checks_gradients else None)
-    t.guard.apply(ok, lambda apply: t.method.after_step(t.online, keys, t.progress.step, t.total_steps, apply))
+    t.guard.snapshot_buffers()  # batch-norm statistics, MoCo queue: put back if the step is skipped
+    if t.cached:  # several passes, one loss over all of them, as one big batch (accumulation.py)
+        loss, keys = cached_passes(t.accelerator, t.model, t.method, passes)
+    else:  # one pass, or independent passes whose gradients add up
+        losses, pass_keys = [], []
+        for i, (views, labels) in enumerate(passes):
+            with gradient_sync(t.accelerator, t.model, last=i == t.passes - 1):
+                with t.accelerator.autocast():  # also the MoCo key encoder, which is not a prepared model
+                    loss, keys = t.method(t.model, views, labels)  # forward: embeddings, keys, loss
+                t.accelerator.backward(loss / t.passes)
+            losses.append(loss.detach())
+            pass_keys.append(keys)
+        loss, keys = torch.stack(losses).mean(), concat(pass_keys)
+    if t.cfg.optim.clip_grad_norm > 0:
+        norm = t.accelerator.clip_grad_norm_(t.parameters, t.cfg.optim.clip_grad_norm)
+    else:  # measured only for the non-finite check
+        norm = grad_norm(t.parameters) if t.guard.checks_gradients else None
+    step = t.guard.decide(loss, norm)  # skip a non-finite step (every process agrees)
+    if step.step_optimizer:
+        t.optimizer.step()
+    t.guard.restore_weights(step)  # a non-finite step decided on the device: weights put back
+    if step.update_method:  # momentum encoder and queue; a skipped step leaves them as they were
+        t.method.after_step(t.online, keys, t.progress.step, t.total_steps, step.apply)
+    t.guard.restore_buffers(step)
     t.optimizer.zero_grad(set_to_none=True)
     t.progress.step += 1
-    return loss, ok, norm
+    return loss, step.ok, norm
 
 
-def _clip_or_measure_grad_norm(t: Trainer) -> torch.Tensor | None:
-    """The global gradient norm, clipped to ``optim.clip_grad_norm`` when set; None when neither
-    clipping nor the non-finite check needs it."""
-    if t.cfg.optim.clip_grad_norm > 0:
-        return t.accelerator.clip_grad_norm_(t.parameters, t.cfg.optim.clip_grad_norm)
-    return grad_norm(t.parameters) if t.guard.checks_gradients else None
-
-
-def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") -> Path:
+def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "", source: Source | None = None) -> Path:
     """Pretrains a backbone with the configured objective and writes everything into ``run_dir``.
 
     Args:
-        cfg: The resolved config.
+        cfg: The config, as loaded (``auto`` settings are resolved here).
         run_dir: The run directory (created if missing; see :mod:`twinview.pretrain.runs`).
         resume: Continue from the run's latest checkpoint instead of starting afresh.
         recipe: The recipe the config came from, for the start-of-run summary.
+        source: ``data.path`` already resolved (:func:`~twinview.pretrain.data.source.resolve_data`);
+            resolved here when not given.
 
     Returns:
         The path of the final ``model.safetensors``.
     """
+    return run_epochs(build_run(cfg, run_dir, resume, recipe, source))
+
+
+def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "", source: Source | None = None) -> Run:
+    """Checks the config against the device and the data, builds batches, model, views, method,
+    optimiser and schedule, prints the start block, and resumes from the latest checkpoint when
+    asked (see :func:`train`)."""
     run_dir = Path(run_dir)
     if resume and not checkpoints(run_dir):
         raise FileNotFoundError(f"--resume: '{run_dir}' has no checkpoints to resume from.")
@@ -121,9 +151,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") ->
     # session) must be free to choose its own mixed precision.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     world = current_world(cfg)
-    cfg, start = survey_and_size(cfg)  # data.image_size=auto resolved, and saved so below
-    cfg, start = resolve_precision(cfg, world, start)  # train.mixed_precision=auto likewise
-    validate(cfg, world)  # before any compute
+    validate(cfg, world)  # the settings, before the data is read
+    source = source or resolve_data(cfg.data)  # the one reading of data.path; a stream is not downloaded
+    cfg, size = resolve_image_size(cfg, source)  # data.image_size=auto resolved, and saved so below
+    cfg, precision = resolve_precision(cfg, world)  # train.mixed_precision=auto likewise
+    validate(cfg, world)
+    validate_data(cfg, world, source)  # before any compute
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, run_dir)
     set_seed(cfg.train.seed)
@@ -132,7 +165,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") ->
     device = accelerator.device
     objective = registry.get(cfg.objective.name)
 
-    batches = build_batches(cfg, accelerator, world, SkipLog(run_dir / ".skipped" / f"rank{accelerator.process_index}"))
+    batches = build_batches(
+        cfg, source, accelerator, SkipLog(run_dir / ".skipped" / f"rank{accelerator.process_index}")
+    )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     online = create_model(cfg.model, predictor=objective.predictor).to(memory_format=memory_format)
     mean, std = normalization_stats(online.backbone)
@@ -152,7 +187,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") ->
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, peak_lr, steps_per_epoch)
-    print_start(accelerator, cfg, start, recipe, online, world, peak_lr, steps_per_epoch)
+    print_start(accelerator, cfg, StartInfo(source, size, precision), recipe, online, world, peak_lr, steps_per_epoch)
     mode = resolve_mode(cfg.train.nonfinite_check, cfg.train.max_nonfinite_steps, device)
     reduce = all_reduce_min if accelerator.num_processes > 1 else None
     guard = StepGuard(model, method, optimizer, mode, device, reduce, scaler_skips=accelerator.scaler is not None)
@@ -162,50 +197,85 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") ->
     metrics = MetricsLog(
         run_dir / METRICS_FILE, accelerator.is_main_process, accelerator if accelerator.trackers else None
     )
-    images_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accumulation
+    passes = cfg.train.grad_accumulation
+    images_per_step = cfg.train.batch_size * accelerator.num_processes * passes
     if resume:
         loaded = load_latest(accelerator, run_dir)
         accelerator.print(f"Resumed from {loaded} (epoch {progress.epoch}, step {progress.step}).")
         metrics.drop_after(progress.step)
     else:
         metrics.write(run_record(cfg, peak_lr, images_per_step))
-    total = steps_per_epoch * cfg.train.epochs
-    t = Trainer(
-        cfg, accelerator, model, online, method, optimizer, scheduler, guard, progress, total, list(model.parameters())
-    )
+    steps_left = steps_per_epoch * cfg.train.epochs - progress.step
+    estimate = partial(estimate_lines, cfg, world, recipe, steps_per_epoch, steps_left, images_per_step)
     log = TrainingLog(
-        accelerator, metrics, guard, optimizer, images_per_step, cfg.train.log_every, cfg.train.max_nonfinite_steps
+        accelerator,
+        metrics,
+        guard,
+        optimizer,
+        images_per_step,
+        cfg.train.log_every,
+        cfg.train.max_nonfinite_steps,
+        estimate if steps_left > 1 else None,
+    )
+    trainer = Trainer(
+        cfg,
+        accelerator,
+        model,
+        online,
+        method,
+        optimizer,
+        scheduler,
+        guard,
+        progress,
+        total_steps=steps_per_epoch * cfg.train.epochs,
+        parameters=list(model.parameters()),
+        passes=passes,
+        cached=passes > 1 and cfg.train.grad_accumulation_mode == "cached",
+    )
+    return Run(
+        trainer,
+        run_dir=run_dir,
+        batches=batches,
+        views=views,
+        memory_format=memory_format,
+        steps_per_epoch=steps_per_epoch,
+        metrics=metrics,
+        log=log,
+        monitor=build_monitor(cfg),
     )
 
-    def make_views(images: torch.Tensor) -> list[torch.Tensor]:
-        return [v.contiguous(memory_format=memory_format) for v in views(images)]  # (B, 3, S, S) each
 
+def run_epochs(run: Run) -> Path:
+    """Trains the remaining epochs of a built run, checkpointing as configured; saves and returns
+    the final weights."""
+    t, log = run.trainer, run.log
+    cfg, accelerator, progress = t.cfg, t.accelerator, t.progress
     with StopRequest() as stop, _closing_trackers(accelerator):
         for epoch in range(progress.epoch, cfg.train.epochs):
-            batches.set_epoch(epoch)
-            model.train()
-            method.train()
-            done = max(0, progress.step - epoch * steps_per_epoch)  # resumed mid-epoch: steps already done
-            log.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, done)
-            for passes in _step_passes(batches, make_views, steps_per_epoch, cfg.train.grad_accumulation, done):
+            run.batches.set_epoch(epoch)
+            t.model.train()
+            t.method.train()
+            done = max(0, progress.step - epoch * run.steps_per_epoch)  # resumed mid-epoch: steps already done
+            log.start_epoch(epoch, cfg.train.epochs, run.steps_per_epoch, done)
+            for passes in _step_passes(run, done):
                 loss, ok, norm = train_step(t, passes)
                 log.add(loss, ok, norm)
                 if log.due(progress.step, stop.signal is not None):
                     worst_run, stop_voted = log.flush(progress.step, stop.signal is not None)
-                    _stop_if_asked(cfg, accelerator, metrics, run_dir, progress, worst_run, stop_voted, stop.signal)
+                    _stop_if_asked(run, worst_run, stop_voted, stop.signal)
             progress.epoch = epoch + 1
             record = log.end_epoch(progress.step)
-            record["skipped_files"] = report_skipped(run_dir, accelerator, epoch + 1)
-            if cfg.eval.monitor_every and (epoch + 1) % cfg.eval.monitor_every == 0:
-                record.update(monitor_knn(cfg, accelerator, model))
-            metrics.write(record)
+            record["skipped_files"] = report_skipped(run.run_dir, accelerator, epoch + 1)
+            if run.monitor is not None and (epoch + 1) % cfg.eval.monitor_every == 0:
+                record.update(monitor_knn(run.monitor, accelerator, t.model))
+            run.metrics.write(record)
             if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
-                save_checkpoint(accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch)
+                save_checkpoint(accelerator, run.run_dir, cfg.train.keep_checkpoints, progress.epoch)
 
     accelerator.wait_for_everyone()
-    weights = run_dir / WEIGHTS_FILE
+    weights = run.run_dir / WEIGHTS_FILE
     if accelerator.is_main_process:
-        weights = save_weights(online, run_dir)
+        weights = save_weights(t.online, run.run_dir)
         accelerator.print(f"Saved weights to {weights}")
     accelerator.end_training()  # trackers, then the process group
     return weights
@@ -242,10 +312,8 @@ def _accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-def _step_passes(
-    batches: Batches, make_views: Callable[[torch.Tensor], list[torch.Tensor]], steps: int, passes: int, done: int
-) -> Iterator[Iterator[Pass]]:
-    """The passes of each remaining optimiser step of the epoch, ``passes`` per step.
+def _step_passes(run: Run, done: int) -> Iterator[Iterator[Pass]]:
+    """The passes of each remaining optimiser step of the epoch, ``train.grad_accumulation`` per step.
 
     Each step's passes are made as the step reaches them: a pass's views are made when its batch
     arrives (a device-cache batch is only valid until the next-but-one is drawn, and independent
@@ -253,38 +321,33 @@ def _step_passes(
     batches of the ``done`` steps: the order is seeded, and the views' random state was restored
     with the checkpoint.
     """
-    it = iter(batches)
+
+    def made(images: torch.Tensor, labels: torch.Tensor) -> Pass:
+        return [v.contiguous(memory_format=run.memory_format) for v in run.views(images)], labels  # (B, 3, S, S) each
+
+    passes = run.trainer.passes
+    it = iter(run.batches)
     for _ in itertools.islice(it, done * passes):
         pass
-    for _ in range(done, steps):
+    for _ in range(done, run.steps_per_epoch):
         first = next(it, None)
         if first is None:  # a stream that ended early
             return
-        yield (
-            (make_views(images), labels)
-            for images, labels in itertools.chain([first], itertools.islice(it, passes - 1))
-        )
+        yield (made(images, labels) for images, labels in itertools.chain([first], itertools.islice(it, passes - 1)))
 
 
-def _stop_if_asked(
-    cfg: Config,
-    accelerator: Accelerator,
-    metrics: MetricsLog,
-    run_dir: Path,
-    progress: Progress,
-    worst_run: int,
-    stop_voted: bool,
-    signum: int | None,
-) -> None:
+def _stop_if_asked(run: Run, worst_run: int, stop_voted: bool, signum: int | None) -> None:
     """Ends training at a log point: too many non-finite steps in a row, or a signal any process got
     (the step finished; a checkpoint is written first)."""
+    t, run_dir = run.trainer, run.run_dir
+    cfg, progress = t.cfg, t.progress
     epoch = progress.epoch + 1  # the epoch under way
     if worst_run >= cfg.train.max_nonfinite_steps > 0:
-        metrics.write({"kind": "stopped", "reason": "non-finite", "step": progress.step, "epoch": epoch})
+        run.metrics.write({"kind": "stopped", "reason": "non-finite", "step": progress.step, "epoch": epoch})
         raise NonFiniteTraining(_nonfinite_message(cfg, run_dir, worst_run, progress.step, epoch))
     if stop_voted:
         signum = signum or signal.SIGTERM  # another process got it
-        saved = save_checkpoint(accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch, progress.step)
+        saved = save_checkpoint(t.accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch, progress.step)
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name} at step {progress.step} (epoch {epoch}): the step finished and {saved} "
             f"was written. Resume with: twinview pretrain --resume {run_dir}",

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from twinview.augment.preview import GAP, HEADER, MIN_CELL
-from twinview.pretrain.cli import main
+from twinview.pretrain.app.cli import main
 
 
 def _cells(png: Path, rows: int, columns: int, cell: int) -> np.ndarray:

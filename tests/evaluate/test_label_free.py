@@ -7,6 +7,7 @@ import csv
 import functools
 import hashlib
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +239,7 @@ def test_similarity_stats_match_numpy(n: int, sample: int) -> None:
         "cosine": summary_numpy(pairs),
         "nn_cosine": summary_numpy(nearest),
     }
-    stats = similarity_stats(features, sample=sample, seed=7)
+    stats = asdict(similarity_stats(features, sample=sample, seed=7))
     assert stats.keys() == expected.keys()
     for name, values in expected.items():
         assert stats[name] == pytest.approx(values, rel=1e-5, abs=1e-6), name

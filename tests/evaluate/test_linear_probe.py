@@ -18,11 +18,11 @@ def test_probe_learns_separable_classes_and_fails_on_noise() -> None:
     train = _blobs(400, 0, 1.0)
     test = _blobs(200, 1, 1.0)
     result = linear_probe(*train, *test, epochs=50)
-    assert result["probe_top1"] > 0.95 and result["probe_top5"] == 1.0
-    assert result["weight_decay"] in (0.0, 1e-4, 1e-3, 1e-2) and len(result["val_top1_by_weight_decay"]) == 4
+    assert result.top1 > 0.95 and result.top5 == 1.0
+    assert result.weight_decay in (0.0, 1e-4, 1e-3, 1e-2) and len(result.val_top1_by_weight_decay) == 4
     noise_x = torch.randn(400, 16, generator=torch.Generator().manual_seed(5))
     chance = linear_probe(noise_x, train[1], torch.randn(200, 16), test[1], epochs=50)
-    assert chance["probe_top1"] < 0.45  # 4 classes: ~0.25 expected from features without signal
+    assert chance.top1 < 0.45  # 4 classes: ~0.25 expected from features without signal
 
 
 def test_stratified_split_keeps_every_class_in_both_parts() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,6 +21,17 @@ from twinview.evaluate.report import (
     write_markdown,
     write_report,
 )
+from twinview.evaluate.results import (
+    ClusterSizes,
+    Diagnostics,
+    DuplicatePairs,
+    KnnResult,
+    LabelFreeResult,
+    LabelledResult,
+    ProbeResult,
+    SimilarityStats,
+    Spread,
+)
 
 
 def _png(path: Path, seed: int) -> Path:
@@ -32,45 +42,31 @@ def _png(path: Path, seed: int) -> Path:
     return path
 
 
-def _labelled(plots: list[str] | None = None, warning: str | None = None, probe: bool = True) -> dict[str, Any]:
-    r: dict[str, Any] = {
-        "knn_top1": 0.91234,
-        "knn_top5": 0.99,
-        "k": 5,
-        "temperature": 0.1,
-        "num_train": 24,
-        "num_test": 12,
-        "retrieval": {"recall@1": 0.5, "map@r": 0.25},
-        "verification": {"roc_auc": 0.75},
-        "diagnostics": {
-            "alignment": 0.3,
-            "uniformity": -2.1,
-            "effective_rank": 33.33,
-            "dims": 512,
-            "collapse_warning": warning,
-        },
-    }
-    if probe:
-        r["linear_probe"] = {"weight_decay": 1e-4, "probe_top1": 0.8, "probe_top5": 0.95}
-    if plots is not None:
-        r["plots"] = plots
-    return r
+def _labelled(plots: list[str] | None = None, warning: str | None = None, probe: bool = True) -> LabelledResult:
+    return LabelledResult(
+        knn=KnnResult(0.91234, 0.99, k=5, temperature=0.1, num_reference=24, num_query=12),
+        retrieval={"recall@1": 0.5, "map@r": 0.25},
+        verification={"roc_auc": 0.75},
+        diagnostics=Diagnostics(
+            uniformity=-2.1, effective_rank=33.33, dims=512, collapse_warning=warning, alignment=0.3
+        ),
+        linear_probe=ProbeResult(0.8, 0.95, weight_decay=1e-4, val_top1_by_weight_decay={}, epochs=50)
+        if probe
+        else None,
+        plots=tuple(plots or ()),
+    )
 
 
-def _diagnostics(rank: float, warning: str | None = None) -> dict[str, Any]:
-    return {
-        "effective_rank": rank,
-        "dims": 512,
-        "uniformity": -3.25,
-        "alignment": 0.41234,
-        "collapse_warning": warning,
-        "norm": {"mean": 20.0, "p5": 15.0, "p50": 19.87654, "p95": 25.0},
-        "cosine": {"mean": 0.12345, "p5": -0.1, "p50": 0.1, "p95": 0.56789},
-        "nn_cosine": {"mean": 0.8, "p5": 0.6, "p50": 0.81111, "p95": 0.95},
-    }
+def _diagnostics(rank: float, warning: str | None = None, similarity: bool = True) -> Diagnostics:
+    stats = SimilarityStats(
+        norm=Spread(20.0, 15.0, 19.87654, 25.0),
+        cosine=Spread(0.12345, -0.1, 0.1, 0.56789),
+        nn_cosine=Spread(0.8, 0.6, 0.81111, 0.95),
+    )
+    return Diagnostics(-3.25, rank, 512, warning, 0.41234, stats if similarity else None)
 
 
-def _label_free(tmp_path: Path) -> dict[str, Any]:
+def _label_free(tmp_path: Path, top_b: str = "/elsewhere/y.png") -> LabelFreeResult:
     """A complete label-free result whose plots and CSVs exist under ``tmp_path/run``."""
     run, images = tmp_path / "run", tmp_path / "images"
     plots = {
@@ -81,25 +77,27 @@ def _label_free(tmp_path: Path) -> dict[str, Any]:
     }
     for csv in ("duplicates.csv", "clusters.csv"):
         (run / csv).write_text("a,b\n")
-    return {
-        "source": str(images),
-        "num_images": 120,
-        "skipped": 2,
-        "pretrained": {"diagnostics": _diagnostics(123.456)},
-        "random_init": {"diagnostics": _diagnostics(1.5, "the representation looks collapsed")},
-        "duplicates": {
-            "threshold": 0.95,
-            "pairs": 3,
-            "exact": 1,
-            "csv": str(run / "duplicates.csv"),
-            "top": [
-                [str(images / "cats" / "a.png"), str(images / "cats" / "b.png"), 1.0, True],
-                [str(images / "x.png"), "/elsewhere/y.png", 0.96789, False],
-            ],
+    return LabelFreeResult(
+        source=str(images),
+        num_images=120,
+        skipped=2,
+        backbones={
+            "pretrained": _diagnostics(123.456),
+            "random_init": _diagnostics(1.5, "the representation looks collapsed"),
         },
-        "clusters": {"k": 3, "sizes": [60, 40, 20], "csv": str(run / "clusters.csv")},
-        "plots": plots,
-    }
+        duplicates=DuplicatePairs(
+            threshold=0.95,
+            pairs=3,
+            exact=1,
+            csv=str(run / "duplicates.csv"),
+            top=(
+                (str(images / "cats" / "a.png"), str(images / "cats" / "b.png"), 1.0, True),
+                (str(images / "x.png"), top_b, 0.96789, False),
+            ),
+        ),
+        clusters=ClusterSizes(3, (60, 40, 20), str(run / "clusters.csv")),
+        plots=plots,
+    )
 
 
 def _by_title(sections: list[Section]) -> dict[str, Section]:
@@ -221,19 +219,19 @@ def test_label_free_sections_in_order_with_formatted_numbers(tmp_path: Path) -> 
 
 
 def test_label_free_sections_omit_what_the_result_lacks() -> None:
-    diagnostics = _diagnostics(40.0)
-    del diagnostics["nn_cosine"]
-    result = {
-        "source": "user/images",
-        "num_images": 10,
-        "skipped": 0,
-        "pretrained": {"diagnostics": diagnostics},
-        "duplicates": {"threshold": 0.9, "pairs": 0, "exact": 0, "csv": "", "top": []},
-        "plots": {"embeddings": "plots/embeddings.png"},
-    }
+    result = LabelFreeResult(
+        source="user/images",
+        num_images=10,
+        skipped=0,
+        backbones={"pretrained": _diagnostics(40.0, similarity=False)},
+        duplicates=DuplicatePairs(threshold=0.9, pairs=0, exact=0, csv="", top=()),
+        clusters=ClusterSizes(1, (10,), ""),
+        plots={"embeddings": "plots/embeddings.png"},
+    )
     sections = label_free_sections(result)
 
-    assert [s.title for s in sections] == ["Summary", "Representation", "Embedding map", "Near-duplicates"]
+    titles = ["Summary", "Representation", "Embedding map", "Near-duplicates", "Clusters"]
+    assert [s.title for s in sections] == titles
     rep = _by_title(sections)["Representation"]
     assert rep.tables[0].header == ("metric", "pretrained")  # no random-init column
     assert rep.tables[0].rows[-1] == ("nearest-neighbour cosine p50", MISSING)
@@ -241,12 +239,11 @@ def test_label_free_sections_omit_what_the_result_lacks() -> None:
     dup = _by_title(sections)["Near-duplicates"]
     assert dup.tables == () and dup.files == ()
     assert dup.notes == ("No pair of images is above the threshold.",)
-    assert [s.title for s in label_free_sections({"source": "s", "num_images": 0, "skipped": 0})] == ["Summary"]
+    assert _by_title(sections)["Clusters"].files == ()
 
 
 def test_label_free_markdown_tables_links_and_escaped_cells(tmp_path: Path) -> None:
-    result = _label_free(tmp_path)
-    result["duplicates"]["top"][1][1] = "/odd|name.png"
+    result = _label_free(tmp_path, top_b="/odd|name.png")
     md = write_markdown(label_free_sections(result), tmp_path / "run" / "report.md", "Label-free run").read_text()
     lines = md.splitlines()
 
@@ -273,7 +270,7 @@ def test_html_inlines_every_figure_as_base64_of_the_same_bytes(tmp_path: Path) -
     assert 'src="plots/' not in page and "http://" not in page and "https://" not in page
     assert "<script" not in page
     inlined = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)"', page)
-    assert len(inlined) == len(result["plots"]) == 7
+    assert len(inlined) == len(result.plots) == 7
     by_caption = {alt: base64.b64decode(data) for data, alt in inlined}
     plots = tmp_path / "run" / "plots"
     assert by_caption["training curves"] == (plots / "training.png").read_bytes()

@@ -16,15 +16,21 @@ from torch import nn
 from twinview.augment.config import AugmentConfig, fill_recipe
 from twinview.evaluate import features as features_module
 from twinview.evaluate.config import EvalConfig
-from twinview.evaluate.features import extract_features, state_checksum
+from twinview.evaluate.features import Embedder, extract_features, state_checksum
 from twinview.evaluate.knn import knn_accuracy
 from twinview.evaluate.metrics import retrieval_metrics
+from twinview.evaluate.results import KnnResult
 from twinview.evaluate.run import evaluate, knn_only
 from twinview.pretrain.data.cache import cache_key
-from twinview.pretrain.data.sources import ImageFolderDataset
+from twinview.pretrain.data.folder import ImageFolderDataset
+from twinview.pretrain.data.source import scan_source
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 EVAL = EvalConfig(knn_k=5, knn_temperature=0.1, batch_size=7)
+
+
+def _embed(backbone: nn.Module, mean: tuple = MEAN, std: tuple = STD) -> Embedder:
+    return Embedder(backbone, mean, std, batch_size=7, num_workers=0, device=torch.device("cpu"))
 
 
 def _backbone() -> nn.Module:
@@ -61,21 +67,24 @@ class MeanColourImages:
 
 
 def test_knn_only_equals_the_knn_part_of_evaluate_and_the_metric_functions(image_folder: Path) -> None:
-    train_set, test_set = ImageFolderDataset(image_folder, 24), ImageFolderDataset(image_folder, 24)
-    backbone = _backbone()
-    full = evaluate(
-        backbone, train_set, test_set, EVAL, _augment(), 24, MEAN, STD, num_workers=0, device=torch.device("cpu")
+    train_set, test_set = (
+        ImageFolderDataset(scan_source(image_folder), 24),
+        ImageFolderDataset(scan_source(image_folder), 24),
     )
-    knn = knn_only(backbone, train_set, test_set, EVAL, MEAN, STD, num_workers=0, device=torch.device("cpu"))
-    assert knn == {key: full[key] for key in ("knn_top1", "knn_top5", "k", "temperature", "num_train", "num_test")}
-    assert knn["num_train"] == knn["num_test"] == 24 and knn["k"] == 5
+    backbone = _backbone()
+    full = evaluate(_embed(backbone), train_set, test_set, EVAL, _augment())
+    knn = knn_only(_embed(backbone), train_set, test_set, EVAL)
+    assert knn == full.knn
+    assert knn.num_reference == knn.num_query == 24 and knn.k == 5
 
     x, y = extract_features(backbone, train_set, MEAN, STD, batch_size=7, num_workers=0)
     expected = knn_accuracy(x, y, x, y, k=5, temperature=0.1)
-    assert (knn["knn_top1"], knn["knn_top5"]) == (expected["top1"], expected["top5"])
-    assert full["retrieval"] == retrieval_metrics(x, y, x, y)
-    assert full["backbone_unchanged"] and full["diagnostics"]["dims"] == 8
-    assert 0.0 <= full["diagnostics"]["alignment"] <= 4.0 and 0.0 <= full["verification"]["roc_auc"] <= 1.0
+    assert (knn.top1, knn.top5) == (expected["top1"], expected["top5"])
+    assert full.retrieval == retrieval_metrics(x, y, x, y)
+    assert full.backbone_unchanged and full.diagnostics.dims == 8
+    assert 0.0 <= full.diagnostics.alignment <= 4.0 and 0.0 <= full.verification["roc_auc"] <= 1.0
+    as_json = full.to_json()  # eval.json's layout
+    assert (as_json["knn_top1"], as_json["num_train"], as_json["diagnostics"]["dims"]) == (knn.top1, 24, 8)
 
 
 def test_any_labelled_images_work_and_separable_colours_score_one() -> None:
@@ -84,24 +93,15 @@ def test_any_labelled_images_work_and_separable_colours_score_one() -> None:
     reference = MeanColourImages([0, 1, 2] * 4, colours)
     query = MeanColourImages([2, 1, 0, 0], colours)
     mean_colour = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    got = knn_only(
-        mean_colour,
-        reference,
-        query,
-        EvalConfig(knn_k=4),
-        (0.0,) * 3,
-        (1.0,) * 3,
-        num_workers=0,
-        device=torch.device("cpu"),
-    )
-    assert got == {"knn_top1": 1.0, "knn_top5": 1.0, "k": 4, "temperature": 0.1, "num_train": 12, "num_test": 4}
+    got = knn_only(_embed(mean_colour, (0.0,) * 3, (1.0,) * 3), reference, query, EvalConfig(knn_k=4))
+    assert got == KnnResult(top1=1.0, top5=1.0, k=4, temperature=0.1, num_reference=12, num_query=4)
 
 
 def test_features_are_cached_per_data_set_reused_and_renewed(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dataset, backbone, cache = ImageFolderDataset(image_folder, 24), _backbone(), tmp_path / "features"
-    first = knn_only(backbone, dataset, dataset, EVAL, MEAN, STD, num_workers=0, features_dir=cache)
+    dataset, backbone, cache = ImageFolderDataset(scan_source(image_folder), 24), _backbone(), tmp_path / "features"
+    first = knn_only(_embed(backbone), dataset, dataset, EVAL, features_dir=cache)
     before = dataset.fingerprint()
     assert before == cache_key(dataset.index, 24)  # the decoded cache's key, as before
     key = hashlib.sha256(f"{before}:{state_checksum(backbone)!r}".encode()).hexdigest()[:16]
@@ -110,13 +110,13 @@ def test_features_are_cached_per_data_set_reused_and_renewed(
     calls: list[int] = []
     original = features_module.extract_features
     monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(1) or original(*a, **k))
-    assert knn_only(backbone, dataset, dataset, EVAL, MEAN, STD, num_workers=0, features_dir=cache) == first
+    assert knn_only(_embed(backbone), dataset, dataset, EVAL, features_dir=cache) == first
     assert not calls  # read back, not extracted
 
     image = image_folder / "class_0" / "000.png"
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # a changed file
     assert dataset.fingerprint() != before
-    knn_only(backbone, dataset, dataset, EVAL, MEAN, STD, num_workers=0, features_dir=cache)
+    knn_only(_embed(backbone), dataset, dataset, EVAL, features_dir=cache)
     assert len(calls) == 1 and len(list(cache.iterdir())) == 2  # extracted once more, into a new file
 
 
@@ -124,10 +124,10 @@ def test_unlabeled_or_mismatched_sets_are_refused(image_folder: Path, tmp_path: 
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(image_folder / "class_0" / "000.png", flat / "a.png")
-    labelled, unlabeled = ImageFolderDataset(image_folder, 24), ImageFolderDataset(flat, 24)
+    labelled, unlabeled = ImageFolderDataset(scan_source(image_folder), 24), ImageFolderDataset(scan_source(flat), 24)
     with pytest.raises(ValueError, match=r"query '.*flat' has no class sub-folders"):
-        knn_only(_backbone(), labelled, unlabeled, EVAL, MEAN, STD, num_workers=0)
+        knn_only(_embed(_backbone()), labelled, unlabeled, EVAL)
     shutil.rmtree(image_folder / "class_2")
-    fewer = ImageFolderDataset(image_folder, 24)
+    fewer = ImageFolderDataset(scan_source(image_folder), 24)
     with pytest.raises(ValueError, match="class folders differ"):
-        evaluate(_backbone(), fewer, labelled, EVAL, _augment(), 24, MEAN, STD, num_workers=0)
+        evaluate(_embed(_backbone()), fewer, labelled, EVAL, _augment())

@@ -200,7 +200,7 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
 
     from accelerate import Accelerator
 
-    from twinview.pretrain.engine.accumulation import accumulate
+    from twinview.pretrain.engine.accumulation import cached_passes
 
     _, model, method = _objective_setup(objective)
     g = torch.Generator().manual_seed(3)
@@ -222,7 +222,7 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
     ref_rng = torch.get_rng_state()
 
     torch.manual_seed(7)
-    loss, step_keys = accumulate(Accelerator(cpu=True), model, method, passes, len(passes), "cached")
+    loss, step_keys = cached_passes(Accelerator(cpu=True), model, method, passes)
     assert torch.equal(torch.get_rng_state(), ref_rng)  # the run's random stream continues as without caching
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
@@ -237,13 +237,16 @@ def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(obje
             torch.testing.assert_close(b, c, msg=name)  # the loss changed no state of the method
 
 
-def test_independent_accumulation_averages_per_pass_losses() -> None:
-    """Reference: each pass's own loss, gradients averaged over the passes."""
+def test_independent_accumulation_steps_on_the_average_of_per_pass_gradients() -> None:
+    """Reference: each pass's own loss, gradients averaged over the passes, one SGD step. The
+    training step's own loop runs it (one pass is its special case)."""
     import copy
+    from types import SimpleNamespace
 
     from accelerate import Accelerator
 
-    from twinview.pretrain.engine.accumulation import accumulate
+    from twinview.pretrain.engine.step_guard import StepGuard
+    from twinview.pretrain.engine.train import train_step
 
     _, model, method = _objective_setup("simclr")
     g = torch.Generator().manual_seed(3)
@@ -254,8 +257,27 @@ def test_independent_accumulation_averages_per_pass_losses() -> None:
     torch.manual_seed(7)
     losses = [ref_method(ref_model, views, labels)[0] for views, labels in passes]
     (sum(losses) / 2).backward()
+    torch.optim.SGD(ref_model.parameters(), lr=0.5).step()
+
     torch.manual_seed(7)
-    loss, _ = accumulate(Accelerator(cpu=True), model, method, passes, len(passes), "independent")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(optim=SimpleNamespace(clip_grad_norm=0.0)),
+        accelerator=Accelerator(cpu=True),
+        model=model,
+        online=model,
+        method=method,
+        optimizer=optimizer,
+        scheduler=SimpleNamespace(step_update=lambda num_updates: None),
+        guard=StepGuard(model, method, optimizer, "off", torch.device("cpu")),
+        progress=SimpleNamespace(step=0),
+        total_steps=1,
+        parameters=list(model.parameters()),
+        passes=len(passes),
+        cached=False,
+    )
+    loss, ok, _ = train_step(trainer, iter(passes))  # type: ignore[arg-type]
     torch.testing.assert_close(loss, (sum(losses) / 2).detach())
+    assert bool(ok) and trainer.progress.step == 1
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

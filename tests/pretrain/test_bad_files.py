@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from twinview.pretrain.data.decode import BadImage, decode_image
-from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
+from twinview.pretrain.data.folder import ImageFolderDataset, SkipLog
+from twinview.pretrain.data.source import scan_source
 
 
 def _rgb(path: Path, color: tuple[int, int, int] = (200, 30, 60), size: int = 16) -> Path:
@@ -110,7 +111,7 @@ def test_dataset_skips_bad_files_keeps_batch_size_and_logs_reasons(tmp_path: Pat
     (root / "a" / "9-empty.jpg").write_bytes(b"")
     (root / "b" / "9-text.png").write_text("nope")
     log = SkipLog(tmp_path / "skipped")
-    dataset = ImageFolderDataset(root, 8, skip_log=log)
+    dataset = ImageFolderDataset(scan_source(root), 8, skip_log=log)
     items = [dataset[i] for i in range(len(dataset))]
     assert len(items) == 8 and all(img.shape == (3, 8, 8) for img, _ in items)
     skipped = log.collect()
@@ -118,7 +119,7 @@ def test_dataset_skips_bad_files_keeps_batch_size_and_logs_reasons(tmp_path: Pat
         "9-empty.jpg": "empty file (0 bytes)",
         "9-text.png": "not an image (or a format PIL cannot read)",
     }
-    strict = ImageFolderDataset(root, 8, strict=True)
+    strict = ImageFolderDataset(scan_source(root), 8, strict=True)
     with pytest.raises(BadImage, match=r"9-empty.jpg: empty file.*data.strict=true"):
         [strict[i] for i in range(len(strict))]
 
@@ -128,8 +129,11 @@ def test_file_list_with_labels_and_relative_paths(tmp_path: Path) -> None:
     _rgb(tmp_path / "dog.png")
     listing = tmp_path / "list.csv"
     listing.write_text("path,label\ncat.png,cat\ndog.png,dog\n")
-    dataset = ImageFolderDataset(listing, 8)
+    dataset = ImageFolderDataset(scan_source(listing), 8)
     assert dataset.index.classes == ("cat", "dog") and [dataset[i][1] for i in range(2)] == [0, 1]
     plain = tmp_path / "list.txt"
     plain.write_text(f"{tmp_path / 'cat.png'}\n# a comment\ndog.png\n")
-    assert not ImageFolderDataset(plain, 8).index.labeled and len(ImageFolderDataset(plain, 8)) == 2
+    assert (
+        not ImageFolderDataset(scan_source(plain), 8).index.labeled
+        and len(ImageFolderDataset(scan_source(plain), 8)) == 2
+    )

@@ -15,7 +15,7 @@ import torch
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.cache import CachedDataset, DeviceBatches, build_or_load, cache_key
 from twinview.pretrain.data.decode import BadImage, decode_image
-from twinview.pretrain.data.sources import scan_source
+from twinview.pretrain.data.source import scan_source
 from twinview.pretrain.engine.train import train
 
 

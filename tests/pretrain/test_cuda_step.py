@@ -54,11 +54,17 @@ def test_a_guarded_step_in_device_mode_makes_no_host_sync(objective: str, optimi
     params = list(model.parameters())
 
     def step(bad: bool) -> None:
-        guard.begin()
+        guard.snapshot_buffers()
         loss, keys = method(model, views, labels)
         loss = loss * (float("nan") if bad else 1.0)
         loss.backward()
-        guard.apply(guard.finite(loss, grad_norm(params)), lambda apply: method.after_step(model, keys, 0, 10, apply))
+        decided = guard.decide(loss, grad_norm(params))  # as train_step does
+        if decided.step_optimizer:
+            opt.step()
+        guard.restore_weights(decided)
+        if decided.update_method:
+            method.after_step(model, keys, 0, 10, decided.apply)
+        guard.restore_buffers(decided)
         opt.zero_grad(set_to_none=True)
 
     step(False)  # the first step reads the flag once (the optimiser state is created by it)
@@ -82,7 +88,7 @@ def test_a_guarded_step_in_device_mode_makes_no_host_sync(objective: str, optimi
 def test_cached_accumulation_replays_cuda_dropout() -> None:
     from accelerate import Accelerator
 
-    from twinview.pretrain.engine.accumulation import accumulate
+    from twinview.pretrain.engine.accumulation import cached_passes
 
     _, model, method = _setup("simclr", "sgd", drop=0.3)
     passes = [
@@ -95,7 +101,7 @@ def test_cached_accumulation_replays_cuda_dropout() -> None:
     ref = ref_method.loss([torch.cat(p) for p in zip(*outs, strict=True)], [], torch.cat([lab for _, lab in passes]))
     ref.backward()
     torch.cuda.manual_seed(5)
-    loss, _ = accumulate(Accelerator(), model, method, passes, len(passes), "cached")
+    loss, _ = cached_passes(Accelerator(), model, method, passes)
     torch.testing.assert_close(loss, ref.detach())
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

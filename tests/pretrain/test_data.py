@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from twinview.pretrain.data.builtin import materialize_digits, resolve_path
-from twinview.pretrain.data.sources import UNLABELED, ImageFolderDataset, load_image, scan_folder
+from twinview.pretrain.data.folder import ImageFolderDataset, load_image
+from twinview.pretrain.data.source import UNLABELED, scan_folder, scan_source
 
 
 def _save(path: Path, mode: str = "RGB", size: tuple[int, int] = (10, 6), fmt: str | None = None) -> Path:
@@ -74,7 +75,7 @@ def test_resize_keeps_aspect_by_centre_crop(tmp_path: Path) -> None:
 
 
 def test_dataset_returns_images_and_labels(image_folder: Path) -> None:
-    ds = ImageFolderDataset(image_folder, 16)
+    ds = ImageFolderDataset(scan_source(image_folder), 16)
     assert len(ds) == 24
     img, label = ds[9]
     assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1

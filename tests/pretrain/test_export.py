@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from twinview.pretrain.app.export import export_backbone
 from twinview.pretrain.config import load_config
-from twinview.pretrain.export import export_backbone
 from twinview.pretrain.models import apply_cifar_stem, create_backbone
 
 

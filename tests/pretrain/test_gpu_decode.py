@@ -16,6 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.decode import BadImage
+from twinview.pretrain.data.folder import ImageFolderDataset, SkipLog
 from twinview.pretrain.data.gpu_decode import (
     DeviceDecoder,
     EncodedImageFolder,
@@ -25,8 +26,8 @@ from twinview.pretrain.data.gpu_decode import (
     unpack,
 )
 from twinview.pretrain.data.loaders import build_batches
-from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
-from twinview.pretrain.validate import ConfigError, World, validate
+from twinview.pretrain.data.source import FOLDER, HF, Source, resolve_source, scan_source
+from twinview.pretrain.validate import ConfigError, World, validate, validate_data
 
 SIZE = 16
 
@@ -78,7 +79,7 @@ def test_workers_send_plain_jpegs_as_bytes_and_decode_the_rest(tmp_path: Path) -
 
 
 def test_a_batch_travels_as_one_packed_tensor_and_unpacks_to_its_items(tmp_path: Path) -> None:
-    folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
+    folder = ImageFolderDataset(scan_source(_folder(tmp_path / "img")), SIZE)
     items = [EncodedImageFolder(folder)[i] for i in range(len(folder))]
     packed = encoded_collate(items)
     assert len(packed) == 5 and packed[0].dim() == 1  # five tensors whatever the batch size
@@ -92,9 +93,10 @@ FD_LIMITED = """
 import resource, sys
 from torch.utils.data import DataLoader
 from twinview.pretrain.data.gpu_decode import EncodedImageFolder, encoded_collate
-from twinview.pretrain.data.sources import ImageFolderDataset
+from twinview.pretrain.data.folder import ImageFolderDataset
+from twinview.pretrain.data.source import scan_source
 resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
-data = EncodedImageFolder(ImageFolderDataset(sys.argv[1], 8))
+data = EncodedImageFolder(ImageFolderDataset(scan_source(sys.argv[1]), 8))
 loader = DataLoader(data, batch_size=300, num_workers=2, collate_fn=encoded_collate, drop_last=True)
 print(sum(len(batch[1]) - 1 for batch in loader))
 """
@@ -124,7 +126,7 @@ def test_centre_square_crops_the_middle_and_keeps_a_square_of_the_right_size() -
 
 
 def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
-    folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
+    folder = ImageFolderDataset(scan_source(_folder(tmp_path / "img")), SIZE)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = _batch([encoded[i] for i in range(len(encoded))])
     images, got_labels = DeviceDecoder(folder, torch.device("cpu"), _cpu_decode).decode(payloads, labels, indices)
@@ -136,7 +138,7 @@ def test_device_batches_match_the_cpu_path(tmp_path: Path) -> None:
 
 
 def test_a_rejected_file_falls_back_to_one_by_one_then_the_cpu(tmp_path: Path) -> None:
-    folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
+    folder = ImageFolderDataset(scan_source(_folder(tmp_path / "img")), SIZE)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = _batch([encoded[i] for i in range(6)])
     rejected = payloads[2]
@@ -159,7 +161,7 @@ def test_a_truncated_jpeg_stays_with_the_cpu_decoder_in_the_worker(tmp_path: Pat
     bad = root / "a" / "5.jpg"
     bad.write_bytes(bad.read_bytes()[:-100])  # no end-of-image marker: a hardware decoder may not notice
     log = SkipLog(tmp_path / "skipped")
-    folder = ImageFolderDataset(root, SIZE, skip_log=log)
+    folder = ImageFolderDataset(scan_source(root), SIZE, skip_log=log)
     payload, label, index = EncodedImageFolder(folder)[5]
     assert payload.shape == (3, SIZE, SIZE)  # the replacement (a CMYK JPEG) was decoded in the worker
     assert index == 6 and label == 1 and list(log.collect()) == [str(bad)]  # skipped as on the CPU path
@@ -168,7 +170,7 @@ def test_a_truncated_jpeg_stays_with_the_cpu_decoder_in_the_worker(tmp_path: Pat
 def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(tmp_path: Path) -> None:
     root = _folder(tmp_path / "img")
     log = SkipLog(tmp_path / "skipped")
-    folder = ImageFolderDataset(root, SIZE, skip_log=log)
+    folder = ImageFolderDataset(scan_source(root), SIZE, skip_log=log)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = _batch([encoded[i] for i in range(6)])
     # item 5 (the last of class a) as bytes that pass the worker's checks and that neither decoder reads
@@ -196,7 +198,7 @@ def test_a_file_no_decoder_can_read_is_skipped_listed_and_replaced_by_the_next(t
 
 
 def test_out_of_memory_is_not_taken_for_a_bad_file(tmp_path: Path) -> None:
-    folder = ImageFolderDataset(_folder(tmp_path / "img"), SIZE)
+    folder = ImageFolderDataset(scan_source(_folder(tmp_path / "img")), SIZE)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = _batch([encoded[i] for i in range(3)])
 
@@ -216,7 +218,8 @@ def test_build_batches_decodes_on_the_device_through_the_loader(tmp_path: Path) 
         [f"data.path={root}", "data.decode=gpu", f"data.image_size={SIZE}", "data.num_workers=0", "train.batch_size=4"],
     )
     accelerator = Accelerator(cpu=True)
-    batches = build_batches(cfg, accelerator, World(), SkipLog(tmp_path / "s")).prepare(accelerator)
+    source = resolve_source(str(root))
+    batches = build_batches(cfg, source, accelerator, SkipLog(tmp_path / "s")).prepare(accelerator)
     batches.decoder.decode_jpegs = _cpu_decode  # torchvision's nvJPEG path needs CUDA
     batches.set_epoch(0)
     got = list(batches)
@@ -235,9 +238,14 @@ def test_build_batches_decodes_on_the_device_through_the_loader(tmp_path: Path) 
 )
 def test_gpu_decoding_is_refused_where_it_cannot_work(overrides: list[str], world: World, message: str) -> None:
     cfg = load_config(None, ["data.path=/imgs", "data.decode=gpu", *overrides])
+    kind = HF if cfg.data.path.startswith("hf:") else FOLDER
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world)
+        validate_data(cfg, world, Source(cfg.data.path, kind))
     validate(load_config(None, ["data.path=/imgs", "data.decode=gpu"]), World(device_type="cuda"))
+    validate_data(
+        load_config(None, ["data.path=/imgs", "data.decode=gpu"]), World(device_type="cuda"), Source("/imgs", FOLDER)
+    )
 
 
 @pytest.mark.cuda
@@ -245,7 +253,7 @@ def test_gpu_decoding_is_refused_where_it_cannot_work(overrides: list[str], worl
 def test_nvjpeg_batches_match_the_cpu_path_on_a_gpu(tmp_path: Path) -> None:
     root = _folder(tmp_path / "img")
     _photo(root / "c" / "big.jpg", 20, w=300, h=200)  # resized on the device
-    folder = ImageFolderDataset(root, SIZE)
+    folder = ImageFolderDataset(scan_source(root), SIZE)
     encoded = EncodedImageFolder(folder)
     payloads, labels, indices = _batch([encoded[i] for i in range(len(encoded))])
     images, got = DeviceDecoder(folder, torch.device("cuda")).decode(payloads, labels, indices)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.hf import HFImageDataset, pick_columns
-from twinview.pretrain.data.source_kind import is_hf_source
+from twinview.pretrain.data.source import FOLDER, HF, resolve_source, source_kind
 from twinview.pretrain.engine.train import train
 
 SMALL = [
@@ -53,8 +53,8 @@ def test_saved_dataset_gives_the_same_images_and_labels(
     hf_dataset: datasets.Dataset, image_folder: Path, tmp_path: Path
 ) -> None:
     hf_dataset.save_to_disk(str(tmp_path / "saved"))
-    assert is_hf_source(str(tmp_path / "saved")) and not is_hf_source(str(image_folder))
-    ds = HFImageDataset(str(tmp_path / "saved"), 24)
+    assert source_kind(str(tmp_path / "saved")) == HF and source_kind(str(image_folder)) == FOLDER
+    ds = HFImageDataset(resolve_source(str(tmp_path / "saved")), 24)
     assert (ds.image_column, ds.label_column) == ("img", "label") and ds.index.classes == (
         "class_0",
         "class_1",
@@ -80,9 +80,33 @@ def test_training_from_saved_parquet_and_imagefolder_sources(
 
 
 def test_supervised_objective_reads_hf_labels(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
+    """P x K batches of the data set's own labels: every image in a batch carries the label the data
+    set gives it, and each batch holds 2 classes x 4 images."""
+    from accelerate import Accelerator
+
+    from twinview.pretrain.data.folder import SkipLog
+    from twinview.pretrain.data.loaders import build_batches
+
     hf_dataset.save_to_disk(str(tmp_path / "saved"))
+    cfg = load_config(None, [*SMALL, f"data.path={tmp_path / 'saved'}", "objective.name=supcon"])
+    source = resolve_source(cfg.data.path)
+    assert source.label_column == "label" and source.survey is not None and source.survey.classes == 3
+    accelerator = Accelerator(cpu=True)
+    batches = build_batches(cfg, source, accelerator, SkipLog(tmp_path / "skipped")).prepare(accelerator)
+    batches.set_epoch(0)
+    truth = {
+        image.tobytes(): label for image, label in ((np.array(r["img"].convert("RGB")), r["label"]) for r in hf_dataset)
+    }
+    seen = 0
+    for images, labels in batches:
+        per_class = torch.bincount(labels, minlength=3).tolist()
+        assert sorted(per_class) == [0, 4, 4]  # P=2 classes x K=4 images
+        for image, label in zip(images, labels.tolist(), strict=True):
+            assert truth[image.permute(1, 2, 0).contiguous().numpy().tobytes()] == label
+        seen += 1
+    assert seen == 3
     records = _train(tmp_path / "runs", "supcon", f"data.path={tmp_path / 'saved'}", "objective.name=supcon")
-    assert records[-1]["step"] == 3
+    assert records[-1]["step"] == 3 and records[-1]["loss"] is not None
 
 
 def test_streaming_needs_an_epoch_length_and_then_trains(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
@@ -122,16 +146,16 @@ def test_column_detection_and_its_errors(hf_dataset: datasets.Dataset) -> None:
 
 def test_a_corrupt_row_is_replaced_and_listed(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
     from twinview.pretrain.data.decode import BadImage
-    from twinview.pretrain.data.sources import SkipLog
+    from twinview.pretrain.data.folder import SkipLog
 
     rows = hf_dataset.cast_column("img", datasets.Image(decode=False))[:]
     rows["img"][4] = {"path": None, "bytes": b"not an image"}
     broken = datasets.Dataset.from_dict(rows, features=hf_dataset.features)
     broken.save_to_disk(str(tmp_path / "broken"))
     log = SkipLog(tmp_path / "skipped")
-    ds = HFImageDataset(str(tmp_path / "broken"), 24, skip_log=log)
+    ds = HFImageDataset(resolve_source(str(tmp_path / "broken")), 24, skip_log=log)
     image, label = ds[4]  # the next row stands in
     assert image.shape == (3, 24, 24) and label == hf_dataset[5]["label"]
     assert list(log.collect()) == [f"{tmp_path / 'broken'}#4"]
     with pytest.raises(BadImage, match="#4: cannot decode"):
-        HFImageDataset(str(tmp_path / "broken"), 24, strict=True)[4]
+        HFImageDataset(resolve_source(str(tmp_path / "broken")), 24, strict=True)[4]

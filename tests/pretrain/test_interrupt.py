@@ -44,7 +44,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
     image_folder: Path, tmp_path: Path, wait_for_log_lines: Any
 ) -> None:
     args = [f"data.path={image_folder}", f"train.output_dir={tmp_path}", "train.epochs=12", *SMALL]
-    cmd = [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args, "train.run_name=killed"]
+    cmd = [sys.executable, "-m", "twinview.pretrain.app.cli", "pretrain", *args, "train.run_name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     wait_for_log_lines(metrics, 8)
@@ -57,7 +57,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
     assert not (tmp_path / "killed" / "model.safetensors").exists()
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(tmp_path / "killed")],
+        [sys.executable, "-m", "twinview.pretrain.app.cli", "pretrain", "--resume", str(tmp_path / "killed")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -108,7 +108,7 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path
         *SMALL,
         "train.checkpoint_every=4",
     ]
-    cmd = [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args, "train.run_name=killed"]
+    cmd = [sys.executable, "-m", "twinview.pretrain.app.cli", "pretrain", *args, "train.run_name=killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "killed"
     metrics = run_dir / "metrics.jsonl"
@@ -129,7 +129,7 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path
     assert last_step() > lost_from  # work after the checkpoint existed and is lost
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", "--resume", str(run_dir)],
+        [sys.executable, "-m", "twinview.pretrain.app.cli", "pretrain", "--resume", str(run_dir)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -158,7 +158,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
         "train.run_name=group",
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twinview.pretrain.cli", "pretrain", *args],
+        [sys.executable, "-m", "twinview.pretrain.app.cli", "pretrain", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -59,7 +59,7 @@ def _launch(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedP
         "--dynamo_backend",
         "no",
         "-m",
-        "twinview.pretrain.cli",
+        "twinview.pretrain.app.cli",
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -149,7 +149,7 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(
         "--dynamo_backend",
         "no",
         "-m",
-        "twinview.pretrain.cli",
+        "twinview.pretrain.app.cli",
         *common,
         "train.run_name=stopped",
     ]

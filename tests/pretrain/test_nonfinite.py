@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twinview.pretrain.cli import main
+from twinview.pretrain.app.cli import main
 from twinview.pretrain.config import load_config
 from twinview.pretrain.engine.train import train
 from twinview.pretrain.objectives import methods

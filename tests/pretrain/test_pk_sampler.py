@@ -8,7 +8,9 @@ import pytest
 
 from twinview.pretrain.config import load_config
 from twinview.pretrain.data.pk_sampler import PKBatchSampler
-from twinview.pretrain.validate import DataSummary, World, validate_data
+from twinview.pretrain.data.source import FOLDER, Source
+from twinview.pretrain.data.survey import DataSurvey
+from twinview.pretrain.validate import World, validate_data
 
 LABELS = [0] * 10 + [1] * 6 + [2] * 2 + [3] * 8  # class 2 has fewer than K images
 
@@ -46,4 +48,4 @@ def test_same_seed_and_epoch_give_the_same_batches() -> None:
 def test_more_classes_per_batch_than_classes_is_an_error() -> None:
     cfg = load_config(None, ["data.path=x", "objective.name=supcon", "train.batch_size=10", "data.samples_per_class=2"])
     with pytest.raises(ValueError, match="needs 5 classes but the data has 4"):
-        validate_data(cfg, World(), DataSummary("x", len(LABELS), True, 4))
+        validate_data(cfg, World(), Source("x", FOLDER, survey=DataSurvey("x", len(LABELS), 4, ())))

@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.data.survey import DataSurvey, auto_image_size, survey
+from twinview.pretrain.data.source import ImageSize, resolve_source
+from twinview.pretrain.data.survey import DataSurvey, auto_image_size
 from twinview.pretrain.distributed import cpu_computes_bf16
 from twinview.pretrain.engine.run_start import StartInfo, final_feature_side, resolve_precision, start_warnings
 from twinview.pretrain.engine.train import train
@@ -45,7 +46,8 @@ def test_auto_image_size_is_the_median_shorter_side_rounded_down(sides: list[int
 
 def test_the_survey_counts_images_and_classes_and_reads_sizes_from_headers(tmp_path: Path) -> None:
     root = _sized(tmp_path / "img", [(40, 30), (64, 80), (50, 50), (100, 20)])
-    found = survey(str(root))
+    found = resolve_source(str(root)).survey
+    assert found is not None
     assert (found.images, found.classes, sorted(found.shorter_sides)) == (4, 2, [20, 30, 50, 64])
     assert found.median_side == 40 and "4 images, 2 classes; shorter side 20-64 px, median 40" in found.describe()
 
@@ -94,29 +96,32 @@ def test_a_run_with_no_size_setting_picks_one_prints_why_and_saves_it(
     ],
 )
 def test_auto_precision_is_bf16_only_where_the_device_computes_it(world: World, chosen: str) -> None:
-    info = StartInfo(found=None, size_note="")  # type: ignore[arg-type]
-    cfg, info = resolve_precision(load_config(None, ["data.path=x", "train.mixed_precision=auto"]), world, info)
-    assert cfg.train.mixed_precision == chosen and info.precision_note.startswith(
-        f"{chosen} (train.mixed_precision=auto"
-    )
-    explicit, info = resolve_precision(load_config(None, ["data.path=x", "train.mixed_precision=no"]), world, info)
-    assert explicit.train.mixed_precision == "no" and info.precision_note == "no (train.mixed_precision)"
+    cfg, note = resolve_precision(load_config(None, ["data.path=x", "train.mixed_precision=auto"]), world)
+    assert cfg.train.mixed_precision == chosen and note.startswith(f"{chosen} (train.mixed_precision=auto")
+    explicit, note = resolve_precision(load_config(None, ["data.path=x", "train.mixed_precision=no"]), world)
+    assert explicit.train.mixed_precision == "no" and note == "no (train.mixed_precision)"
 
 
 def test_warnings_name_the_setting_to_change(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "img", classes=2, per_class=4, size=24)
-    found = survey(str(folder))
+    source = resolve_source(str(folder))
+    chosen = ImageSize(64, "", auto=False)
     cfg = load_config(None, [f"data.path={folder}", "data.image_size=64"])
     backbone = create_backbone(cfg.model)
-    (upscaled,) = start_warnings(cfg, StartInfo(found, ""), backbone, steps_per_epoch=100)
+    (upscaled,) = start_warnings(cfg, StartInfo(source, chosen), backbone, steps_per_epoch=100)
     assert "upscaled to data.image_size=64" in upscaled and "data.image_size=auto" in upscaled
     small = load_config(None, [f"data.path={folder}", "data.image_size=32"])
-    warnings = start_warnings(small, StartInfo(found, ""), backbone, steps_per_epoch=100)
+    auto = StartInfo(source, ImageSize(32, "", auto=True))
+    warnings = start_warnings(small, auto, backbone, steps_per_epoch=100)
     assert final_feature_side(backbone, 32) == 1 and final_feature_side(backbone, 64) == 2
     assert any("reduces 32 px images to 1x1" in w and "model.cifar_stem=true" in w for w in warnings)
     cifar = create_backbone(load_config(None, ["data.path=/x", "model.cifar_stem=true"]).model)
     assert final_feature_side(cifar, 32) == 4
-    assert not start_warnings(small, StartInfo(found, ""), cifar, steps_per_epoch=100)
+    assert not start_warnings(small, auto, cifar, steps_per_epoch=100)
+    # a recipe that sets 32 px with the standard stem chose it (the demo, simclr-cifar10): no warning
+    recipe = StartInfo(source, ImageSize(32, "", auto=False))
+    assert not start_warnings(small, recipe, backbone, steps_per_epoch=100, recipe="demo")
+    assert start_warnings(small, recipe, backbone, steps_per_epoch=100, recipe="") == warnings
 
 
 def test_a_streamed_source_is_sampled_from_its_first_rows_not_counted(tmp_path: Path) -> None:
@@ -128,6 +133,8 @@ def test_a_streamed_source_is_sampled_from_its_first_rows_not_counted(tmp_path: 
         {"img": [str(f) for f in files]}, features=datasets.Features({"img": datasets.Image()})
     )
     data.to_parquet(str(tmp_path / "d.parquet"))
-    streamed, mapped = survey(str(tmp_path / "d.parquet"), streaming=True), survey(str(tmp_path / "d.parquet"))
+    streamed = resolve_source(str(tmp_path / "d.parquet"), streaming=True).survey
+    mapped = resolve_source(str(tmp_path / "d.parquet")).survey
+    assert streamed is not None and mapped is not None
     assert streamed.images is None and mapped.images == 8
     assert streamed.shorter_sides == mapped.shorter_sides == (24,) * 8

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from twinview.pretrain.cli import main
+from twinview.pretrain.app.cli import main
 from twinview.pretrain.config import load_config
+from twinview.pretrain.data.folder import ImageFolderDataset, SkipLog
 from twinview.pretrain.data.hf import HFImageDataset
 from twinview.pretrain.data.shards import shard_stream
-from twinview.pretrain.data.source_kind import is_hf_source, is_shard_source, shard_files
-from twinview.pretrain.data.sources import ImageFolderDataset, SkipLog
+from twinview.pretrain.data.source import FOLDER, HF, SHARDS, resolve_source, scan_source, shard_files, source_kind
 from twinview.pretrain.engine.train import train
-from twinview.pretrain.validate import ConfigError, World, validate
+from twinview.pretrain.validate import ConfigError, World, validate_data
 
 from ..conftest import make_image_folder
 
@@ -64,7 +64,7 @@ def folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def pixels(folder: Path) -> dict[bytes, str]:
     """Each image's decoded pixels -> its sample key (the images are distinct noise)."""
-    ds = ImageFolderDataset(folder, SIZE)
+    ds = ImageFolderDataset(scan_source(folder), SIZE)
     return {ds[i][0].numpy().tobytes(): f"{f.parent.name}_{f.stem}" for i, f in enumerate(ds.index.files)}
 
 
@@ -80,7 +80,8 @@ def test_shard_names_braces_globs_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no files match"):
         shard_files(str(tmp_path / "val-*.tar"))
     pattern = str(tmp_path / "train-{000000..000002}.tar")
-    assert is_shard_source(pattern) and is_hf_source(pattern) and not is_shard_source(str(tmp_path))
+    assert source_kind(pattern) == SHARDS and source_kind(str(tmp_path)) == FOLDER
+    assert source_kind("hf:owner/name") == source_kind(str(tmp_path / "x.parquet")) == HF
 
 
 def test_each_process_reads_its_own_shards_and_bad_samples_are_listed(
@@ -91,7 +92,7 @@ def test_each_process_reads_its_own_shards_and_bad_samples_are_listed(
     log = SkipLog(tmp_path / "skipped")
     seen = []
     for rank in range(2):
-        stream = iter(shard_stream(pattern, SIZE, rank=rank, world=2, skip_log=log))
+        stream = iter(shard_stream(resolve_source(pattern), SIZE, rank=rank, world=2, skip_log=log))
         share = [k for s in range(rank, 3, 2) for k in keys[s] if k != "class_1_004"]
         got = [next(stream) for _ in range(len(share))]
         assert sorted(image_key(im, pixels) for im, _ in got) == sorted(share)  # one pass: each once
@@ -111,7 +112,7 @@ def test_a_truncated_shard_keeps_its_first_samples_and_the_stream_goes_on(
         fifth = tar.getmembers()[8]  # 4 whole samples of 2 members, then the 5th image cut short
     damaged.write_bytes(damaged.read_bytes()[: fifth.offset_data + 100])
     log = SkipLog(tmp_path / "skipped")
-    stream = iter(shard_stream(str(tmp_path / "train-*.tar"), SIZE, skip_log=log))
+    stream = iter(shard_stream(resolve_source(str(tmp_path / "train-*.tar")), SIZE, skip_log=log))
     got = Counter(image_key(next(stream)[0], pixels) for _ in range(4 + len(keys[1])))
     assert set(got) == set(keys[0][:4]) | set(keys[1]) and set(got.values()) == {1}
     (reason,) = log.collect().values()
@@ -120,7 +121,7 @@ def test_a_truncated_shard_keeps_its_first_samples_and_the_stream_goes_on(
 
 def test_dataloader_workers_split_a_process_share(folder: Path, pixels: dict[bytes, str], tmp_path: Path) -> None:
     keys = write_shards(tmp_path, folder, shards=4)  # 6 samples each: 12 per worker
-    loader = DataLoader(shard_stream(str(tmp_path / "train-*.tar"), SIZE), batch_size=6, num_workers=2)
+    loader = DataLoader(shard_stream(resolve_source(str(tmp_path / "train-*.tar")), SIZE), batch_size=6, num_workers=2)
     batches = iter(loader)
     got = [image_key(im, pixels) for _ in range(4) for im in next(batches)[0]]
     assert sorted(got) == sorted(k for s in keys for k in s)
@@ -128,8 +129,8 @@ def test_dataloader_workers_split_a_process_share(folder: Path, pixels: dict[byt
 
 def test_evaluation_reads_shards_as_the_folder_they_were_packed_from(folder: Path, tmp_path: Path) -> None:
     write_shards(tmp_path, folder, shards=2)
-    shards = HFImageDataset(str(tmp_path / "train-{0000..0001}.tar"), SIZE)
-    files = ImageFolderDataset(folder, SIZE)
+    shards = HFImageDataset(resolve_source(str(tmp_path / "train-{0000..0001}.tar")), SIZE)
+    files = ImageFolderDataset(scan_source(folder), SIZE)
     assert len(shards) == len(files) and shards.index.classes == ("0", "1", "2")
     by_name = {f"{f.parent.name}_{f.stem}": i for i, f in enumerate(files.index.files)}
     for i, name in enumerate(shards.index.files):
@@ -150,13 +151,16 @@ def test_training_on_shards_needs_an_epoch_length_and_lists_bad_samples(folder: 
         "model.proj_dim=16",
         f"train.output_dir={tmp_path / 'runs'}",
     ]
+    source = resolve_source(str(tmp_path / "train-{0000..0002}.tar"))
     with pytest.raises(ConfigError, match=r"tar shards \(always streamed\) has no epoch length"):
-        load_config(None, common)
+        train(load_config(None, common), tmp_path / "runs" / "refused")  # checked before any compute
     cfg = load_config(None, [*common, "train.max_steps_per_epoch=4", "train.epochs=2"])
     with pytest.raises(ConfigError, match="3 shards for 4 processes"):
-        validate(cfg, World(processes=4))
+        validate_data(cfg, World(processes=4), source)
     with pytest.raises(ConfigError, match="P x K batches"):
-        load_config(None, [*common, "train.max_steps_per_epoch=4", "objective.name=supcon"])
+        validate_data(
+            load_config(None, [*common, "train.max_steps_per_epoch=4", "objective.name=supcon"]), World(), source
+        )
     run = tmp_path / "runs" / "shards"
     train(cfg, run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
@@ -44,15 +46,33 @@ def _state(model: nn.Module, key: nn.Module, opt: torch.optim.Optimizer) -> list
     return [t.detach().clone() for t in [*model.state_dict().values(), *key.state_dict().values(), *opt_state]]
 
 
+def _guarded_step(
+    guard: StepGuard,
+    optimizer: Any,
+    loss: torch.Tensor,
+    norm: torch.Tensor | None,
+    update: Callable[[torch.Tensor | None], None],
+) -> None:
+    """What the training step (train_step) does after backward and clipping."""
+    step = guard.decide(loss, norm)
+    if step.step_optimizer:
+        optimizer.step()
+    guard.restore_weights(step)
+    if step.update_method:
+        update(step.apply)
+    guard.restore_buffers(step)
+
+
 def _guarded(mode: str, optimizer_name: str, steps: int = 8) -> tuple[list[torch.Tensor], StepGuard]:
     model, key, opt = _setup(optimizer_name)
     guard = StepGuard(model, key, opt, mode, torch.device("cpu"))
     for i, x in enumerate(_batches(steps)):
-        guard.begin()
+        guard.snapshot_buffers()
         loss = _loss(model, key, x, bad=i in BAD)  # the forward updates batch-norm statistics, NaN included
         loss.backward()
-        ok = guard.finite(loss, grad_norm(list(model.parameters())))
-        guard.apply(ok, lambda apply: key.update(model, 0.9, apply))
+        _guarded_step(
+            guard, opt, loss, grad_norm(list(model.parameters())), lambda apply: key.update(model, 0.9, apply)
+        )
         opt.zero_grad(set_to_none=True)
     return _state(model, key, opt), guard
 
@@ -94,10 +114,12 @@ def test_a_skipped_step_leaves_weights_buffers_optimizer_and_key_encoder_as_if_i
 def test_a_bad_first_step_in_device_mode_creates_no_optimizer_state() -> None:
     model, key, opt = _setup("sgd")
     guard = StepGuard(model, key, opt, "device", torch.device("cpu"))
-    guard.begin()
+    guard.snapshot_buffers()
     loss = _loss(model, key, _batches(1)[0], bad=True)
     loss.backward()
-    guard.apply(guard.finite(loss, grad_norm(list(model.parameters()))), lambda apply: key.update(model, 0.9, apply))
+    _guarded_step(
+        guard, guard.optimizer, loss, grad_norm(list(model.parameters())), lambda apply: key.update(model, 0.9, apply)
+    )
     assert not opt.state
 
 
@@ -105,14 +127,14 @@ def test_counters_track_the_current_run_and_survive_a_checkpoint() -> None:
     model, key, opt = _setup("sgd")
     guard = StepGuard(model, key, opt, "sync", torch.device("cpu"))
     for flag in [False, False, True, False, False, False]:
-        guard.begin()
-        guard.apply(torch.tensor(flag), lambda apply: None)
+        guard.snapshot_buffers()
+        _guarded_step(guard, opt, torch.tensor(0.0 if flag else float("nan")), None, lambda apply: None)
     assert guard.read_and_reset() == (5, 3)
     assert guard.read_and_reset() == (5, 3)  # the run of 3 is still going
     restored = StepGuard(model, key, opt, "device", torch.device("cpu"))
     restored.load_state_dict(guard.state_dict())
-    restored.begin()
-    restored.apply(torch.tensor(False), lambda apply: None)
+    restored.snapshot_buffers()
+    _guarded_step(restored, opt, torch.tensor(float("nan")), None, lambda apply: None)
     assert restored.read_and_reset() == (6, 4)
 
 
@@ -140,8 +162,8 @@ def test_mode_off_applies_every_step() -> None:
     model(torch.ones(1, 4)).sum().backward()
     before = model.weight.detach().clone()
     calls: list[object] = []
-    guard.begin()
-    guard.apply(guard.finite(torch.tensor(float("nan")), None), calls.append)
+    guard.snapshot_buffers()
+    _guarded_step(guard, guard.optimizer, torch.tensor(float("nan")), None, calls.append)
     assert calls == [None] and not torch.equal(model.weight, before)  # a NaN loss is not looked at
 
 
@@ -153,10 +175,10 @@ def test_a_model_without_buffers_skips_too(mode: str) -> None:
     guard = StepGuard(model, nn.Module(), opt, mode, torch.device("cpu"))
     for bad in (False, True):
         before = [p.detach().clone() for p in model.parameters()]
-        guard.begin()
+        guard.snapshot_buffers()
         loss = model(torch.ones(3, 4)).sum() * (float("inf") if bad else 1.0)
         loss.backward()
-        guard.apply(guard.finite(loss, grad_norm(list(model.parameters()))), lambda apply: None)
+        _guarded_step(guard, guard.optimizer, loss, grad_norm(list(model.parameters())), lambda apply: None)
         opt.zero_grad(set_to_none=True)
         changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)]
         assert changed == [not bad, not bad]
@@ -186,12 +208,12 @@ def test_under_a_grad_scaler_a_skipped_step_keeps_the_scaler_usable(mode: str) -
     guard = StepGuard(model, nn.Module(), opt, mode, torch.device("cpu"), scaler_skips=True)
     for bad in (False, True, False, True, True, False):
         before = [p.detach().clone() for p in model.parameters()]
-        guard.begin()
+        guard.snapshot_buffers()
         loss = model(torch.ones(3, 4)).pow(2).sum() * (float("nan") if bad else 1.0)
         scaler.scale(loss).backward()
         scaler.unscale_(sgd)  # as accelerator.clip_grad_norm_ does
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        guard.apply(guard.finite(loss, None), lambda apply: None)
+        _guarded_step(guard, guard.optimizer, loss, None, lambda apply: None)
         sgd.zero_grad(set_to_none=True)
         assert [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)] == [not bad, not bad]
         assert torch.isfinite(norm) != bad
@@ -235,11 +257,13 @@ def test_a_skipped_moco_step_leaves_the_queue_and_key_encoder_as_if_it_never_ran
         for i, views in enumerate(batches):
             if not guarded and i in BAD:
                 continue
-            guard.begin()
+            guard.snapshot_buffers()
             loss, keys = meth(m, views, labels)
             loss = loss * (float("nan") if guarded and i in BAD else 1.0)
             loss.backward()
-            guard.apply(guard.finite(loss, grad_norm(list(m.parameters()))), partial(meth.after_step, m, keys, i, 6))
+            _guarded_step(
+                guard, guard.optimizer, loss, grad_norm(list(m.parameters())), partial(meth.after_step, m, keys, i, 6)
+            )
             opt.zero_grad(set_to_none=True)
 
     run(model, method, guarded=True)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from twinview.augment.views import build_views
 from twinview.pretrain.config import load_config
-from twinview.pretrain.data.sources import ImageFolderDataset
+from twinview.pretrain.data.folder import ImageFolderDataset
+from twinview.pretrain.data.source import scan_source
 from twinview.pretrain.engine.train import train
 from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.objectives.losses import nt_xent
@@ -105,7 +107,7 @@ def test_each_objective_trains_and_its_weights_load_and_export(
 ) -> None:
     import timm
 
-    from twinview.pretrain.export import export_run
+    from twinview.pretrain.app.export import export_run
 
     cfg = _cfg(
         image_folder,
@@ -117,7 +119,9 @@ def test_each_objective_trains_and_its_weights_load_and_export(
     )
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir) if r["kind"] != "run")
+    records = [r for r in _metrics(run_dir) if r["kind"] in ("step", "epoch")]
+    assert [r["kind"] for r in records][-1] == "epoch" and len(records) >= 2  # logged steps and the epoch
+    assert all(r["loss"] is not None and torch.isfinite(torch.tensor(r["loss"])) for r in records)
     _, model = load_trained_model(run_dir)  # strict: the predictor of moco_v3 is part of the weights
     assert (model.predictor is not None) == (objective == "moco_v3")
     export_run(run_dir, tmp_path / "export")
@@ -195,7 +199,10 @@ def test_bf16_mixed_precision_on_cpu_trains(image_folder: Path, tmp_path: Path) 
     cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=1", "train.mixed_precision=bf16", "train.cpu=true")
     run_dir = new_run_dir(cfg)
     train(cfg, run_dir)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run_dir) if r["kind"] != "run")
+    records = [r for r in _metrics(run_dir) if r["kind"] in ("step", "epoch")]
+    assert [r["kind"] for r in records][-1] == "epoch" and len(records) >= 2  # logged steps and the epoch
+    assert all(r["loss"] is not None and torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
 
 
 @pytest.mark.slow
@@ -228,7 +235,7 @@ def test_real_cifar10_short_run_lowers_the_loss(cifar10_root: Path, tmp_path: Pa
     torch.manual_seed(cfg.train.seed)
     initial = create_model(cfg.model)  # the loop seeds, then builds the model first: same weights
     _, trained = load_trained_model(run_dir)
-    dataset = ImageFolderDataset(subset, cfg.data.image_size)
+    dataset = ImageFolderDataset(scan_source(subset), cfg.data.image_size)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     torch.manual_seed(123)
     view_a, view_b = build_views(cfg.augment, cfg.data.image_size, *normalization_stats(initial.backbone))(images)
@@ -400,7 +407,7 @@ def test_a_compiled_run_resumes_exactly_trains_like_eager_and_exports_to_plain_t
     import timm
     from torch._dynamo.utils import counters
 
-    from twinview.pretrain.export import export_run
+    from twinview.pretrain.app.export import export_run
 
     cfg = _cfg(
         image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=compiled", "train.compile=true", *TINY_VIT
