@@ -14,8 +14,9 @@ budget or take the others down), results in one JSON (``--out``) and a short tab
    part's budget, kNN on the test set, and the projected time of 200 epochs.
 
 ``--dry-run`` runs every part at toy sizes on the CPU (CI runs it, so the script never rots).
-CIFAR-10 is looked for in ``--data`` (default: ``.gpudata/`` in the repository, which the device
-tool can carry, then ``../shared/data``); parts that need it say so when it is missing.
+CIFAR-10 is looked for in ``--data`` (default: ``.gpudata/`` in the repository, a folder git ignores,
+for a machine without the shared data; then ``../shared/data``); parts that need it say so when it is
+missing.
 
 Usage: python bench/gpu_check.py [--dry-run] [--out gpu_check.json] [--parts views,train]
 """
@@ -206,7 +207,7 @@ def _cifar(dry: bool, data: Path | None, tmp: Path) -> Path:
         return tmp / "cifar"
     archive = _cifar_archive(data)
     if archive is None:
-        raise FileNotFoundError("cifar10-jpeg.tar.gz not found: copy it into .gpudata/ and carry that folder")
+        raise FileNotFoundError("cifar10-jpeg.tar.gz not found: copy it into .gpudata/ or pass --data DIR")
     from twinview.pretrain.data.builtin import extract_archive
 
     return extract_archive(archive) / "cifar10-jpeg"

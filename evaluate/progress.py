@@ -15,13 +15,16 @@ LINE_EVERY_S = 60.0  # without a terminal: a line at most this often
 
 
 def human_duration(seconds: float) -> str:
-    """``5 h 2 min``, ``14 min``, ``42 s``: a duration a person reads at a glance."""
-    if seconds >= 3600:
-        hours, rest = divmod(round(seconds / 60), 60)
-        return f"{hours} h {rest} min"
-    if seconds >= 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds:.0f} s"
+    """``4 h 56 min``, ``24 min``, ``1 min 40 s``, ``42 s``: a duration a person reads at a glance."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 600:
+        return f"{whole // 60} min {whole % 60} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 class Progress:

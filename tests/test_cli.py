@@ -24,6 +24,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = tmp_path / "runs"
     code = main(
@@ -90,6 +91,7 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
     assert model(torch.randn(1, 3, 24, 24)).shape == (1, 512)
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run(image_folder: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     assert (
@@ -143,6 +145,7 @@ def test_console_script_is_installed() -> None:
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_onnx_export_gives_the_same_features(image_folder: Path, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra; install it to check ONNX")
     runs = tmp_path / "runs"
@@ -158,6 +161,7 @@ def test_onnx_export_gives_the_same_features(image_folder: Path, tmp_path: Path)
         torch.testing.assert_close(got, model.backbone(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_refused_run_leaves_nothing_and_the_corrected_command_just_works(
     image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -184,3 +188,24 @@ def test_settings_that_train_nothing_are_refused_and_library_noise_stays_out(
     assert "train.epochs=0 must be >= 1" in capsys.readouterr().err
     assert main(["pretrain", *common, "train.max_steps_per_epoch=1"]) == 0  # a decay of one step
     assert "Cosine annealing scheduler" not in caplog.text + capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_warns_about_nothing_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`make demo` in miniature: the shipped demo recipe, cut to 3 steps; without a terminal the
+    progress is plain lines, one per epoch."""
+    assert main(["demo", "--output-dir", str(tmp_path), "train.epochs=2", "train.max_steps_per_epoch=3"]) == 0
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert "warning" not in out.lower() and "warning" not in err.lower()
+    assert "  recipe     demo" in out and "  estimate   " in out
+    assert "kNN on digits test" in out and "random-init backbone" in out
+    assert [line.split(" in ")[0] for line in err.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/2: 3/3 steps (100%)",
+        "epoch 2/2: 3/3 steps (100%)",
+    ]
+    assert "\r" not in err
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "eval.json").is_file()

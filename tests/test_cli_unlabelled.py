@@ -19,6 +19,8 @@ from twinview.pretrain.app.cli import main
 from .conftest import make_image_folder
 from .test_cli import TINY as CLI_TINY
 
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
+
 TINY = [*CLI_TINY, "eval.batch_size=16"]
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from twinview.pretrain.app.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

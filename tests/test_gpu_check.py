@@ -1,5 +1,5 @@
 """bench/gpu_check.py --dry-run: every part of the prepared GPU check, at toy sizes on the CPU, so the
-script that runs on a lent GPU is known to work before one shows up."""
+script that runs on a GPU is known to work before one is at hand."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -161,6 +161,7 @@ def test_the_command_line_parses_without_loading_torch() -> None:
     assert not HEAVY & _top_level(loaded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module",
     [
@@ -175,6 +176,7 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
     assert module in _fresh(f"import {module}")  # a failed (e.g. circular) import fails _fresh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", shipped_recipes())
 def test_every_shipped_recipe_validates_and_takes_one_optimiser_step(recipe: str, tmp_path: Path) -> None:
     """The recipe's own backbone, objective, optimiser, schedule and views, shrunk to tiny images,

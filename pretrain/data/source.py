@@ -141,21 +141,22 @@ def resolve_source(
         ValueError: A folder without images, a malformed file list, an unknown built-in name.
     """
     kind = source_kind(path)
-    common: dict[str, Any] = {"path": path, "kind": kind, "split": split, "streaming": streaming or kind == SHARDS}
     if kind in (FOLDER, FILE_LIST):
         index = scan_source(path)
-        return Source(**common, index=index, survey=survey_files(path, index) if survey else None)
+        found = survey_files(path, index) if survey else None
+        return Source(path, kind, index=index, split=split, streaming=streaming, survey=found)
     shards = tuple(shard_files(path)) if kind == SHARDS else ()
-    if kind == SHARDS and common["streaming"]:  # shard by shard: a damaged one is left, not fatal
+    streaming = streaming or kind == SHARDS
+    if kind == SHARDS:  # shard by shard: a damaged one is left, not fatal
         from twinview.pretrain.data.shards import shard_rows  # datasets only for the sources that need it
 
         table, image, label = shard_rows(list(shards), image_column, label_column)
     else:
         from twinview.pretrain.data.hf import open_table
 
-        table, image, label = open_table(path, kind, shards, split, common["streaming"], image_column, label_column)
+        table, image, label = open_table(path, kind, shards, split, streaming, image_column, label_column)
     found = survey_rows(path, table, image, label) if survey else None
-    return Source(**common, shards=shards, image_column=image, label_column=label or "", survey=found, table=table)
+    return Source(path, kind, None, shards, split, streaming, image, label or "", found, table)
 
 
 def resolve_data(data: DataConfig, survey: bool = True) -> Source:

@@ -172,7 +172,8 @@ def estimate_lines(
     """
     total = per_step * steps_left
     whole = steps_left == steps_per_epoch * cfg.train.epochs
-    what = f"for {cfg.train.epochs} epochs" if whole else f"for the {steps_left} steps left"
+    epochs = f"{cfg.train.epochs} epoch" + ("s" if cfg.train.epochs != 1 else "")
+    what = f"for {epochs}" if whole else f"for the {steps_left} steps left"
     lines = [
         f"  estimate   {human_duration(total)} {what} ({per_step * steps_per_epoch:.0f} s per epoch, "
         f"{per_step:.2f} s per step, {images_per_step / per_step:.0f} images/s)"
@@ -190,14 +191,15 @@ def estimate_lines(
 
 def cheaper_choices(cfg: Config, recipe: str) -> list[tuple[str, float, str]]:
     """Cheaper settings for the same data and epochs: a smaller ``data.image_size``, and the photo
-    recipe, each with the ratio of its views' area to this run's (a training step's time on a CPU
-    follows the pixels it computes on, within 25 %: docs/BENCHMARKS.md, "Time estimates")."""
+    recipe, each with the ratio of its views' area to this run's. A step's time on a CPU follows the
+    pixels it computes on; measured, the cheaper choices took 0.72-0.79 of the time so predicted
+    (docs/BENCHMARKS.md, "Time estimates"), so the estimates err on the long side."""
     from twinview.pretrain.config import load_config
 
     view = cfg.augment.crop_size or cfg.data.size
     out = []
     smaller = (cfg.data.size // 2) // AUTO_STEP * AUTO_STEP
-    if smaller >= AUTO_MIN and view > smaller:
+    if not cfg.augment.crop_size and smaller >= AUTO_MIN:  # the views follow the images' size
         out.append((f"data.image_size={smaller}", (smaller / view) ** 2, ""))
     if Path(recipe).stem != PHOTO_RECIPE:
         photo = load_config(PHOTO_RECIPE, ["data.path=unused"])

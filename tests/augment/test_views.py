@@ -189,7 +189,7 @@ def test_unknown_recipe_and_wrong_per_view_type_are_config_errors() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU)")
 def test_cuda_views_make_no_host_synchronisation() -> None:
     x = _batch(8, 64).cuda()
     cfg = _cfg("augment.recipe=byol", "augment.local_crops=2")

@@ -138,6 +138,7 @@ def _worker(rank: int, folder: str, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_chunks_and_write_the_same_file(image_folder: Path, tmp_path: Path) -> None:
     port = 29500 + (os.getpid() + 7) % 1000
     mp.spawn(_worker, args=(str(image_folder), port, str(tmp_path / "two.parquet")), nprocs=2, join=True)

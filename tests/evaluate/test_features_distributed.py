@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
 
 
 def _worker(rank: int, folder: str, port: int, out: str) -> None:

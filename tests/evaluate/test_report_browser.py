@@ -33,6 +33,8 @@ from twinview.evaluate.results import (
     Spread,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
+
 FLAGS = (
     "--headless",
     "--no-sandbox",

@@ -56,6 +56,7 @@ def _per_sample_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -
     return ((z_a - 1.0) ** 2 + (z_b + 0.5) ** 2).sum(dim=1).mean()
 
 
+@pytest.mark.slow
 def test_two_accumulated_passes_of_4_equal_one_step_of_8_for_a_per_image_loss(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,6 +114,7 @@ RESUMED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("name", list(RESUMED))
 def test_a_mid_epoch_interrupt_resumes_bitwise(

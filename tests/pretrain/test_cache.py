@@ -81,6 +81,7 @@ def test_device_batches_cover_each_process_share_once_per_epoch(image_folder: Pa
     assert len(seen) == 24  # 2 processes x 3 batches x 4: the whole data set, each image once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["disk", "device"])
 def test_training_from_the_cache_lists_skipped_files(image_folder: Path, tmp_path: Path, mode: str) -> None:
     (image_folder / "class_1" / "empty.png").write_bytes(b"")
@@ -108,6 +109,7 @@ def test_training_from_the_cache_lists_skipped_files(image_folder: Path, tmp_pat
     assert epochs[-1]["skipped_files"] == 1 and epochs[-1]["step"] == 3
 
 
+@pytest.mark.slow
 def test_training_without_cache_skips_a_bad_file_mid_epoch(image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "class_2" / "fake.jpg").write_text("not a jpeg")
     cfg = load_config(

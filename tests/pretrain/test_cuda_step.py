@@ -1,5 +1,5 @@
 """The GPU paths of the training step: no host sync in a guarded step, and cached accumulation's
-dropout replay with the CUDA generator. Skipped without a GPU (they run on the lent GPU machines)."""
+dropout replay with the CUDA generator. Skipped without a GPU (bench/gpu_check.py runs them on one)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from twinview.pretrain.objectives.methods import create_method
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU)"),
 ]
 
 

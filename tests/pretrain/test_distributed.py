@@ -94,6 +94,7 @@ def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSSES)
 def test_two_processes_match_one_process_on_the_whole_batch(two_process_results: list[dict], name: str) -> None:
     expected_loss, expected_grads = _reference()[name]

@@ -1,6 +1,6 @@
 """data.decode=gpu, everything but the CUDA call: what the workers send, the batched decode with its
 fallbacks, the skip list, the wiring and the checks. torchvision's CPU JPEG decoder stands in for
-nvJPEG; the lent GPU machines run the real one (bench/gpu_check.py)."""
+nvJPEG; bench/gpu_check.py runs the real one on a GPU."""
 
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ print(sum(len(batch[1]) - 1 for batch in loader))
 """
 
 
+@pytest.mark.slow
 def test_workers_send_large_batches_within_a_low_open_file_limit(tmp_path: Path) -> None:
     # one shared-memory file per payload tensor ran out of file descriptors ("Too many open files")
     # and hung the loader; the packed batch needs a handful per batch
@@ -249,7 +250,7 @@ def test_gpu_decoding_is_refused_where_it_cannot_work(overrides: list[str], worl
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU machines)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU)")
 def test_nvjpeg_batches_match_the_cpu_path_on_a_gpu(tmp_path: Path) -> None:
     root = _folder(tmp_path / "img")
     _photo(root / "c" / "big.jpg", 20, w=300, h=200)  # resized on the device

@@ -65,6 +65,7 @@ def test_saved_dataset_gives_the_same_images_and_labels(
     assert torch.equal(image, expected) and label == hf_dataset[9]["label"]
 
 
+@pytest.mark.slow
 def test_training_from_saved_parquet_and_imagefolder_sources(
     hf_dataset: datasets.Dataset, image_folder: Path, tmp_path: Path
 ) -> None:
@@ -79,6 +80,7 @@ def test_training_from_saved_parquet_and_imagefolder_sources(
         assert records[-1]["kind"] == "epoch" and records[-1]["step"] == 3, name
 
 
+@pytest.mark.slow
 def test_supervised_objective_reads_hf_labels(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
     """P x K batches of the data set's own labels: every image in a batch carries the label the data
     set gives it, and each batch holds 2 classes x 4 images."""
@@ -109,6 +111,7 @@ def test_supervised_objective_reads_hf_labels(hf_dataset: datasets.Dataset, tmp_
     assert records[-1]["step"] == 3 and records[-1]["loss"] is not None
 
 
+@pytest.mark.slow
 def test_streaming_needs_an_epoch_length_and_then_trains(hf_dataset: datasets.Dataset, tmp_path: Path) -> None:
     hf_dataset.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="max_steps_per_epoch"):

@@ -20,6 +20,8 @@ from twinview.pretrain.config import load_config
 from twinview.pretrain.engine.train import train
 from twinview.pretrain.runs import checkpoints, new_run_dir
 
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
+
 SMALL = [
     "model.proj_hidden_dim=32",
     "model.proj_dim=16",

@@ -18,6 +18,8 @@ from twinview.pretrain.config import load_config
 from twinview.pretrain.engine.train import train
 from twinview.pretrain.runs import new_run_dir
 
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
+
 # Per-sample computation only, so one process with a batch of 8 and two with 4 each must agree:
 # a ViT (layer norm) and a linear head (no batch norm), and views without random parameters (the
 # random views of different processes come from different streams).

@@ -46,6 +46,7 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["simclr", "moco_v2"])
 def test_nan_steps_are_skipped_counted_and_identical_with_or_without_host_sync(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str
@@ -83,6 +84,7 @@ def test_nan_steps_are_skipped_counted_and_identical_with_or_without_host_sync(
         assert torch.equal(weights["sync"][key], weights["device"][key]), key
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_in_a_row_stop_with_the_last_checkpoint_intact(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -126,6 +128,7 @@ def test_the_check_can_be_turned_off(image_folder: Path, tmp_path: Path, monkeyp
         train(cfg, new_run_dir(cfg))
 
 
+@pytest.mark.slow
 def test_a_run_resumes_whether_or_not_the_check_was_on_when_it_was_saved(image_folder: Path, tmp_path: Path) -> None:
     cfg = load_config(
         None,

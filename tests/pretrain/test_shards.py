@@ -127,6 +127,7 @@ def test_dataloader_workers_split_a_process_share(folder: Path, pixels: dict[byt
     assert sorted(got) == sorted(k for s in keys for k in s)
 
 
+@pytest.mark.slow
 def test_evaluation_reads_shards_as_the_folder_they_were_packed_from(folder: Path, tmp_path: Path) -> None:
     write_shards(tmp_path, folder, shards=2)
     shards = HFImageDataset(resolve_source(str(tmp_path / "train-{0000..0001}.tar")), SIZE)
@@ -140,6 +141,7 @@ def test_evaluation_reads_shards_as_the_folder_they_were_packed_from(folder: Pat
         assert url.endswith(".tar") and torch.equal(image, reference) and label == ref_label
 
 
+@pytest.mark.slow
 def test_training_on_shards_needs_an_epoch_length_and_lists_bad_samples(folder: Path, tmp_path: Path) -> None:
     write_shards(tmp_path, folder, shards=3, bad={"class_0_001"})
     common = [

@@ -21,6 +21,8 @@ from twinview.pretrain.models import create_model, normalization_stats
 from twinview.pretrain.objectives.losses import nt_xent
 from twinview.pretrain.runs import checkpoints, load_trained_model, new_run_dir
 
+pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
+
 SMALL = [
     "model.backbone=resnet18",
     "model.proj_hidden_dim=64",
@@ -205,7 +207,6 @@ def test_bf16_mixed_precision_on_cpu_trains(image_folder: Path, tmp_path: Path) 
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
 
 
-@pytest.mark.slow
 def test_real_cifar10_short_run_lowers_the_loss(cifar10_root: Path, tmp_path: Path) -> None:
     # 400 real CIFAR-10 images (40 per class), resnet18 at 32 px, 5 short epochs of 12 steps. SimCLR's
     # per-batch loss is too noisy over so few steps, so the check is the NT-Xent of the same seeded
