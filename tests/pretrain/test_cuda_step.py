@@ -16,7 +16,9 @@ from twinview.pretrain.objectives.methods import create_method
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU)"
+    ),
 ]
 
 
