@@ -219,7 +219,7 @@ def part_data(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
     from twinview.pretrain.config import load_config
     from twinview.pretrain.data.folder import SkipLog
     from twinview.pretrain.data.loaders import build_batches
-    from twinview.pretrain.data.source import resolve_data
+    from twinview.pretrain.data.source import resolve_source
 
     torch, device, _ = _setup(dry)
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +236,7 @@ def part_data(dry: bool, out_dir: Path, data: Path | None) -> dict[str, Any]:
         )
         accelerator = Accelerator(cpu=dry)
         start = time.perf_counter()
-        source = resolve_data(cfg.data, survey=False)  # the folder scan counts, as in a run's start
+        source = resolve_source(cfg.data.path, survey=False)  # the folder scan counts, as in a run's start
         batches = build_batches(cfg, source, accelerator, SkipLog(Path(tmp) / "skipped"))
         batches.prepare(accelerator)
         build_s = time.perf_counter() - start
@@ -275,7 +275,7 @@ def _decode_rate(
     from twinview.pretrain.config import load_config
     from twinview.pretrain.data.folder import SkipLog
     from twinview.pretrain.data.loaders import build_batches
-    from twinview.pretrain.data.source import resolve_data
+    from twinview.pretrain.data.source import resolve_source
 
     cfg = load_config(
         "simclr-cifar10",
@@ -287,7 +287,7 @@ def _decode_rate(
             f"train.cpu={dry}",
         ],
     )
-    batches = build_batches(cfg, resolve_data(cfg.data, survey=False), accelerator, SkipLog(tmp / "skipped"))
+    batches = build_batches(cfg, resolve_source(cfg.data.path, survey=False), accelerator, SkipLog(tmp / "skipped"))
     try:
         batches.prepare(accelerator).set_epoch(0)
         images, start = 0, 0.0

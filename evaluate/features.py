@@ -161,10 +161,6 @@ class Embedder:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     accelerator: Any | None = None
 
-    def with_backbone(self, backbone: nn.Module) -> Embedder:
-        """The same settings for another backbone of the same architecture (a random-init copy)."""
-        return dataclasses.replace(self, backbone=backbone)
-
     def weights(self) -> float:
         """:func:`state_checksum` of the backbone: which weights made an embedding."""
         return state_checksum(self.backbone)

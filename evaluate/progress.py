@@ -7,6 +7,7 @@ Used by the training loop and by the commands that embed images (``twinview embe
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -59,7 +60,16 @@ class Progress:
         if enabled and _is_terminal(self.stream):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+            width = _columns(self.stream)  # a terminal that reports no width (e.g. `script`): 80 columns
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                file=self.stream,
+                dynamic_ncols=width > 0,
+                ncols=None if width > 0 else 80,
+            )
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -74,14 +84,15 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(fields)
 
-    def write(self, text: str) -> None:
-        """A message that does not break the bar."""
+    def write(self, text: str, file: TextIO | None = None) -> None:
+        """A message on its own line (standard output by default): above the bar on a terminal."""
         if not self.enabled:
             return
+        out = file or sys.stdout
         if self.bar is not None:
-            self.bar.write(text, file=self.stream)
+            self.bar.write(text, file=out)  # tqdm clears the bar, writes, and draws it again
         else:
-            print(text, file=self.stream, flush=True)
+            print(text, file=out, flush=True)
 
     def close(self) -> None:
         """Ends the bar; without a terminal, the last line (done, time, figures)."""
@@ -103,6 +114,13 @@ class Progress:
         line = f"{self.desc}: {self.done}/{self.total} {self.unit}{share} in {human_duration(elapsed)}{left}"
         print(f"{line}  {self.postfix}".rstrip(), file=self.stream, flush=True)
         self.last_line = now
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _is_terminal(stream: TextIO) -> bool:

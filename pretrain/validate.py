@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twinview.augment.config import RECIPES
+from twinview.pretrain.data.index import HF, SHARDS
+from twinview.pretrain.data.source import source_kind
 from twinview.pretrain.objectives import registry
 
 if TYPE_CHECKING:  # config.py calls validate(); the reverse import is for types only
@@ -82,6 +84,7 @@ def validate(cfg: Config, world: World | None = None) -> None:
         world: Processes and device of the run; None checks only what needs neither.
     """
     _check_values(cfg)
+    _check_source_kind(cfg)
     _check_monitor(cfg)
     if world is None:
         return
@@ -132,6 +135,33 @@ def _check_values(cfg: Config) -> None:
             f"invalid value for 'data.image_size': {size!r}. "
             f"Valid values: auto, or a side in pixels >= {MIN_IMAGE_SIZE}."
         )
+
+
+def _check_source_kind(cfg: Config) -> None:
+    """What the kind of ``data.path`` alone rules out, told from the path before anything is read
+    (so a hub data set is not downloaded to learn that a setting cannot work with it)."""
+    d = cfg.data
+    kind = source_kind(d.path)
+    if kind not in (HF, SHARDS):
+        return
+    if d.cache != "none":
+        raise ConfigError(
+            "data.cache works with image folders and file lists; a Hugging Face source or tar shards "
+            "are read by datasets, which keeps its own Arrow cache. Set data.cache=none."
+        )
+    if d.decode == "gpu":
+        raise ConfigError(
+            "data.decode=gpu reads image files; a Hugging Face source decodes its own images. Use data.decode=cpu."
+        )
+    if kind == SHARDS or d.streaming:
+        streamed = "tar shards (always streamed)" if kind == SHARDS else "data.streaming=true"
+        if not cfg.train.max_steps_per_epoch:
+            raise ConfigError(f"{streamed} has no epoch length: set train.max_steps_per_epoch.")
+        if registry.get(cfg.objective.name).supervised:
+            raise ConfigError(
+                f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
+                f"({streamed}) cannot give."
+            )
 
 
 def _check_monitor(cfg: Config) -> None:
@@ -201,11 +231,10 @@ def _check_tracker(name: str) -> None:
 
 
 def validate_data(cfg: Config, world: World, source: Source) -> None:
-    """Raises ConfigError when the config cannot train on the resolved source: a cache or the GPU
-    decoder for data that ``datasets`` reads, a stream without an epoch length or with an
-    objective that needs P x K batches, fewer shards than processes, fewer images than a batch,
-    or labels and classes an objective needs and the data lacks."""
-    _check_source_kind(cfg, world, source)
+    """Raises ConfigError when the config cannot train on the resolved source: fewer shards than
+    processes, fewer images than a batch, or labels and classes an objective needs and the data
+    lacks. (What the kind of source alone rules out, :func:`validate` refuses before it is read.)"""
+    _check_shards(world, source)
     found = source.survey
     if found is None or found.images is None:  # a stream is not counted
         return
@@ -238,28 +267,7 @@ def validate_data(cfg: Config, world: World, source: Source) -> None:
         )
 
 
-def _check_source_kind(cfg: Config, world: World, source: Source) -> None:
-    d = cfg.data
-    if not source.read_by_datasets:
-        return
-    if d.cache != "none":
-        raise ConfigError(
-            "data.cache works with image folders and file lists; a Hugging Face source or tar shards "
-            "are read by datasets, which keeps its own Arrow cache. Set data.cache=none."
-        )
-    if d.decode == "gpu":
-        raise ConfigError(
-            "data.decode=gpu reads image files; a Hugging Face source decodes its own images. Use data.decode=cpu."
-        )
-    if source.streamed:
-        streamed = "tar shards (always streamed)" if source.shards else "data.streaming=true"
-        if not cfg.train.max_steps_per_epoch:
-            raise ConfigError(f"{streamed} has no epoch length: set train.max_steps_per_epoch.")
-        if registry.get(cfg.objective.name).supervised:
-            raise ConfigError(
-                f"objective.name={cfg.objective.name} needs P x K batches, which a streamed source "
-                f"({streamed}) cannot give."
-            )
+def _check_shards(world: World, source: Source) -> None:
     if source.shards and len(source.shards) < world.processes:
         raise ConfigError(
             f"data.path names {len(source.shards)} shards for {world.processes} processes; each process reads whole "

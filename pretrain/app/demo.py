@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     export_run(run_dir, export_dir)
     print()
     print(f"Run directory   {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, model.safetensors)")
-    print(f"Evaluation      {run_dir / 'eval.json'}")
+    print(f"Evaluation      {run_dir / 'eval.json'}, plots in {run_dir / 'plots'}/ (features cached in features/)")
     print(f'Exported model  {export_dir}  -> timm.create_model("local-dir:{export_dir}")')
     print(f"Finished in {time.perf_counter() - started:.0f} s.")
     return 0

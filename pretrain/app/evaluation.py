@@ -23,8 +23,6 @@ from twinview.pretrain.app.model import TrainedModel, launched_accelerator, load
 from twinview.pretrain.data.images import open_images
 from twinview.pretrain.data.source import Source, resolve_source
 
-BACKBONES = ("pretrained", "random_init")  # what an evaluation compares
-
 
 def labelled_pair(
     reference: str, query: str, image_size: int, names: tuple[str, str] = ("--train", "--test")

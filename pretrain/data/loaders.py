@@ -12,6 +12,8 @@ source comes resolved (:mod:`twinview.pretrain.data.source`) and already checked
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,13 @@ from twinview.pretrain.data.source import SHARDS, Source
 from twinview.pretrain.objectives.registry import get as get_objective
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, 3, S, S) and labels (B,), on the device
+_OPEN: weakref.WeakSet[Batches] = weakref.WeakSet()  # closed at exit, see Batches.close
+
+
+@atexit.register  # registered after multiprocessing's exit handler (torch imported it), so it runs first
+def _close_open_batches() -> None:
+    for batches in list(_OPEN):
+        batches.close()
 
 
 class Batches:
@@ -43,6 +52,23 @@ class Batches:
         self, source: Any, sampler: PKBatchSampler | None = None, decoder: DeviceDecoder | None = None
     ) -> None:
         self.source, self.sampler, self.decoder = source, sampler, decoder
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Stops the DataLoader's worker processes now.
+
+        The workers ignore SIGTERM (:func:`~twinview.pretrain.data.folder.worker_init`: a launcher
+        signals the whole process group, and the loop must checkpoint first), so a loader still alive
+        when the interpreter exits (an endless stream's iterator, or one held by an uncaught error's
+        traceback) would keep multiprocessing's exit handler waiting for them forever. torch has no
+        public call for this: ``_shutdown_workers`` is what its iterators run when freed.
+        """
+        loader = self.source.loader if isinstance(self.source, _StreamBatches) else self.source
+        iterators = (getattr(self.source, "_it", None), getattr(loader, "_iterator", None))
+        for it in iterators:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def prepare(self, accelerator: Accelerator) -> Batches:
         """Shards a DataLoader across processes (the device cache and streams shard themselves)."""

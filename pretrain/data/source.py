@@ -159,15 +159,14 @@ def resolve_source(
     return Source(path, kind, None, shards, split, streaming, image, label or "", found, table)
 
 
-def resolve_data(data: DataConfig, survey: bool = True) -> Source:
-    """:func:`resolve_source` of a config's ``data`` section (path, split, streaming, columns)."""
+def resolve_data(data: DataConfig) -> Source:
+    """:func:`resolve_source` of a config's ``data`` section (path, split, streaming, columns), surveyed."""
     return resolve_source(
         data.path,
         split=data.split,
         streaming=data.streaming,
         image_column=data.image_column,
         label_column=data.label_column,
-        survey=survey,
     )
 
 

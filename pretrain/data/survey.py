@@ -26,14 +26,16 @@ class DataSurvey:
     Attributes:
         source: ``data.path``.
         images: Number of images; None for a stream (not counted).
-        classes: Number of class labels (0: unlabeled).
+        classes: Number of class labels (0: unlabeled, or a stream, whose classes are not counted).
         shorter_sides: Shorter side in pixels of each sampled image.
+        label_column: A streamed source's label column, when it has one.
     """
 
     source: str
     images: int | None
     classes: int
     shorter_sides: tuple[int, ...]
+    label_column: str = ""
 
     @property
     def median_side(self) -> float:
@@ -43,7 +45,10 @@ class DataSurvey:
     def describe(self) -> str:
         """One line: count, classes and the sampled size range."""
         count = "a stream of images" if self.images is None else f"{self.images:,} images"
-        classes = f", {self.classes} classes" if self.classes else ", unlabeled"
+        if self.classes:
+            classes = f", {self.classes} classes"
+        else:
+            classes = f", labels in '{self.label_column}'" if self.label_column else ", unlabeled"
         if not self.shorter_sides:
             return f"{count}{classes}"
         lo, hi = min(self.shorter_sides), max(self.shorter_sides)
@@ -101,7 +106,7 @@ def survey_rows(source: str, table: Any, image: str, label: str | None) -> DataS
                 continue
     except Exception:  # a stream that fails to read further: the sample is what was read
         pass
-    return DataSurvey(source, images, classes, tuple(sides))
+    return DataSurvey(source, images, classes, tuple(sides), label_column=(label or "") if images is None else "")
 
 
 def _bytes_or_path(cell: dict[str, Any]) -> io.BytesIO | Path:

@@ -172,9 +172,9 @@ class TrainingLog:
             self._print_estimate(now - self.first_step_end)
 
     def _print_estimate(self, per_step: float) -> None:
-        if self.estimate is not None:
+        if self.estimate is not None and self.bar is not None:
             for line in self.estimate(per_step):
-                self.accelerator.print(line)
+                self.bar.write(line)  # on its own line, above a terminal's bar (main process only)
         self.estimate = None  # once
 
     def due(self, step: int, stop_requested: bool) -> bool:
@@ -217,10 +217,10 @@ class TrainingLog:
         if self.guard.mode != "off":
             record["skipped_steps"] = self.skipped_total
         self.metrics.write(record)
-        if self.estimate is not None:  # fast steps: from every step after the first
-            after_first = self.steps_run - 1
-            per_step = (now - self.first_step_end) / after_first if after_first else now - self.window.start
-            self._print_estimate(per_step)
+        if (
+            self.estimate is not None and self.steps_run >= 2 and not stop_votes
+        ):  # fast steps: every one after the first
+            self._print_estimate((now - self.first_step_end) / (self.steps_run - 1))
         self.loss_sum, self.good = self.loss_sum + loss_sum, self.good + good
         self.window.reset(now)
         if worst_run >= self.max_nonfinite_steps > 0 or stop_votes:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from twinview.evaluate.progress import human_duration
-from twinview.pretrain.config import Config
+from twinview.pretrain.config import Config, load_config
 from twinview.pretrain.data.source import ImageSize, Source
 from twinview.pretrain.data.survey import AUTO_MIN, AUTO_STEP
 from twinview.pretrain.models import ContrastiveModel
@@ -194,8 +194,6 @@ def cheaper_choices(cfg: Config, recipe: str) -> list[tuple[str, float, str]]:
     recipe, each with the ratio of its views' area to this run's. A step's time on a CPU follows the
     pixels it computes on; measured, the cheaper choices took 0.72-0.79 of the time so predicted
     (docs/BENCHMARKS.md, "Time estimates"), so the estimates err on the long side."""
-    from twinview.pretrain.config import load_config
-
     view = cfg.augment.crop_size or cfg.data.size
     out = []
     smaller = (cfg.data.size // 2) // AUTO_STEP * AUTO_STEP

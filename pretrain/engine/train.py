@@ -30,7 +30,7 @@ from twinview.augment.views import MultiView, build_views
 from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.data.folder import SkipLog
 from twinview.pretrain.data.loaders import Batches, build_batches
-from twinview.pretrain.data.source import Source, resolve_data, resolve_image_size
+from twinview.pretrain.data.source import resolve_data, resolve_image_size
 from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, use_cpu
 from twinview.pretrain.engine.accumulation import Pass, cached_passes, concat, gradient_sync
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
@@ -123,7 +123,7 @@ def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.
     return loss, step.ok, norm
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "", source: Source | None = None) -> Path:
+def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") -> Path:
     """Pretrains a backbone with the configured objective and writes everything into ``run_dir``.
 
     Args:
@@ -131,17 +131,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "", so
         run_dir: The run directory (created if missing; see :mod:`twinview.pretrain.runs`).
         resume: Continue from the run's latest checkpoint instead of starting afresh.
         recipe: The recipe the config came from, for the start-of-run summary.
-        source: ``data.path`` already resolved (:func:`~twinview.pretrain.data.source.resolve_data`);
-            resolved here when not given.
 
     Returns:
         The path of the final ``model.safetensors``.
     """
-    return run_epochs(build_run(cfg, run_dir, resume, recipe, source))
+    return run_epochs(build_run(cfg, run_dir, resume, recipe))
 
 
-def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "", source: Source | None = None) -> Run:
-    """Checks the config against the device and the data, builds batches, model, views, method,
+def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = "") -> Run:
+    """Checks the config against the device, resolves ``data.path`` once (the :class:`Source` every
+    later step takes) and checks the config against it, builds batches, model, views, method,
     optimiser and schedule, prints the start block, and resumes from the latest checkpoint when
     asked (see :func:`train`)."""
     run_dir = Path(run_dir)
@@ -152,11 +151,12 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     world = current_world(cfg)
     validate(cfg, world)  # the settings, before the data is read
-    source = source or resolve_data(cfg.data)  # the one reading of data.path; a stream is not downloaded
+    source = resolve_data(cfg.data)  # the one reading of data.path; a stream is not downloaded
     cfg, size = resolve_image_size(cfg, source)  # data.image_size=auto resolved, and saved so below
     cfg, precision = resolve_precision(cfg, world)  # train.mixed_precision=auto likewise
-    validate(cfg, world)
+    validate(cfg, world)  # the resolved size and precision
     validate_data(cfg, world, source)  # before any compute
+    monitor = build_monitor(cfg)  # its folders resolved and checked now, not after the first epoch
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, run_dir)
     set_seed(cfg.train.seed)
@@ -241,7 +241,7 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
         steps_per_epoch=steps_per_epoch,
         metrics=metrics,
         log=log,
-        monitor=build_monitor(cfg),
+        monitor=monitor,
     )
 
 
@@ -250,7 +250,7 @@ def run_epochs(run: Run) -> Path:
     the final weights."""
     t, log = run.trainer, run.log
     cfg, accelerator, progress = t.cfg, t.accelerator, t.progress
-    with StopRequest() as stop, _closing_trackers(accelerator):
+    with StopRequest() as stop, _closing_trackers(accelerator), _closing(run.batches):
         for epoch in range(progress.epoch, cfg.train.epochs):
             run.batches.set_epoch(epoch)
             t.model.train()
@@ -353,6 +353,15 @@ def _stop_if_asked(run: Run, worst_run: int, stop_voted: bool, signum: int | Non
             f"was written. Resume with: twinview pretrain --resume {run_dir}",
             signum,
         )
+
+
+@contextlib.contextmanager
+def _closing(batches: Batches) -> Iterator[None]:
+    """Stops the loader's workers when training ends, normally or not (see ``Batches.close``)."""
+    try:
+        yield
+    finally:
+        batches.close()
 
 
 @contextlib.contextmanager

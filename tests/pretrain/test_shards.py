@@ -153,16 +153,13 @@ def test_training_on_shards_needs_an_epoch_length_and_lists_bad_samples(folder: 
         "model.proj_dim=16",
         f"train.output_dir={tmp_path / 'runs'}",
     ]
-    source = resolve_source(str(tmp_path / "train-{0000..0002}.tar"))
     with pytest.raises(ConfigError, match=r"tar shards \(always streamed\) has no epoch length"):
-        train(load_config(None, common), tmp_path / "runs" / "refused")  # checked before any compute
+        load_config(None, common)  # told from the path, before anything is read
+    with pytest.raises(ConfigError, match="P x K batches"):
+        load_config(None, [*common, "train.max_steps_per_epoch=4", "objective.name=supcon"])
     cfg = load_config(None, [*common, "train.max_steps_per_epoch=4", "train.epochs=2"])
     with pytest.raises(ConfigError, match="3 shards for 4 processes"):
-        validate_data(cfg, World(processes=4), source)
-    with pytest.raises(ConfigError, match="P x K batches"):
-        validate_data(
-            load_config(None, [*common, "train.max_steps_per_epoch=4", "objective.name=supcon"]), World(), source
-        )
+        validate_data(cfg, World(processes=4), resolve_source(cfg.data.path))
     run = tmp_path / "runs" / "shards"
     train(cfg, run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -174,3 +171,37 @@ def test_training_on_shards_needs_an_epoch_length_and_lists_bad_samples(folder: 
     assert main(["evaluate", str(run), "--train", pattern, "--test", pattern]) == 0
     result = json.loads((run / "eval.json").read_text())["pretrained"]
     assert result["knn_top1"] > 1 / 3  # the classes are visible in the images
+
+
+@pytest.mark.slow
+def test_a_streamed_run_whose_reader_goes_away_still_exits(folder: Path, tmp_path: Path) -> None:
+    """``twinview pretrain ... | head``: the pipe closes, the next print fails, and the process must
+    still end. The stream's DataLoader workers ignore SIGTERM; left alive, they kept the exit
+    handler waiting forever."""
+    import subprocess
+    import sys
+
+    write_shards(tmp_path, folder, shards=2)
+    cmd = [
+        *(sys.executable, "-m", "twinview.pretrain.app.cli", "pretrain"),
+        f"data.path={tmp_path / 'train-*.tar'}",
+        f"data.image_size={SIZE}",
+        "data.num_workers=2",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=20",
+        "train.log_every=5",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        f"train.output_dir={tmp_path / 'runs'}",
+    ]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert run.stdout is not None
+    lines = iter(run.stdout.readline, b"")
+    assert any(line.startswith(b"  estimate") for line in lines)  # the stream's workers are running
+    run.stdout.close()  # the reader goes away: the next print fails
+    try:
+        run.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        raise AssertionError("the run did not exit after its output pipe closed") from None
