@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from twinview.augment.config import AugmentConfig
 from twinview.evaluate.config import DUPLICATE_THRESHOLD
-from twinview.evaluate.dataset import LabelledImages
+from twinview.evaluate.dataset import LabelledImages, LabelledSubset
 from twinview.evaluate.embedding_file import EmbeddingRows
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
@@ -108,7 +108,7 @@ def evaluate_unlabelled(
     position = {str(f): i for i, f in enumerate(dataset.index.files)}
     rows = torch.tensor([position[n] for n in trained.rows.names], dtype=torch.long)  # row -> dataset item
     image = _image_loader(dataset, rows)
-    good = _Rows(dataset, rows.tolist())
+    good = LabelledSubset(dataset, rows.tolist(), "embedded")  # the images that got an embedding
     backbones = {e.name: diagnostics(e.rows.embeddings, view_alignment(e.embedder, good, augment)) for e in embedded}
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
@@ -234,19 +234,6 @@ def neighbour_grid(
         out,
         f"nearest neighbours, {embedded.name.replace('_', ' ')} backbone (cosine similarity)",
     )
-
-
-class _Rows:
-    """The items of a data set that got an embedding, as a data set of their own (for the views)."""
-
-    def __init__(self, dataset: LabelledImages, items: list[int]) -> None:
-        self.dataset, self.items, self.image_size = dataset, items, dataset.image_size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.dataset[self.items[i]]
 
 
 def _image_loader(dataset: LabelledImages, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:

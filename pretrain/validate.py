@@ -4,8 +4,9 @@
   objective registry) and the loop's settings; given the :class:`World` (processes, device) also
   the batch shape, the precision and the tracker. ``load_config`` runs it without a world, the
   training loop with one, before it builds anything.
-* :func:`validate_data` checks the config against the resolved data source (its kind, shards,
-  images, labels and classes): the command resolves the source once and calls it before compute.
+* :func:`validate` also refuses what the kind of ``data.path`` alone rules out, told from the path
+  before anything is read; :func:`validate_data` checks the config against the resolved source
+  (shards, images, labels, classes), before compute.
 * :func:`validate_epoch` checks that an epoch holds at least one optimiser step.
 
 Each error names the key to change. This module imports no torch, so reading a config stays light.

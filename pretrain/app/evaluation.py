@@ -10,6 +10,7 @@ run. Results are typed (:mod:`twinview.evaluate.results`); ``eval.json`` is thei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -106,8 +107,6 @@ def evaluate_labelled(
 
 
 def _with_plot(result: LabelledResult, png: str) -> LabelledResult:
-    import dataclasses
-
     return dataclasses.replace(result, plots=(*result.plots, png))
 
 

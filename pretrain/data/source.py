@@ -142,7 +142,7 @@ def resolve_source(
     """
     kind = source_kind(path)
     if kind in (FOLDER, FILE_LIST):
-        index = scan_source(path)
+        index = scan_file_list(Path(path).expanduser()) if kind == FILE_LIST else scan_folder(path)
         found = survey_files(path, index) if survey else None
         return Source(path, kind, index=index, split=split, streaming=streaming, survey=found)
     shards = tuple(shard_files(path)) if kind == SHARDS else ()

@@ -217,9 +217,8 @@ class TrainingLog:
         if self.guard.mode != "off":
             record["skipped_steps"] = self.skipped_total
         self.metrics.write(record)
-        if (
-            self.estimate is not None and self.steps_run >= 2 and not stop_votes
-        ):  # fast steps: every one after the first
+        if self.estimate is not None and self.steps_run >= 2 and not stop_votes:
+            # fast steps: estimated here, from every step after the first
             self._print_estimate((now - self.first_step_end) / (self.steps_run - 1))
         self.loss_sum, self.good = self.loss_sum + loss_sum, self.good + good
         self.window.reset(now)
