@@ -20,19 +20,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from twinview.pretrain import distributed
 from twinview.pretrain.objectives import registry
 from twinview.pretrain.objectives.methods import Method, Tensors
 
 
 def dcl(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """The DCL loss of two views' ``(N, D)`` embeddings, on one process (no cross-process negatives)."""
-    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # (2N, D)
+    """The DCL loss of two views' ``(N, D)`` embeddings, with negatives from every process.
+
+    As :func:`twinview.pretrain.objectives.losses.nt_xent` does: the normalised embeddings of all
+    processes are gathered with their gradient (2M candidates) and this process's 2N anchors are
+    scored against them, each anchor's own column and its positive's column out of the denominator:
+    ``l_i = -s_{i,p(i)} + logsumexp_{k != i, p(i)} s_ik``, the mean over this process's 2N anchors.
+    """
     n = z_a.shape[0]
-    s = z @ z.T / temperature  # (2N, 2N)
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # (2N,)
-    rows = torch.arange(2 * n, device=z.device)
+    a, b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)  # (N, D)
+    a_all, b_all = distributed.gather_with_grad(a), distributed.gather_with_grad(b)  # (M, D)
+    m, offset = a_all.shape[0], distributed.rank() * n
+    s = torch.cat([a, b]) @ torch.cat([a_all, b_all]).T / temperature  # (2N, 2M)
+    local = torch.arange(n, device=a.device) + offset  # this process's rows among the M
+    rows = torch.arange(2 * n, device=a.device)
+    self_index = torch.cat([local, local + m])  # (2N,) each anchor's own column
+    positive = torch.cat([local + m, local])  # (2N,) the other view
     pos = s[rows, positive]  # (2N,)
-    s = s.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    s[rows, self_index] = float("-inf")  # never its own negative
     s[rows, positive] = float("-inf")  # decoupled: the positive leaves the denominator
     return (torch.logsumexp(s, dim=1) - pos).mean()
 

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from twinview.augment.config import AugmentConfig, fill_recipe
 from twinview.evaluate.config import EvalConfig
-from twinview.pretrain.objectives.registry import OBJECTIVES
+from twinview.pretrain.objectives import registry
 from twinview.pretrain.validate import ConfigError, validate
 
 
@@ -90,7 +90,9 @@ class ModelConfig:
         proj_hidden_dim: Hidden width of the MLP projection head.
         proj_dim: Output width of the projection head (the space the loss sees).
         proj_layers: Number of linear layers in the head (>= 1).
-        predictor_hidden_dim: Hidden width of the predictor MLP (built for MoCo v3 only).
+        proj_output_bn: End the head with a batch norm without affine parameters (SimSiam's projector).
+        predictor_hidden_dim: Hidden width of the predictor MLP (built for the objectives that have
+            one: MoCo v3, BYOL, SimSiam).
     """
 
     backbone: str = "resnet18"
@@ -99,6 +101,7 @@ class ModelConfig:
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     proj_layers: int = 2
+    proj_output_bn: bool = False
     predictor_hidden_dim: int = 512
 
 
@@ -112,16 +115,21 @@ class ObjectiveConfig:
     the new key.
 
     Attributes:
-        name: ``simclr``, ``moco_v2``, ``moco_v3`` (self-supervised) or ``supcon``, ``triplet``,
-            ``contrastive`` (supervised metric learning on a class-labelled folder).
+        name: ``simclr``, ``moco_v2``, ``moco_v3``, ``byol``, ``simsiam``, ``barlow_twins``,
+            ``vicreg``, ``dino`` (self-supervised) or ``supcon``, ``triplet``, ``contrastive``
+            (supervised metric learning on a class-labelled folder), or an objective of a plugin.
+        plugins: Modules (or ``.py`` files) that register objectives of their own, imported before
+            the rest of the config is read (``twinview pretrain --plugin MODULE``). Saved with the
+            run, so resume, evaluate, embed and export import them again.
     """
 
     name: str = "simclr"
+    plugins: list[str] = field(default_factory=list)
 
 
 def _objective_sections() -> ObjectiveConfig:
     """An ObjectiveConfig with one section per registered objective, each at its defaults."""
-    key = tuple((o.name, o.config) for o in OBJECTIVES.values())
+    key = tuple((o.name, o.config) for o in registry.objectives().values())
     if key not in _SECTIONED:
         fields = [(name, cls, field(default_factory=cls)) for name, cls in key]
         _SECTIONED[key] = dataclasses.make_dataclass("ObjectiveConfig", fields, bases=(ObjectiveConfig,))
@@ -341,8 +349,9 @@ def _migrate_flat_objective_keys(tree: Any, source: str) -> Any:
     if not isinstance(objective, dict):
         return tree
     moved: list[str] = []
-    for key in [k for k in objective if k != "name" and k not in OBJECTIVES]:
-        owners = [o.name for o in OBJECTIVES.values() if key in {f.name for f in dataclasses.fields(o.config)}]
+    table = registry.objectives()
+    for key in [k for k in objective if k not in ("name", "plugins") and k not in table]:
+        owners = [o.name for o in table.values() if key in {f.name for f in dataclasses.fields(o.config)}]
         if not owners:
             continue  # an unknown key: the key check names the valid ones
         value = objective.pop(key)
@@ -374,6 +383,25 @@ def _merge(base: DictConfig, tree: Any, source: str) -> DictConfig:
         raise _explain(err, source) from None
 
 
+def _load_plugins(trees: list[tuple[Any, str]]) -> None:
+    """Imports the modules named by ``objective.plugins`` in a recipe or override (the last one
+    that sets the key wins, as in the merge), so that their objectives are registered."""
+    plugins: list[str] = []
+    for tree, source in trees:
+        objective = tree.get("objective") if isinstance(tree, dict) else None
+        if isinstance(objective, dict) and "plugins" in objective:
+            value = objective["plugins"]
+            if isinstance(value, str):
+                value = objective["plugins"] = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: objective.plugins must be a list of module names or .py paths.")
+            plugins = value
+    try:
+        registry.load_plugins(plugins)
+    except registry.ObjectiveSettingError as err:
+        raise ConfigError(str(err)) from None
+
+
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Builds a Config from the defaults, an optional YAML recipe and dotted overrides.
 
@@ -388,14 +416,18 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
         ConfigError: On an unknown key, a wrong type, a malformed override or a value that
             :func:`twinview.pretrain.validate.validate` refuses.
     """
-    base: DictConfig = OmegaConf.structured(Config)
+    trees: list[tuple[Any, str]] = []
     if recipe is not None:
         path = recipe_path(recipe)
-        base = _merge(base, OmegaConf.to_container(OmegaConf.load(path)), str(path))
+        trees.append((OmegaConf.to_container(OmegaConf.load(path)), str(path)))
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.lr=0.3).")
-        base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist([item])), f"override '{item}'")
+        trees.append((OmegaConf.to_container(OmegaConf.from_dotlist([item])), f"override '{item}'"))
+    _load_plugins(trees)  # their objectives' sections belong to the config built next
+    base: DictConfig = OmegaConf.structured(Config)
+    for tree, source in trees:
+        base = _merge(base, tree, source)
     cfg = OmegaConf.to_object(base)
     assert isinstance(cfg, Config)
     validate(cfg)  # before filling: an unknown augment.recipe is a ConfigError, not a KeyError

@@ -11,9 +11,11 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from twinview.pretrain.config import ModelConfig
+from twinview.pretrain.config import Config, ModelConfig, objective_section
+from twinview.pretrain.objectives import registry
 
 
 def apply_cifar_stem(backbone: nn.Module) -> nn.Module:
@@ -71,10 +73,12 @@ def normalization_stats(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[f
 
 
 class ProjectionHead(nn.Sequential):
-    """MLP projection head of SimCLR: ``[Linear -> BN -> ReLU] x (layers-1) -> Linear``."""
+    """MLP projection head of SimCLR: ``[Linear -> BN -> ReLU] x (layers-1) -> Linear``, optionally
+    followed by a batch norm without affine parameters (SimSiam's projector)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> None:
-        """Args: in_dim: backbone features; hidden_dim: hidden width; out_dim: output; layers: >= 1."""
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, output_bn: bool = False) -> None:
+        """Args: in_dim: backbone features; hidden_dim: hidden width; out_dim: output; layers: >= 1;
+        output_bn: end with ``BatchNorm1d(out_dim, affine=False)``."""
         if layers < 1:
             raise ValueError(f"model.proj_layers must be >= 1, got {layers}.")
         blocks: list[nn.Module] = []
@@ -82,15 +86,42 @@ class ProjectionHead(nn.Sequential):
         for _ in range(layers - 1):
             blocks += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             dim = hidden_dim
-        blocks.append(nn.Linear(dim, out_dim))
+        if output_bn:  # the bias would be cancelled by the batch norm
+            blocks += [nn.Linear(dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False)]
+        else:
+            blocks.append(nn.Linear(dim, out_dim))
         super().__init__(*blocks)
         self.out_dim = out_dim
 
 
-class ContrastiveModel(nn.Module):
-    """A backbone, a projection head and, for MoCo v3, a predictor on top of the head."""
+class PrototypeHead(nn.Module):
+    """DINO's head (Caron et al. 2021, sec. 3.1 and appendix): the projection MLP to a bottleneck,
+    L2 normalisation, then a weight-normalised linear layer without bias onto K prototypes.
 
-    def __init__(self, backbone: nn.Module, head: ProjectionHead, predictor: ProjectionHead | None = None) -> None:
+    The last layer's weight rows are normalised in ``forward`` (weight normalisation with the
+    norm fixed to 1, DINO's ``norm_last_layer``), so its logits are cosine similarities.
+    """
+
+    def __init__(self, mlp: ProjectionHead, prototypes: int) -> None:
+        """Args: mlp: the projection MLP (its output is the bottleneck); prototypes: K."""
+        super().__init__()
+        self.mlp = mlp
+        self.prototypes = nn.Parameter(torch.empty(prototypes, mlp.out_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        self.out_dim = prototypes
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` -> ``(B, K)`` logits."""
+        z = F.normalize(self.mlp(features), dim=1)  # (B, bottleneck)
+        return F.linear(z, F.normalize(self.prototypes, dim=1))  # (B, K)
+
+
+class ContrastiveModel(nn.Module):
+    """A backbone, a projection head and, for MoCo v3, BYOL and SimSiam, a predictor on top of the head."""
+
+    def __init__(
+        self, backbone: nn.Module, head: ProjectionHead | PrototypeHead, predictor: ProjectionHead | None = None
+    ) -> None:
         """Args: backbone: maps images to features; head: maps features to projections;
         predictor: optional MLP applied to projections when ``forward(..., predict=True)``."""
         super().__init__()
@@ -98,8 +129,11 @@ class ContrastiveModel(nn.Module):
         self.head = head
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor | list[torch.Tensor], predict: bool = False) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, proj_dim)`` projections (predictions with ``predict=True``).
+    def forward(
+        self, images: torch.Tensor | list[torch.Tensor], predict: bool = False, projections: bool = False
+    ) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, proj_dim)`` projections (predictions with ``predict=True``;
+        with ``projections=True`` as well, the predictions then the projections, ``(2B, proj_dim)``).
 
         A list of batches at different resolutions (multi-crop: the global views, then the local
         ones) goes through the backbone one batch at a time and through the head together; the
@@ -114,8 +148,9 @@ class ContrastiveModel(nn.Module):
         z = self.head(features)
         if predict:
             if self.predictor is None:
-                raise ValueError("this model has no predictor (only objective.name=moco_v3 builds one)")
-            return self.predictor(z)
+                raise ValueError("this model has no predictor (its objective's registry entry has predictor=False)")
+            p = self.predictor(z)
+            return torch.cat([p, z]) if projections else p
         return z
 
 
@@ -128,9 +163,18 @@ def feature_dim(backbone: nn.Module) -> int:
     return width
 
 
-def create_model(cfg: ModelConfig, predictor: bool = False) -> ContrastiveModel:
-    """Builds backbone + projection head (+ MoCo v3's 2-layer predictor) from the model config."""
+def create_model(cfg: ModelConfig, predictor: bool = False, prototypes: int = 0) -> ContrastiveModel:
+    """Builds backbone + projection head (+ a 2-layer predictor; + DINO's prototypes) from the model config."""
     backbone = create_backbone(cfg)
-    head = ProjectionHead(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
+    mlp = ProjectionHead(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, cfg.proj_output_bn)
+    head = PrototypeHead(mlp, prototypes) if prototypes else mlp
     pred = ProjectionHead(cfg.proj_dim, cfg.predictor_hidden_dim, cfg.proj_dim, 2) if predictor else None
     return ContrastiveModel(backbone, head, pred)
+
+
+def create_run_model(cfg: Config) -> ContrastiveModel:
+    """The model a run of ``cfg`` trains, built as its objective's registry entry says (predictor,
+    prototypes): every command that builds or loads a run's model comes through here."""
+    entry = registry.get(cfg.objective.name)
+    prototypes = int(objective_section(cfg).prototypes) if entry.prototypes else 0
+    return create_model(cfg.model, predictor=entry.predictor, prototypes=prototypes)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from twinview.pretrain.config import Config, load_config
-from twinview.pretrain.models import ContrastiveModel, create_model
+from twinview.pretrain.models import ContrastiveModel, create_run_model
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -156,7 +156,7 @@ def load_trained_model(run_dir: Path) -> tuple[Config, ContrastiveModel]:
             f"'{run_dir}' has no {WEIGHTS_FILE}: the run has not finished. "
             f"Continue it with `twinview pretrain --resume {run_dir}`."
         )
-    model = create_model(cfg.model, predictor=cfg.objective.name == "moco_v3")
+    model = create_run_model(cfg)
     model.load_state_dict(load_file(weights), strict=True)
     return cfg, model.eval()
 

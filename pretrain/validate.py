@@ -108,12 +108,12 @@ def _check_values(cfg: Config) -> None:
             "(or data.path=builtin:digits for the embedded demo data set)."
         )
     objective = cfg.objective.name
-    if objective not in registry.OBJECTIVES:
+    if objective not in registry.objectives():
         raise ConfigError(
-            f"invalid value for 'objective.name': {objective!r}. Valid values: {', '.join(registry.OBJECTIVES)}."
+            f"invalid value for 'objective.name': {objective!r}. Valid values: {', '.join(registry.objectives())}."
         )
     choices = dict(CHOICES)
-    for entry in registry.OBJECTIVES.values():
+    for entry in registry.objectives().values():
         if not hasattr(cfg.objective, entry.name):  # registered after this config was read: not in it
             continue
         choices.update({f"objective.{entry.name}.{key}": valid for key, valid in entry.choices})
@@ -189,7 +189,7 @@ def _check_decode(cfg: Config, world: World) -> None:
 def _check_views(cfg: Config) -> None:
     # A training check only: `twinview preview` shows multi-crop views of any config.
     if cfg.augment.local_crops and not registry.get(cfg.objective.name).multi_crop:
-        takes = ", ".join(o.name for o in registry.OBJECTIVES.values() if o.multi_crop)
+        takes = ", ".join(o.name for o in registry.objectives().values() if o.multi_crop)
         raise ConfigError(
             f"augment.local_crops={cfg.augment.local_crops}: objective '{cfg.objective.name}' uses two views "
             f"and no multi-crop local views; set augment.local_crops=0 (multi-crop: {takes})."

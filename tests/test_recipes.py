@@ -24,6 +24,40 @@ from twinview.pretrain.config import Config, DataConfig, load_config, recipe_pat
 # line says why in a comment)
 PINNED: dict[str, set[str]] = {
     "demo": {"model.backbone", "objective.name"},
+    "byol-cifar10": {"model.backbone", "train.batch_size"},
+    "byol-photos": {"model.backbone", "train.batch_size"},
+    "simsiam-cifar10": {
+        "model.backbone",
+        "model.predictor_hidden_dim",
+        "optim.name",
+        "optim.weight_decay",
+        "train.batch_size",
+    },
+    "simsiam-photos": {
+        "model.backbone",
+        "model.predictor_hidden_dim",
+        "optim.name",
+        "optim.weight_decay",
+        "train.batch_size",
+    },
+    "barlow-twins-cifar10": {"model.backbone", "objective.barlow_twins.lambd", "train.batch_size"},
+    "barlow-twins-photos": {"model.backbone", "objective.barlow_twins.lambd", "train.batch_size"},
+    "vicreg-cifar10": {
+        "model.backbone",
+        "objective.vicreg.sim_weight",
+        "objective.vicreg.var_weight",
+        "objective.vicreg.cov_weight",
+        "train.batch_size",
+    },
+    "vicreg-photos": {
+        "model.backbone",
+        "objective.vicreg.sim_weight",
+        "objective.vicreg.var_weight",
+        "objective.vicreg.cov_weight",
+        "train.batch_size",
+    },
+    "dino-cifar10": {"model.backbone", "train.batch_size"},
+    "dino-photos": {"model.backbone", "train.batch_size"},
     "moco-v2-cifar10": {
         "model.backbone",
         "objective.moco_v2.momentum",

@@ -19,7 +19,7 @@ from twinview.pretrain.objectives import registry
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     objectives = "\n".join(
         f"  {o.name:<12} {o.summary}{' (class labels: P x K batches)' if o.supervised else ''}"
-        for o in registry.OBJECTIVES.values()
+        for o in registry.objectives().values()
     )
     p = sub.add_parser(
         "pretrain",
@@ -33,6 +33,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module or .py file that registers objectives of its own (repeatable; saved in config.yaml as "
+        "objective.plugins, so resume, evaluate, embed and export load it too)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 

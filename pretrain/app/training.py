@@ -20,13 +20,14 @@ def run(args: argparse.Namespace) -> int:
     from twinview.pretrain.engine.train import TrainingInterrupted, train
     from twinview.pretrain.runs import discard_unstarted, load_run_config, new_shared_run_dir
 
+    overrides = [*plugin_overrides(args.plugin), *args.overrides]
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            cfg = load_run_config(run_dir, args.overrides)
+            cfg = load_run_config(run_dir, overrides)
             train(cfg, run_dir, resume=True, recipe=f"resumed from {run_dir}")
         else:
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, overrides)
             run_dir = new_shared_run_dir(cfg, overwrite=args.overwrite)  # one directory for all processes
             main_print(f"Run directory: {run_dir}")
             try:
@@ -45,3 +46,12 @@ def run(args: argparse.Namespace) -> int:
         return 3
     main_print(f"Done. Run directory: {run_dir}")
     return 0
+
+
+def plugin_overrides(plugins: list[str]) -> list[str]:
+    """``--plugin`` as the override of ``objective.plugins`` (nothing when none is given); a ``.py``
+    file is recorded by its absolute path, so the run's other commands find it from anywhere."""
+    if not plugins:
+        return []
+    named = [str(Path(p).resolve()) if p.endswith(".py") else p for p in plugins]
+    return [f"objective.plugins=[{','.join(named)}]"]

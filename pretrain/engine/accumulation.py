@@ -97,8 +97,10 @@ def cached_passes(
 
 
 def _grad(leaf: torch.Tensor) -> torch.Tensor:
-    assert leaf.grad is not None, "the loss does not depend on every embedding"
-    return leaf.grad
+    """The loss's gradient w.r.t. one cached embedding; zero for an embedding the loss reads only
+    behind a stop-gradient (SimSiam's projections, whose gradient reaches the model through the
+    predictions instead)."""
+    return torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -46,8 +46,7 @@ from twinview.pretrain.engine.optim import build_optimizer, build_scheduler, sca
 from twinview.pretrain.engine.run_start import StartInfo, estimate_lines, print_start, resolve_precision
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
-from twinview.pretrain.models import ContrastiveModel, create_model, normalization_stats
-from twinview.pretrain.objectives import registry
+from twinview.pretrain.models import ContrastiveModel, create_run_model, normalization_stats
 from twinview.pretrain.objectives.methods import Method, create_method
 from twinview.pretrain.runs import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints, save_weights
 from twinview.pretrain.validate import World, validate, validate_data, validate_epoch
@@ -66,6 +65,7 @@ class Trainer:
     scheduler: CosineLRScheduler
     guard: StepGuard
     progress: Progress
+    steps_per_epoch: int
     total_steps: int
     parameters: list[nn.Parameter]  # of the prepared model, for clipping and the gradient norm
     passes: int  # forward/backward passes per optimiser step (train.grad_accumulation)
@@ -95,6 +95,7 @@ def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.
     """
     t.scheduler.step_update(num_updates=t.progress.step)
     t.guard.snapshot_buffers()  # batch-norm statistics, MoCo queue: put back if the step is skipped
+    t.method.start_step(t.progress.step, t.steps_per_epoch)  # scheduled settings (DINO's teacher temperature)
     if t.cached:  # several passes, one loss over all of them, as one big batch (accumulation.py)
         loss, keys = cached_passes(t.accelerator, t.model, t.method, passes)
     else:  # one pass, or independent passes whose gradients add up
@@ -163,13 +164,12 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     if accelerator.is_main_process:
         save_config(cfg, run_dir / CONFIG_FILE)
     device = accelerator.device
-    objective = registry.get(cfg.objective.name)
 
     batches = build_batches(
         cfg, source, accelerator, SkipLog(run_dir / ".skipped" / f"rank{accelerator.process_index}")
     )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    online = create_model(cfg.model, predictor=objective.predictor).to(memory_format=memory_format)
+    online = create_run_model(cfg).to(memory_format=memory_format)  # as the objective says (predictor, ...)
     mean, std = normalization_stats(online.backbone)
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     dtype = low if device.type == "cuda" else torch.float32
@@ -227,6 +227,7 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
         scheduler,
         guard,
         progress,
+        steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * cfg.train.epochs,
         parameters=list(model.parameters()),
         passes=passes,

@@ -210,3 +210,147 @@ def triplet(z: torch.Tensor, labels: torch.Tensor, margin: float = 0.2, mining: 
     ok = pos & neg.any(dim=1, keepdim=True)
     losses = F.relu(d - chosen + margin)
     return torch.where(ok, losses, 0.0).sum() / ok.sum().clamp_min(1)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss (Grill et al. 2020, "Bootstrap Your Own Latent", arXiv:2006.07733, eq. 2).
+
+    The squared distance between the L2-normalised prediction and target:
+
+        l_i = || p_i / |p_i| - z_i / |z_i| ||^2 = 2 - 2 cos(p_i, z_i),    L = 1/N sum_i l_i
+
+    SimSiam (Chen & He 2021, "Exploring Simple Siamese Representation Learning", arXiv:2011.10566)
+    minimises D(p, z) = -cos(p, z); ``negative_cosine = 2 + 2 D``, the same gradient up to a factor 2.
+    Every term is per sample, so the mean of the per-process losses is the loss of the whole batch.
+
+    Args:
+        p: ``(N, D)`` predictions of the online branch.
+        z: ``(N, D)`` targets. Not detached here: the caller passes the stop-gradient target (the
+            momentum encoder's output for BYOL, ``z.detach()`` for SimSiam).
+
+    Returns:
+        The scalar mean loss over this process's N rows (computed in float32), in [0, 4].
+    """
+    p_n = F.normalize(p.float(), dim=1)  # (N, D)
+    z_n = F.normalize(z.float(), dim=1)  # (N, D)
+    return (2 - 2 * (p_n * z_n).sum(dim=1)).mean()
+
+
+def _off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """``(D, D)`` -> ``(D * (D - 1),)`` its off-diagonal entries (the Barlow Twins authors' view trick)."""
+    d = x.shape[0]
+    return x.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+def barlow_twins(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
+    """Barlow Twins (Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning via Redundancy
+    Reduction", arXiv:2103.03230, eq. 1).
+
+    Over the global batch of M rows, each dimension is standardised over the batch as the authors'
+    code does with ``BatchNorm1d(affine=False)`` in training mode, ``z^ = (z - mean) / sqrt(var + 1e-5)``
+    (biased variance), and the cross-correlation of the two views is pushed to the identity:
+
+        C_ij = 1/M sum_b z^a_bi z^b_bj,    L = sum_i (1 - C_ii)^2 + lambda sum_i sum_{j != i} C_ij^2
+
+    Args:
+        z_a: ``(N, D)`` embeddings of the first views.
+        z_b: ``(N, D)`` embeddings of the second views; row i is the same image as ``z_a`` row i.
+        lambd: lambda >= 0, the weight of the redundancy-reduction (off-diagonal) term.
+
+    Returns:
+        The scalar loss of the global batch, the same on every process (computed in float32).
+    """
+    a = distributed.gather_with_grad(z_a.float())  # (M, D)
+    b = distributed.gather_with_grad(z_b.float())  # (M, D)
+    m = a.shape[0]
+    a = (a - a.mean(dim=0)) / torch.sqrt(a.var(dim=0, unbiased=False) + 1e-5)  # (M, D)
+    b = (b - b.mean(dim=0)) / torch.sqrt(b.var(dim=0, unbiased=False) + 1e-5)  # (M, D)
+    c = a.T @ b / m  # (D, D)
+    on_diagonal = (1 - c.diagonal()).pow(2).sum()
+    off_diagonal = _off_diagonal(c).pow(2).sum()
+    return on_diagonal + lambd * off_diagonal
+
+
+def vicreg(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    sim_weight: float = 25.0,
+    var_weight: float = 25.0,
+    cov_weight: float = 1.0,
+) -> torch.Tensor:
+    """VICReg (Bardes, Ponce, LeCun, ICLR 2022, "VICReg: Variance-Invariance-Covariance
+    Regularization for Self-Supervised Learning", arXiv:2105.04906), as the authors' code
+    (facebookresearch/vicreg, ``main_vicreg.py``) computes it:
+
+        s = 1/(N D) sum_{b, i} (z^a_bi - z^b_bi)^2                   on this process's N rows
+        v = 1/2 * 1/D sum_i relu(1 - S(z^a_i)) + 1/2 * 1/D sum_i relu(1 - S(z^b_i)),
+            S(x) = sqrt(Var(x) + 1e-4), Var unbiased over the M rows of the global batch
+        c = 1/D sum_{i != j} Cov(z^a)_ij^2 + 1/D sum_{i != j} Cov(z^b)_ij^2,
+            Cov(z) = 1/(M - 1) sum_b (z_b - mean)(z_b - mean)^T
+        L = sim_weight * s + var_weight * v + cov_weight * c
+
+    Args:
+        z_a: ``(N, D)`` embeddings of the first views.
+        z_b: ``(N, D)`` embeddings of the second views; row i is the same image as ``z_a`` row i.
+        sim_weight: lambda, the weight of the invariance term s.
+        var_weight: mu, the weight of the variance term v.
+        cov_weight: nu, the weight of the covariance term c.
+
+    Returns:
+        The scalar loss (computed in float32): s is this process's, v and c the global batch's.
+    """
+    a, b = z_a.float(), z_b.float()  # (N, D)
+    invariance = F.mse_loss(a, b)
+    a = distributed.gather_with_grad(a)  # (M, D)
+    b = distributed.gather_with_grad(b)  # (M, D)
+    m, d = a.shape
+    a = a - a.mean(dim=0)
+    b = b - b.mean(dim=0)
+    std_a = torch.sqrt(a.var(dim=0) + 1e-4)  # (D,)
+    std_b = torch.sqrt(b.var(dim=0) + 1e-4)  # (D,)
+    variance = F.relu(1 - std_a).mean() / 2 + F.relu(1 - std_b).mean() / 2
+    cov_a = a.T @ a / (m - 1)  # (D, D)
+    cov_b = b.T @ b / (m - 1)  # (D, D)
+    covariance = _off_diagonal(cov_a).pow(2).sum() / d + _off_diagonal(cov_b).pow(2).sum() / d
+    return sim_weight * invariance + var_weight * variance + cov_weight * covariance
+
+
+def dino(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temperature: float = 0.1,
+    teacher_temperature: float = 0.04,
+) -> torch.Tensor:
+    """DINO's self-distillation loss (Caron et al. 2021, "Emerging Properties in Self-Supervised
+    Vision Transformers", arXiv:2104.14294, eq. 3 and Algorithm 1; the authors' ``DINOLoss``).
+
+    With the teacher's centred, sharpened distributions over the K prototypes of its G global views
+    and the student's of all V views (the first G the same global views):
+
+        q_i = softmax((t_i - center) / teacher_temperature),    log p_j = log_softmax(s_j / student_temperature)
+        L = 1/(G (V - 1)) sum_{i < G} sum_{j != i} 1/N sum_n -sum_k q_ink log p_jnk
+
+    Every term is a per-sample mean, so the mean of the per-process losses is the global batch's.
+
+    Args:
+        student: V ``(N, K)`` student outputs, one per view; the first G are the global views, in
+            the order of ``teacher``.
+        teacher: G ``(N, K)`` teacher outputs of the global views; detached here (the teacher is
+            updated by EMA, never by a gradient).
+        center: ``(1, K)`` or ``(K,)`` the teacher's running center (no gradient).
+        student_temperature: tau_s > 0.
+        teacher_temperature: tau_t > 0.
+
+    Returns:
+        The scalar mean loss over the G (V - 1) pairs (computed in float32).
+    """
+    g, v = len(teacher), len(student)
+    n = student[0].shape[0]
+    shift = center.detach().float().reshape(1, 1, -1)  # (1, 1, K)
+    t = torch.stack([x.detach().float() for x in teacher])  # (G, N, K)
+    q = F.softmax((t - shift) / teacher_temperature, dim=-1)  # (G, N, K)
+    log_p = F.log_softmax(torch.stack([x.float() for x in student]) / student_temperature, dim=-1)  # (V, N, K)
+    cross = -torch.einsum("gnk,vnk->gv", q, log_p) / n  # (G, V) batch-mean cross entropy of each pair
+    pairs = ~torch.eye(g, v, dtype=torch.bool, device=cross.device)  # (G, V) i != j: not the same view
+    return torch.where(pairs, cross, 0.0).sum() / (g * (v - 1))

@@ -19,21 +19,30 @@ from twinview.pretrain.config import Config, objective_section
 from twinview.pretrain.distributed import to_device_async
 from twinview.pretrain.models import ContrastiveModel
 from twinview.pretrain.objectives.losses import (
+    barlow_twins,
+    dino,
     info_nce,
     multi_positive_nt_xent,
+    negative_cosine,
     nt_xent,
     pairwise_contrastive,
     supcon,
     triplet,
+    vicreg,
 )
 from twinview.pretrain.objectives.moco import KeyQueue, MomentumEncoder, cosine_momentum, encode_keys_without_bn_leak
 from twinview.pretrain.objectives.registry import (
+    BarlowTwinsConfig,
+    BYOLConfig,
     ContrastiveConfig,
+    DINOConfig,
     MoCoV2Config,
     MoCoV3Config,
     SimCLRConfig,
+    SimSiamConfig,
     SupConConfig,
     TripletConfig,
+    VICRegConfig,
     get,
 )
 
@@ -59,6 +68,8 @@ class Method(nn.Module):
     """The contract of a method, written once. The training step (twinview.pretrain.engine.train)
     calls, per optimiser step:
 
+    0. ``start_step(step, steps_per_epoch)``: before the forward, for settings that follow a
+       schedule (DINO's teacher temperature); ``step`` is the number of optimiser steps done.
     1. ``embed(model, views) -> outputs``: the path with gradient, through the trained ``model``
        (possibly DDP-wrapped): a list of ``(N, D)`` tensors (SimCLR: both views' projections).
     2. ``keys(views) -> keys``: the path without gradient (MoCo's momentum encoder): a list of
@@ -77,8 +88,11 @@ class Method(nn.Module):
     ``forward(model, views, labels)`` runs 1-3 and returns ``(loss, keys)``. The method's state
     (buffers, and anything its ``state_dict`` adds) is checkpointed with the run. The defaults
     below fit a method without a momentum encoder: both views through the model, no keys, nothing
-    to update.
+    to update. A method with a momentum copy of backbone + head subclasses :class:`MomentumMethod`.
     """
+
+    def start_step(self, step: int, steps_per_epoch: int) -> None:
+        """Nothing follows a schedule."""
 
     def embed(self, model: nn.Module, views: Tensors) -> Tensors:
         return _two(model, views)
@@ -124,27 +138,36 @@ class SimCLR(Method):
         return nt_xent(z_a, z_b, self.temperature)
 
 
-class _Momentum(Method):
-    """What MoCo v2 and v3 share: the momentum key encoder that follows backbone + head."""
+class MomentumMethod(Method):
+    """A method with a momentum (EMA) copy of backbone + head: MoCo's key encoder, BYOL's target,
+    DINO's teacher. Its config section has ``momentum`` (m) and ``momentum_schedule`` (``constant``,
+    or ``cosine`` from m to 1 over the run, as in BYOL and MoCo v3). After each applied optimiser
+    step the copy moves towards the online model: ``theta_k <- m theta_k + (1 - m) theta_q``.
 
-    def __init__(self, section: MoCoV2Config | MoCoV3Config, online: ContrastiveModel, seed: int) -> None:
+    ``self.key`` is the copy (:class:`~twinview.pretrain.objectives.moco.MomentumEncoder`; called on
+    images it returns outputs without gradient); subclasses define ``embed``, ``keys`` and ``loss``
+    and, for more state, extend ``after_step`` (calling this one).
+    """
+
+    def __init__(self, section: Any, online: ContrastiveModel, seed: int) -> None:
+        """Args: section: the objective's config section (with ``momentum``, ``momentum_schedule``);
+        online: the trained model, copied; seed: the run's seed."""
         super().__init__()
-        self.temperature, self.momentum, self.schedule = (
-            section.temperature,
-            section.momentum,
-            section.momentum_schedule,
-        )
+        self.momentum, self.schedule = section.momentum, section.momentum_schedule
         self.key = MomentumEncoder(nn.Sequential(online.backbone, online.head))
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """m after ``step`` of ``total_steps`` optimiser steps."""
+        return cosine_momentum(self.momentum, 1.0, step, total_steps) if self.schedule == "cosine" else self.momentum
 
     def after_step(
         self, online: ContrastiveModel, keys: Tensors, step: int, total_steps: int, apply: torch.Tensor | None = None
     ) -> None:
-        """The momentum update of the key encoder (cosine-scheduled to 1 when configured)."""
-        m = cosine_momentum(self.momentum, 1.0, step, total_steps) if self.schedule == "cosine" else self.momentum
-        self.key.update(nn.Sequential(online.backbone, online.head), m, apply)
+        """The momentum update of the copy (left as it is where ``apply`` is False)."""
+        self.key.update(nn.Sequential(online.backbone, online.head), self.momentum_at(step, total_steps), apply)
 
 
-class MoCoV2(_Momentum):
+class MoCoV2(MomentumMethod):
     """MoCo v2: InfoNCE of queries against their momentum keys and a queue of older keys; keys
     encoded with shuffle BN (several processes) or split BN (one process). Asymmetric by default.
     Multi-crop local views are extra queries, each against every global view's key (the loss is
@@ -152,6 +175,7 @@ class MoCoV2(_Momentum):
 
     def __init__(self, section: MoCoV2Config, online: ContrastiveModel, seed: int) -> None:
         super().__init__(section, online, seed)
+        self.temperature = section.temperature
         self.symmetric, self.bn_splits = section.symmetric, section.bn_splits
         self.queue = KeyQueue(section.queue_size, online.head.out_dim, seed=seed)
         self.generator = torch.Generator().manual_seed(seed + 17)  # shuffle-BN permutations
@@ -202,11 +226,15 @@ class MoCoV2(_Momentum):
         self.queue.enqueue(torch.cat(keys))
 
 
-class MoCoV3(_Momentum):
+class MoCoV3(MomentumMethod):
     """MoCo v3: a predictor on the query branch, symmetric InfoNCE against the in-batch momentum
     keys of every process, no queue (ViTs as well as ResNets). Multi-crop local views are extra
     queries against both global keys (the loss is then the mean over query-key pairs, scaled as
     the two-view loss is)."""
+
+    def __init__(self, section: MoCoV3Config, online: ContrastiveModel, seed: int) -> None:
+        super().__init__(section, online, seed)
+        self.temperature = section.temperature
 
     def embed(self, model: nn.Module, views: Tensors) -> Tensors:
         if len(views) > 2:
@@ -224,6 +252,114 @@ class MoCoV3(_Momentum):
         (q_a, q_b), (k_a, k_b) = outputs, keys
         loss = _in_batch_info_nce(q_a, k_b, self.temperature) + _in_batch_info_nce(q_b, k_a, self.temperature)
         return loss * 2 * self.temperature  # x 2t, as in the paper's code
+
+
+class BYOL(MomentumMethod):
+    """BYOL (Grill et al. 2020): the online branch's predictor regresses the momentum target's
+    projection of the other view, both ways: ``negative_cosine(p_a, z'_b) + negative_cosine(p_b, z'_a)``
+    (the paper's symmetrised loss). No negatives; the target follows the online backbone + head with
+    the cosine schedule 0.996 -> 1 by default."""
+
+    def __init__(self, section: BYOLConfig, online: ContrastiveModel, seed: int) -> None:
+        super().__init__(section, online, seed)
+
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        return _two(model, views, predict=True)  # p_a, p_b: (N, D)
+
+    def keys(self, views: Tensors) -> Tensors:
+        return list(self.key(torch.cat(views[:2])).chunk(2))  # z'_a, z'_b: (N, D), no gradient
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        (p_a, p_b), (t_a, t_b) = outputs, keys
+        return negative_cosine(p_a, t_b) + negative_cosine(p_b, t_a)
+
+
+class SimSiam(Method):
+    """SimSiam (Chen, He 2021): each view's prediction regresses the other view's projection behind a
+    stop-gradient; no momentum encoder, no negatives. The paper's loss is ``D(p_a, z_b)/2 +
+    D(p_b, z_a)/2`` with ``D = -cos``; this returns ``1 +`` that (a quarter of the two
+    :func:`negative_cosine` terms), so the gradient, and the paper's learning rates, are the same."""
+
+    def __init__(self, section: SimSiamConfig, online: ContrastiveModel, seed: int) -> None:
+        super().__init__()
+
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        out = model(torch.cat(views[:2]), predict=True, projections=True)  # (4N, D): p_a, p_b, z_a, z_b
+        return list(out.chunk(4))
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        p_a, p_b, z_a, z_b = outputs
+        return (negative_cosine(p_a, z_b.detach()) + negative_cosine(p_b, z_a.detach())) / 4
+
+
+class BarlowTwins(Method):
+    """Barlow Twins (Zbontar et al. 2021): the cross-correlation of the two views' batch-normalised
+    projections, over the global batch, pushed to the identity (:func:`barlow_twins`)."""
+
+    def __init__(self, section: BarlowTwinsConfig, online: ContrastiveModel, seed: int) -> None:
+        super().__init__()
+        self.lambd = section.lambd
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = outputs
+        return barlow_twins(z_a, z_b, self.lambd)
+
+
+class VICReg(Method):
+    """VICReg (Bardes, Ponce, LeCun 2022): invariance between the views' projections, variance and
+    covariance of each over the global batch (:func:`vicreg`)."""
+
+    def __init__(self, section: VICRegConfig, online: ContrastiveModel, seed: int) -> None:
+        super().__init__()
+        self.weights = (section.sim_weight, section.var_weight, section.cov_weight)
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = outputs
+        return vicreg(z_a, z_b, *self.weights)
+
+
+class DINO(MomentumMethod):
+    """DINO (Caron et al. 2021): the student (backbone + DINO head) matches the momentum teacher's
+    centred, sharpened softmax over the prototypes of the other global view; multi-crop local views
+    go through the student only. The teacher's temperature warms up linearly over
+    ``warmup_teacher_epochs``; the centre follows the teacher's mean output over the global batch
+    (EMA ``center_momentum``). Not done here, as in the paper's ResNet recipe: freezing the last layer
+    in the first epoch and the weight-decay schedule."""
+
+    def __init__(self, section: DINOConfig, online: ContrastiveModel, seed: int) -> None:
+        super().__init__(section, online, seed)
+        self.student_temperature = section.student_temperature
+        self.teacher_temperature = self.final_teacher_temperature = section.teacher_temperature
+        self.warmup = (section.warmup_teacher_temperature, section.warmup_teacher_epochs)
+        self.center_momentum = section.center_momentum
+        self.center: torch.Tensor
+        self.register_buffer("center", torch.zeros(1, section.prototypes))
+
+    def start_step(self, step: int, steps_per_epoch: int) -> None:
+        """The teacher temperature of this step: linear from the warm-up value over the warm-up epochs."""
+        start, epochs = self.warmup
+        progress = step / max(1, steps_per_epoch) / epochs if epochs > 0 else 1.0
+        self.teacher_temperature = start + (self.final_teacher_temperature - start) * min(progress, 1.0)
+
+    def embed(self, model: nn.Module, views: Tensors) -> Tensors:
+        return _two(model, views) if len(views) == 2 else _with_locals(model, views[:2], views[2:])
+
+    def keys(self, views: Tensors) -> Tensors:
+        return list(self.key(torch.cat(views[:2])).chunk(2))  # the teacher's (N, K) of the global views
+
+    def loss(self, outputs: Tensors, keys: Tensors, labels: torch.Tensor) -> torch.Tensor:
+        return dino(outputs, keys, self.center, self.student_temperature, self.teacher_temperature)
+
+    def after_step(
+        self, online: ContrastiveModel, keys: Tensors, step: int, total_steps: int, apply: torch.Tensor | None = None
+    ) -> None:
+        """The teacher's momentum update, then the centre's EMA towards the teacher's mean output
+        over every process (kept where ``apply`` is False)."""
+        super().after_step(online, keys, step, total_steps, apply)
+        with torch.no_grad():
+            mean = distributed.gather(torch.cat(keys).float()).mean(dim=0, keepdim=True)  # (1, K)
+            center = self.center * self.center_momentum + mean * (1 - self.center_momentum)
+            self.center.copy_(center if apply is None else torch.where(apply, center, self.center))
 
 
 def sum_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -2,10 +2,19 @@
 
 Each entry says which method class trains it, which config section it reads
 (``objective.<name>.*``), whether it needs class labels (P x K batches) or a predictor, the paper
-(written into the export's model card and config.json) and the checks its settings must pass. The
-config's ``objective.name`` choices, its ``objective.<name>`` sections, the CLI help, validation,
-``create_method`` and the export all read this table; adding an objective adds one entry here
-(docs/ARCHITECTURE.md walks through it).
+(written into the export's model card and config.json), what the model needs besides backbone and
+head (a predictor, prototypes), whether the method keeps a momentum encoder or uses multi-crop,
+and the checks its settings must pass. The config's ``objective.name`` choices, its
+``objective.<name>`` sections, the CLI help, validation, the model every command builds for a run
+(train, resume, evaluate, embed, search, export), ``create_method`` and the model card all read
+this table; adding an objective adds one entry here (docs/ARCHITECTURE.md walks through it).
+
+Objectives defined outside twinview join the table in one of two ways: a package that declares an
+entry point in the ``twinview.objectives`` group (loaded on the first look at the table), or a
+module named in ``objective.plugins`` (``--plugin`` on the command line), which the config loader
+imports before it reads any other key and which is saved in the run's config.yaml, so that resume,
+evaluate, embed and export import it again in their own processes. Either calls :func:`register`
+(or the entry point names an :class:`Objective`).
 
 This module imports no torch: reading a config loads it, and the method classes are imported only
 when a run builds one (``method`` is a ``module:Class`` path).
@@ -14,8 +23,12 @@ when a run builds one (``method`` is a ``module:Class`` path).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import importlib.metadata
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -131,6 +144,80 @@ class ContrastiveConfig:
     margin: float = 0.5
 
 
+@dataclass
+class BYOLConfig:
+    """``objective.byol``: a predictor on the online branch regresses the momentum target's projection.
+
+    Attributes:
+        momentum: Target EMA momentum tau: ``xi <- tau xi + (1 - tau) theta``.
+        momentum_schedule: ``cosine`` from ``momentum`` to 1 over the run (the paper's), or ``constant``.
+    """
+
+    momentum: float = 0.996
+    momentum_schedule: str = "cosine"
+
+
+@dataclass
+class SimSiamConfig:
+    """``objective.simsiam``: a predictor and a stop-gradient, no momentum encoder and no negatives.
+
+    SimSiam has no setting of its own: its architecture is the model section's (a 3-layer projector
+    ending in batch norm, ``model.proj_output_bn=true``, and a bottleneck predictor in its recipes).
+    """
+
+
+@dataclass
+class BarlowTwinsConfig:
+    """``objective.barlow_twins``: the cross-correlation of the two views' embeddings pushed to identity.
+
+    Attributes:
+        lambd: Weight lambda of the off-diagonal (redundancy reduction) term.
+    """
+
+    lambd: float = 5e-3
+
+
+@dataclass
+class VICRegConfig:
+    """``objective.vicreg``: invariance, variance and covariance terms.
+
+    Attributes:
+        sim_weight: Weight of the invariance (mean squared error) term.
+        var_weight: Weight of the variance (hinge on the standard deviation) term.
+        cov_weight: Weight of the covariance (off-diagonal) term.
+    """
+
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+
+
+@dataclass
+class DINOConfig:
+    """``objective.dino``: self-distillation with a momentum teacher, centring and sharpening.
+
+    Attributes:
+        prototypes: Output width K of the DINO head (its weight-normalised last layer).
+        student_temperature: Temperature of the student's softmax.
+        teacher_temperature: Temperature of the teacher's softmax after the warm-up.
+        warmup_teacher_temperature: Teacher temperature at the start of training.
+        warmup_teacher_epochs: Epochs of the linear warm-up from ``warmup_teacher_temperature`` to
+            ``teacher_temperature``.
+        center_momentum: EMA momentum of the centre subtracted from the teacher's outputs.
+        momentum: Teacher EMA momentum.
+        momentum_schedule: ``cosine`` from ``momentum`` to 1 over the run (the paper's), or ``constant``.
+    """
+
+    prototypes: int = 65536
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_epochs: float = 0.0
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+    momentum_schedule: str = "cosine"
+
+
 # --- the checks: a section and the batch shape in, an ObjectiveSettingError out ----------------
 
 Check = Callable[[Any, BatchShape], None]
@@ -162,6 +249,16 @@ def _check_moco_v2(section: MoCoV2Config, shape: BatchShape) -> None:
         )
 
 
+def _check_dino(section: DINOConfig, shape: BatchShape) -> None:
+    if section.prototypes < 2:
+        raise ObjectiveSettingError(f"objective.dino.prototypes={section.prototypes} must be at least 2.")
+    for key in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature"):
+        if getattr(section, key) <= 0:
+            raise ObjectiveSettingError(f"objective.dino.{key}={getattr(section, key)} must be > 0.")
+    if not 0 <= section.center_momentum < 1:
+        raise ObjectiveSettingError(f"objective.dino.center_momentum={section.center_momentum} must be in [0, 1).")
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 
@@ -177,7 +274,11 @@ class Objective:
         summary: One line for the CLI help and the README.
         paper: The paper it follows, for the model card and the export's config.json.
         supervised: Trains on class labels, from P x K class-balanced batches.
-        predictor: The model gets a predictor MLP on top of the head (MoCo v3).
+        predictor: The model gets a predictor MLP on top of the head (MoCo v3, BYOL, SimSiam).
+        prototypes: The head ends in a weight-normalised layer with ``objective.<name>.prototypes``
+            outputs (DINO).
+        momentum: The method keeps a momentum (EMA) copy of backbone + head: MoCo's key encoder,
+            BYOL's target, DINO's teacher (its section has ``momentum`` and ``momentum_schedule``).
         multi_crop: Its method uses multi-crop local views (``augment.local_crops``); the others
             refuse them.
         choices: Allowed values of string keys of the section.
@@ -191,6 +292,8 @@ class Objective:
     paper: str
     supervised: bool = False
     predictor: bool = False
+    prototypes: bool = False
+    momentum: bool = False
     multi_crop: bool = False
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     checks: tuple[Check, ...] = ()
@@ -224,6 +327,7 @@ OBJECTIVES: dict[str, Objective] = {
             MoCoV2Config,
             "query encoder vs momentum key encoder, InfoNCE against a queue of keys",
             "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning (arXiv:2003.04297)",
+            momentum=True,
             multi_crop=True,
             choices=_MOMENTUM,
             checks=(_check_moco_v2,),
@@ -235,9 +339,60 @@ OBJECTIVES: dict[str, Objective] = {
             "predictor on the query branch, symmetric InfoNCE against the in-batch momentum keys",
             "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers (arXiv:2104.02057)",
             predictor=True,
+            momentum=True,
             multi_crop=True,
             choices=_MOMENTUM,
             checks=(_two_per_process("moco_v3"),),
+        ),
+        Objective(
+            "byol",
+            f"{_METHODS}:BYOL",
+            BYOLConfig,
+            "predictor regresses a momentum target's projection of the other view; no negatives",
+            "Grill et al. 2020, Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning "
+            "(arXiv:2006.07733)",
+            predictor=True,
+            momentum=True,
+            choices=_MOMENTUM,
+            checks=(_two_per_process("byol"),),
+        ),
+        Objective(
+            "simsiam",
+            f"{_METHODS}:SimSiam",
+            SimSiamConfig,
+            "predictor regresses the other view's projection behind a stop-gradient; no momentum encoder",
+            "Chen, He 2021, Exploring Simple Siamese Representation Learning (arXiv:2011.10566)",
+            predictor=True,
+            checks=(_two_per_process("simsiam"),),
+        ),
+        Objective(
+            "barlow_twins",
+            f"{_METHODS}:BarlowTwins",
+            BarlowTwinsConfig,
+            "cross-correlation of the two views' embeddings over the global batch pushed to identity",
+            "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction (arXiv:2103.03230)",
+            checks=(_two_per_process("barlow_twins"),),
+        ),
+        Objective(
+            "vicreg",
+            f"{_METHODS}:VICReg",
+            VICRegConfig,
+            "invariance + variance + covariance of the embeddings over the global batch",
+            "Bardes, Ponce, LeCun 2022, VICReg: Variance-Invariance-Covariance Regularization for "
+            "Self-Supervised Learning (arXiv:2105.04906)",
+            checks=(_two_per_process("vicreg"),),
+        ),
+        Objective(
+            "dino",
+            f"{_METHODS}:DINO",
+            DINOConfig,
+            "student matches a momentum teacher's centred, sharpened softmax over prototypes; multi-crop",
+            "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers (arXiv:2104.14294)",
+            prototypes=True,
+            momentum=True,
+            multi_crop=True,
+            choices=_MOMENTUM,
+            checks=(_two_per_process("dino"), _check_dino),
         ),
         Objective(
             "supcon",
@@ -270,7 +425,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def register(objective: Objective) -> None:
-    """Adds an objective defined outside twinview (call before reading a config that names it).
+    """Adds an objective defined outside twinview (a plugin module calls this when imported).
 
     The objectives shipped with twinview are entries of :data:`OBJECTIVES` above; this is for a
     project's own, e.g. ``examples/dcl_objective.py``.
@@ -280,8 +435,64 @@ def register(objective: Objective) -> None:
     OBJECTIVES[objective.name] = objective
 
 
+ENTRY_POINT_GROUP = "twinview.objectives"
+_entry_points_loaded = False
+
+
+def objectives() -> dict[str, Objective]:
+    """The whole table: the shipped objectives, those of installed packages (entry points in the
+    ``twinview.objectives`` group, loaded on the first call) and those registered by plugins."""
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            loaded = entry.load()  # a module that calls register(), or an Objective
+            if isinstance(loaded, Objective):
+                register(loaded)
+    return OBJECTIVES
+
+
+def load_plugins(plugins: Sequence[str]) -> None:
+    """Imports the modules of ``objective.plugins``, which register their objectives.
+
+    Args:
+        plugins: Importable module names (``my_package.objectives``) or paths of ``.py`` files
+            (imported under the file's stem).
+
+    Raises:
+        ObjectiveSettingError: If a plugin cannot be found (names ``objective.plugins``).
+    """
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = Path(plugin).expanduser()
+            name = path.stem
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None or not path.is_file():
+                raise ObjectiveSettingError(f"objective.plugins: no Python file '{plugin}'.")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before running it: its method path is 'name:Class'
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            continue
+        try:
+            importlib.import_module(plugin)
+        except ModuleNotFoundError as err:
+            if err.name is None or not plugin.startswith(err.name):
+                raise  # the plugin was found; something it imports is missing
+            raise ObjectiveSettingError(
+                f"objective.plugins: cannot import '{plugin}' (is it installed, or on PYTHONPATH? A file can be "
+                f"given by its path, e.g. --plugin ./my_objective.py)."
+            ) from None
+
+
 def get(name: str) -> Objective:
     """The entry of ``name``; the error lists the registered names."""
-    if name not in OBJECTIVES:
-        raise ObjectiveSettingError(f"unknown objective.name '{name}'. Valid values: {', '.join(OBJECTIVES)}.")
-    return OBJECTIVES[name]
+    table = objectives()
+    if name not in table:
+        raise ObjectiveSettingError(f"unknown objective.name '{name}'. Valid values: {', '.join(table)}.")
+    return table[name]

@@ -164,7 +164,7 @@ def _method_state(run_dir: Path) -> Path:
 
 
 def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    from twinview.pretrain.models import create_model
+    from twinview.pretrain.models import create_run_model
     from twinview.pretrain.objectives.methods import create_method
 
     extra = {
@@ -187,14 +187,12 @@ def _objective_setup(objective: str) -> tuple[Any, torch.nn.Module, torch.nn.Mod
         ],
     )
     torch.manual_seed(0)
-    model = create_model(
-        cfg.model, predictor=registry.get(objective).predictor
-    )  # dropout in the ViT, batch norm in the head
+    model = create_run_model(cfg)  # dropout in the ViT, batch norm in the head
     method = create_method(cfg, model)
     return cfg, model.train(), method.train()
 
 
-@pytest.mark.parametrize("objective", list(registry.OBJECTIVES))  # every shipped objective
+@pytest.mark.parametrize("objective", list(registry.objectives()))  # every shipped objective
 def test_cached_accumulation_gives_the_gradient_of_one_loss_over_all_passes(objective: str) -> None:
     """Reference: every pass forwarded with gradient kept (the memory cached mode saves), one loss
     over all of them. Same dropout masks, batch norm per pass, statistics updated once per pass."""
@@ -273,6 +271,7 @@ def test_independent_accumulation_steps_on_the_average_of_per_pass_gradients() -
         scheduler=SimpleNamespace(step_update=lambda num_updates: None),
         guard=StepGuard(model, method, optimizer, "off", torch.device("cpu")),
         progress=SimpleNamespace(step=0),
+        steps_per_epoch=1,
         total_steps=1,
         parameters=list(model.parameters()),
         passes=len(passes),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +16,21 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from twinview.pretrain import distributed
-from twinview.pretrain.objectives.losses import multi_positive_nt_xent, nt_xent, supcon
+from twinview.pretrain.objectives import registry
+from twinview.pretrain.objectives.losses import (
+    barlow_twins,
+    dino,
+    multi_positive_nt_xent,
+    negative_cosine,
+    nt_xent,
+    supcon,
+    vicreg,
+)
 from twinview.pretrain.objectives.moco import KeyQueue, encode_keys_without_bn_leak
 
 WORLD = 2
 N, D_IN, D = 6, 5, 4  # per-process batch, input and embedding widths
-LOSSES = ("nt_xent", "supcon", "multi_positive")
+LOSSES = ("nt_xent", "supcon", "multi_positive", "barlow_twins", "vicreg", "negative_cosine", "dino", "dcl")
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,12 +46,37 @@ def _model() -> nn.Module:
     return nn.Linear(D_IN, D).double()
 
 
-def _losses(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+@functools.cache
+def _dcl() -> Callable[..., torch.Tensor]:
+    """``dcl`` of examples/dcl_objective.py, loaded from its path; the registry is left as it was."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "dcl_objective.py"
+    spec = importlib.util.spec_from_file_location("_dcl_objective_for_test_distributed", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the module's dataclass looks itself up there
+    saved = registry.OBJECTIVES.pop("dcl", None)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        registry.OBJECTIVES.pop("dcl", None)
+        if saved is not None:
+            registry.OBJECTIVES["dcl"] = saved
+    return module.dcl
+
+
+def _losses(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable]:
+    """Each loss as a thunk: a test computes only the one it compares."""
     z_a, z_b, z_c = model(x_a), model(x_b), model(x_a * 0.5 - x_b)  # z_c: a third (multi-crop) view
+    center = torch.linspace(-0.1, 0.2, D, dtype=torch.float64)  # DINO's teacher center, fixed
     return {
-        "nt_xent": nt_xent(z_a, z_b, 0.2),
-        "supcon": supcon(torch.cat([z_a, z_b]), labels.repeat(2), 0.1),
-        "multi_positive": multi_positive_nt_xent([z_a, z_b, z_c], 0.2),
+        "nt_xent": lambda: nt_xent(z_a, z_b, 0.2),
+        "supcon": lambda: supcon(torch.cat([z_a, z_b]), labels.repeat(2), 0.1),
+        "multi_positive": lambda: multi_positive_nt_xent([z_a, z_b, z_c], 0.2),
+        "barlow_twins": lambda: barlow_twins(z_a, z_b, 0.05),
+        "vicreg": lambda: vicreg(z_a, z_b),
+        "negative_cosine": lambda: negative_cosine(z_a, z_b.detach()) + negative_cosine(z_b, z_a.detach()),
+        "dino": lambda: dino([z_a, z_b, z_c], [z_a * 1.5, z_b * 1.5], center, 0.1, 0.04),
+        "dcl": lambda: _dcl()(z_a, z_b, 0.2),
     }
 
 
@@ -46,7 +85,7 @@ def _reference() -> dict[str, tuple[float, list[torch.Tensor]]]:
     out = {}
     for name in LOSSES:
         model = _model()
-        loss = _losses(model, x_a, x_b, labels)[name]
+        loss = _losses(model, x_a, x_b, labels)[name]()
         loss.backward()
         out[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     return out
@@ -60,7 +99,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         out = {"gathered": distributed.gather(torch.full((2,), float(rank)))}
         for name in LOSSES:
             model = nn.parallel.DistributedDataParallel(_model())
-            loss = _losses(model, x_a[rows], x_b[rows], labels[rows])[name]
+            loss = _losses(model, x_a[rows], x_b[rows], labels[rows])[name]()
             loss.backward()  # DDP averages the parameter gradients over the processes
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)

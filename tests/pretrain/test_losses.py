@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from twinview.pretrain.objectives.losses import (
+    barlow_twins,
+    dino,
     info_nce,
     multi_positive_nt_xent,
+    negative_cosine,
     nt_xent,
     pairwise_contrastive,
     supcon,
     triplet,
+    vicreg,
 )
 
 
@@ -241,3 +245,165 @@ def test_multi_positive_nt_xent_matches_loop_and_is_nt_xent_for_two_views(views:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     a, b = zs[0].detach(), zs[1].detach()
     assert multi_positive_nt_xent([a, b], 0.3).item() == pytest.approx(nt_xent(a, b, 0.3).item(), rel=1e-5)
+
+
+# ---- BYOL/SimSiam, Barlow Twins, VICReg, DINO: the papers' formulas written out element by element ----
+
+
+def negative_cosine_loop(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(len(p)):
+        total = total + ((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum()  # BYOL eq. 2
+    return total / len(p)
+
+
+def test_negative_cosine_matches_loop() -> None:
+    p, z = _rand(6, 5, seed=10), _rand(6, 5, seed=11)
+    _assert_same_value_and_grad(negative_cosine(p, z), negative_cosine_loop(p, z), [p, z])
+
+
+def test_negative_cosine_hand_computed_and_simsiam() -> None:
+    p = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    assert negative_cosine(p, 2.5 * p).item() == pytest.approx(0.0, abs=1e-6)  # parallel
+    assert negative_cosine(p, -0.5 * p).item() == pytest.approx(4.0, rel=1e-6)  # opposite
+    orthogonal = torch.tensor([[-2.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -4.0]])
+    assert negative_cosine(p, orthogonal).item() == pytest.approx(2.0, rel=1e-6)
+    p, z = _rand(6, 5, seed=12), _rand(6, 5, seed=13)
+    simsiam_d = -torch.nn.functional.cosine_similarity(p, z, dim=1).mean()  # SimSiam's D(p, z)
+    assert negative_cosine(p, z).item() == pytest.approx(2 + 2 * simsiam_d.item(), rel=1e-6)
+
+
+def test_negative_cosine_sends_gradient_to_an_undetached_target() -> None:
+    p, z = _rand(4, 3, seed=14), _rand(4, 3, seed=15)
+    negative_cosine(p, z).backward()  # the caller detaches the target, not the loss
+    assert p.grad is not None and z.grad is not None
+
+
+def barlow_twins_loop(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float) -> torch.Tensor:
+    m, d = z_a.shape
+
+    def standardise(z: torch.Tensor, i: int) -> list[torch.Tensor]:
+        mean = sum(z[b, i] for b in range(m)) / m
+        var = sum((z[b, i] - mean) ** 2 for b in range(m)) / m  # biased, as BatchNorm1d in training
+        return [(z[b, i] - mean) / torch.sqrt(var + 1e-5) for b in range(m)]
+
+    a = [standardise(z_a, i) for i in range(d)]
+    b = [standardise(z_b, j) for j in range(d)]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(d):
+        for j in range(d):
+            c_ij = sum(a[i][k] * b[j][k] for k in range(m)) / m
+            total = total + ((1 - c_ij) ** 2 if i == j else lambd * c_ij**2)
+    return total
+
+
+@pytest.mark.parametrize("lambd", [0.0, 5e-3, 0.5])
+def test_barlow_twins_matches_loop(lambd: float) -> None:
+    z_a, z_b = _rand(6, 5, seed=16), _rand(6, 5, seed=17)
+    _assert_same_value_and_grad(barlow_twins(z_a, z_b, lambd), barlow_twins_loop(z_a, z_b, lambd), [z_a, z_b])
+
+
+def _hadamard_columns() -> torch.Tensor:
+    """``(8, 7)`` the columns of an 8 x 8 Hadamard matrix but the constant one: entries +-1, each of
+    mean 0 and (biased) variance 1, mutually orthogonal: standardised and decorrelated."""
+    h = torch.tensor([[1.0]])
+    for _ in range(3):
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
+    return h[:, 1:]
+
+
+def test_barlow_twins_hand_computed() -> None:
+    z = _hadamard_columns()  # BN divides by sqrt(1 + 1e-5), so C = I / sqrt(1 + 1e-5)^2
+    shrink = 1 / (1 + 1e-5)
+    assert barlow_twins(z, z.clone()).item() == pytest.approx(7 * (1 - shrink) ** 2, abs=1e-9)  # ~0
+    assert barlow_twins(3 * z + 1, z).item() == pytest.approx(7 * (1 - shrink) ** 2, abs=1e-9)  # per-dim affine
+    # lambda = 0, the on-diagonal term alone: opposite views give C_ii = -shrink, orthogonal ones C = 0
+    assert barlow_twins(z, -z, lambd=0.0).item() == pytest.approx(7 * (1 + shrink) ** 2, rel=1e-6)
+    assert barlow_twins(z[:, :3], z[:, 3:6], lambd=0.0).item() == pytest.approx(3.0, rel=1e-6)
+    # two swapped columns: C = [[0, s], [s, 0]], so L = 2 * 1^2 + lambda * 2 s^2
+    assert barlow_twins(z[:, :2], z[:, [1, 0]], lambd=0.3).item() == pytest.approx(2 + 0.3 * 2 * shrink**2, rel=1e-6)
+
+
+def vicreg_loop(z_a: torch.Tensor, z_b: torch.Tensor, sim: float, var: float, cov: float) -> torch.Tensor:
+    m, d = z_a.shape
+    invariance = sum((z_a[b, i] - z_b[b, i]) ** 2 for b in range(m) for i in range(d)) / (m * d)
+
+    def variance_and_covariance(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = [sum(z[b, i] for b in range(m)) / m for i in range(d)]
+        c = [
+            [sum((z[b, i] - mean[i]) * (z[b, j] - mean[j]) for b in range(m)) / (m - 1) for j in range(d)]
+            for i in range(d)
+        ]
+        v = sum(torch.clamp(1 - torch.sqrt(c[i][i] + 1e-4), min=0) for i in range(d)) / d
+        off = sum(c[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+        return v, off
+
+    v_a, c_a = variance_and_covariance(z_a)
+    v_b, c_b = variance_and_covariance(z_b)
+    return sim * invariance + var * (v_a / 2 + v_b / 2) + cov * (c_a + c_b)
+
+
+@pytest.mark.parametrize("weights", [(25.0, 25.0, 1.0), (1.0, 0.5, 3.0)])
+@pytest.mark.parametrize("scale", [0.3, 2.0])  # below 1 the std hinge is active, above it is not
+def test_vicreg_matches_loop(weights: tuple[float, float, float], scale: float) -> None:
+    z_a, z_b = _rand(6, 5, seed=18), _rand(6, 5, seed=19)
+    with torch.no_grad():
+        z_a.mul_(scale), z_b.mul_(scale)
+    _assert_same_value_and_grad(vicreg(z_a, z_b, *weights), vicreg_loop(z_a, z_b, *weights), [z_a, z_b])
+
+
+def test_vicreg_hand_computed() -> None:
+    z = _rand(6, 5, seed=20).detach()
+    assert vicreg(z, z.clone(), 1.0, 0.0, 0.0).item() == 0.0  # identical views: no invariance term
+    # z_a centred [[1, 0], [-1, 0]]: Var (2, 0), std (sqrt(2.0001), 0.01), Cov off-diagonal 0
+    # z_b [[1, 1], [-1, -1]]: Var (2, 2), Cov off-diagonal 2 and 2: c = (4 + 4) / 2
+    # s = (0 + 0 + 0 + 4) / 4 = 1;  v = (0 + 0.99) / 2 / 2 + 0 = 0.2475;  L = 25 + 25 * 0.2475 + 4
+    z_a, z_b = torch.tensor([[1.0, 1.0], [-1.0, 1.0]]), torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    assert vicreg(z_a, z_b).item() == pytest.approx(25 + 25 * 0.2475 + 4, rel=1e-6)
+
+
+def dino_loop(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, ts: float, tt: float
+) -> torch.Tensor:
+    n, k = student[0].shape
+    terms = []
+    for i, t in enumerate(teacher):
+        for j, s in enumerate(student):
+            if i == j:
+                continue
+            pair = torch.zeros((), dtype=torch.float64)
+            for b in range(n):
+                q_den = sum(torch.exp((t[b, c] - center[c]) / tt) for c in range(k))
+                p_den = sum(torch.exp(s[b, c] / ts) for c in range(k))
+                for c in range(k):
+                    q = torch.exp((t[b, c] - center[c]) / tt) / q_den
+                    pair = pair - q.detach() * (s[b, c] / ts - torch.log(p_den))
+            terms.append(pair / n)
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("ts,tt", [(0.1, 0.04), (0.2, 0.07), (1.0, 1.0)])
+def test_dino_matches_loop_and_sends_no_gradient_to_the_teacher(ts: float, tt: float) -> None:
+    student = [_rand(6, 7, seed=21 + v) for v in range(4)]  # V = 4 views, the first G = 2 global
+    teacher = [_rand(6, 7, seed=31 + v) for v in range(2)]
+    center = torch.linspace(-0.2, 0.3, 7, dtype=torch.float64)
+    _assert_same_value_and_grad(
+        dino(student, teacher, center[None], ts, tt), dino_loop(student, teacher, center, ts, tt), student
+    )
+    dino(student, teacher, center, ts, tt).backward()
+    assert all(t.grad is None for t in teacher) and all(s.grad is not None for s in student)
+
+
+@pytest.mark.parametrize("ts", [0.1, 0.5])
+def test_dino_with_a_uniform_teacher_hand_computed(ts: float) -> None:
+    # Teacher outputs equal to the center: q = 1/K whatever the temperature. A student row (a, 0, ..., 0)
+    # then costs -1/K sum_k log p_k = log(e^{a/ts} + K - 1) - a / (ts K), for every pair of views.
+    k, a = 7, 0.8
+    center = torch.randn(k)
+    teacher = [center.expand(5, k).clone() for _ in range(2)]
+    row = torch.zeros(k)
+    row[0] = a
+    student = [row.expand(5, k).clone() for _ in range(3)]
+    expected = math.log(math.exp(a / ts) + k - 1) - a / (ts * k)
+    assert dino(student, teacher, center, ts, 0.04).item() == pytest.approx(expected, rel=1e-6)
+    assert dino([torch.zeros(5, k)] * 2, teacher, center, ts).item() == pytest.approx(math.log(k), rel=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from twinview.pretrain.config import load_config
-from twinview.pretrain.models import create_model
+from twinview.pretrain.models import create_model, create_run_model
 from twinview.pretrain.objectives import registry
 from twinview.pretrain.objectives.methods import create_method
 
@@ -34,10 +34,10 @@ def _method(objective: str) -> torch.nn.Module:
         ],
     )
     torch.manual_seed(0)
-    return create_method(cfg, create_model(cfg.model, predictor=registry.get(objective).predictor))
+    return create_method(cfg, create_run_model(cfg))
 
 
-@pytest.mark.parametrize("objective", list(registry.OBJECTIVES))
+@pytest.mark.parametrize("objective", list(registry.objectives()))
 def test_state_round_trips_and_an_earlier_versions_checkpoint_loads(objective: str) -> None:
     method = _method(objective)
     state = method.state_dict()
