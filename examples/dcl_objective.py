@@ -4,7 +4,15 @@ Yeh et al. 2022, "Decoupled Contrastive Learning" (arXiv:2110.06848): NT-Xent wi
 pair in the denominator, ``l_i = -s_{i,p(i)} + log sum_{k != i, p(i)} exp(s_ik)``. One registry
 entry (config section, method class, paper) is all it takes; docs/ARCHITECTURE.md walks through it.
 
-Use it from a script of your own (the module must be imported before the config is read):
+From the command line, as a plugin (saved in the run's config.yaml, so that --resume, evaluate,
+embed and export load it again):
+
+    twinview pretrain --plugin examples/dcl_objective.py --config simclr-cifar10 objective.name=dcl data.path=/my/images
+
+or installed with an entry point in your package's metadata, after which ``objective.name=dcl``
+just works: ``[project.entry-points."twinview.objectives"] dcl = "dcl_objective"``.
+
+From a script of your own (the module must be imported before the config is read):
 
     import dcl_objective  # registers "dcl"
     from twinview.pretrain.config import load_config

@@ -95,3 +95,31 @@ def test_saved_config_reads_back_equal(tmp_path: Path) -> None:
     cfg = load_config("demo", ["optim.lr=0.123", "augment.crop_scale=[0.5,0.9]"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("objective", ["byol", "simsiam", "barlow_twins", "vicreg"])
+def test_multi_crop_is_refused_before_compute_where_the_paper_has_none(objective: str) -> None:
+    from twinview.pretrain.validate import World, validate
+
+    cfg = load_config(None, ["data.path=x", f"objective.name={objective}", "augment.local_crops=2"])
+    world = World(processes=1, device_type="cpu", bf16_supported=True, device_name="cpu", bf16_native=False)
+    with pytest.raises(ConfigError, match=rf"augment.local_crops=2: objective '{objective}'.*dino"):
+        validate(cfg, world)
+    validate(load_config(None, ["data.path=x", "objective.name=dino", "augment.local_crops=2"]), world)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("objective.dino.prototypes=1", "objective.dino.prototypes=1 must be at least 2"),
+        ("objective.dino.teacher_temperature=0", "objective.dino.teacher_temperature=0.0 must be > 0"),
+        ("objective.byol.momentum_schedule=linear", "objective.byol.momentum_schedule"),
+    ],
+)
+def test_bad_settings_of_the_new_objectives_name_the_key(override: str, message: str) -> None:
+    from twinview.pretrain.validate import World, validate
+
+    name = override.split(".")[1]
+    world = World(processes=1, device_type="cpu", bf16_supported=True, device_name="cpu", bf16_native=False)
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, ["data.path=x", f"objective.name={name}", override]), world)
