@@ -392,10 +392,13 @@ def _load_plugins(trees: list[tuple[Any, str]]) -> None:
         if isinstance(objective, dict) and "plugins" in objective:
             value = objective["plugins"]
             if isinstance(value, str):
-                value = objective["plugins"] = [value]
+                value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{source}: objective.plugins must be a list of module names or .py paths.")
-            plugins = value
+            # a file by its absolute path, so the run's later commands find it from any directory
+            plugins = objective["plugins"] = [
+                str(Path(v).expanduser().resolve()) if v.endswith(".py") else v for v in value
+            ]
     try:
         registry.load_plugins(plugins)
     except registry.ObjectiveSettingError as err:

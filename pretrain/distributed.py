@@ -83,6 +83,16 @@ def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
+@torch.no_grad()
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean over processes, as a new tensor (identity on a single process)."""
+    x = x.clone()
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= world_size()
+    return x
+
+
 def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over processes, as a new tensor (on the device, no host sync)."""
     x = x.clone()

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from twinview.pretrain.engine.train import TrainingInterrupted, train
     from twinview.pretrain.runs import discard_unstarted, load_run_config, new_shared_run_dir
 
-    overrides = [*plugin_overrides(args.plugin), *args.overrides]
+    plugins = [*(_saved_plugins(Path(args.resume)) if args.resume and args.plugin else []), *args.plugin]
+    overrides = [*plugin_overrides(plugins), *args.overrides]
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -46,6 +47,15 @@ def run(args: argparse.Namespace) -> int:
         return 3
     main_print(f"Done. Run directory: {run_dir}")
     return 0
+
+
+def _saved_plugins(run_dir: Path) -> list[str]:
+    """The plugins a run's config.yaml names (``--plugin`` on ``--resume`` adds to them)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    saved = OmegaConf.select(OmegaConf.load(path), "objective.plugins", default=[]) if path.is_file() else []
+    return [str(p) for p in saved]
 
 
 def plugin_overrides(plugins: list[str]) -> list[str]:

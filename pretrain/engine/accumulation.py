@@ -83,7 +83,8 @@ def cached_passes(
     with accelerator.autocast():
         loss = method.loss(leaves, all_keys, labels)
     accelerator.backward(loss)  # (scaled under fp16; the scale flows on to the weights)
-    grads = [_grad(leaf).split([o[j].shape[0] for o in outputs]) for j, leaf in enumerate(leaves)]
+    sizes = [[o[j].shape[0] for o in outputs] for j in range(len(leaves))]
+    grads = [_grad(leaf, j in method.detached_outputs).split(sizes[j]) for j, leaf in enumerate(leaves)]
 
     # 3. each pass again, with gradient, fed the cached gradient of its embeddings
     for i, (views, _) in enumerate(kept):
@@ -96,11 +97,14 @@ def cached_passes(
     return loss.detach(), all_keys
 
 
-def _grad(leaf: torch.Tensor) -> torch.Tensor:
-    """The loss's gradient w.r.t. one cached embedding; zero for an embedding the loss reads only
-    behind a stop-gradient (SimSiam's projections, whose gradient reaches the model through the
-    predictions instead)."""
-    return torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+def _grad(leaf: torch.Tensor, detached: bool) -> torch.Tensor:
+    """The loss's gradient w.r.t. one cached embedding; zero for one the method declares the loss
+    reads only behind a stop-gradient (SimSiam's projections, whose gradient reaches the model
+    through the predictions instead)."""
+    if leaf.grad is None:
+        assert detached, "the loss does not depend on every embedding (Method.detached_outputs)"
+        return torch.zeros_like(leaf)
+    return leaf.grad
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:

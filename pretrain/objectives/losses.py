@@ -351,6 +351,8 @@ def dino(
     t = torch.stack([x.detach().float() for x in teacher])  # (G, N, K)
     q = F.softmax((t - shift) / teacher_temperature, dim=-1)  # (G, N, K)
     log_p = F.log_softmax(torch.stack([x.float() for x in student]) / student_temperature, dim=-1)  # (V, N, K)
-    cross = -torch.einsum("gnk,vnk->gv", q, log_p) / n  # (G, V) batch-mean cross entropy of each pair
+    # (G, V) batch-mean cross entropy of each pair; element-wise products and sums, which autocast
+    # keeps in float32 (a matmul would run in bf16/fp16)
+    cross = torch.stack([-(q_i * log_p).sum(dim=-1).sum(dim=-1) / n for q_i in q])
     pairs = ~torch.eye(g, v, dtype=torch.bool, device=cross.device)  # (G, V) i != j: not the same view
     return torch.where(pairs, cross, 0.0).sum() / (g * (v - 1))

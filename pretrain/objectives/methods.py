@@ -91,8 +91,11 @@ class Method(nn.Module):
     to update. A method with a momentum copy of backbone + head subclasses :class:`MomentumMethod`.
     """
 
+    detached_outputs: tuple[int, ...] = ()  # indices of embed()'s outputs the loss reads only detached
+
     def start_step(self, step: int, steps_per_epoch: int) -> None:
-        """Nothing follows a schedule."""
+        """Nothing follows a schedule. (What this sets must be a function of its arguments only:
+        it runs after the step guard's snapshot and is not checkpointed.)"""
 
     def embed(self, model: nn.Module, views: Tensors) -> Tensors:
         return _two(model, views)
@@ -280,6 +283,8 @@ class SimSiam(Method):
     D(p_b, z_a)/2`` with ``D = -cos``; this returns ``1 +`` that (a quarter of the two
     :func:`negative_cosine` terms), so the gradient, and the paper's learning rates, are the same."""
 
+    detached_outputs = (2, 3)  # z_a, z_b: their gradient is zero; it reaches the model through p
+
     def __init__(self, section: SimSiamConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__()
 
@@ -329,8 +334,9 @@ class DINO(MomentumMethod):
     def __init__(self, section: DINOConfig, online: ContrastiveModel, seed: int) -> None:
         super().__init__(section, online, seed)
         self.student_temperature = section.student_temperature
-        self.teacher_temperature = self.final_teacher_temperature = section.teacher_temperature
+        self.final_teacher_temperature = section.teacher_temperature
         self.warmup = (section.warmup_teacher_temperature, section.warmup_teacher_epochs)
+        self.start_step(0, 1)  # the temperature of the first step until the loop says otherwise
         self.center_momentum = section.center_momentum
         self.center: torch.Tensor
         self.register_buffer("center", torch.zeros(1, section.prototypes))
@@ -357,7 +363,8 @@ class DINO(MomentumMethod):
         over every process (kept where ``apply`` is False)."""
         super().after_step(online, keys, step, total_steps, apply)
         with torch.no_grad():
-            mean = distributed.gather(torch.cat(keys).float()).mean(dim=0, keepdim=True)  # (1, K)
+            # every process has as many rows, so the mean of the per-process means is the global one
+            mean = distributed.mean_over_processes(torch.cat(keys).float().mean(dim=0, keepdim=True))  # (1, K)
             center = self.center * self.center_momentum + mean * (1 - self.center_momentum)
             self.center.copy_(center if apply is None else torch.where(apply, center, self.center))
 
@@ -427,6 +434,12 @@ class Contrastive(Method):
 def create_method(cfg: Config, online: ContrastiveModel) -> Method:
     """The method of ``objective.name`` (its registry entry), built from its config section around
     the unwrapped trained model."""
-    method = get(cfg.objective.name).method_class()(objective_section(cfg), online, cfg.train.seed)
-    assert isinstance(method, Method)
+    entry = get(cfg.objective.name)
+    cls = entry.method_class()
+    if not issubclass(cls, Method) or entry.momentum != issubclass(cls, MomentumMethod):
+        raise TypeError(
+            f"objective '{entry.name}': {entry.method} must subclass Method, and MomentumMethod exactly when its "
+            f"registry entry says momentum=True (it says {entry.momentum})."
+        )
+    method: Method = cls(objective_section(cfg), online, cfg.train.seed)
     return method

@@ -26,6 +26,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,58 +437,90 @@ def register(objective: Objective) -> None:
 
 
 ENTRY_POINT_GROUP = "twinview.objectives"
-_entry_points_loaded = False
+_loaded_entry_points: set[str] = set()
 
 
 def objectives() -> dict[str, Objective]:
     """The whole table: the shipped objectives, those of installed packages (entry points in the
-    ``twinview.objectives`` group, loaded on the first call) and those registered by plugins."""
-    global _entry_points_loaded
-    if not _entry_points_loaded:
-        _entry_points_loaded = True
-        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    ``twinview.objectives`` group, each loaded on the first call) and those registered by plugins.
+
+    An entry point that fails to load is reported with a warning naming it and left out; the
+    shipped objectives and the other plugins still work.
+    """
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.value in _loaded_entry_points:
+            continue
+        _loaded_entry_points.add(entry.value)
+        try:
             loaded = entry.load()  # a module that calls register(), or an Objective
             if isinstance(loaded, Objective):
                 register(loaded)
+        except Exception as err:  # a broken installed package must not break every command
+            warnings.warn(
+                f"twinview: the objective plugin '{entry.name} = {entry.value}' (entry point group "
+                f"{ENTRY_POINT_GROUP}) failed to load and is left out: {type(err).__name__}: {err}",
+                stacklevel=2,
+            )
     return OBJECTIVES
 
 
 def load_plugins(plugins: Sequence[str]) -> None:
     """Imports the modules of ``objective.plugins``, which register their objectives.
 
+    Running a run's commands (resume, evaluate, embed, search, export) imports the plugins its
+    config.yaml names, as its training did; each is announced on stderr the first time.
+
     Args:
         plugins: Importable module names (``my_package.objectives``) or paths of ``.py`` files
             (imported under the file's stem).
 
     Raises:
-        ObjectiveSettingError: If a plugin cannot be found (names ``objective.plugins``).
+        ObjectiveSettingError: If a plugin cannot be found, or a ``.py`` file's name is already the
+            name of another imported module (names ``objective.plugins``).
     """
     for plugin in plugins:
         if plugin.endswith(".py"):
-            path = Path(plugin).expanduser()
-            name = path.stem
-            if name in sys.modules:
-                continue
-            spec = importlib.util.spec_from_file_location(name, path)
-            if spec is None or spec.loader is None or not path.is_file():
-                raise ObjectiveSettingError(f"objective.plugins: no Python file '{plugin}'.")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # before running it: its method path is 'name:Class'
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
+            _load_file(Path(plugin).expanduser().resolve())
             continue
+        if plugin in sys.modules:
+            continue
+        print(f"twinview: loading objective plugin {plugin} (objective.plugins)", file=sys.stderr)
         try:
             importlib.import_module(plugin)
         except ModuleNotFoundError as err:
-            if err.name is None or not plugin.startswith(err.name):
+            if err.name is None or not (plugin == err.name or plugin.startswith(err.name + ".")):
                 raise  # the plugin was found; something it imports is missing
             raise ObjectiveSettingError(
                 f"objective.plugins: cannot import '{plugin}' (is it installed, or on PYTHONPATH? A file can be "
                 f"given by its path, e.g. --plugin ./my_objective.py)."
             ) from None
+
+
+def _load_file(path: Path) -> None:
+    """Imports a plugin file under its stem (its method paths say ``stem:Class``)."""
+    name = path.stem
+    if name in sys.modules:
+        loaded = getattr(sys.modules[name], "__file__", None)
+        if loaded and Path(loaded).resolve() == path:
+            return
+        raise ObjectiveSettingError(
+            f"objective.plugins: '{path}' would be imported as module '{name}', which is already the name of "
+            f"{loaded or 'a built-in module'}; rename the file."
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ObjectiveSettingError(f"objective.plugins: no Python file '{path}'.")
+    print(f"twinview: loading objective plugin {path} (objective.plugins)", file=sys.stderr)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: its method paths are 'name:Class'
+    before = dict(OBJECTIVES)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        OBJECTIVES.clear()  # nothing half-registered points at the removed module
+        OBJECTIVES.update(before)
+        raise
 
 
 def get(name: str) -> Objective:

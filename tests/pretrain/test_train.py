@@ -18,6 +18,7 @@ from twinview.pretrain.data.folder import ImageFolderDataset
 from twinview.pretrain.data.source import scan_source
 from twinview.pretrain.engine.train import train
 from twinview.pretrain.models import create_model, normalization_stats
+from twinview.pretrain.objectives import registry
 from twinview.pretrain.objectives.losses import nt_xent
 from twinview.pretrain.runs import checkpoints, load_trained_model, new_run_dir
 
@@ -70,6 +71,16 @@ OBJECTIVES = {
     "supcon": [],
     "triplet": ["objective.triplet.mining=semi_hard"],
     "contrastive": [],
+    "byol": ["model.predictor_hidden_dim=32"],
+    "simsiam": ["model.predictor_hidden_dim=32", "model.proj_output_bn=true"],
+    "barlow_twins": [],
+    "vicreg": [],
+    "dino": [  # the teacher temperature still warming up across the resume, local views
+        "objective.dino.prototypes=32",
+        "objective.dino.teacher_temperature=0.07",
+        "objective.dino.warmup_teacher_epochs=1.5",
+        "augment.local_crops=2",
+    ],
 }
 
 
@@ -77,7 +88,8 @@ OBJECTIVES = {
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(
     image_folder: Path, tmp_path: Path, objective: str
 ) -> None:
-    """Bitwise on CPU, for every objective: MoCo's key encoder, queue and shuffle RNG are checkpointed."""
+    """Bitwise on CPU, for every objective: momentum encoders, MoCo's queue and shuffle RNG, DINO's
+    centre are checkpointed; DINO's teacher temperature follows from the step."""
     extra = [f"objective.name={objective}", *OBJECTIVES[objective]]
     cfg = _cfg(image_folder, tmp_path / "runs", "train.epochs=2", "train.run_name=straight", *extra)
     straight = new_run_dir(cfg)
@@ -125,7 +137,7 @@ def test_each_objective_trains_and_its_weights_load_and_export(
     assert [r["kind"] for r in records][-1] == "epoch" and len(records) >= 2  # logged steps and the epoch
     assert all(r["loss"] is not None and torch.isfinite(torch.tensor(r["loss"])) for r in records)
     _, model = load_trained_model(run_dir)  # strict: the predictor of moco_v3 is part of the weights
-    assert (model.predictor is not None) == (objective == "moco_v3")
+    assert (model.predictor is not None) == registry.get(objective).predictor
     export_run(run_dir, tmp_path / "export")
     exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     x = torch.randn(2, 3, 24, 24)
