@@ -19,25 +19,28 @@ torch==2.14.1 torchvision==0.29.1 && .venv-peer/bin/pip install -e . lightly``, 
 script with that environment's python (twinview's training there gave results bit-identical to
 its own environment's).
 
-Usage: python bench/peer_lightly.py [--epochs 8] [--recipe simclr-photos] [--no-probe]
+``--method`` runs another of lightly's methods instead of SimCLR (its settings:
+``bench/peer_methods.py``); ``bench/methods.py`` runs every method on both CPU protocols.
+
+Usage: python bench/peer_lightly.py [--epochs 8] [--recipe simclr-photos] [--method simclr] [--no-probe]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from host import host_kind
+from peer_methods import LIGHTLY_METHODS, Setup
+from peer_methods import train_lightly as train_lightly_method
 
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.run import default_device, evaluate
@@ -50,49 +53,23 @@ DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 BATCH, CROP, IMAGE, WORKERS = 256, 64, 96, 2
 
 
-def train_lightly(train_dir: Path, epochs: int, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
-    """lightly's SimCLR benchmark recipe, as a plain PyTorch loop; returns the backbone and the
-    seconds of each epoch."""
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-    from lightly.models.utils import get_weight_decay_parameters
-    from lightly.transforms import SimCLRTransform
-    from lightly.utils.lars import LARS
-    from lightly.utils.scheduler import CosineWarmupScheduler
-    from torchvision.datasets import ImageFolder
-
-    torch.manual_seed(seed)
-    backbone = timm.create_model("resnet18", num_classes=0)
-    head = SimCLRProjectionHead(input_dim=512, hidden_dim=512, output_dim=128)
-    criterion = NTXentLoss(temperature=0.1)
-    data = ImageFolder(str(train_dir), transform=SimCLRTransform(input_size=CROP))
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=WORKERS, persistent_workers=True
+def train_lightly(
+    train_dir: Path, epochs: int, seed: int = 0, method: str = "simclr"
+) -> tuple[torch.nn.Module, list[float]]:
+    """lightly's benchmark recipe of ``method`` (``bench/peer_methods.py``; SimCLR: the recipe
+    described above), as a plain PyTorch loop; returns the backbone and the seconds of each epoch."""
+    setup = Setup(
+        train_dir,
+        epochs,
+        crop=CROP,
+        small=False,
+        backbone=lambda: timm.create_model("resnet18", num_classes=0),
+        batch_size=BATCH,
+        workers=WORKERS,
+        seed=seed,
     )
-    params, no_decay = get_weight_decay_parameters([backbone, head])
-    optimizer = LARS(
-        [{"params": params}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=0.075 * math.sqrt(BATCH),
-        momentum=0.9,
-        weight_decay=1e-6,
-    )
-    steps = len(loader) * epochs
-    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=steps / 10, max_epochs=steps)
-    seconds = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        backbone.train()
-        head.train()
-        for (x0, x1), _ in loader:
-            z0, z1 = head(backbone(x0)), head(backbone(x1))
-            loss = criterion(z0, z1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        seconds.append(time.perf_counter() - start)
-        print(f"lightly epoch {epoch + 1}/{epochs}: {seconds[-1]:.1f} s, loss {loss.item():.4f}", file=sys.stderr)
-    return backbone.eval(), seconds
+    result = train_lightly_method(method, setup)
+    return result.backbone, result.seconds
 
 
 def main() -> None:
@@ -100,6 +77,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=Path(os.environ.get("TWINVIEW_IMAGEWOOF", DEFAULT_ARCHIVE)))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--recipe", default="simclr-photos")
+    parser.add_argument("--method", default="simclr", choices=LIGHTLY_METHODS, help="lightly's method to run")
     parser.add_argument("--no-probe", action="store_true")
     parser.add_argument("--skip-twinview", type=Path, default=None, help="reuse an imagewoof_quick.py JSON")
     args = parser.parse_args()
@@ -120,7 +98,7 @@ def main() -> None:
         command += ["--recipe", args.recipe, "--archive", str(args.archive)] + (["--no-probe"] if args.no_probe else [])
         ours = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
-    backbone, seconds = train_lightly(root / "train", args.epochs)
+    backbone, seconds = train_lightly(root / "train", args.epochs, method=args.method)
     cfg = load_config(args.recipe, [f"data.path={root / 'train'}", f"data.image_size={IMAGE}"])
     reference, query = labelled_pair(str(root / "train"), str(root / "val"), IMAGE)
     mean, std = normalization_stats(backbone)
@@ -138,6 +116,7 @@ def main() -> None:
                 "benchmark": "peer_lightly",
                 "machine": f"{host_kind()}, torch {torch.__version__}, lightly {lightly.__version__}",
                 "epochs": args.epochs,
+                "lightly_method": args.method,
                 "twinview": ours,
                 "lightly": theirs,
                 "knn_ratio": ours["knn_top1"] / theirs["knn_top1"],
