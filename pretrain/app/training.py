@@ -59,9 +59,6 @@ def _saved_plugins(run_dir: Path) -> list[str]:
 
 
 def plugin_overrides(plugins: list[str]) -> list[str]:
-    """``--plugin`` as the override of ``objective.plugins`` (nothing when none is given); a ``.py``
-    file is recorded by its absolute path, so the run's other commands find it from anywhere."""
-    if not plugins:
-        return []
-    named = [str(Path(p).resolve()) if p.endswith(".py") else p for p in plugins]
-    return [f"objective.plugins=[{','.join(named)}]"]
+    """``--plugin`` as the override of ``objective.plugins`` (nothing when none is given; the config
+    loader records a ``.py`` file by its absolute path)."""
+    return [f"objective.plugins=[{','.join(plugins)}]"] if plugins else []
