@@ -179,7 +179,8 @@ def run_twinview(args: argparse.Namespace) -> dict[str, Any]:
     train_dir, query_dir = data_dirs(protocol, args.data)
     extra = [f"train.max_steps_per_epoch={args.max_steps}"] if args.max_steps else []
     if args.monitor:
-        extra += ["eval.monitor_every=1", f"eval.monitor_train={train_dir}", f"eval.monitor_test={query_dir}"]
+        extra += [f"eval.monitor_every={args.monitor_every}", f"eval.monitor_train={train_dir}"]
+        extra += [f"eval.monitor_test={query_dir}"]
     cfg = load_config(
         args.recipe,
         [
@@ -258,7 +259,7 @@ def run_lightly(args: argparse.Namespace) -> dict[str, Any]:
         return Embedder(backbone, mean, std, cfg.eval.batch_size, WORKERS, default_device())
 
     def monitor(epoch: int, backbone: torch.nn.Module) -> dict[str, Any]:
-        if not args.monitor:
+        if not args.monitor or (epoch + 1) % args.monitor_every:
             return {}
         t0 = time.perf_counter()
         state = torch.get_rng_state()  # the monitor's loader draws from it: training's order stays the same
@@ -359,6 +360,34 @@ def _ratio(a: Any, b: Any) -> float | None:
     return round(a / b, 3) if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
 
+def time_to_reach(record: dict[str, Any], target: float) -> float | None:
+    """Training seconds (the monitor excluded) until a run's monitored kNN first reaches ``target``;
+    None if it never does or was not monitored."""
+    for knn, seconds in zip(record.get("knn_per_epoch", []), record["epoch_end_train_seconds"], strict=True):
+        if knn is not None and knn >= target:
+            return float(seconds)
+    return None
+
+
+def time_to_accuracy(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any] | None:
+    """Each side's training time to reach the other's final monitored kNN, and twinview's time to
+    lightly's final kNN as a fraction of lightly's whole training time."""
+    finals = [[k for k in r.get("knn_per_epoch", []) if k is not None] for r in (ours, theirs)]
+    if not all(finals):
+        return None
+    to_theirs, to_ours = time_to_reach(ours, finals[1][-1]), time_to_reach(theirs, finals[0][-1])
+    lightly_seconds = theirs["epoch_end_train_seconds"][-1]
+    return {
+        "twinview_final_knn": finals[0][-1],
+        "lightly_final_knn": finals[1][-1],
+        "twinview_seconds_to_lightly_final": to_theirs,
+        "lightly_seconds_to_twinview_final": to_ours,
+        "lightly_train_seconds": lightly_seconds,
+        "twinview_train_seconds": ours["epoch_end_train_seconds"][-1],
+        "time_ratio": _ratio(to_theirs, lightly_seconds),
+    }
+
+
 def build_rows(records: Iterable[dict[str, Any]], notes: dict[tuple[str, str], list[str]]) -> list[dict[str, Any]]:
     """One row per protocol and method: both libraries' records and the same-run ratios."""
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -386,6 +415,7 @@ def build_rows(records: Iterable[dict[str, Any]], notes: dict[tuple[str, str], l
                 row["knn_ratio"] = _ratio(a["knn_top1"], b["knn_top1"])
                 row["probe_ratio"] = _ratio(a["probe_top1"], b["probe_top1"])
                 row["seconds_per_epoch_ratio"] = _ratio(a["seconds_per_epoch_median"], b["seconds_per_epoch_median"])
+                row["time_to_accuracy"] = time_to_accuracy(a, b)
         row["notes"] = row_notes
         rows.append(row)
     return rows
@@ -432,6 +462,15 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {row['protocol']} {row['method']}: {n}" for n in row["notes"]]
+        tta = row.get("time_to_accuracy")
+        if tta:
+            reach = tta["twinview_seconds_to_lightly_final"]
+            notes.append(
+                f"- {row['protocol']} {row['method']}: time to accuracy: twinview reached lightly's final kNN "
+                f"({tta['lightly_final_knn']:.3f}) after "
+                + (f"{reach:.0f} s, {tta['time_ratio']:.2f}x" if reach is not None else "never, against")
+                + f" lightly's {tta['lightly_train_seconds']:.0f} s of training"
+            )
     return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
 
@@ -468,9 +507,12 @@ def driver_main(args: argparse.Namespace) -> None:
             if recipe is None:
                 continue
             sides = ["twinview"] + (["lightly"] if args.peer else [])
-            if args.peer and method in MISSING:
-                notes[(protocol_name, method)].append(f"no ratio: {MISSING[method]}")
+            peer_method = args.peer_method or method
+            if args.peer and peer_method in MISSING:
+                notes[(protocol_name, method)].append(f"no ratio: {MISSING[peer_method]}")
                 sides.remove("lightly")
+            elif args.peer and peer_method != method:
+                notes[(protocol_name, method)].append(f"lightly's {peer_method} against twinview's {method}")
             if any(
                 key[:4] == (protocol_name, method, args.epochs, args.max_steps) and set(sides) <= done
                 for key, done in finished.items()
@@ -480,7 +522,8 @@ def driver_main(args: argparse.Namespace) -> None:
             for side in sides:
                 python = sys.executable if side == "twinview" else peer_python
                 command = [python, str(Path(__file__).resolve()), "--child", side, "--protocol", protocol_name]
-                command += ["--method", method, "--recipe", recipe, "--epochs", str(args.epochs)]
+                command += ["--method", method if side == "twinview" else peer_method, "--recipe", recipe]
+                command += ["--epochs", str(args.epochs), "--monitor-every", str(args.monitor_every)]
                 command += ["--data", str(source), "--max-steps", str(args.max_steps), "--output-dir", args.output_dir]
                 command += ["--peer-precision", args.peer_precision] + (["--monitor"] if args.monitor else [])
                 command += [f"--override={o}" for o in overrides]
@@ -493,6 +536,7 @@ def driver_main(args: argparse.Namespace) -> None:
                     "epochs": args.epochs,
                     "max_steps": args.max_steps,
                     "monitor": args.monitor,
+                    **({"peer_method": peer_method} if side == "lightly" and peer_method != method else {}),
                     "invocation": invocation,
                     "wall_seconds": round(wall, 1),
                     "peak_rss_mb_process_tree": tree_peak,
@@ -535,7 +579,11 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated registry names")
     parser.add_argument("--epochs", type=int, default=10, help="for both libraries and every method")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run lightly")
-    parser.add_argument("--monitor", action="store_true", help="kNN after every epoch (time-to-accuracy)")
+    parser.add_argument("--monitor", action="store_true", help="kNN during training (time-to-accuracy curves)")
+    parser.add_argument("--monitor-every", type=int, default=1, help="with --monitor: kNN every N epochs")
+    parser.add_argument(
+        "--peer-method", help="lightly runs this method instead of the same one (one method: best against best)"
+    )
     parser.add_argument("--peer-precision", choices=("match", "fp32"), default="match")
     parser.add_argument("--peer-python", default=str(REPO / ".venv-peer" / "bin" / "python"))
     parser.add_argument("--out", type=Path, help="append one JSON line per finished run")

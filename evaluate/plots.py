@@ -1,5 +1,6 @@
 """Plots a person can look at: training curves, a 2-D map of the embeddings, nearest neighbours,
-and for the unlabeled report near-duplicate pairs, clusters and similarity histograms.
+for the unlabeled report near-duplicate pairs, clusters and similarity histograms, and the
+label-efficiency curves of ``twinview finetune``.
 
 All figures are PNG files written with matplotlib's non-interactive Agg backend.
 """
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
+
+from twinview.evaluate.results import FinetuneResult
 
 MAP_SAMPLE = 2000  # points on the embedding maps (t-SNE is quadratic)
 MAP_LEGEND_MAX = 20  # colours named in the embedding map's legend
@@ -257,6 +260,29 @@ def similarity_histogram(stats_by_model: dict[str, torch.Tensor], out: Path) -> 
         label = f"{name} (mean {values.mean():.2f})" if len(values) else name
         ax.hist(values, bins=bins, density=True, alpha=0.5, label=label)
     ax.set(title="pairwise cosine similarity", xlabel="cosine similarity", ylabel="density", xlim=(-1.0, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def label_efficiency(result: FinetuneResult, out: Path) -> Path:
+    """Test top-1 against the labelled images used (log scale): fine-tuned from the pretrained
+    backbone, from scratch, and the linear probe of the frozen pretrained features."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    x = [b.images for b in result.budgets]
+    curves: list[tuple[str, list[float | None], str]] = [
+        ("fine-tuned, pretrained", [b.pretrained.top1 for b in result.budgets], "tab:blue"),
+        ("fine-tuned, from scratch", [b.scratch.top1 if b.scratch else None for b in result.budgets], "tab:orange"),
+        ("linear probe, pretrained", [b.probe.top1 if b.probe else None for b in result.budgets], "tab:green"),
+    ]
+    for label, ys, color in curves:
+        points = [(xi, yi) for xi, yi in zip(x, ys, strict=True) if yi is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{b.labels}\n({b.images})" for b in result.budgets])
+    ax.minorticks_off()
+    ax.set(xlabel="labelled training images", ylabel="test top-1", title=f"label efficiency: {result.backbone}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out)

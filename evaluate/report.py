@@ -24,6 +24,7 @@ from twinview.evaluate.results import (
     ClusterSizes,
     Diagnostics,
     DuplicatePairs,
+    FinetuneResult,
     LabelFreeResult,
     LabelledResult,
     SimilarityStats,
@@ -525,3 +526,61 @@ def write_report(sections: Sequence[Section], folder: Path, title: str) -> tuple
     """
     folder = Path(folder)
     return write_markdown(sections, folder / "report.md", title), write_html(sections, folder / "report.html", title)
+
+
+# --- the section of twinview finetune ----------------------------------------------------------
+
+
+def finetune_section(result: FinetuneResult, plot: Path | None, files: Sequence[tuple[Path, str]] = ()) -> Section:
+    """Label efficiency: per budget, test top-1 / top-5 fine-tuned from the pretrained backbone,
+    from scratch and by the linear probe, with the gain over scratch."""
+
+    def score(top1: float | None, top5: float | None) -> str:
+        return MISSING if top1 is None or top5 is None else f"{top1:.4f} / {top5:.4f}"
+
+    rows = []
+    for b in result.budgets:
+        s, p = b.scratch, b.probe
+        gain = (
+            MISSING
+            if s is None
+            else f"{100 * (b.pretrained.top1 - s.top1):+.1f} pts ({b.pretrained.top1 / max(s.top1, 1e-9):.2f}x)"
+        )
+        rows.append(
+            (
+                b.labels,
+                str(b.images),
+                score(b.pretrained.top1, b.pretrained.top5),
+                score(s.top1 if s else None, s.top5 if s else None),
+                score(p.top1 if p else None, p.top5 if p else None),
+                gain,
+                f"{b.pretrained.epochs} / {b.pretrained.steps}",
+            )
+        )
+    table = Table(
+        (
+            "labels",
+            "images",
+            "pretrained top-1 / top-5",
+            "scratch",
+            "linear probe",
+            "pretrained - scratch",
+            "epochs / steps",
+        ),
+        tuple(rows),
+    )
+    recipe = ", ".join(f"{k} {v}" for k, v in result.settings.items())
+    notes = [
+        f"{result.backbone} from {result.model}; {result.train_images} labelled training images, "
+        f"{result.test_images} test images, {result.classes} classes. The same recipe for every row and both "
+        f"inits: {recipe}."
+    ]
+    if result.exported:
+        notes.append(f"The pretrained fine-tune with {result.exported_labels} labels is exported to {result.exported}.")
+    return Section(
+        title="does pretraining pay? (fine-tuning with few labels)",
+        tables=(table,),
+        notes=tuple(notes),
+        figures=((plot, "label efficiency"),) if plot is not None else (),
+        files=tuple(files),
+    )

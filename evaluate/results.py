@@ -224,3 +224,80 @@ class LabelFreeResult:
         if self.skipped_list:
             out["skipped_list"] = self.skipped_list
         return out
+
+
+@dataclass(frozen=True)
+class FinetuneScore:
+    """One fine-tuned classifier (backbone and a fresh head) scored on the test set.
+
+    Attributes:
+        top1: Top-1 accuracy on the test images.
+        top5: Top-5 accuracy.
+        epochs: Passes over its labelled subset.
+        steps: Optimiser steps.
+        seconds: Training time (the test pass excluded).
+    """
+
+    top1: float
+    top5: float
+    epochs: int
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """Pretrained, from-scratch and linear-probe scores with one budget of labels.
+
+    Attributes:
+        labels: The budget as given (``"10%"``, ``"5/class"``).
+        images: Labelled training images in its subset.
+        pretrained: Fine-tuned from the pretrained backbone.
+        scratch: The same recipe from a random init of the same architecture (None without the baseline).
+        probe: A linear probe of the frozen pretrained features on the same subset (None without it).
+    """
+
+    labels: str
+    images: int
+    pretrained: FinetuneScore
+    scratch: FinetuneScore | None = None
+    probe: ProbeResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"labels": self.labels, "images": self.images, "pretrained": asdict(self.pretrained)}
+        if self.scratch is not None:
+            out["scratch"] = asdict(self.scratch)
+        if self.probe is not None:
+            out["probe"] = {"top1": self.probe.top1, "top5": self.probe.top5, **self.probe.to_json()}
+        return out
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """``twinview finetune``: label efficiency of a pretrained backbone (``finetune.json``).
+
+    Attributes:
+        model: The run directory or export that was fine-tuned.
+        backbone: Its timm architecture.
+        train_images: Labelled training images available (the 100 % set).
+        test_images: Test images scored.
+        classes: Number of classes.
+        settings: The fine-tuning recipe as printed in the start block.
+        budgets: One result per label budget, smallest first.
+        exported: Folder of the exported best fine-tuned model (None when not exported).
+        exported_labels: The budget whose pretrained fine-tune was exported.
+    """
+
+    model: str
+    backbone: str
+    train_images: int
+    test_images: int
+    classes: int
+    settings: dict[str, Any]
+    budgets: tuple[BudgetResult, ...]
+    exported: str | None = None
+    exported_labels: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "budgets"}
+        return out | {"budgets": [b.to_json() for b in self.budgets]}

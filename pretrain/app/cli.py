@@ -1,5 +1,5 @@
-"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``embed``, ``search``, ``export``, ``preview`` and
-``demo``. This module parses the command line and hands each command to its module in this package;
+"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``finetune``, ``embed``, ``search``, ``export``,
+``preview`` and ``demo``. This module parses the command line and hands each command to its module in this package;
 run it as ``twinview ...`` or ``python -m twinview.pretrain.app.cli ...`` (``accelerate launch``)."""
 
 from __future__ import annotations
@@ -82,6 +82,60 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.knn_k=20 eval.knn_temperature=0.07")
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="does pretraining pay? fine-tune with few labels, pretrained against from scratch",
+        description="Fine-tune the whole backbone with a fresh classifier on class-balanced, seeded, nested subsets "
+        "of the training labels (--labels), the same recipe from a random init (--baseline) and a linear probe of "
+        "the frozen features on the same subsets; writes finetune.json, label_efficiency.png, report.md/html and "
+        "the best pretrained fine-tune in timm's format (OUT/export).",
+    )
+    p.add_argument("model", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export")
+    p.add_argument("--train", required=True, help="labelled training images: anything data.path accepts, with labels")
+    p.add_argument("--test", required=True, help="labelled test images with the same classes")
+    p.add_argument(
+        "--labels",
+        default="1%,10%,100%",
+        help="label budgets: percentages or counts per class (default: 1%%,10%%,100%%; e.g. 10/class,100%%)",
+    )
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also fine-tune a random init (default: on)",
+    )
+    p.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a linear probe per budget (default: on)",
+    )
+    p.add_argument("--epochs", type=int, default=30, help="passes over each subset (default: 30)")
+    p.add_argument(
+        "--min-steps", type=int, default=200, help="steps each fine-tune takes at least: small subsets get more epochs"
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="images per process per step (default: 128)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default: 1e-3 per 256 images, ViTs 5e-4)")
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (default: ViTs 0.75, CNNs off)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--precision", default="auto", help="auto, no, bf16 or fp16 (auto: bf16 where native)")
+    p.add_argument("--seed", type=int, default=0, help="subsets, heads, data order and views")
+    p.add_argument(
+        "--crop-scale", default="0.25,1", metavar="LOW,HIGH", help="area range of the training crops (default: 0.25,1)"
+    )
+    p.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (default: on)"
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: MODEL/finetune)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune in --out")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds results")
+    p.add_argument(
+        "--export", action=argparse.BooleanOptionalAction, default=True, help="export the best fine-tune (default: on)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="of the model's config, e.g. data.num_workers=4")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
@@ -158,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_evaluate(sub)
+    _add_finetune(sub)
     _add_embed(sub)
     _add_search(sub)
     _add_export(sub)
@@ -171,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "pretrain": ("training", "run"),
     "evaluate": ("evaluation", "run"),
+    "finetune": ("finetuning", "run"),
     "embed": ("embedding", "run_embed"),
     "search": ("embedding", "run_search"),
     "export": ("export", "run"),
@@ -190,6 +246,7 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
 RESUME_HINTS = {  # what a command interrupted with Ctrl-C keeps
     "embed": " The chunks already embedded are kept in FILE.parts/: run the same command again to continue.",
     "evaluate": " The embeddings already made are kept in RUN_DIR/features/: run the same command again to continue.",
+    "finetune": " Finished fine-tunes and the last checkpoint are kept: add --resume to the same command to continue.",
 }
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,22 @@ def _settings(section: Any) -> str:
     return ", ".join(f"{f.name} {getattr(section, f.name)}" for f in dataclasses.fields(section))
 
 
-def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
+def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path, label_names: Sequence[str] | None = None) -> Path:
     """Writes the backbone's weights (timm key names) and timm pretrained config to ``out_dir``.
 
     The pretrained config records the training resolution as ``input_size``, the normalisation the
     backbone was trained with, ``crop_pct=1.0`` (images were resized, not cropped, to that size) and
-    ``num_classes=0``. A ``twinview`` entry records the recipe. A CIFAR-stem ResNet cannot be rebuilt
-    by timm from its name alone: apply :func:`twinview.pretrain.models.apply_cifar_stem` to
-    ``timm.create_model(arch)`` before loading its ``model.safetensors``.
+    the model's ``num_classes`` (0 for a pretrained backbone; a fine-tuned classifier's classes,
+    with their ``label_names``, from ``twinview finetune``). A ``twinview`` entry records the recipe.
+    A CIFAR-stem ResNet cannot be rebuilt by timm from its name alone: apply
+    :func:`twinview.pretrain.models.apply_cifar_stem` to ``timm.create_model(arch)`` before loading
+    its ``model.safetensors``.
 
     Args:
-        backbone: The trained backbone (``num_classes=0``).
+        backbone: The trained backbone (``num_classes=0``), or a fine-tuned classifier.
         cfg: The run's config.
         out_dir: Output folder (created).
+        label_names: Class names of a classifier's outputs, in order.
 
     Returns:
         ``out_dir``.
@@ -66,7 +70,7 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
     # The source cfg describes timm's own ImageNet weights; these are not those.
     pretrained_cfg: dict[str, Any] = {
         "tag": f"twinview_{cfg.objective.name}",
-        "num_classes": 0,
+        "num_classes": getattr(backbone, "num_classes", 0),
         "paper_ids": _arxiv_id(get(cfg.objective.name).paper),
         "license": None,
         "origin_url": None,
@@ -81,7 +85,11 @@ def export_backbone(backbone: nn.Module, cfg: Config, out_dir: Path) -> Path:
     save_for_hf(
         backbone,
         str(out_dir),
-        model_config={"pretrained_cfg": pretrained_cfg, "twinview": twinview_info},
+        model_config={
+            "pretrained_cfg": pretrained_cfg,
+            "twinview": twinview_info,
+            **({"label_names": list(label_names)} if label_names else {}),
+        },
         model_args=dict(cfg.model.kwargs) or None,  # timm passes these to create_model on load
         safe_serialization=True,
         data_config=data_config,

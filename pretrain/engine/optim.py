@@ -52,13 +52,23 @@ def build_scheduler(
 ) -> CosineLRScheduler:
     """Linear warm-up over ``optim.warmup_epochs``, then cosine decay to ``optim.min_lr``, per step."""
     total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return cosine_schedule(
+        optimizer, peak_lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), cfg.optim.min_lr
+    )
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
+) -> CosineLRScheduler:
+    """timm's per-step cosine schedule: linear warm-up from ``peak_lr / 1000`` over ``warmup_steps``
+    (at most ``total_steps - 1``), then cosine decay to ``min_lr`` at ``total_steps``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     # timm warns that a decay of one step "will have no effect"; in a run that short it is meant
     with _quiet_logger("timm.scheduler.cosine_lr"):
         return CosineLRScheduler(
             optimizer,
             t_initial=max(total_steps - warmup_steps, 1),
-            lr_min=cfg.optim.min_lr,
+            lr_min=min_lr,
             warmup_t=warmup_steps,
             warmup_lr_init=peak_lr * 1e-3,
             warmup_prefix=True,
