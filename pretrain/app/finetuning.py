@@ -122,7 +122,11 @@ def open_labelled(source: Source, size: int, workers: int) -> Any:
     decoded disk cache (decoded once, read as batches), other kinds through ``open_images``."""
     if source.read_by_datasets:
         return open_images(source, size)
-    return CachedDataset(build_or_load(source.files, size, workers=workers))
+    cache = build_or_load(source.files, size, workers=workers)
+    if cache.skipped and _main():
+        shown = "; ".join(f"{path}: {why}" for path, why in list(cache.skipped.items())[:3])
+        print(f"{len(cache.skipped)} image(s) of {source.path} cannot be decoded and are left out: {shown}")
+    return CachedDataset(cache)
 
 
 def resolve_settings(model: TrainedModel, options: FinetuneOptions, processes: int) -> FinetuneSettings:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from twinview.augment.sampling import ViewRNG
 from twinview.augment.views import Normalize, ViewPipeline, ViewSpec, to_unit_float
 from twinview.evaluate.features import quiet_worker
+from twinview.evaluate.progress import Progress as Bar
 from twinview.evaluate.results import FinetuneScore
 from twinview.pretrain.data.cache import CachedDataset, batched_collate
 from twinview.pretrain.distributed import use_cpu
@@ -269,10 +270,20 @@ def finetune(
             model.train()
             done = progress.step - epoch * steps_per_epoch  # resumed mid-epoch: the seeded order's first batches
             total = torch.zeros((), device=accelerator.device)
+            bar = Bar(
+                steps_per_epoch,
+                f"{progress_line}epoch {epoch + 1}/{epochs}",
+                "step",
+                initial=done,
+                enabled=accelerator.is_main_process,
+            )
             for images, labels in itertools.islice(loader, done, steps_per_epoch):
                 total += finetune_step(t, images, labels)
+                bar.update()
                 if _stop_voted(accelerator, stop.signal):
+                    bar.close()
                     _interrupt(t, folder, log, seconds + time.perf_counter() - started, stop.signal)
+            bar.close()
             progress.epoch = epoch + 1
             loss = (total / max(1, steps_per_epoch - done)).item()
             elapsed = seconds + time.perf_counter() - started
