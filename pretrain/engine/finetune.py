@@ -6,7 +6,8 @@ Built from the pieces pretraining uses: timm's model API (``reset_classifier`` f
 its optimiser factory (layer-wise lr decay for ViTs) and cosine schedule, Accelerate for devices,
 precision and processes (each process takes its share of every batch, as in pretraining), the
 on-device views (random resized crop and flip, per sample, with a checkpointed random state), and
-the same atomic, resumable checkpoints (an epoch's end, or mid-epoch on SIGTERM/SIGINT). The step
+the same atomic, resumable checkpoints (at an epoch's end at most every ``CHECKPOINT_EVERY_S``, and
+mid-epoch on SIGTERM/SIGINT). The step
 is :func:`finetune_step`; :func:`finetune` is the loop around it.
 """
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import broadcast as accelerate_broadcast
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -46,6 +48,7 @@ from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.models import normalization_stats
 from twinview.pretrain.runs import checkpoints
 
+CHECKPOINT_EVERY_S = 300.0  # at an epoch's end, at most this often (and mid-epoch on SIGTERM/SIGINT)
 LOG_FILE = "log.jsonl"  # one line per epoch (and per stop), in each fine-tune's folder
 RESULT_FILE = "result.json"  # written when a fine-tune has finished and been scored
 WEIGHTS_FILE = "model.pt"  # the fine-tuned classifier's state dict, beside its result
@@ -264,6 +267,7 @@ def finetune(
     log = folder / LOG_FILE
     started = time.perf_counter()
     seconds = _previous_seconds(log, progress.step)
+    last_saved = time.perf_counter()
     with StopRequest() as stop:
         for epoch in range(progress.epoch, epochs):
             loader.set_epoch(epoch)
@@ -283,16 +287,18 @@ def finetune(
                 if _stop_voted(accelerator, stop.signal):
                     bar.close()
                     _interrupt(t, folder, log, seconds + time.perf_counter() - started, stop.signal)
-            bar.close()
             progress.epoch = epoch + 1
             loss = (total / max(1, steps_per_epoch - done)).item()
             elapsed = seconds + time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss:.4f}", elapsed=f"{elapsed:.0f} s")
+            bar.close()
             if accelerator.is_main_process:
                 _append(
                     log, {"kind": "epoch", "epoch": epoch + 1, "step": progress.step, "loss": loss, "seconds": elapsed}
                 )
-            accelerator.print(f"{progress_line}epoch {epoch + 1}/{epochs}: loss {loss:.4f} ({elapsed:.0f} s)")
-            save_checkpoint(accelerator, folder, 1, progress.epoch)
+            if _checkpoint_due(accelerator, last_saved):
+                save_checkpoint(accelerator, folder, 1, progress.epoch)
+                last_saved = time.perf_counter()
     train_seconds = seconds + time.perf_counter() - started
     net = accelerator.unwrap_model(model).eval()
     logits = predict(net, test_set, settings, accelerator, mean, std)
@@ -302,6 +308,16 @@ def finetune(
     score = FinetuneScore(top1, top5, epochs=epochs, steps=progress.step, seconds=round(train_seconds, 2))
     accelerator.free_memory()
     return score, net, logits
+
+
+def _checkpoint_due(accelerator: Accelerator, last_saved: float) -> bool:
+    """Whether an epoch's end should checkpoint: once ``CHECKPOINT_EVERY_S`` have passed since the
+    last one (a small subset's epoch is one step: a checkpoint each would cost more than the step).
+    The main process decides, so every process saves together."""
+    due = torch.tensor([float(time.perf_counter() - last_saved >= CHECKPOINT_EVERY_S)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        due = accelerate_broadcast(due)
+    return bool(due.item())
 
 
 def _stop_voted(accelerator: Accelerator, signum: int | None) -> bool:
