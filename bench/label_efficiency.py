@@ -12,7 +12,7 @@ top-1; at 1 % labels the pretrained fine-tune >= 1.5x scratch. Prints one JSON o
 table, the targets and the host kind.
 
 Usage: python bench/label_efficiency.py [--run RUN_DIR | --pretrain-epochs 30 --recipe moco-v2-photos]
-    [--labels 1%,10%,100%] [--epochs 30] [--archive PATH] [--out DIR]
+    [--labels 1%,10%,100%] [--epochs 30] [--archive PATH] [--out DIR [--resume]]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--labels", default="1%,10%,100%")
     parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (small subsets: >= 200 steps)")
     parser.add_argument("--out", type=Path, help="finetune's output folder (default: RUN/finetune-bench-TIME)")
+    parser.add_argument("--resume", action="store_true", help="continue (or extend) the fine-tunes in --out")
     args = parser.parse_args()
     if not args.archive.exists():
         print(json.dumps({"skipped": f"Imagewoof-96 not found at {args.archive}"}))
@@ -68,7 +69,12 @@ def main() -> None:
     out = args.out or run_dir / f"finetune-bench-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
     result = finetune_model(
-        run_dir, str(root / "train"), str(root / "val"), FinetuneOptions(labels=args.labels, epochs=args.epochs), out
+        run_dir,
+        str(root / "train"),
+        str(root / "val"),
+        FinetuneOptions(labels=args.labels, epochs=args.epochs),
+        out,
+        resume=args.resume,
     )
     rows = {b.labels: b for b in result.budgets}
     targets = {}

@@ -36,9 +36,14 @@ finishes (``--resume-from`` skips the runs a file already has), the table as JSO
 markdown in ``--markdown``; progress on stderr. Ratios are twinview / lightly, from runs of one
 invocation on one host kind.
 
+Best against best (the longer photo runs): ``--methods moco_v2 --peer-method simclr`` pairs
+twinview's MoCo v2 with lightly's SimCLR in one row, and ``--monitor --monitor-every 3`` records
+both kNN curves; the row's notes then give each side's training time to the other's final kNN.
+
 Usage: python bench/methods.py [--protocols cifar10,imagewoof] [--methods simclr,moco_v2,...]
-    [--epochs 10] [--peer | --no-peer] [--monitor] [--out runs.jsonl] [--resume-from runs.jsonl]
-    [--markdown table.md] [--cifar10 ARCHIVE_OR_DIR] [--imagewoof ARCHIVE_OR_DIR]
+    [--epochs 10] [--peer | --no-peer] [--peer-method NAME] [--monitor [--monitor-every N]]
+    [--out runs.jsonl] [--resume-from runs.jsonl] [--markdown table.md] [--cifar10 ARCHIVE_OR_DIR]
+    [--imagewoof ARCHIVE_OR_DIR]
 """
 
 from __future__ import annotations

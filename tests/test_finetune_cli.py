@@ -99,8 +99,14 @@ def test_every_budget_with_baseline_probe_report_and_export(
     assert not (out / "50pct-scratch" / "checkpoints").exists()
     # a second command in the same folder is refused; --resume reuses the finished results
     assert main([*args, "--labels", "100%", *FAST]) == 2
-    assert main([*args, "--labels", "1/class,50%,100%", "--batch-size", "8", "--resume", *FAST]) == 0
-    assert json.loads((out / "finetune.json").read_text())["budgets"] == result["budgets"]
+    assert main([*args, "--labels", "100%,1/class,50%", "--batch-size", "8", "--resume", *FAST]) == 0
+    assert json.loads((out / "finetune.json").read_text())["budgets"] == result["budgets"]  # sorted by size
+    # resuming with another seed (other subsets) is refused, not mixed with the old results
+    assert main([*args, "--labels", "50%", "--batch-size", "8", "--resume", "--seed", "1", *FAST]) == 2
+    # --overwrite removes only what finetune wrote
+    (out / "mine.txt").write_text("keep")
+    assert main([*args, "--labels", "1/class", "--batch-size", "8", "--overwrite", "--no-baseline", *FAST]) == 0
+    assert (out / "mine.txt").read_text() == "keep" and not (out / "100pct-pretrained").exists()
 
 
 def test_a_budget_too_small_is_refused_before_training(run_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:

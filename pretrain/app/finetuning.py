@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twinview.evaluate.dataset import check_labelled_pair
 from twinview.evaluate.label_subsets import LabelBudget, balanced_subset, parse_budgets
 from twinview.evaluate.results import BudgetResult, FinetuneResult, FinetuneScore, ProbeResult
-from twinview.pretrain.app.model import TrainedModel, load_model
+from twinview.pretrain.app.model import TrainedModel, is_main_process, load_model
+from twinview.pretrain.config import Config
 from twinview.pretrain.data.cache import CachedDataset, build_or_load
 from twinview.pretrain.data.images import open_images
 from twinview.pretrain.data.source import Source, resolve_source
@@ -46,7 +48,18 @@ from twinview.pretrain.runs import CHECKPOINT_DIR
 
 RESULT_JSON = "finetune.json"
 PREDICTIONS_FILE = "predictions.csv"
+SETTINGS_FILE = "settings.json"  # a fine-tune's recipe and subset, checked on --resume
+PROBES_FILE = "probes.json"  # the linear probes, kept for --resume
 INITS = ("pretrained", "scratch")
+OUTPUTS = (
+    "finetune.json",
+    "predictions.csv",
+    "probes.json",
+    "label_efficiency.png",
+    "report.md",
+    "report.html",
+    "export",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +130,14 @@ class _PerItem(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
-def open_labelled(source: Source, size: int, workers: int) -> Any:
-    """A labelled source as ``(uint8 image, label)`` items: folders and file lists through the
-    decoded disk cache (decoded once, read as batches), other kinds through ``open_images``."""
-    if source.read_by_datasets:
-        return open_images(source, size)
-    cache = build_or_load(source.files, size, workers=workers)
-    if cache.skipped and _main():
+def open_labelled(source: Source, size: int, cfg: Config) -> Any:
+    """A labelled source as ``(uint8 image, label)`` items, read as the model's ``data`` section
+    says: folders and file lists through the decoded disk cache with ``data.cache`` disk or device
+    (decoded once, read as batches), else decoded every epoch; other kinds through ``open_images``."""
+    if source.read_by_datasets or cfg.data.cache == "none":
+        return open_images(source, size, strict=cfg.data.strict)
+    cache = build_or_load(source.files, size, workers=cfg.data.num_workers, strict=cfg.data.strict)
+    if cache.skipped and is_main_process():
         shown = "; ".join(f"{path}: {why}" for path, why in list(cache.skipped.items())[:3])
         print(f"{len(cache.skipped)} image(s) of {source.path} cannot be decoded and are left out: {shown}")
     return CachedDataset(cache)
@@ -204,22 +218,27 @@ def finetune_model(
     check_labelled_pair(open_images(sources[0], size), open_images(sources[1], size), ("--train", "--test"))
     budgets = parse_budgets(options.labels)
     state = PartialState(cpu=use_cpu(False))
-    train_set = open_labelled(sources[0], size, cfg.data.num_workers)
-    test_set = open_labelled(sources[1], size, cfg.data.num_workers)
+    train_set = open_labelled(sources[0], size, cfg)
+    test_set = open_labelled(sources[1], size, cfg)
     labels, classes = list(train_set.index.labels), list(train_set.index.classes)
     subsets = {b.text: balanced_subset(labels, b, options.seed, classes) for b in budgets}  # refused here, not later
+    budgets.sort(key=lambda b: len(subsets[b.text]))  # the table and the curve run from few labels to many
     _prepare_out(out_dir, resume, overwrite, state.is_main_process)
     state.wait_for_everyone()
     settings = resolve_settings(model, options, state.num_processes)
     test_labels = torch.tensor(list(test_set.index.labels), dtype=torch.long)
     _print_start(state, model, settings, options, budgets, subsets, len(labels), len(test_labels), out_dir)
 
-    probes = _probes(model, train_set, test_set, subsets) if options.probe else {}
+    inits = INITS if options.baseline else INITS[:1]
+    for budget in budgets:  # before any compute: a resumed folder of other settings is refused
+        for init in inits:
+            _check_same_settings(out_dir / f"{_slug(budget)}-{init}", settings, subsets[budget.text])
+    probes = _probes(model, train_set, test_set, subsets, options.seed, out_dir) if options.probe else {}
     results, best = [], None
     for budget in budgets:
         idx = subsets[budget.text]
         scores: dict[str, FinetuneScore] = {}
-        for init in INITS if options.baseline else INITS[:1]:
+        for init in inits:
             folder = out_dir / f"{_slug(budget)}-{init}"
             backbone = model.backbone if init == "pretrained" else model.random_init()
             scores[init] = _one(
@@ -250,12 +269,6 @@ def finetune_model(
     return result
 
 
-def _main() -> bool:
-    from accelerate import PartialState
-
-    return bool(PartialState().is_main_process)
-
-
 def _prepare_out(out_dir: Path, resume: bool, overwrite: bool, main: bool) -> None:
     holds = out_dir.is_dir() and any(out_dir.iterdir())
     if holds and not (resume or overwrite):
@@ -263,8 +276,13 @@ def _prepare_out(out_dir: Path, resume: bool, overwrite: bool, main: bool) -> No
             f"'{out_dir}' already holds a fine-tune: add --resume to continue it, --overwrite to start again, "
             "or choose another --out."
         )
-    if holds and overwrite and not resume and main:
-        shutil.rmtree(out_dir)
+    if holds and overwrite and not resume and main:  # only what finetune writes: never a run given by mistake
+        for path in out_dir.iterdir():
+            ours = path.name in OUTPUTS or path.name.endswith(tuple(f"-{init}" for init in INITS))
+            if ours and path.is_dir():
+                shutil.rmtree(path)
+            elif ours:
+                path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -284,7 +302,7 @@ def _one(
     done = folder / RESULT_FILE
     if done.is_file():
         saved = json.loads(done.read_text())
-        if _main():
+        if is_main_process():
             print(f"[{budget.text} {init}] finished before: top-1 {saved['top1']:.4f}")
         return FinetuneScore(**saved)
     score, net, logits = finetune(
@@ -299,10 +317,12 @@ def _one(
         resume=True,  # a folder with a checkpoint was interrupted: continue it
         progress_line=f"[{budget.text} {init}] ",
     )
-    if _main():
+    if is_main_process():
         torch.save(net.state_dict(), folder / WEIGHTS_FILE)
         write_predictions(folder / PREDICTIONS_FILE, test_set, test_labels, logits)
-        done.write_text(json.dumps(dataclasses.asdict(score)))
+        partial = done.with_suffix(".partial")
+        partial.write_text(json.dumps(dataclasses.asdict(score)))
+        partial.replace(done)  # atomic: a kill mid-write leaves no half result
         shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)  # finished: the result and weights stay
         print(f"[{budget.text} {init}] test top-1 {score.top1:.4f}, top-5 {score.top5:.4f} ({score.seconds:.0f} s)")
     return score
@@ -322,19 +342,65 @@ def write_predictions(path: Path, test_set: Any, labels: torch.Tensor, logits: t
             writer.writerow([str(file), names[y], names[p]])
 
 
-def _probes(model: TrainedModel, train_set: Any, test_set: Any, subsets: dict[str, Any]) -> dict[str, ProbeResult]:
-    """A linear probe of the frozen pretrained features on each subset (features extracted once)."""
+def subset_sha1(idx: Any) -> str:
+    """A fingerprint of a subset's indices."""
+    import hashlib
+
+    return hashlib.sha1(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _check_same_settings(folder: Path, settings: FinetuneSettings, idx: Any) -> None:
+    """Records a fine-tune's recipe and subset in its folder, or refuses to resume one made with
+    other settings (its result or checkpoint would be reused under the new ones)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    record = {"settings": settings.to_json(), "processes": state.num_processes, "subset_sha1": subset_sha1(idx)}
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(record)):
+            changed = sorted(k for k in record["settings"] if saved["settings"].get(k) != record["settings"][k])
+            changed += [k for k in ("processes", "subset_sha1") if saved.get(k) != record[k]]
+            raise ValueError(
+                f"--resume: '{folder}' was fine-tuned with other settings ({', '.join(changed)} differ: another "
+                "--seed, --labels subset, recipe option or number of processes); use the same ones, --overwrite, "
+                "or another --out."
+            )
+        return
+    state.wait_for_everyone()
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    state.wait_for_everyone()
+
+
+def _probes(
+    model: TrainedModel, train_set: Any, test_set: Any, subsets: dict[str, Any], seed: int, out_dir: Path
+) -> dict[str, ProbeResult]:
+    """A linear probe of the frozen pretrained features on each subset (features extracted once;
+    probes finished before are read back from ``probes.json``)."""
     from twinview.evaluate.linear_probe import linear_probe
 
-    embedder = model.embedder()
-    train_x, train_y = embedder.features(_PerItem(train_set))  # type: ignore[arg-type]
-    test_x, test_y = embedder.features(_PerItem(test_set))  # type: ignore[arg-type]
-    probes = {}
-    for text, idx in subsets.items():
-        sel = torch.as_tensor(idx, dtype=torch.long)
-        probes[text] = linear_probe(train_x[sel], train_y[sel], test_x, test_y, seed=model.cfg.train.seed)
-        if _main():
+    path = out_dir / PROBES_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    keys = {k: {"subset_sha1": subset_sha1(idx), "seed": seed} for k, idx in subsets.items()}
+    probes = {k: ProbeResult(**v["result"]) for k, v in saved.items() if k in keys and v["key"] == keys[k]}
+    todo = [k for k in subsets if k not in probes]
+    if todo:
+        embedder = model.embedder()
+        train_x, train_y = embedder.features(_PerItem(train_set))  # type: ignore[arg-type]
+        test_x, test_y = embedder.features(_PerItem(test_set))  # type: ignore[arg-type]
+        model.backbone.to("cpu")
+        for text in todo:
+            sel = torch.as_tensor(subsets[text], dtype=torch.long)
+            probes[text] = linear_probe(train_x[sel], train_y[sel], test_x, test_y, seed=seed)
+    for text in subsets:
+        if is_main_process():
             print(f"[{text} probe] test top-1 {probes[text].top1:.4f}")
+    if is_main_process():
+        out = {k: {"key": keys[k], "result": dataclasses.asdict(v)} for k, v in probes.items()}
+        path.write_text(json.dumps(out, indent=2) + "\n")
     return probes
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from accelerate.utils import broadcast as accelerate_broadcast
 from timm.optim import create_optimizer_v2
@@ -143,7 +144,12 @@ def _cached(dataset: Dataset) -> bool:
 
 
 def make_accelerator(mixed_precision: str, cpu: bool = False) -> Accelerator:
-    """The Accelerator of one fine-tune (each has its own: its checkpoint holds only its model)."""
+    """The Accelerator of one fine-tune (each has its own: its checkpoint holds only its model).
+
+    Accelerate keeps process-wide state whose precision is fixed once set; it is reset first (as
+    pretraining's ``build_run`` does), so a fine-tune may follow a run of another precision in the
+    same process (a notebook, a benchmark that pretrains first)."""
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     return Accelerator(
         mixed_precision=mixed_precision,
         cpu=use_cpu(cpu),
@@ -186,8 +192,10 @@ def plan(subset_size: int, settings: FinetuneSettings, processes: int) -> tuple[
     A subset smaller than a global batch is taken whole in each step; epochs grow until the
     fine-tune takes ``settings.min_steps`` steps.
     """
-    batch = max(1, min(settings.batch_size, subset_size // processes))
-    steps_per_epoch = max(1, subset_size // (batch * processes))
+    if subset_size < processes:
+        raise ValueError(f"{subset_size} labelled images cannot be shared among {processes} processes.")
+    batch = min(settings.batch_size, subset_size // processes)
+    steps_per_epoch = subset_size // (batch * processes)
     epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
     return batch, steps_per_epoch, epochs
 
@@ -252,7 +260,8 @@ def finetune(
         blur_p=0.0,
         solarize_p=0.0,
     )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision, torch.float32)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision, torch.float32)
+    dtype = low if accelerator.device.type == "cuda" else torch.float32  # as pretraining: float32 views on a CPU
     view = ViewPipeline(spec, mean, std, dtype).to(accelerator.device)
     pin = accelerator.device.type == "cuda"
     loader = _loader(Subset(train_set, indices.tolist()), batch, settings.num_workers, shuffle=True, pin=pin)
@@ -288,7 +297,7 @@ def finetune(
                     bar.close()
                     _interrupt(t, folder, log, seconds + time.perf_counter() - started, stop.signal)
             progress.epoch = epoch + 1
-            loss = (total / max(1, steps_per_epoch - done)).item()
+            loss = (total / (steps_per_epoch - done)).item() if steps_per_epoch > done else float("nan")
             elapsed = seconds + time.perf_counter() - started
             bar.set_postfix(loss=f"{loss:.4f}", elapsed=f"{elapsed:.0f} s")
             bar.close()
