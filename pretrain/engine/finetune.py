@@ -13,6 +13,7 @@ is :func:`finetune_step`; :func:`finetune` is the loop around it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -20,6 +21,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +44,7 @@ from twinview.evaluate.features import quiet_worker
 from twinview.evaluate.progress import Progress as Bar
 from twinview.evaluate.results import FinetuneScore
 from twinview.pretrain.data.cache import CachedDataset, batched_collate
+from twinview.pretrain.data.loaders import Batches
 from twinview.pretrain.distributed import use_cpu
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
 from twinview.pretrain.engine.optim import cosine_schedule
@@ -277,7 +280,9 @@ def finetune(
     started = time.perf_counter()
     seconds = _previous_seconds(log, progress.step)
     last_saved = time.perf_counter()
-    with StopRequest() as stop:
+    # the workers ignore SIGTERM (a launcher signals the whole group): stopped here however the
+    # loop ends, or an uncaught interrupt would leave the interpreter waiting for them at exit
+    with StopRequest() as stop, _closing(Batches(loader)):
         for epoch in range(progress.epoch, epochs):
             loader.set_epoch(epoch)
             model.train()
@@ -317,6 +322,14 @@ def finetune(
     score = FinetuneScore(top1, top5, epochs=epochs, steps=progress.step, seconds=round(train_seconds, 2))
     accelerator.free_memory()
     return score, net, logits
+
+
+@contextlib.contextmanager
+def _closing(batches: Batches) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        batches.close()
 
 
 def _checkpoint_due(accelerator: Accelerator, last_saved: float) -> bool:
