@@ -70,6 +70,13 @@ class Batches:
             if shutdown is not None:
                 shutdown()
 
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Used as ``with batches:``, the workers stop however the loop ends (see :meth:`close`)."""
+        self.close()
+
     def prepare(self, accelerator: Accelerator) -> Batches:
         """Shards a DataLoader across processes (the device cache and streams shard themselves)."""
         if isinstance(self.source, DataLoader):  # JPEG bytes for the device decoder stay on the CPU

@@ -13,7 +13,6 @@ is :func:`finetune_step`; :func:`finetune` is the loop around it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -21,7 +20,6 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -282,7 +280,7 @@ def finetune(
     last_saved = time.perf_counter()
     # the workers ignore SIGTERM (a launcher signals the whole group): stopped here however the
     # loop ends, or an uncaught interrupt would leave the interpreter waiting for them at exit
-    with StopRequest() as stop, _closing(Batches(loader)):
+    with StopRequest() as stop, Batches(loader):
         for epoch in range(progress.epoch, epochs):
             loader.set_epoch(epoch)
             model.train()
@@ -322,14 +320,6 @@ def finetune(
     score = FinetuneScore(top1, top5, epochs=epochs, steps=progress.step, seconds=round(train_seconds, 2))
     accelerator.free_memory()
     return score, net, logits
-
-
-@contextlib.contextmanager
-def _closing(batches: Batches) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        batches.close()
 
 
 def _checkpoint_due(accelerator: Accelerator, last_saved: float) -> bool:

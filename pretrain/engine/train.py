@@ -251,7 +251,7 @@ def run_epochs(run: Run) -> Path:
     the final weights."""
     t, log = run.trainer, run.log
     cfg, accelerator, progress = t.cfg, t.accelerator, t.progress
-    with StopRequest() as stop, _closing_trackers(accelerator), _closing(run.batches):
+    with StopRequest() as stop, _closing_trackers(accelerator), run.batches:
         for epoch in range(progress.epoch, cfg.train.epochs):
             run.batches.set_epoch(epoch)
             t.model.train()
@@ -354,15 +354,6 @@ def _stop_if_asked(run: Run, worst_run: int, stop_voted: bool, signum: int | Non
             f"was written. Resume with: twinview pretrain --resume {run_dir}",
             signum,
         )
-
-
-@contextlib.contextmanager
-def _closing(batches: Batches) -> Iterator[None]:
-    """Stops the loader's workers when training ends, normally or not (see ``Batches.close``)."""
-    try:
-        yield
-    finally:
-        batches.close()
 
 
 @contextlib.contextmanager
