@@ -107,6 +107,12 @@ class AugmentConfig:
         local_crop_size: Side of the local views; ``0`` means 96/224 of the global side.
         local_crop_scale: Area range of the local crops.
         local_blur_p: Blur probability of the local views.
+        progressive_min: Progressive resolution (``twinview.augment.progressive``): the side the
+            global views start at, growing to their full side (local views scale with them);
+            ``0``: off, every epoch at the full side.
+        progressive_ramp: Fractions of ``train.epochs`` where the ramp from ``progressive_min``
+            to the full side starts and ends (FFCV's ``start_ramp`` / ``end_ramp``).
+        progressive_multiple: Sides during the ramp are rounded down to multiples of this.
     """
 
     recipe: str = "simclr"
@@ -132,3 +138,6 @@ class AugmentConfig:
     local_crop_size: int = 0
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     local_blur_p: float = 0.5
+    progressive_min: int = 0
+    progressive_ramp: tuple[float, float] = (0.5, 0.85)
+    progressive_multiple: int = 8

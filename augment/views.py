@@ -120,7 +120,7 @@ def _filled(value: _T | None, key: str) -> _T:
     return value
 
 
-def view_specs(cfg: AugmentConfig, image_size: int) -> list[ViewSpec]:
+def view_specs(cfg: AugmentConfig, image_size: int, side: int = 0) -> list[ViewSpec]:
     """The views a resolved augment config describes: two global views, then the local ones.
 
     Blur is left off for views smaller than ``cfg.blur_min_size`` (SimCLR does not blur CIFAR).
@@ -128,9 +128,12 @@ def view_specs(cfg: AugmentConfig, image_size: int) -> list[ViewSpec]:
     Args:
         cfg: The augment section, with the recipe's values filled in (``load_config`` does that).
         image_size: Side of the loader's images; the global view side when ``cfg.crop_size`` is 0.
+        side: The global views' side this epoch under progressive resolution (0: the full side);
+            the local views keep their proportion to it.
     """
     s = cfg.jitter_strength
-    size = cfg.crop_size or image_size
+    full = cfg.crop_size or image_size
+    size = side or full
     crop_scale = _filled(cfg.crop_scale, "crop_scale")
     blur_p, solarize_p = _filled(cfg.blur_p, "blur_p"), _filled(cfg.solarize_p, "solarize_p")
 
@@ -154,7 +157,8 @@ def view_specs(cfg: AugmentConfig, image_size: int) -> list[ViewSpec]:
         )
 
     specs = [spec(size, crop_scale, blur_p[i], solarize_p[i]) for i in range(2)]
-    local_size = cfg.local_crop_size or max(1, round(size * 96 / 224))  # DINO: 96 px locals for 224 px globals
+    local_full = cfg.local_crop_size or full * 96 / 224  # DINO: 96 px locals for 224 px globals
+    local_size = max(1, round(local_full * size / full))
     specs += [spec(local_size, cfg.local_crop_scale, cfg.local_blur_p, 0.0)] * cfg.local_crops
     return specs
 
@@ -298,7 +302,18 @@ class KorniaViewPipeline(nn.Module):
     ) -> None:
         """Args: as :class:`ViewPipeline`."""
         super().__init__()
-        s = spec
+        self.normalize = Normalize(mean, std)
+        self.dtype = dtype
+        self.spec = spec
+
+    @property
+    def spec(self) -> ViewSpec:
+        """The view's parameters; setting them rebuilds the Kornia modules."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: ViewSpec) -> None:
+        self._spec = s = spec
         ops: list[nn.Module] = [
             K.RandomResizedCrop((s.size, s.size), scale=s.crop_scale, ratio=s.crop_ratio),
             K.RandomHorizontalFlip(p=s.flip_p),
@@ -314,8 +329,6 @@ class KorniaViewPipeline(nn.Module):
                 K.RandomSolarize(thresholds=(s.solarize_threshold, s.solarize_threshold), additions=0.0, p=s.solarize_p)
             )
         self.ops = nn.Sequential(*ops)
-        self.normalize = Normalize(mean, std)
-        self.dtype = dtype
 
     def forward(self, images: torch.Tensor, rng: ViewRNG | None = None) -> torch.Tensor:
         """As :meth:`ViewPipeline.forward`; ``rng`` is not used (Kornia uses the global generator)."""
@@ -329,11 +342,35 @@ class MultiView(nn.Module):
     each view converts the chunk it works on (in cache, rather than one large float copy).
     """
 
-    def __init__(self, views: Sequence[nn.Module], rng: ViewRNG | None = None) -> None:
-        """Args: views: One module per view. rng: Random state shared by the views (None: global RNG)."""
+    def __init__(
+        self,
+        views: Sequence[nn.Module],
+        rng: ViewRNG | None = None,
+        specs_at: Callable[[int], list[ViewSpec]] | None = None,
+    ) -> None:
+        """Args:
+        views: One module per view (each with a settable ``spec``, for :meth:`set_side`).
+        rng: Random state shared by the views (None: global RNG).
+        specs_at: The views' specs for a global side (progressive resolution; None: fixed sides).
+        """
         super().__init__()
         self.views = nn.ModuleList(views)
         self.rng = rng
+        self.specs_at = specs_at
+
+    @property
+    def side(self) -> int:
+        """The global views' current side in pixels."""
+        spec = self.views[0].spec
+        assert isinstance(spec, ViewSpec)
+        return spec.size
+
+    def set_side(self, side: int) -> None:
+        """Makes the global views ``side`` px from the next batch on (local views in proportion)."""
+        if self.specs_at is None:
+            raise ValueError("these views were built with fixed sides (build_views(..., specs_at=None))")
+        for view, spec in zip(self.views, self.specs_at(side), strict=True):
+            view.spec = spec
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -368,4 +405,4 @@ def build_views(
     cls = {"fast": ViewPipeline, "kornia": KorniaViewPipeline}[cfg.backend]
     views = [cls(spec, mean, std, dtype) for spec in view_specs(cfg, image_size)]
     rng = ViewRNG(seed, device) if seed is not None else None
-    return MultiView(views, rng).to(device)
+    return MultiView(views, rng, partial(view_specs, cfg, image_size)).to(device)

@@ -227,6 +227,7 @@ def run_twinview(args: argparse.Namespace) -> dict[str, Any]:
         **_epochs_summary(
             [e["seconds"] for e in epochs], [e.get("knn_top1") for e in epochs], [e["loss"] for e in epochs]
         ),
+        **({"view_side_per_epoch": [e["view_side"] for e in epochs]} if epochs and "view_side" in epochs[0] else {}),
         "train_seconds": train_seconds,
         "peak_rss_mb": _mb(peak),
         **_scores(result),

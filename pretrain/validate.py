@@ -7,7 +7,8 @@
 * :func:`validate` also refuses what the kind of ``data.path`` alone rules out, told from the path
   before anything is read; :func:`validate_data` checks the config against the resolved source
   (shards, images, labels, classes), before compute.
-* :func:`validate_epoch` checks that an epoch holds at least one optimiser step.
+* :func:`validate_epoch` checks that an epoch holds at least one optimiser step, and
+  :func:`validate_resolution` that the backbone takes progressive resolution's smaller views.
 
 Each error names the key to change. This module imports no torch, so reading a config stays light.
 """
@@ -24,6 +25,9 @@ from twinview.pretrain.data.source import source_kind
 from twinview.pretrain.objectives import registry
 
 if TYPE_CHECKING:  # config.py calls validate(); the reverse import is for types only
+    from torch import nn
+
+    from twinview.augment.progressive import ResolutionSchedule
     from twinview.pretrain.config import Config
     from twinview.pretrain.data.source import Source
 
@@ -85,6 +89,7 @@ def validate(cfg: Config, world: World | None = None) -> None:
         world: Processes and device of the run; None checks only what needs neither.
     """
     _check_values(cfg)
+    _check_progressive(cfg)
     _check_source_kind(cfg)
     _check_monitor(cfg)
     if world is None:
@@ -135,6 +140,43 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(
             f"invalid value for 'data.image_size': {size!r}. "
             f"Valid values: auto, or a side in pixels >= {MIN_IMAGE_SIZE}."
+        )
+
+
+def _check_progressive(cfg: Config) -> None:
+    a = cfg.augment
+    if a.progressive_multiple < 1:
+        raise ConfigError(f"augment.progressive_multiple={a.progressive_multiple} must be >= 1.")
+    first, last = a.progressive_ramp
+    if not 0.0 <= first <= last <= 1.0:
+        raise ConfigError(
+            f"augment.progressive_ramp={list(a.progressive_ramp)} must be two fractions of train.epochs, "
+            "0 <= start <= end <= 1."
+        )
+    if not a.progressive_min:
+        return
+    if a.progressive_min < MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"augment.progressive_min={a.progressive_min} must be 0 (off) or a side in pixels >= {MIN_IMAGE_SIZE}."
+        )
+    full = a.crop_size or cfg.data.image_size
+    if isinstance(full, int) and a.progressive_min >= full:
+        raise ConfigError(
+            f"augment.progressive_min={a.progressive_min} must be below the global views' full side, {full} px "
+            f"(augment.crop_size, else data.image_size); 0 turns progressive resolution off."
+        )
+
+
+def validate_resolution(schedule: ResolutionSchedule | None, backbone: nn.Module) -> None:
+    """Raises ConfigError when progressive resolution is on and the backbone takes one input size only
+    (a timm ViT made without ``dynamic_img_size``)."""
+    if schedule is None:
+        return
+    embed = getattr(backbone, "patch_embed", None)
+    if embed is not None and getattr(embed, "strict_img_size", False):
+        raise ConfigError(
+            "augment.progressive_min: this backbone takes one input size only (its patch embedding is fixed); "
+            "set model.kwargs.dynamic_img_size=true (timm ViTs) or augment.progressive_min=0."
         )
 
 

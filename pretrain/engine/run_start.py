@@ -31,6 +31,7 @@ class StartInfo:
     source: Source
     size: ImageSize
     precision_note: str = ""
+    resolution_note: str = ""  # progressive resolution's schedule ("" when off)
 
 
 def resolve_precision(cfg: Config, world: World) -> tuple[Config, str]:
@@ -75,6 +76,7 @@ def start_block(
         ("data", f"{info.source.path}: {info.source.survey.describe() if info.source.survey else info.source.kind}"),
         ("image size", info.size.note),
         ("recipe", recipe or "defaults"),
+        *([("views", f"progressive: {info.resolution_note}")] if info.resolution_note else []),
         ("model", f"{cfg.model.backbone} + head, {params / 1e6:.1f} M parameters; objective {cfg.objective.name}"),
         (
             "batch",

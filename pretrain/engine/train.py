@@ -26,6 +26,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from twinview.augment.progressive import ResolutionSchedule, resolution_schedule
 from twinview.augment.views import MultiView, build_views
 from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.data.folder import SkipLog
@@ -49,7 +50,7 @@ from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, gr
 from twinview.pretrain.models import ContrastiveModel, create_run_model, normalization_stats
 from twinview.pretrain.objectives.methods import Method, create_method
 from twinview.pretrain.runs import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints, save_weights
-from twinview.pretrain.validate import World, validate, validate_data, validate_epoch
+from twinview.pretrain.validate import World, validate, validate_data, validate_epoch, validate_resolution
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Run:
     metrics: MetricsLog
     log: TrainingLog
     monitor: Monitor | None  # kNN on a labelled hold-out every eval.monitor_every epochs
+    resolution: ResolutionSchedule | None  # the global views' side per epoch (augment.progressive_min)
 
 
 def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -175,6 +177,8 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     dtype = low if device.type == "cuda" else torch.float32
     seed = cfg.train.seed * 1_000_003 + accelerator.process_index  # each process its own random stream
     views = build_views(cfg.augment, cfg.data.size, mean, std, seed=seed, device=device, dtype=dtype)
+    resolution = resolution_schedule(cfg.augment, views.side, cfg.train.epochs)
+    validate_resolution(resolution, online.backbone)
     method = create_method(cfg, online).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer(cfg, online, peak_lr, device)
@@ -187,7 +191,8 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, peak_lr, steps_per_epoch)
-    print_start(accelerator, cfg, StartInfo(source, size, precision), recipe, online, world, peak_lr, steps_per_epoch)
+    info = StartInfo(source, size, precision, resolution.describe() if resolution else "")
+    print_start(accelerator, cfg, info, recipe, online, world, peak_lr, steps_per_epoch)
     mode = resolve_mode(cfg.train.nonfinite_check, cfg.train.max_nonfinite_steps, device)
     reduce = all_reduce_min if accelerator.num_processes > 1 else None
     guard = StepGuard(model, method, optimizer, mode, device, reduce, scaler_skips=accelerator.scaler is not None)
@@ -243,6 +248,7 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
         metrics=metrics,
         log=log,
         monitor=monitor,
+        resolution=resolution,
     )
 
 
@@ -254,6 +260,8 @@ def run_epochs(run: Run) -> Path:
     with StopRequest() as stop, _closing_trackers(accelerator), run.batches:
         for epoch in range(progress.epoch, cfg.train.epochs):
             run.batches.set_epoch(epoch)
+            if run.resolution is not None:  # a function of the epoch: a resumed run makes the same views
+                run.views.set_side(run.resolution.side(epoch))
             t.model.train()
             t.method.train()
             done = max(0, progress.step - epoch * run.steps_per_epoch)  # resumed mid-epoch: steps already done
@@ -267,6 +275,8 @@ def run_epochs(run: Run) -> Path:
             progress.epoch = epoch + 1
             record = log.end_epoch(progress.step)
             record["skipped_files"] = report_skipped(run.run_dir, accelerator, epoch + 1)
+            if run.resolution is not None:
+                record["view_side"] = run.views.side
             if run.monitor is not None and (epoch + 1) % cfg.eval.monitor_every == 0:
                 record.update(monitor_knn(run.monitor, accelerator, t.model))
             run.metrics.write(record)

@@ -79,11 +79,20 @@ def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path: Path) -> None:
         ("data=3", "'data' is a section"),
         ("train.mixed_precision=fp8", "Valid values: no, fp16, bf16"),
         ("lr", "not of the form section.key=value"),
+        ("augment.progressive_min=4", r"augment.progressive_min=4 must be 0 \(off\) or a side in pixels >= 8"),
+        ("augment.progressive_ramp=[0.9,0.5]", r"augment.progressive_ramp=\[0.9, 0.5\].*0 <= start <= end <= 1"),
+        ("augment.progressive_multiple=0", "augment.progressive_multiple=0 must be >= 1"),
     ],
 )
 def test_wrong_values_are_named(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, ["data.path=/x", override])
+
+
+def test_progressive_resolution_must_start_below_the_full_view_side() -> None:
+    with pytest.raises(ConfigError, match=r"progressive_min=64 must be below the global views' full side, 64 px"):
+        load_config("moco-v2-photos", ["data.path=/x", "augment.progressive_min=64"])
+    load_config("moco-v2-photos", ["data.path=/x", "augment.progressive_min=40"])
 
 
 def test_missing_data_path_is_an_error() -> None:

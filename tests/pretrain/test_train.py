@@ -488,3 +488,44 @@ def test_objectives_without_multi_crop_refuse_local_views(image_folder: Path, tm
     cfg = _cfg(image_folder, tmp_path, "objective.name=supcon", "augment.local_crops=2")
     with pytest.raises(ConfigError, match=r"local_crops=2: objective 'supcon'.*multi-crop: simclr, moco_v2, moco_v3"):
         validate(cfg, World())
+
+
+PROGRESSIVE = ["augment.progressive_min=16", "augment.progressive_ramp=[0,1]", "augment.progressive_multiple=4"]
+
+
+def test_progressive_resolution_grows_the_views_per_epoch_and_resumes_exactly(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        image_folder,
+        tmp_path / "runs",
+        "train.epochs=3",
+        "train.keep_checkpoints=3",
+        "train.run_name=straight",
+        *PROGRESSIVE,
+    )
+    straight = new_run_dir(cfg)
+    train(cfg, straight)
+    epochs = [r for r in _metrics(straight) if r["kind"] == "epoch"]
+    assert [r["view_side"] for r in epochs] == [16, 20, 24]  # 16 px, a ramp, the full 24 px at the end
+
+    resumed = tmp_path / "runs" / "resumed"  # interrupted after the first (16 px) epoch
+    shutil.copytree(straight, resumed)
+    for name in ("epoch_0002", "epoch_0003"):
+        shutil.rmtree(resumed / "checkpoints" / name)
+    (resumed / "model.safetensors").unlink()
+    train(cfg, resumed, resume=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_progressive_resolution_refuses_a_fixed_size_vit_before_compute(image_folder: Path, tmp_path: Path) -> None:
+    from twinview.pretrain.validate import ConfigError
+
+    cfg = _cfg(image_folder, tmp_path, *VIT, "train.epochs=2", "train.run_name=vit", *PROGRESSIVE)
+    with pytest.raises(ConfigError, match=r"augment.progressive_min.*model.kwargs.dynamic_img_size=true"):
+        train(cfg, tmp_path / "vit")
+    assert not (tmp_path / "vit" / "metrics.jsonl").exists()
+    cfg = _cfg(image_folder, tmp_path, *VIT, "model.kwargs.dynamic_img_size=true", "train.epochs=2", *PROGRESSIVE)
+    train(cfg, tmp_path / "vit-dynamic")
+    assert [r["view_side"] for r in _metrics(tmp_path / "vit-dynamic") if r["kind"] == "epoch"] == [16, 24]
