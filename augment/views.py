@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import kornia.augmentation as K
 import torch
@@ -370,7 +370,7 @@ class MultiView(nn.Module):
         if self.specs_at is None:
             raise ValueError("these views were built with fixed sides (build_views(..., specs_at=None))")
         for view, spec in zip(self.views, self.specs_at(side), strict=True):
-            view.spec = spec
+            cast(ViewPipeline | KorniaViewPipeline, view).spec = spec
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
