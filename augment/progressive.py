@@ -38,16 +38,25 @@ class ResolutionSchedule:
 
     def side(self, epoch: int) -> int:
         """The global view side for 0-based ``epoch``."""
-        if epoch <= self.start:
-            return self.low
         if epoch >= self.end:
             return self.high
+        if epoch <= self.start:
+            return self.low
         exact = self.low + (self.high - self.low) * (epoch - self.start) / (self.end - self.start)
         return max(self.low, int(exact // self.multiple) * self.multiple)
 
-    def describe(self) -> str:
-        """For the start block, e.g. ``40 px to epoch 10, ramp to 64 px at epoch 17``."""
-        return f"{self.low} px to epoch {self.start + 1}, ramp to {self.high} px at epoch {self.end + 1}"
+    def describe(self, epochs: int) -> str:
+        """For the start block: the sides and their 1-based epochs, e.g. ``32 px epochs 1-14, 48 px
+        15-17, 64 px 18-20``."""
+        runs: list[list[int]] = []  # [side, first, last]
+        for epoch in range(epochs):
+            side = self.side(epoch)
+            if runs and runs[-1][0] == side:
+                runs[-1][2] = epoch + 1
+            else:
+                runs.append([side, epoch + 1, epoch + 1])
+        parts = [f"{side} px {first}-{last}" if first != last else f"{side} px {first}" for side, first, last in runs]
+        return "epochs " + ", ".join(parts)
 
 
 def resolution_schedule(cfg: AugmentConfig, full_side: int, epochs: int) -> ResolutionSchedule | None:
@@ -61,6 +70,6 @@ def resolution_schedule(cfg: AugmentConfig, full_side: int, epochs: int) -> Reso
     if not cfg.progressive_min or cfg.progressive_min >= full_side:
         return None
     first, last = cfg.progressive_ramp
-    start = min(epochs - 1, round(first * epochs))
-    end = max(start, min(epochs - 1, round(last * epochs)))
+    end = min(epochs - 1, round(last * epochs))  # the last epoch at least is at the full side
+    start = min(end, round(first * epochs))
     return ResolutionSchedule(cfg.progressive_min, full_side, start, end, cfg.progressive_multiple)

@@ -123,7 +123,8 @@ def _filled(value: _T | None, key: str) -> _T:
 def view_specs(cfg: AugmentConfig, image_size: int, side: int = 0) -> list[ViewSpec]:
     """The views a resolved augment config describes: two global views, then the local ones.
 
-    Blur is left off for views smaller than ``cfg.blur_min_size`` (SimCLR does not blur CIFAR).
+    Blur is left off for views whose full side is under ``cfg.blur_min_size`` (SimCLR does not blur
+    CIFAR); under progressive resolution the kernel follows the side, the choice to blur does not.
 
     Args:
         cfg: The augment section, with the recipe's values filled in (``load_config`` does that).
@@ -137,7 +138,7 @@ def view_specs(cfg: AugmentConfig, image_size: int, side: int = 0) -> list[ViewS
     crop_scale = _filled(cfg.crop_scale, "crop_scale")
     blur_p, solarize_p = _filled(cfg.blur_p, "blur_p"), _filled(cfg.solarize_p, "solarize_p")
 
-    def spec(side: int, scale: tuple[float, float], blur: float, solarize: float) -> ViewSpec:
+    def spec(side: int, full_side: int, scale: tuple[float, float], blur: float, solarize: float) -> ViewSpec:
         return ViewSpec(
             side,
             (scale[0], scale[1]),
@@ -149,17 +150,17 @@ def view_specs(cfg: AugmentConfig, image_size: int, side: int = 0) -> list[ViewS
             hue=min(0.5, _filled(cfg.hue, "hue") * s),
             jitter_p=_filled(cfg.jitter_p, "jitter_p"),
             grayscale_p=_filled(cfg.grayscale_p, "grayscale_p"),
-            blur_p=blur if side >= cfg.blur_min_size else 0.0,
+            blur_p=blur if full_side >= cfg.blur_min_size else 0.0,
             blur_kernel=blur_kernel_size(side, cfg.blur_kernel_frac),
             blur_sigma=(cfg.blur_sigma[0], cfg.blur_sigma[1]),
             solarize_p=solarize,
             solarize_threshold=cfg.solarize_threshold,
         )
 
-    specs = [spec(size, crop_scale, blur_p[i], solarize_p[i]) for i in range(2)]
-    local_full = cfg.local_crop_size or full * 96 / 224  # DINO: 96 px locals for 224 px globals
+    specs = [spec(size, full, crop_scale, blur_p[i], solarize_p[i]) for i in range(2)]
+    local_full = cfg.local_crop_size or max(1, round(full * 96 / 224))  # DINO: 96 px locals for 224 px globals
     local_size = max(1, round(local_full * size / full))
-    specs += [spec(local_size, cfg.local_crop_scale, cfg.local_blur_p, 0.0)] * cfg.local_crops
+    specs += [spec(local_size, local_full, cfg.local_crop_scale, cfg.local_blur_p, 0.0)] * cfg.local_crops
     return specs
 
 
@@ -328,7 +329,7 @@ class KorniaViewPipeline(nn.Module):
             ops.append(
                 K.RandomSolarize(thresholds=(s.solarize_threshold, s.solarize_threshold), additions=0.0, p=s.solarize_p)
             )
-        self.ops = nn.Sequential(*ops)
+        self.ops = nn.Sequential(*ops).to(self.normalize.mean.device)  # Kornia draws on its modules' device
 
     def forward(self, images: torch.Tensor, rng: ViewRNG | None = None) -> torch.Tensor:
         """As :meth:`ViewPipeline.forward`; ``rng`` is not used (Kornia uses the global generator)."""

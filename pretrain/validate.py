@@ -7,8 +7,8 @@
 * :func:`validate` also refuses what the kind of ``data.path`` alone rules out, told from the path
   before anything is read; :func:`validate_data` checks the config against the resolved source
   (shards, images, labels, classes), before compute.
-* :func:`validate_epoch` checks that an epoch holds at least one optimiser step, and
-  :func:`validate_resolution` that the backbone takes progressive resolution's smaller views.
+* :func:`validate_epoch` checks that an epoch holds at least one optimiser step
+  (``run_start.check_view_sides``: that the backbone takes progressive resolution's view sides).
 
 Each error names the key to change. This module imports no torch, so reading a config stays light.
 """
@@ -25,9 +25,6 @@ from twinview.pretrain.data.source import source_kind
 from twinview.pretrain.objectives import registry
 
 if TYPE_CHECKING:  # config.py calls validate(); the reverse import is for types only
-    from torch import nn
-
-    from twinview.augment.progressive import ResolutionSchedule
     from twinview.pretrain.config import Config
     from twinview.pretrain.data.source import Source
 
@@ -164,19 +161,6 @@ def _check_progressive(cfg: Config) -> None:
         raise ConfigError(
             f"augment.progressive_min={a.progressive_min} must be below the global views' full side, {full} px "
             f"(augment.crop_size, else data.image_size); 0 turns progressive resolution off."
-        )
-
-
-def validate_resolution(schedule: ResolutionSchedule | None, backbone: nn.Module) -> None:
-    """Raises ConfigError when progressive resolution is on and the backbone takes one input size only
-    (a timm ViT made without ``dynamic_img_size``)."""
-    if schedule is None:
-        return
-    embed = getattr(backbone, "patch_embed", None)
-    if embed is not None and getattr(embed, "strict_img_size", False):
-        raise ConfigError(
-            "augment.progressive_min: this backbone takes one input size only (its patch embedding is fixed); "
-            "set model.kwargs.dynamic_img_size=true (timm ViTs) or augment.progressive_min=0."
         )
 
 

@@ -16,7 +16,7 @@ from twinview.pretrain.config import Config, load_config
 from twinview.pretrain.data.source import ImageSize, Source
 from twinview.pretrain.data.survey import AUTO_MIN, AUTO_STEP
 from twinview.pretrain.models import ContrastiveModel
-from twinview.pretrain.validate import World
+from twinview.pretrain.validate import ConfigError, World
 
 FEW_STEPS = 10  # fewer optimiser steps per epoch than this: warn
 UPSCALE = 2.0  # images this many times smaller than data.image_size: warn
@@ -157,8 +157,43 @@ def final_feature_side(backbone: nn.Module, size: int) -> int | None:
     return int(features.shape[-1]) if features.dim() == 4 else None
 
 
+def check_view_sides(backbone: nn.Module, sides: list[int]) -> None:
+    """Raises ConfigError when the backbone cannot take views of one of ``sides`` px (progressive
+    resolution: a timm ViT without ``dynamic_img_size``, patches that do not divide a side, a model
+    with fixed windows); a forward of one blank image per side, before training."""
+    was_training = backbone.training
+    device = next(backbone.parameters()).device
+    try:
+        backbone.eval()
+        for side in sides:
+            try:
+                with torch.no_grad():
+                    backbone(torch.zeros(1, 3, side, side, device=device))
+            except Exception as err:  # any failure means the side cannot be trained
+                hint = (
+                    "set model.kwargs.dynamic_img_size=true (timm ViTs; and a progressive_multiple the patch "
+                    "size divides) or "
+                    if hasattr(backbone, "patch_embed")
+                    else ""
+                )
+                raise ConfigError(
+                    f"augment.progressive_min: the backbone cannot take the {side} px views of the schedule "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {hint}"
+                    "set augment.progressive_min=0."
+                ) from err
+    finally:
+        backbone.train(was_training)
+
+
 def estimate_lines(
-    cfg: Config, world: World, recipe: str, steps_per_epoch: int, steps_left: int, images_per_step: int, per_step: float
+    cfg: Config,
+    world: World,
+    recipe: str,
+    steps_per_epoch: int,
+    steps_left: int,
+    images_per_step: int,
+    per_step: float,
+    timed_side: int = 0,
 ) -> list[str]:
     """The run's estimated time from the time of one step, and on a CPU where that is long, the
     cheaper choices with theirs.
@@ -171,6 +206,7 @@ def estimate_lines(
         steps_left: Steps still to run (all of them, unless resumed).
         images_per_step: The global batch.
         per_step: Seconds per optimiser step, as measured.
+        timed_side: Under progressive resolution, the view side the step was timed at (0: none).
     """
     total = per_step * steps_left
     whole = steps_left == steps_per_epoch * cfg.train.epochs
@@ -179,8 +215,9 @@ def estimate_lines(
     lines = [
         f"  estimate   {human_duration(total)} {what} ({per_step * steps_per_epoch:.0f} s per epoch, "
         f"{per_step:.2f} s per step, {images_per_step / per_step:.0f} images/s)"
+        + (f"; timed at {timed_side} px views, the larger views later cost more" if timed_side else "")
     ]
-    if world.device_type != "cpu" or total < LONG_RUN_S:
+    if world.device_type != "cpu" or total < LONG_RUN_S or timed_side:
         return lines
     choices = cheaper_choices(cfg, recipe)
     if choices:

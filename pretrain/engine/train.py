@@ -44,13 +44,19 @@ from twinview.pretrain.engine.metrics_log import (
 )
 from twinview.pretrain.engine.monitor import Monitor, build_monitor, monitor_knn
 from twinview.pretrain.engine.optim import build_optimizer, build_scheduler, scaled_lr
-from twinview.pretrain.engine.run_start import StartInfo, estimate_lines, print_start, resolve_precision
+from twinview.pretrain.engine.run_start import (
+    StartInfo,
+    check_view_sides,
+    estimate_lines,
+    print_start,
+    resolve_precision,
+)
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
 from twinview.pretrain.engine.step_guard import NonFiniteTraining, StepGuard, grad_norm, resolve_mode
 from twinview.pretrain.models import ContrastiveModel, create_run_model, normalization_stats
 from twinview.pretrain.objectives.methods import Method, create_method
 from twinview.pretrain.runs import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpoints, save_weights
-from twinview.pretrain.validate import World, validate, validate_data, validate_epoch, validate_resolution
+from twinview.pretrain.validate import World, validate, validate_data, validate_epoch
 
 
 @dataclass
@@ -178,7 +184,9 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     seed = cfg.train.seed * 1_000_003 + accelerator.process_index  # each process its own random stream
     views = build_views(cfg.augment, cfg.data.size, mean, std, seed=seed, device=device, dtype=dtype)
     resolution = resolution_schedule(cfg.augment, views.side, cfg.train.epochs)
-    validate_resolution(resolution, online.backbone)
+    if resolution is not None and views.specs_at is not None:  # every side the schedule will make
+        sides = {s for epoch in range(cfg.train.epochs) for s in view_sides(views, resolution.side(epoch))}
+        check_view_sides(online.backbone, sorted(sides))
     method = create_method(cfg, online).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer(cfg, online, peak_lr, device)
@@ -191,7 +199,7 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, peak_lr, steps_per_epoch)
-    info = StartInfo(source, size, precision, resolution.describe() if resolution else "")
+    info = StartInfo(source, size, precision, resolution.describe(cfg.train.epochs) if resolution else "")
     print_start(accelerator, cfg, info, recipe, online, world, peak_lr, steps_per_epoch)
     mode = resolve_mode(cfg.train.nonfinite_check, cfg.train.max_nonfinite_steps, device)
     reduce = all_reduce_min if accelerator.num_processes > 1 else None
@@ -211,7 +219,12 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     else:
         metrics.write(run_record(cfg, peak_lr, images_per_step))
     steps_left = steps_per_epoch * cfg.train.epochs - progress.step
-    estimate = partial(estimate_lines, cfg, world, recipe, steps_per_epoch, steps_left, images_per_step)
+    timed_side = resolution.side(progress.epoch) if resolution is not None else 0
+    if timed_side == (resolution.high if resolution is not None else 0):
+        timed_side = 0  # timed at the full side: the estimate holds as it is
+    estimate = partial(
+        estimate_lines, cfg, world, recipe, steps_per_epoch, steps_left, images_per_step, timed_side=timed_side
+    )
     log = TrainingLog(
         accelerator,
         metrics,
@@ -290,6 +303,12 @@ def run_epochs(run: Run) -> Path:
         accelerator.print(f"Saved weights to {weights}")
     accelerator.end_training()  # trackers, then the process group
     return weights
+
+
+def view_sides(views: MultiView, global_side: int) -> list[int]:
+    """The sides of every view (global and local) when the global views are ``global_side`` px."""
+    assert views.specs_at is not None
+    return [spec.size for spec in views.specs_at(global_side)]
 
 
 def current_world(cfg: Config) -> World:

@@ -26,16 +26,21 @@ def test_the_side_is_low_then_a_rounded_linear_ramp_then_full() -> None:
     sides = [s.side(e) for e in range(14)]
     # linear from 40 at epoch 4 to 64 at epoch 10 (40 + 4 per epoch), rounded down to multiples of 8
     assert sides == [40] * 5 + [40, 48, 48, 56, 56] + [64] * 4
-    assert s.describe() == "40 px to epoch 5, ramp to 64 px at epoch 11"
+    assert s.describe(14) == "epochs 40 px 1-6, 48 px 7-8, 56 px 9-10, 64 px 11-14"
 
 
 def test_the_ramp_is_placed_by_fractions_of_the_epochs() -> None:
     cfg = _cfg("augment.progressive_min=40", "augment.progressive_ramp=[0.5,0.85]")
-    assert resolution_schedule(cfg, 64, 20) == ResolutionSchedule(40, 64, 10, 17, 8)
-    assert resolution_schedule(cfg, 64, 1) == ResolutionSchedule(40, 64, 0, 0, 8)  # one epoch: at full side
-    assert resolution_schedule(cfg, 64, 1).side(0) == 40  # type: ignore[union-attr]
+    assert resolution_schedule(cfg, 64, 20) == ResolutionSchedule(40, 64, 10, 17, 32)
+    for epochs in (1, 2, 3, 10):  # however short the run or late the ramp, the last epoch is at the full side
+        for ramp in ("[0.5,0.85]", "[1,1]", "[0.95,1]", "[0,0]"):
+            late = resolution_schedule(
+                _cfg("augment.progressive_min=40", f"augment.progressive_ramp={ramp}"), 64, epochs
+            )
+            assert late is not None and late.side(epochs - 1) == 64, (epochs, ramp)
+    assert [resolution_schedule(cfg, 64, 3).side(e) for e in range(3)] == [40, 40, 64]  # type: ignore[union-attr]
     ends = resolution_schedule(_cfg("augment.progressive_min=40", "augment.progressive_ramp=[0,1]"), 64, 10)
-    assert ends is not None and (ends.side(0), ends.side(9)) == (40, 64)  # the last epoch is at the full side
+    assert ends is not None and (ends.side(0), ends.side(9)) == (40, 64)
     assert resolution_schedule(_cfg(), 64, 20) is None  # off by default
     assert resolution_schedule(cfg, 40, 20) is None  # nothing to grow to
 
@@ -63,10 +68,22 @@ def test_back_at_full_side_the_views_are_those_of_views_built_there() -> None:
         assert torch.equal(a, b)
 
 
-def test_blur_follows_the_side() -> None:
-    cfg = _cfg("augment.crop_size=64", "augment.blur_min_size=33")
-    views = build_views(cfg, 96, MEAN, STD, seed=0)
-    views.set_side(24)  # under blur_min_size: SimCLR's rule for small views
-    assert all(v.spec.blur_p == 0 for v in views.views)
+def test_the_blur_kernel_follows_the_side_and_the_choice_to_blur_the_full_side() -> None:
+    views = build_views(_cfg("augment.crop_size=64", "augment.blur_min_size=33"), 96, MEAN, STD, seed=0)
+    views.set_side(24)  # under blur_min_size, but the run's views are 64 px: still blurred, a smaller kernel
+    assert all(v.spec.blur_p == 0.5 and v.spec.blur_kernel == 3 for v in views.views)
     views.set_side(40)
     assert all(v.spec.blur_p == 0.5 and v.spec.blur_kernel == 5 for v in views.views)
+    small = build_views(_cfg("augment.crop_size=32", "augment.blur_min_size=33"), 48, MEAN, STD, seed=0)
+    small.set_side(16)  # CIFAR-sized views are never blurred (SimCLR)
+    assert all(v.spec.blur_p == 0 for v in small.views)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU)")
+def test_kornia_views_keep_drawing_on_the_device_after_a_change_of_side() -> None:
+    views = build_views(_cfg("augment.backend=kornia"), 32, MEAN, STD, device="cuda")
+    views.set_side(16)
+    assert all(op.device.type == "cuda" for v in views.views for op in v.ops)  # where each Kornia module draws
+    out = views(_batch(size=32).cuda())
+    assert all(v.device.type == "cuda" and v.shape[-1] == 16 for v in out)

@@ -523,9 +523,15 @@ def test_progressive_resolution_refuses_a_fixed_size_vit_before_compute(image_fo
     from twinview.pretrain.validate import ConfigError
 
     cfg = _cfg(image_folder, tmp_path, *VIT, "train.epochs=2", "train.run_name=vit", *PROGRESSIVE)
-    with pytest.raises(ConfigError, match=r"augment.progressive_min.*model.kwargs.dynamic_img_size=true"):
+    with pytest.raises(ConfigError, match=r"augment.progressive_min.*16 px views.*model.kwargs.dynamic_img_size=true"):
         train(cfg, tmp_path / "vit")
     assert not (tmp_path / "vit" / "metrics.jsonl").exists()
+    dynamic = [*VIT, "model.kwargs.dynamic_img_size=true", "train.run_name=vit3"]
+    cfg = _cfg(
+        image_folder, tmp_path, *dynamic, "train.epochs=3", *PROGRESSIVE
+    )  # a 20 px epoch: patches of 8 do not fit
+    with pytest.raises(ConfigError, match=r"cannot take the 20 px views"):
+        train(cfg, tmp_path / "vit3")
     cfg = _cfg(image_folder, tmp_path, *VIT, "model.kwargs.dynamic_img_size=true", "train.epochs=2", *PROGRESSIVE)
     train(cfg, tmp_path / "vit-dynamic")
     assert [r["view_side"] for r in _metrics(tmp_path / "vit-dynamic") if r["kind"] == "epoch"] == [16, 24]
