@@ -113,7 +113,7 @@ class AugmentConfig:
         progressive_ramp: Fractions of ``train.epochs`` where the ramp from ``progressive_min``
             to the full side starts and ends (FFCV's ``start_ramp`` / ``end_ramp``).
         progressive_multiple: Sides during the ramp are rounded down to multiples of this (32, as
-            FFCV: a ResNet's feature maps then keep even sides, which CPUs and GPUs compute fastest).
+            FFCV: a ResNet's feature maps then keep even sides, the fast ones on the CPUs measured).
     """
 
     recipe: str = "simclr"

@@ -1,10 +1,10 @@
 """Progressive resolution: the global views start small and grow to their full side during training.
 
-A convolution's cost grows with the pixels it sees, so an epoch of 40 px views costs about
-(40/64)^2 = 0.39 of an epoch of 64 px ones. FFCV trains ImageNet this way (Leclerc et al. 2023,
+Smaller views mean fewer pixels per convolution. FFCV trains ImageNet this way (Leclerc et al. 2023,
 "FFCV: Accelerating Training by Removing Data Bottlenecks": ResNet-50 at 160 px for most epochs, a
-linear ramp to 192 px near the end); Touvron et al. 2019 ("Fixing the train-test resolution
-discrepancy") show why the small early views do not hurt the features evaluated at full size.
+linear ramp to 192 px near the end). What it saves and costs depends on the device and the data: on
+a CPU a step's time is not proportional to the pixels, and on Imagewoof-96 it lost accuracy per
+second (docs/BENCHMARKS.md, 'Progressive resolution'), so no recipe turns it on.
 
 The side is a function of the epoch only, so a resumed run makes the same views as an uninterrupted
 one. The schedule is resolved once per run (:func:`resolution_schedule`) and passed down.
@@ -34,7 +34,7 @@ class ResolutionSchedule:
     high: int
     start: int
     end: int
-    multiple: int = 8
+    multiple: int
 
     def side(self, epoch: int) -> int:
         """The global view side for 0-based ``epoch``."""

@@ -366,10 +366,16 @@ class MultiView(nn.Module):
         assert isinstance(spec, ViewSpec)
         return spec.size
 
+    def sides_at(self, side: int) -> list[int]:
+        """The side of every view (global, then local) when the global views are ``side`` px."""
+        if self.specs_at is None:
+            return [self.side] * len(self.views)
+        return [spec.size for spec in self.specs_at(side)]
+
     def set_side(self, side: int) -> None:
         """Makes the global views ``side`` px from the next batch on (local views in proportion)."""
         if self.specs_at is None:
-            raise ValueError("these views were built with fixed sides (build_views(..., specs_at=None))")
+            raise ValueError("these views have fixed sides: build them with build_views to change the side")
         for view, spec in zip(self.views, self.specs_at(side), strict=True):
             cast(ViewPipeline | KorniaViewPipeline, view).spec = spec
 

@@ -184,8 +184,8 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     seed = cfg.train.seed * 1_000_003 + accelerator.process_index  # each process its own random stream
     views = build_views(cfg.augment, cfg.data.size, mean, std, seed=seed, device=device, dtype=dtype)
     resolution = resolution_schedule(cfg.augment, views.side, cfg.train.epochs)
-    if resolution is not None and views.specs_at is not None:  # every side the schedule will make
-        sides = {s for epoch in range(cfg.train.epochs) for s in view_sides(views, resolution.side(epoch))}
+    if resolution is not None:  # every side the schedule will make, tried before training
+        sides = {s for epoch in range(cfg.train.epochs) for s in views.sides_at(resolution.side(epoch))}
         check_view_sides(online.backbone, sorted(sides))
     method = create_method(cfg, online).to(device)  # momentum encoder, queue: state of the method
     peak_lr = scaled_lr(cfg, accelerator.num_processes)
@@ -219,9 +219,9 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     else:
         metrics.write(run_record(cfg, peak_lr, images_per_step))
     steps_left = steps_per_epoch * cfg.train.epochs - progress.step
-    timed_side = resolution.side(progress.epoch) if resolution is not None else 0
-    if timed_side == (resolution.high if resolution is not None else 0):
-        timed_side = 0  # timed at the full side: the estimate holds as it is
+    timed_side = 0  # the side the first steps are timed at, when smaller than the full one
+    if resolution is not None and resolution.side(progress.epoch) < resolution.high:
+        timed_side = resolution.side(progress.epoch)
     estimate = partial(
         estimate_lines, cfg, world, recipe, steps_per_epoch, steps_left, images_per_step, timed_side=timed_side
     )
@@ -303,12 +303,6 @@ def run_epochs(run: Run) -> Path:
         accelerator.print(f"Saved weights to {weights}")
     accelerator.end_training()  # trackers, then the process group
     return weights
-
-
-def view_sides(views: MultiView, global_side: int) -> list[int]:
-    """The sides of every view (global and local) when the global views are ``global_side`` px."""
-    assert views.specs_at is not None
-    return [spec.size for spec in views.specs_at(global_side)]
 
 
 def current_world(cfg: Config) -> World:
