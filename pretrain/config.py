@@ -190,6 +190,11 @@ class TrainConfig:
         seed: Seed for weights, data order and augmentation.
         output_dir: Parent directory of run directories.
         run_name: Run directory name; empty means a timestamp.
+        resume: ``auto``: the run directory ``output_dir/run_name`` continues from its newest
+            checkpoint when it has one and starts otherwise, so the same command serves the first
+            start and every restart (torchrun's ``--max-restarts``, a requeued SLURM job). Needs
+            ``run_name``; a directory holding a run of other settings is refused, naming them.
+            ``no``: always a new run (``twinview pretrain --resume RUN_DIR`` continues a given one).
         checkpoint_every: Save a resumable checkpoint every N epochs (the last epoch always).
         keep_checkpoints: How many of the newest checkpoints are kept (older ones are deleted).
         log_every: Log loss, lr and throughput every N steps (the only host syncs of the loop).
@@ -221,6 +226,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs"
     run_name: str = ""
+    resume: str = "no"
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every: int = 10

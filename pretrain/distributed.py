@@ -101,6 +101,20 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def everyone(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every process (a host sync: for decisions outside the step)."""
+    return bool(all_reduce_min(torch.tensor([int(flag)], device=device)).item())
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` on a single process."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work (a no-op on a CPU, which computes synchronously)."""
     if device.type == "cuda":

@@ -14,18 +14,22 @@ import contextlib
 import re
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from twinview.pretrain.config import Config, load_config
+from twinview.pretrain.config import Config, ConfigError, as_dict, load_config
 from twinview.pretrain.models import ContrastiveModel, create_run_model
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
+T = TypeVar("T")
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")  # epoch end, or an interrupt mid-epoch
 
 
@@ -85,24 +89,98 @@ def discard_unstarted(run_dir: Path) -> None:
 def new_shared_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     """:func:`new_run_dir` for every launched process: the main process creates the directory
     and shares its path (a timestamp name would differ between processes), or its error."""
+    return _on_main_shared(cfg, lambda: new_run_dir(cfg, overwrite))
+
+
+@dataclass(frozen=True)
+class AutoStart:
+    """What ``train.resume=auto`` decided for a run directory.
+
+    Attributes:
+        run_dir: ``train.output_dir / train.run_name``.
+        resume: Whether it holds a run to continue (else it was made ready for a new one).
+        finished: Whether that run already wrote its final weights after its last epoch.
+    """
+
+    run_dir: Path
+    resume: bool
+    finished: bool = False
+
+
+def auto_run_dir(cfg: Config) -> AutoStart:
+    """``train.resume=auto``: continue ``output_dir/run_name`` when it holds a run of the same
+    settings, start it when it holds none (a directory left by a start that failed before its first
+    checkpoint is cleared, as by :func:`new_run_dir`).
+
+    Raises:
+        ConfigError: If the directory holds a run whose saved settings differ from ``cfg``'s (each
+            differing key named, with both values).
+    """
+    run_dir = Path(cfg.train.output_dir).expanduser() / cfg.train.run_name
+    if not holds_run(run_dir):
+        return AutoStart(new_run_dir(cfg), resume=False)
+    saved = load_run_config(run_dir)
+    differ = settings_differ(saved, cfg)
+    if differ:
+        raise ConfigError(
+            f"train.resume=auto: '{run_dir}' holds a run of other settings ({'; '.join(differ)}). Continue it "
+            f"as it was with `twinview pretrain --resume {run_dir}` (KEY=VALUE overrides change it on purpose), "
+            f"or choose another train.run_name."
+        )
+    found = checkpoints(run_dir)
+    ended = bool(found) and found[-1] == checkpoint_path(run_dir, saved.train.epochs)
+    return AutoStart(run_dir, resume=True, finished=ended and (run_dir / WEIGHTS_FILE).is_file())
+
+
+def shared_auto_run_dir(cfg: Config) -> AutoStart:
+    """:func:`auto_run_dir` decided once, by the main process, for every launched process."""
+    return _on_main_shared(cfg, lambda: auto_run_dir(cfg))
+
+
+def settings_differ(saved: Config, wanted: Config) -> list[str]:
+    """``key: saved -> wanted`` for every setting of ``wanted`` that a run saved differently.
+
+    ``train.resume`` is left out, and so is every key ``wanted`` leaves as ``auto``: the run
+    resolved those when it started (the image size, the precision) and saved the result.
+    """
+    a, b = _flat(as_dict(saved)), _flat(as_dict(wanted))
+    return [
+        f"{key}: {a.get(key)!r} -> {value!r}"
+        for key, value in b.items()
+        if key != "train.resume" and value != "auto" and a.get(key) != value
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _on_main_shared(cfg: Config, make: Callable[[], T]) -> T:
+    """``make()`` on the main process (it creates or reads the run directory), its result or its
+    error shared with every launched process."""
     from accelerate.state import PartialState
 
     from twinview.pretrain.distributed import use_cpu
 
     state = PartialState(cpu=use_cpu(cfg.train.cpu))
     if state.num_processes == 1:
-        return new_run_dir(cfg, overwrite)
-    outcome: list[Path | Exception | None] = [None]
+        return make()
+    outcome: list[object] = [None]
     if state.is_main_process:
         try:
-            outcome[0] = new_run_dir(cfg, overwrite)
-        except (FileExistsError, OSError) as err:
+            outcome[0] = make()
+        except (FileExistsError, OSError, ConfigError) as err:
             outcome[0] = err
     torch.distributed.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], Exception):
         raise outcome[0]
-    assert isinstance(outcome[0], Path)
-    return outcome[0]
+    return outcome[0]  # type: ignore[return-value]
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -61,6 +61,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16", "auto"),
     "train.log_with": ("none", "tensorboard", "wandb"),
     "train.nonfinite_check": ("auto", "sync", "device"),
+    "train.resume": ("no", "auto"),
     "train.grad_accumulation_mode": ("cached", "independent"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
@@ -132,6 +133,11 @@ def _check_values(cfg: Config) -> None:
         assert isinstance(value, int)
         if value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}.")
+    if cfg.train.resume == "auto" and not cfg.train.run_name:
+        raise ConfigError(
+            "train.resume=auto needs train.run_name: a restarted or requeued job must find the same run "
+            "directory, and an empty name means a new timestamp each start."
+        )
     size = cfg.data.image_size
     if size != "auto" and not (isinstance(size, int) and size >= MIN_IMAGE_SIZE):
         raise ConfigError(

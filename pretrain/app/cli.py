@@ -31,7 +31,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", default=None, help=f"recipe YAML path or shipped recipe name ({', '.join(shipped_recipes())})"
     )
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR|auto",
+        default=None,
+        help="continue a run from its latest checkpoint; auto: train.output_dir/train.run_name if it holds a run "
+        "of the same settings, else start it (the command a restarted or requeued job repeats; train.resume=auto)",
+    )
     p.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
     p.add_argument(
         "--plugin",

@@ -11,34 +11,52 @@ import sys
 from pathlib import Path
 
 from twinview.pretrain.app.model import is_main_process, main_print
-from twinview.pretrain.config import load_config
+from twinview.pretrain.config import ConfigError, load_config
 
 
 def run(args: argparse.Namespace) -> int:
-    """``twinview pretrain [--config RECIPE] [--resume RUN_DIR] [--overwrite] KEY=VALUE ...``"""
+    """``twinview pretrain [--config RECIPE] [--resume RUN_DIR | --resume auto] [--overwrite] KEY=VALUE ...``
+
+    ``--resume auto`` (or ``train.resume=auto``) continues ``train.output_dir/train.run_name`` when it
+    holds a run of the same settings and starts it otherwise: the command a restarted or requeued job
+    repeats unchanged.
+    """
     from twinview.pretrain.engine.step_guard import NonFiniteTraining
     from twinview.pretrain.engine.train import TrainingInterrupted, train
-    from twinview.pretrain.runs import discard_unstarted, load_run_config, new_shared_run_dir
+    from twinview.pretrain.runs import discard_unstarted, load_run_config, new_shared_run_dir, shared_auto_run_dir
 
-    plugins = [*(_saved_plugins(Path(args.resume)) if args.resume and args.plugin else []), *args.plugin]
-    overrides = [*plugin_overrides(plugins), *args.overrides]
+    auto = args.resume == "auto"
+    given = Path(args.resume) if args.resume and not auto else None  # --resume RUN_DIR
+    plugins = [*(_saved_plugins(given) if given and args.plugin else []), *args.plugin]
+    overrides = [*plugin_overrides(plugins), *args.overrides, *(["train.resume=auto"] if auto else [])]
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg = load_run_config(run_dir, overrides)
-            train(cfg, run_dir, resume=True, recipe=f"resumed from {run_dir}")
+        if given is not None:
+            run_dir, cfg, resume = given, load_run_config(given, overrides), True
         else:
             cfg = load_config(args.config, overrides)
-            run_dir = new_shared_run_dir(cfg, overwrite=args.overwrite)  # one directory for all processes
-            main_print(f"Run directory: {run_dir}")
-            try:
-                train(cfg, run_dir, recipe=str(args.config or ""))
-            except (TrainingInterrupted, NonFiniteTraining):
-                raise
-            except BaseException:  # refused or failed before a checkpoint: leave nothing that blocks a retry
-                if is_main_process():
-                    discard_unstarted(run_dir)
-                raise
+            if cfg.train.resume == "auto":  # the same command starts the run and continues it after a restart
+                if args.overwrite:
+                    raise ConfigError("--overwrite and train.resume=auto contradict each other: choose one.")
+                start = shared_auto_run_dir(cfg)  # decided once, by the main process
+                if start.finished:
+                    main_print(f"{start.run_dir} has finished all {cfg.train.epochs} epochs; nothing to do.")
+                    return 0
+                run_dir, resume = start.run_dir, start.resume
+                if resume:  # as saved: the image size and precision it resolved at its start
+                    cfg = load_run_config(run_dir, plugin_overrides(plugins))
+                    main_print(f"Continuing {run_dir} (train.resume=auto).")
+            else:
+                run_dir, resume = new_shared_run_dir(cfg, overwrite=args.overwrite), False  # one for all processes
+            if not resume:
+                main_print(f"Run directory: {run_dir}")
+        try:
+            train(cfg, run_dir, resume=resume, recipe=f"resumed from {run_dir}" if resume else str(args.config or ""))
+        except (TrainingInterrupted, NonFiniteTraining):
+            raise
+        except BaseException:  # refused or failed before a checkpoint: leave nothing that blocks a retry
+            if not resume and is_main_process():
+                discard_unstarted(run_dir)
+            raise
     except TrainingInterrupted as stop:
         print(f"twinview pretrain: interrupted by {stop}", file=sys.stderr)
         return 128 + stop.signum

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,27 @@ class Progress:
             self.guard.load_state_dict(state["nonfinite"])
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, keep: int, epoch: int, step: int | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, keep: int, epoch: int, step: int | None = None, shared: bool = True
+) -> Path:
     """Saves a resumable checkpoint atomically and keeps only the newest ``keep``.
 
-    Every process writes into ``NAME.partial``; the main process renames it once all are done, so a
-    run killed while saving leaves no directory that looks like a checkpoint.
+    Every process writes into ``NAME.partial`` (Accelerate saves each process's random state there);
+    the main process renames it once all are done, so a run killed while saving leaves no directory
+    that looks like a checkpoint. With ``shared=False`` (nodes without a common disk) the other
+    processes write into a temporary folder that is then deleted: the run directory is the main
+    node's alone, and the checkpoint resumes only the main process's random state.
     """
     final = checkpoint_path(run_dir, epoch, step)
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    private = None if shared or accelerator.is_main_process else Path(tempfile.mkdtemp(prefix="twinview-ckpt-"))
+    accelerator.save_state(str(private or partial))
     accelerator.wait_for_everyone()
+    if private is not None:
+        shutil.rmtree(private, ignore_errors=True)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from twinview.evaluate.progress import Progress
 from twinview.pretrain.config import Config
 from twinview.pretrain.data.folder import SkipLog
-from twinview.pretrain.distributed import synchronize
+from twinview.pretrain.distributed import gather_objects, synchronize
 from twinview.pretrain.engine.step_guard import StepGuard
 
 SKIPPED_FILE = "skipped_files.txt"
@@ -78,14 +78,19 @@ class Window:
         self.steps, self.start = 0, start
 
 
-def report_skipped(run_dir: Path, accelerator: Accelerator, epoch: int) -> int:
-    """Merges every process's skipped files into ``RUN_DIR/skipped_files.txt``; returns the count."""
-    accelerator.wait_for_everyone()
+def report_skipped(run_dir: Path, accelerator: Accelerator, skip_log: SkipLog, epoch: int) -> int:
+    """Merges every process's skipped files into ``RUN_DIR/skipped_files.txt``; returns the count.
+
+    Each process reads its own skip log and the lists are gathered (a collective), so nodes that do
+    not share a disk with the main one are counted too.
+    """
+    parts = gather_objects(skip_log.collect())
     if not accelerator.is_main_process:
         return 0
     found: dict[str, str] = {}
-    for part in sorted((run_dir / ".skipped").glob("rank*")):
-        for name, reason in SkipLog(part).collect().items():
+    for part in parts:
+        assert isinstance(part, dict)
+        for name, reason in part.items():
             found.setdefault(name, reason)
     if found:
         (run_dir / SKIPPED_FILE).write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(found.items())))

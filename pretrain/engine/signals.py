@@ -1,4 +1,10 @@
-"""Stopping on SIGTERM/SIGINT: the loop finishes its step, checkpoints and exits."""
+"""Stopping on a signal: the loop finishes its step, checkpoints and exits.
+
+SIGTERM is what Kubernetes, torchrun's agent and SLURM send before they kill a process, SIGINT is
+Ctrl-C, and SIGUSR1 is SLURM's warning ahead of the time limit (``#SBATCH --signal=USR1@120``; see
+docs/SCALE.md). Each ends the run at the next log point with a checkpoint, so ``--resume auto``
+continues it.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,12 @@ class TrainingInterrupted(Exception):
         self.signum = signum
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
 class StopRequest:
-    """Remembers SIGTERM/SIGINT (``signal``) so the loop can finish its step, checkpoint and exit."""
+    """Remembers a stop signal (``signal``: SIGTERM, SIGINT or SIGUSR1) so the loop can finish its
+    step, checkpoint and exit."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -24,7 +34,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

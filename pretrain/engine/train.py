@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import signal
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +34,7 @@ from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.data.folder import SkipLog
 from twinview.pretrain.data.loaders import Batches, build_batches
 from twinview.pretrain.data.source import resolve_data, resolve_image_size
-from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, use_cpu
+from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, everyone, use_cpu
 from twinview.pretrain.engine.accumulation import Pass, cached_passes, concat, gradient_sync
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
 from twinview.pretrain.engine.metrics_log import (
@@ -93,6 +95,8 @@ class Run:
     log: TrainingLog
     monitor: Monitor | None  # kNN on a labelled hold-out every eval.monitor_every epochs
     resolution: ResolutionSchedule | None  # the global views' side per epoch (augment.progressive_min)
+    skip_log: SkipLog  # this process's undecodable files
+    shared: bool  # every process sees the run directory (else it is the main node's alone)
 
 
 def train_step(t: Trainer, passes: Iterable[Pass]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -153,12 +157,19 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     optimiser and schedule, prints the start block, and resumes from the latest checkpoint when
     asked (see :func:`train`)."""
     run_dir = Path(run_dir)
-    if resume and not checkpoints(run_dir):
-        raise FileNotFoundError(f"--resume: '{run_dir}' has no checkpoints to resume from.")
     # Accelerate keeps process-wide singleton state; each run (e.g. several in one notebook or test
     # session) must be free to choose its own mixed precision.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     world = current_world(cfg)
+    if resume and not everyone(bool(checkpoints(run_dir)), PartialState().device):  # before anything is written
+        raise FileNotFoundError(
+            f"--resume: '{run_dir}' has no checkpoints to resume from"
+            + (
+                " on every process (several machines resume only from a disk they all see: docs/SCALE.md)."
+                if world.processes > 1
+                else "."
+            )
+        )
     validate(cfg, world)  # the settings, before the data is read
     source = resolve_data(cfg.data)  # the one reading of data.path; a stream is not downloaded
     cfg, size = resolve_image_size(cfg, source)  # data.image_size=auto resolved, and saved so below
@@ -166,16 +177,16 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
     validate(cfg, world)  # the resolved size and precision
     validate_data(cfg, world, source)  # before any compute
     monitor = build_monitor(cfg)  # its folders resolved and checked now, not after the first epoch
-    run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, run_dir)
-    set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / CONFIG_FILE)
     device = accelerator.device
-
-    batches = build_batches(
-        cfg, source, accelerator, SkipLog(run_dir / ".skipped" / f"rank{accelerator.process_index}")
-    )
+    set_seed(cfg.train.seed)
+    if accelerator.is_main_process:  # only the main process writes the run directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+    shared = _shared_run_dir(accelerator, run_dir)
+    own = run_dir / ".skipped" / f"rank{accelerator.process_index}"
+    skip_log = SkipLog(own if shared else Path(tempfile.mkdtemp(prefix="twinview-skipped-")))
+    batches = build_batches(cfg, source, accelerator, skip_log)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     online = create_run_model(cfg).to(memory_format=memory_format)  # as the objective says (predictor, ...)
     mean, std = normalization_stats(online.backbone)
@@ -262,6 +273,8 @@ def build_run(cfg: Config, run_dir: Path, resume: bool = False, recipe: str = ""
         log=log,
         monitor=monitor,
         resolution=resolution,
+        skip_log=skip_log,
+        shared=shared,
     )
 
 
@@ -287,14 +300,14 @@ def run_epochs(run: Run) -> Path:
                     _stop_if_asked(run, worst_run, stop_voted, stop.signal)
             progress.epoch = epoch + 1
             record = log.end_epoch(progress.step)
-            record["skipped_files"] = report_skipped(run.run_dir, accelerator, epoch + 1)
+            record["skipped_files"] = report_skipped(run.run_dir, accelerator, run.skip_log, epoch + 1)
             if run.resolution is not None:
                 record["view_side"] = run.views.side
             if run.monitor is not None and (epoch + 1) % cfg.eval.monitor_every == 0:
                 record.update(monitor_knn(run.monitor, accelerator, t.model))
             run.metrics.write(record)
             if progress.epoch % max(1, cfg.train.checkpoint_every) == 0 or progress.epoch == cfg.train.epochs:
-                save_checkpoint(accelerator, run.run_dir, cfg.train.keep_checkpoints, progress.epoch)
+                save_checkpoint(accelerator, run.run_dir, cfg.train.keep_checkpoints, progress.epoch, shared=run.shared)
 
     accelerator.wait_for_everyone()
     weights = run.run_dir / WEIGHTS_FILE
@@ -316,6 +329,25 @@ def current_world(cfg: Config) -> World:
         device_name=torch.cuda.get_device_name(state.device) if cuda else state.device.type,
         bf16_native=torch.cuda.is_bf16_supported() if cuda else cpu_computes_bf16(),
     )
+
+
+def _shared_run_dir(accelerator: Accelerator, run_dir: Path, wait_s: float = 10.0) -> bool:
+    """Whether every process sees the run directory the main process just wrote (one disk, or a
+    shared file system), asked once at the start. A process that does not see it yet looks again
+    for ``wait_s`` (a network file system may show a new file late) before the answer is no; then
+    the main node writes the run alone, and the start says that checkpoints resume only where every
+    node sees them."""
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + wait_s
+    while not (seen := (run_dir / CONFIG_FILE).is_file()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    shared = everyone(seen, accelerator.device)
+    if not shared:
+        accelerator.print(
+            f"The other nodes do not see {run_dir}: the main node writes the run alone (config, logs, "
+            f"checkpoints, weights). Resuming needs the run directory on a disk every node shares (docs/SCALE.md)."
+        )
+    return shared
 
 
 def _accelerator(cfg: Config, run_dir: Path) -> Accelerator:
@@ -371,7 +403,9 @@ def _stop_if_asked(run: Run, worst_run: int, stop_voted: bool, signum: int | Non
         raise NonFiniteTraining(_nonfinite_message(cfg, run_dir, worst_run, progress.step, epoch))
     if stop_voted:
         signum = signum or signal.SIGTERM  # another process got it
-        saved = save_checkpoint(t.accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch, progress.step)
+        saved = save_checkpoint(
+            t.accelerator, run_dir, cfg.train.keep_checkpoints, progress.epoch, progress.step, shared=run.shared
+        )
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name} at step {progress.step} (epoch {epoch}): the step finished and {saved} "
             f"was written. Resume with: twinview pretrain --resume {run_dir}",
