@@ -140,9 +140,11 @@ def first_decodable(
 
 def worker_init(_: int) -> None:
     """Keeps each decoding worker single-threaded so workers do not fight the training step, and
-    deaf to SIGTERM/SIGINT: launchers (torchrun, SLURM) and Ctrl-C signal the whole process group,
-    and a worker killed by it would crash the loop before it can checkpoint. The DataLoader stops
-    its workers itself (and they exit when the training process dies)."""
+    deaf to the stop signals (SIGTERM, SIGINT, SIGUSR1): launchers (torchrun, SLURM) and Ctrl-C signal
+    the whole process group, and a worker killed by one would crash the loop before it can
+    checkpoint. The DataLoader stops its workers itself (and they exit when the training process
+    dies)."""
     torch.set_num_threads(1)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -146,11 +146,13 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(image_folder: Path
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(
-    image_folder: Path, tmp_path: Path, wait_for_log_lines: Any
+    image_folder: Path, tmp_path: Path, wait_for_log_lines: Any, sig: signal.Signals
 ) -> None:
     """Launchers (torchrun, SLURM) and Ctrl-C signal every process of the group, DataLoader workers
-    included: the workers must not die of it before the loop has checkpointed."""
+    included (SLURM's SIGUSR1 warning too): the workers must not die of it before the loop has
+    checkpointed."""
     args = [
         f"data.path={image_folder}",
         f"train.output_dir={tmp_path}",
@@ -168,8 +170,8 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
     )
     metrics = tmp_path / "group" / "metrics.jsonl"
     wait_for_log_lines(metrics, 8)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     saved = checkpoints(tmp_path / "group")
     assert saved and "_step_" in saved[-1].name

@@ -1,7 +1,9 @@
-"""Past one machine, on one machine: two nodes on loopback (gloo) through the SLURM example's node
-launcher (``examples/slurm/node.sh``, unchanged), with ``accelerate launch`` and with ``torchrun``;
-a worker killed with ``kill -9`` under ``torchrun --max-restarts``; SLURM's SIGUSR1 warning and a
-requeue. Each ends with the weights of an uninterrupted 1 node x 2 processes run, bitwise.
+"""Past one machine, on one machine: two nodes on loopback (gloo) through the SLURM example
+(``examples/slurm/pretrain.sbatch`` with stand-ins for ``srun`` and ``scontrol``, and its node
+launcher ``examples/slurm/node.sh``, both unchanged), with ``accelerate launch`` and ``torchrun``; a
+worker killed with ``kill -9`` under ``torchrun --max-restarts``; SLURM's SIGUSR1 warning or a
+SIGTERM, then the requeued command. Each ends with the weights of an uninterrupted 1 node x 2
+processes run, bitwise.
 
 Each node runs in its own working directory with a relative ``train.output_dir``, as machines
 without a shared disk would: the run directory is written on global rank 0's node only.
@@ -32,7 +34,26 @@ pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="gloo launch and POSIX signals"),
 ]
 
-NODE_SH = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "node.sh"
+SLURM = Path(__file__).resolve().parents[2] / "examples" / "slurm"
+NODE_SH = SLURM / "node.sh"
+FAKE_SRUN = """#!/bin/bash
+# srun's stand-in: its command once per node, each in $FAKE_ROOT/node<i>, with SLURM_NODEID set
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do
+  (mkdir -p "$FAKE_ROOT/node$i" && cd "$FAKE_ROOT/node$i" && SLURM_NODEID=$i exec "$@") &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "$2" >> "$FAKE_ROOT/requeued" ;;
+esac
+"""
 NAME = "r"  # train.run_name: --resume auto needs one
 ARGS = [*SETUP, "train.batch_size=4", "train.output_dir=runs", f"train.run_name={NAME}"]
 
@@ -82,6 +103,28 @@ def _nodes(
             )
         )
     return started
+
+
+def _sbatch(args: list[str], root: Path) -> subprocess.Popen:
+    """``examples/slurm/pretrain.sbatch ARGS`` as SLURM would run it on 2 nodes, with stand-ins for
+    ``srun`` (each node in its own folder) and ``scontrol``."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(
+        PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        FAKE_ROOT=str(root),
+        NODE_SH=str(NODE_SH),
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="node[0-1]",
+        SLURM_JOB_ID="7",
+        MAIN_PORT=str(_free_port()),
+        PROCS_PER_NODE="1",
+    )
+    cmd = ["bash", str(SLURM / "pretrain.sbatch"), *args]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(started: list[subprocess.Popen], timeout: float = 300) -> list[str]:
@@ -137,14 +180,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory, data: dict[str, list[str
     return {kind: root / kind / "node0" / "runs" / NAME for kind in runs}
 
 
-@pytest.mark.parametrize(("launcher", "kind"), [("accelerate", "folder"), ("torchrun", "shards")])
+@pytest.mark.parametrize(("launcher", "kind"), [("sbatch", "folder"), ("torchrun", "shards")])
 def test_two_nodes_train_the_weights_of_one_node_with_two_processes(
     tmp_path: Path, data: dict[str, list[str]], reference: dict[str, Path], launcher: str, kind: str
 ) -> None:
     """2 nodes x 1 process = 1 node x 2 processes, bitwise: each node reads its own share (of the
-    folder, of the shards), and only global rank 0's node has a run directory."""
+    folder, of the shards), and only global rank 0's node has a run directory. ``sbatch``: the
+    SLURM example script itself (accelerate launch on each node), which requeues nothing after a
+    run that finished."""
     epochs = {"folder": 12, "shards": 2}[kind]
-    _finish(_nodes(2, 1, [*ARGS, *data[kind], f"train.epochs={epochs}"], tmp_path, launcher))
+    args = [*ARGS, *data[kind], f"train.epochs={epochs}"]
+    if launcher == "sbatch":
+        _finish([_sbatch(args, tmp_path)])
+        assert not (tmp_path / "requeued").exists()
+    else:
+        _finish(_nodes(2, 1, args, tmp_path, launcher))
     main = tmp_path / "node0" / "runs" / NAME
     _assert_same(_weights(main), _weights(reference[kind]))
     assert _steps(main) == _steps(reference[kind])
