@@ -1,32 +1,43 @@
 """WebDataset tar shards as a training stream, for data sets larger than one disk.
 
 ``data.path=/data/train-{000000..000999}.tar`` (or a glob, or one ``.tar``) names shards in the
-WebDataset layout: the files of one sample share a key (``000123.jpg``, ``000123.cls``). Each
-shard is read by the ``datasets`` webdataset builder in streaming mode; the image is the one image
-field (``data.image_column`` picks one of several), the label the ``.cls`` field if present.
+WebDataset layout: the files of one sample share a key (``000123.jpg``, ``000123.cls``); the image
+is the one image field (``data.image_column`` picks one of several), the label the ``.cls`` field
+if present.
+
+Training reads them with the ``webdataset`` package's tar iterator and key grouping
+(:class:`ShardStream`): ``datasets``' streaming builder, used before, cost ~240 us per sample in
+per-example feature encoding and thread hand-offs, which halved the images per second of 32 px
+shards against a folder (docs/BENCHMARKS.md); ``datasets`` still infers the fields and serves the
+evaluation's map-style reading (:func:`shard_rows`).
 
 * Each process reads only its own share of the shards (``files[rank::world]``, also when the
-  count does not divide); ``datasets`` deals a process's shards to its DataLoader workers,
-  shuffles their order every epoch and mixes samples in a buffer (:class:`DecodedStream`).
+  count does not divide), and each DataLoader worker a share of that (``[worker::workers]``); the
+  shard order and a buffer of :data:`SHUFFLE_BUFFER` samples are shuffled by a generator seeded
+  with the run's seed, the epoch and the worker, so a run is the same every time.
 * A sample whose image cannot be decoded is skipped and listed as ``shard.tar#key`` with its reason
   in ``skipped_files.txt``; so is a shard that cannot be read (a truncated tar keeps the samples
   before the damage), and the stream goes on with the next shard.
 * The stream has no end: the training loop cuts epochs of ``train.max_steps_per_epoch`` steps.
-
-Shards are read one at a time, each by its own webdataset builder (instead of one builder over
-all files), so that an unreadable shard ends only itself and not the whole stream.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import shuffle
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from twinview.pretrain.data.decode import BadImage
 from twinview.pretrain.data.folder import SkipLog
-from twinview.pretrain.data.hf import DecodedStream, pick_columns
+from twinview.pretrain.data.hf import SHUFFLE_BUFFER, pick_columns, to_square_rgb
+from twinview.pretrain.data.index import UNLABELED
 
 if TYPE_CHECKING:
     from twinview.pretrain.data.source import Source
@@ -99,7 +110,7 @@ def shard_rows(
 
 def shard_stream(
     source: Source, image_size: int, rank: int = 0, world: int = 1, seed: int = 0, skip_log: SkipLog | None = None
-) -> DecodedStream:
+) -> ShardStream:
     """This process's share of the shards as an endless stream of ``(uint8 (3,S,S), label)``.
 
     Args:
@@ -111,5 +122,91 @@ def shard_stream(
         skip_log: Where skipped samples and shards are listed.
     """
     mine = list(source.shards[rank::world])  # at least one per process: checked by twinview.pretrain.validate
-    rows, image, label = shard_rows(mine, source.image_column, source.label_column, skip_log)
-    return DecodedStream(rows, image, label, image_size, seed, skip_log, source.path)
+    return ShardStream(mine, source.image_column, source.label_column or None, image_size, f"{seed}/{rank}", skip_log)
+
+
+class ShardStream(IterableDataset):
+    """Some shards as an endless, seeded stream of decoded ``(uint8 (3,S,S), label)`` samples.
+
+    Each DataLoader worker reads ``shards[worker::workers]`` (a worker without a shard ends at
+    once); each pass over them takes a new shard order and buffer order, from a generator seeded
+    by ``(seed, epoch, worker)`` (``shard_stream`` makes the seed ``"SEED/RANK"``).
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        image_field: str,
+        label_field: str | None,
+        image_size: int,
+        seed: str,
+        skip_log: SkipLog | None,
+        buffer: int = SHUFFLE_BUFFER,
+    ) -> None:
+        """Args:
+        shards: The shard files this process reads.
+        image_field: The image's file extension in a sample (``jpg``, ``png``, ...).
+        label_field: The label's (``cls``), or None.
+        image_size: Side of the returned square images.
+        seed: Shuffling seed (the epoch and the worker are added to it).
+        skip_log: Where skipped samples and shards are listed.
+        buffer: Samples mixed across the shards being read.
+        """
+        self.shards, self.image_field, self.label_field = shards, image_field, label_field
+        self.image_size, self.seed, self.skip_log, self.buffer = image_size, seed, skip_log, buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.shards[worker::workers]
+        epoch = self.epoch
+        while mine:  # the training loop cuts epochs with train.max_steps_per_epoch
+            rng = random.Random(f"{self.seed}/{epoch}/{worker}")  # a str seed: the same in every process
+            samples = self._samples(rng.sample(mine, len(mine)))
+            for sample in shuffle(self.buffer, initial=self.buffer, rng=rng)(samples):
+                try:
+                    image = to_square_rgb({"bytes": sample[self.image_field]}, self.image_size)
+                except (BadImage, KeyError) as err:
+                    if self.skip_log is not None:
+                        self.skip_log.record(Path(f"{sample['__url__']}#{sample['__key__']}"), str(err))
+                    continue
+                label = sample.get(self.label_field) if self.label_field else None
+                yield image, UNLABELED if label is None else int(label)
+            epoch += 1
+
+    def _samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        """The samples of the shards in turn, each a dict of raw fields plus ``__key__`` and
+        ``__url__``; a shard that fails keeps the samples before the damage and is listed."""
+        for shard in shards:
+            failed: list[Exception] = []
+            read = 0
+            try:
+                with open(shard, "rb") as f:
+                    for sample in group_by_keys(_members(f, shard, failed)):
+                        read += 1
+                        yield sample
+            except OSError as err:  # cannot be opened
+                failed.append(err)
+            if failed and self.skip_log is not None:
+                err = failed[0]
+                self.skip_log.record(Path(shard), f"shard unreadable after {read} samples: {type(err).__name__}: {err}")
+
+
+def _members(f: Any, url: str, failed: list[Exception]) -> Iterator[dict[str, Any]]:
+    """A tar's files as ``webdataset`` members, ending (not raising) where the tar is damaged, so
+    that the key grouping still hands over the last whole sample; the error goes to ``failed``."""
+    files = tar_file_iterator(f)
+    while True:
+        try:
+            member = next(files)
+        except StopIteration:
+            return
+        except Exception as err:  # a truncated or corrupt tar
+            failed.append(err)
+            return
+        member["__url__"] = url
+        yield member
