@@ -23,11 +23,13 @@ from twinview.evaluate.dataset import LabelledImages
 
 
 def quiet_worker(_: int) -> None:
-    """DataLoader ``worker_init_fn``: one thread per decoding worker, and deaf to SIGTERM/SIGINT
-    (launchers and Ctrl-C signal the whole process group; the DataLoader stops its workers itself)."""
+    """DataLoader ``worker_init_fn``: one thread per decoding worker, and deaf to the stop signals
+    (SIGTERM, SIGINT, SLURM's SIGUSR1: launchers and Ctrl-C signal the whole process group; the
+    DataLoader stops its workers itself)."""
     torch.set_num_threads(1)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def state_checksum(module: nn.Module) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -450,8 +451,11 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    """Writes the resolved config (every key, defaults included) to ``path``."""
-    path.write_text(to_yaml(cfg))
+    """Writes the resolved config (every key, defaults included) to ``path``, atomically: a process
+    killed while writing leaves the previous file (a resumed run rewrites it)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(to_yaml(cfg))
+    os.replace(partial, path)
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

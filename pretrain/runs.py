@@ -11,6 +11,7 @@ A run directory holds::
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import time
@@ -100,11 +101,14 @@ class AutoStart:
         run_dir: ``train.output_dir / train.run_name``.
         resume: Whether it holds a run to continue (else it was made ready for a new one).
         finished: Whether that run already wrote its final weights after its last epoch.
+        saved_yaml: The run's saved config.yaml when it continues (read by the main process, so
+            that every process continues with the same settings).
     """
 
     run_dir: Path
     resume: bool
     finished: bool = False
+    saved_yaml: str = ""
 
 
 def auto_run_dir(cfg: Config) -> AutoStart:
@@ -114,12 +118,19 @@ def auto_run_dir(cfg: Config) -> AutoStart:
 
     Raises:
         ConfigError: If the directory holds a run whose saved settings differ from ``cfg``'s (each
-            differing key named, with both values).
+            differing key named, with both values), or whose config.yaml cannot be read.
     """
     run_dir = Path(cfg.train.output_dir).expanduser() / cfg.train.run_name
     if not holds_run(run_dir):
         return AutoStart(new_run_dir(cfg), resume=False)
-    saved = load_run_config(run_dir)
+    try:
+        text = (run_dir / CONFIG_FILE).read_text()
+        saved = load_run_config(run_dir)
+    except Exception as err:  # missing, damaged by hand, or a setting this version no longer knows
+        raise ConfigError(
+            f"train.resume=auto: '{run_dir}' holds checkpoints but its {CONFIG_FILE} cannot be read "
+            f"({type(err).__name__}: {err}). Repair it, or choose another train.run_name."
+        ) from None
     differ = settings_differ(saved, cfg)
     if differ:
         raise ConfigError(
@@ -129,7 +140,18 @@ def auto_run_dir(cfg: Config) -> AutoStart:
         )
     found = checkpoints(run_dir)
     ended = bool(found) and found[-1] == checkpoint_path(run_dir, saved.train.epochs)
-    return AutoStart(run_dir, resume=True, finished=ended and (run_dir / WEIGHTS_FILE).is_file())
+    return AutoStart(run_dir, resume=True, finished=ended and _readable_weights(run_dir), saved_yaml=text)
+
+
+def _readable_weights(run_dir: Path) -> bool:
+    """Whether the run's final weights file exists and its header reads."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(run_dir) / WEIGHTS_FILE), framework="pt") as f:
+            return bool(list(f.keys()))
+    except Exception:
+        return False
 
 
 def shared_auto_run_dir(cfg: Config) -> AutoStart:
@@ -137,18 +159,45 @@ def shared_auto_run_dir(cfg: Config) -> AutoStart:
     return _on_main_shared(cfg, lambda: auto_run_dir(cfg))
 
 
+# Settings that do not change what a run computes: a continued run may differ in them.
+_NOT_COMPARED = {
+    "train.resume",
+    "train.log_every",
+    "train.log_with",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.num_workers",
+    "data.strict",
+}
+_PATHS = {"data.path", "train.output_dir"}
+
+
 def settings_differ(saved: Config, wanted: Config) -> list[str]:
     """``key: saved -> wanted`` for every setting of ``wanted`` that a run saved differently.
 
-    ``train.resume`` is left out, and so is every key ``wanted`` leaves as ``auto``: the run
-    resolved those when it started (the image size, the precision) and saved the result.
+    Left out: every key ``wanted`` leaves as ``auto`` (the run resolved those when it started, e.g.
+    the image size and the precision, and saved the result), ``train.resume``, and settings that do
+    not change what the run computes (logging, checkpoint cadence, loader workers, ``eval.*``). Local paths are
+    compared resolved (``runs`` = ``./runs`` = its absolute path).
     """
     a, b = _flat(as_dict(saved)), _flat(as_dict(wanted))
     return [
         f"{key}: {a.get(key)!r} -> {value!r}"
         for key, value in b.items()
-        if key != "train.resume" and value != "auto" and a.get(key) != value
+        if key not in _NOT_COMPARED
+        and not key.startswith("eval.")  # evaluation and the kNN monitor: they change no weight
+        and value != "auto"
+        and _normal(key, a.get(key)) != _normal(key, value)
     ]
+
+
+def _normal(key: str, value: object) -> object:
+    """A local path resolved (a URL, glob or ``hf:`` name as written); anything else as it is."""
+    if key in _PATHS and isinstance(value, str) and value and ":" not in value:
+        return str(Path(value).expanduser().resolve())
+    if key == "objective.plugins" and isinstance(value, list):
+        return [_normal("data.path", v) if str(v).endswith(".py") else v for v in value]
+    return value
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -163,7 +212,9 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def _on_main_shared(cfg: Config, make: Callable[[], T]) -> T:
     """``make()`` on the main process (it creates or reads the run directory), its result or its
-    error shared with every launched process."""
+    error shared with every launched process (an error that cannot be pickled as its text)."""
+    import pickle
+
     from accelerate.state import PartialState
 
     from twinview.pretrain.distributed import use_cpu
@@ -175,8 +226,12 @@ def _on_main_shared(cfg: Config, make: Callable[[], T]) -> T:
     if state.is_main_process:
         try:
             outcome[0] = make()
-        except (FileExistsError, OSError, ConfigError) as err:
-            outcome[0] = err
+        except Exception as err:
+            try:
+                pickle.dumps(err)
+                outcome[0] = err
+            except Exception:
+                outcome[0] = RuntimeError(f"{type(err).__name__}: {err}")
     torch.distributed.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], Exception):
         raise outcome[0]
@@ -240,8 +295,11 @@ def load_trained_model(run_dir: Path) -> tuple[Config, ContrastiveModel]:
 
 
 def save_weights(model: torch.nn.Module, run_dir: Path) -> Path:
-    """Writes the model's state dict as the run's final ``model.safetensors``."""
+    """Writes the model's state dict as the run's final ``model.safetensors``, atomically: a process
+    killed while writing leaves no weights file, so the run does not look finished."""
     path = Path(run_dir) / WEIGHTS_FILE
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    partial = path.with_name(path.name + ".partial")
+    save_file(state, str(partial))
+    os.replace(partial, path)
     return path

@@ -7,11 +7,13 @@ corrected command simply runs; an interrupted run says how to resume.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from twinview.pretrain.app.model import is_main_process, main_print
-from twinview.pretrain.config import ConfigError, load_config
+from twinview.pretrain.config import Config, ConfigError, load_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from twinview.pretrain.engine.step_guard import NonFiniteTraining
     from twinview.pretrain.engine.train import TrainingInterrupted, train
-    from twinview.pretrain.runs import discard_unstarted, load_run_config, new_shared_run_dir, shared_auto_run_dir
+    from twinview.pretrain.runs import discard_unstarted, new_shared_run_dir, shared_auto_run_dir
 
     auto = args.resume == "auto"
     given = Path(args.resume) if args.resume and not auto else None  # --resume RUN_DIR
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [*plugin_overrides(plugins), *args.overrides, *(["train.resume=auto"] if auto else [])]
     try:
         if given is not None:
-            run_dir, cfg, resume = given, load_run_config(given, overrides), True
+            run_dir, cfg, resume = given, _run_config(given, overrides), True
         else:
             cfg = load_config(args.config, overrides)
             if cfg.train.resume == "auto":  # the same command starts the run and continues it after a restart
@@ -42,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
                     main_print(f"{start.run_dir} has finished all {cfg.train.epochs} epochs; nothing to do.")
                     return 0
                 run_dir, resume = start.run_dir, start.resume
-                if resume:  # as saved: the image size and precision it resolved at its start
-                    cfg = load_run_config(run_dir, plugin_overrides(plugins))
+                if resume:  # as saved (the image size and precision it resolved), read by the main process
+                    cfg = _config_from_yaml(start.saved_yaml, plugin_overrides(plugins))
                     main_print(f"Continuing {run_dir} (train.resume=auto).")
             else:
                 run_dir, resume = new_shared_run_dir(cfg, overwrite=args.overwrite), False  # one for all processes
@@ -65,6 +67,29 @@ def run(args: argparse.Namespace) -> int:
         return 3
     main_print(f"Done. Run directory: {run_dir}")
     return 0
+
+
+def _run_config(run_dir: Path, overrides: list[str]) -> Config:
+    """A run's saved config; where it is missing on one of several launched processes, the error
+    says that every machine must see the run directory."""
+    from twinview.pretrain.runs import load_run_config
+
+    try:
+        return load_run_config(run_dir, overrides)
+    except FileNotFoundError as err:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FileNotFoundError(
+                f"{err} Several machines resume a run only from a disk they all see (docs/SCALE.md)."
+            ) from None
+        raise
+
+
+def _config_from_yaml(text: str, overrides: list[str]) -> Config:
+    """A config from the text of a saved config.yaml (plus overrides)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        return load_config(path, overrides)
 
 
 def _saved_plugins(run_dir: Path) -> list[str]:

@@ -192,8 +192,9 @@ class ShardStream(IterableDataset):
             except OSError as err:  # cannot be opened
                 failed.append(err)
             if failed and self.skip_log is not None:
-                err = failed[0]
-                self.skip_log.record(Path(shard), f"shard unreadable after {read} samples: {type(err).__name__}: {err}")
+                first = failed[0]
+                reason = f"shard unreadable after {read} samples: {type(first).__name__}: {first}"
+                self.skip_log.record(Path(shard), reason)
 
 
 def _members(f: Any, url: str, failed: list[Exception]) -> Iterator[dict[str, Any]]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
+from twinview.pretrain.distributed import everyone
 from twinview.pretrain.engine.step_guard import StepGuard
-from twinview.pretrain.runs import checkpoint_path, checkpoints
+from twinview.pretrain.runs import CHECKPOINT_DIR, checkpoint_path, checkpoints
 
 
 @dataclass
@@ -68,14 +71,36 @@ def save_checkpoint(
 
 
 def load_latest(accelerator: Accelerator, run_dir: Path) -> Path:
-    """Loads the newest checkpoint that loads; a corrupt one is reported and the previous one used."""
-    found = checkpoints(run_dir)
-    for candidate in reversed(found):
+    """Loads the newest checkpoint that loads on every process; a corrupt one is reported and the
+    previous one used.
+
+    The main process lists the checkpoints and every process tries the same one (a network file
+    system may show another process an older listing for a while), waiting up to ``_VISIBLE_S``
+    for it to appear; all move to the previous one together if any process cannot load it.
+    """
+    names = [p.name for p in checkpoints(run_dir)]
+    if accelerator.num_processes > 1:
+        shared: list[object] = [names]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        names = list(shared[0])  # type: ignore[call-overload]
+    for name in reversed(names):
+        candidate = Path(run_dir) / CHECKPOINT_DIR / name
+        deadline = time.monotonic() + _VISIBLE_S
+        while not candidate.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        error = None
         try:
             accelerator.load_state(str(candidate))
-            return candidate
         except Exception as err:
-            accelerator.print(
-                f"Checkpoint {candidate} cannot be loaded ({type(err).__name__}: {err}); trying an older one."
-            )
-    raise FileNotFoundError(f"--resume: none of the {len(found)} checkpoints of '{run_dir}' could be loaded.")
+            error = err
+        if everyone(error is None, accelerator.device):
+            return candidate
+        accelerator.print(
+            f"Checkpoint {candidate} cannot be loaded"
+            + (f" ({type(error).__name__}: {error})" if error is not None else " on another process")
+            + "; trying an older one."
+        )
+    raise FileNotFoundError(f"--resume: none of the {len(names)} checkpoints of '{run_dir}' could be loaded.")
+
+
+_VISIBLE_S = 30.0  # how long a process waits for a checkpoint the main process listed

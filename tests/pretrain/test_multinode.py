@@ -109,7 +109,7 @@ def _sbatch(args: list[str], root: Path) -> subprocess.Popen:
     """``examples/slurm/pretrain.sbatch ARGS`` as SLURM would run it on 2 nodes, with stand-ins for
     ``srun`` (each node in its own folder) and ``scontrol``."""
     bin_dir = root / "bin"
-    bin_dir.mkdir(parents=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -180,25 +180,46 @@ def reference(tmp_path_factory: pytest.TempPathFactory, data: dict[str, list[str
     return {kind: root / kind / "node0" / "runs" / NAME for kind in runs}
 
 
-@pytest.mark.parametrize(("launcher", "kind"), [("sbatch", "folder"), ("torchrun", "shards")])
 def test_two_nodes_train_the_weights_of_one_node_with_two_processes(
-    tmp_path: Path, data: dict[str, list[str]], reference: dict[str, Path], launcher: str, kind: str
+    tmp_path: Path, data: dict[str, list[str]], reference: dict[str, Path]
 ) -> None:
-    """2 nodes x 1 process = 1 node x 2 processes, bitwise: each node reads its own share (of the
-    folder, of the shards), and only global rank 0's node has a run directory. ``sbatch``: the
-    SLURM example script itself (accelerate launch on each node), which requeues nothing after a
-    run that finished."""
-    epochs = {"folder": 12, "shards": 2}[kind]
-    args = [*ARGS, *data[kind], f"train.epochs={epochs}"]
-    if launcher == "sbatch":
-        _finish([_sbatch(args, tmp_path)])
-        assert not (tmp_path / "requeued").exists()
-    else:
-        _finish(_nodes(2, 1, args, tmp_path, launcher))
+    """``torchrun`` on shards: 2 nodes x 1 process = 1 node x 2 processes, bitwise (each node reads
+    its own share), and only global rank 0's node has a run directory."""
+    _finish(_nodes(2, 1, [*ARGS, *data["shards"], "train.epochs=2"], tmp_path, "torchrun"))
     main = tmp_path / "node0" / "runs" / NAME
-    _assert_same(_weights(main), _weights(reference[kind]))
-    assert _steps(main) == _steps(reference[kind])
+    _assert_same(_weights(main), _weights(reference["shards"]))
+    assert _steps(main) == _steps(reference["shards"])
     assert not (tmp_path / "node1" / "runs").exists()  # node 1 wrote nothing: no config, logs or checkpoints
+
+
+def test_the_slurm_script_on_two_nodes_stops_at_its_warning_requeues_and_continues(
+    tmp_path: Path, data: dict[str, list[str]], reference: dict[str, Path], wait_for_log_lines: object
+) -> None:
+    """``examples/slurm/pretrain.sbatch`` on 2 nodes x 1 process (``accelerate launch``, a folder,
+    the run directory on a disk both nodes see): SLURM's SIGUSR1 warning to each node's launcher
+    stops both processes after the same step with a checkpoint, the script requeues the job, and
+    the requeued job's run ends with the weights of an uninterrupted 1 node x 2 processes run,
+    bitwise."""
+    args = [*ARGS, *data["folder"], "train.epochs=12", f"train.output_dir={tmp_path / 'shared'}"]
+    job = _sbatch(args, tmp_path)
+    run_dir = tmp_path / "shared" / NAME
+    assert callable(wait_for_log_lines)
+    wait_for_log_lines(run_dir / "metrics.jsonl", 6)
+    launchers = [p for p in psutil.Process(job.pid).children(recursive=True) if "--machine_rank" in p.cmdline()]
+    assert len(launchers) == 2
+    for launcher in launchers:  # as SLURM signals the job step: the launchers must pass it on
+        launcher.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=180)
+    assert job.returncode != 0 and err.count("interrupted by SIGUSR1") == 2, err[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["7"]  # scontrol requeue $SLURM_JOB_ID
+    assert "_step_" in checkpoints(run_dir)[-1].name
+
+    requeued = _sbatch(args, tmp_path)
+    out, err = requeued.communicate(timeout=300)
+    assert requeued.returncode == 0, err[-3000:]
+    assert "Continuing" in out and (tmp_path / "requeued").read_text().split() == ["7"]  # not requeued again
+    _assert_same(_weights(run_dir), _weights(reference["folder"]))
+    assert _steps(run_dir) == _steps(reference["folder"])
 
 
 def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_resumes_exactly(
@@ -224,8 +245,8 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_resumes_exactly(
 
 @pytest.mark.parametrize(
     ("launcher", "sig"),
-    [("accelerate", signal.SIGUSR1), ("torchrun", signal.SIGUSR1), ("accelerate", signal.SIGTERM)],
-    ids=["accelerate-SIGUSR1", "torchrun-SIGUSR1", "accelerate-SIGTERM"],
+    [("torchrun", signal.SIGUSR1), ("accelerate", signal.SIGTERM)],
+    ids=["torchrun-SIGUSR1", "accelerate-SIGTERM"],
 )
 def test_a_stop_signal_checkpoints_and_the_requeued_job_continues(
     tmp_path: Path,
@@ -236,15 +257,15 @@ def test_a_stop_signal_checkpoints_and_the_requeued_job_continues(
     sig: signal.Signals,
 ) -> None:
     """SIGUSR1 (SLURM's ``--signal=USR1@...`` warning) or SIGTERM (preemption, Kubernetes, scancel)
-    to the job step: node.sh or the launcher passes it on, the processes agree on a step, checkpoint
-    it and exit; the same command again (the requeued job) continues to the uninterrupted run's
-    weights, bitwise, every step logged once."""
+    to the launcher: it passes it on, the processes agree on a step, checkpoint it and exit; the
+    same command again (a restarted job) continues to the uninterrupted run's weights, bitwise,
+    every step logged once."""
     args = [*ARGS, *data["folder"], "train.epochs=12"]
     [step] = _nodes(1, 2, args, tmp_path, launcher)
     run_dir = tmp_path / "node0" / "runs" / NAME
     assert callable(wait_for_log_lines)
     wait_for_log_lines(run_dir / "metrics.jsonl", 6)
-    os.killpg(step.pid, sig)
+    os.kill(step.pid, sig)  # the launcher alone (node.sh execs it): it must pass the signal on
     _, err = step.communicate(timeout=180)
     assert step.returncode != 0  # stopped early: the sbatch script requeues the job
     assert err.count(f"interrupted by {sig.name}") == 2, err[-3000:]  # both processes, at the same step
