@@ -41,12 +41,18 @@ class DuplicatePair:
         b: Index of the second image.
         similarity: Cosine similarity of their embeddings.
         exact: The two files have the same bytes (set by :func:`mark_exact`).
+        rule: What found the pair, ``+``-joined in this order: ``hash`` (perceptual hashes within
+            a few bits), ``cosine`` (embeddings at or above the threshold), ``relative`` (mutual
+            nearest neighbours far closer than either's other neighbours).
+        hash_distance: Bits between their perceptual hashes (-1: not hashed).
     """
 
     a: int
     b: int
     similarity: float
     exact: bool = False
+    rule: str = "cosine"
+    hash_distance: int = -1
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,75 @@ def near_duplicates(
     ]
 
 
+RELATIVE_K = 10  # neighbours whose median is an image's typical neighbour similarity
+RELATIVE_GAP = 0.2  # how far above both images' typical neighbour similarity a relative pair stands
+RULES = ("hash", "cosine", "relative")
+
+
+def relative_duplicates(
+    features: torch.Tensor, gap: float = RELATIVE_GAP, k: int = RELATIVE_K, chunk: int | None = None
+) -> list[DuplicatePair]:
+    """Pairs of mutual nearest neighbours whose similarity stands far above each one's typical
+    neighbour similarity: a copy's cosine to its original depends on how well the model was
+    trained, but it stands out from the image's other neighbours either way.
+
+    For image ``i`` with nearest other image ``j`` (cosine ``s``), the pair is reported when ``i``
+    is also ``j``'s nearest and ``s - t >= gap`` for both, ``t`` being the median cosine of the
+    image's 2nd to ``k+1``-th nearest others.
+
+    Args:
+        features: ``(N, D)`` embeddings (``N >= 3``; fewer: no pairs).
+        gap: The least margin over both typical similarities.
+        k: Neighbours behind the nearest that give the typical similarity.
+        chunk: Rows per block of the search (see :func:`_others_topk`).
+
+    Returns:
+        The pairs, ``a < b``, most similar first, ``rule="relative"``.
+    """
+    n = features.shape[0]
+    if n < 3:
+        return []
+    x = F.normalize(features.float(), dim=1)  # (N, D)
+    idx, sim = _others_topk(x, torch.arange(n, device=x.device), min(k + 1, n - 1), chunk)  # (N, k+1)
+    nearest, best = idx[:, 0], sim[:, 0]  # (N,)
+    typical = sim[:, 1:].median(dim=1).values  # (N,)
+    rows = torch.arange(n, device=x.device)
+    mutual = (nearest[nearest] == rows) & (rows < nearest)  # each pair once, from its smaller index
+    stands_out = (best - typical >= gap) & (best - typical[nearest] >= gap)
+    keep = (mutual & stands_out).nonzero().flatten()
+    order = best[keep].sort(descending=True, stable=True).indices
+    keep = keep[order].cpu()
+    return [DuplicatePair(int(i), int(nearest[i]), float(best[i]), rule="relative") for i in keep.tolist()]
+
+
+def merge_pairs(features: torch.Tensor, *found: Sequence[DuplicatePair]) -> list[DuplicatePair]:
+    """One pair per image pair from several rules: the rules joined, the hash distance kept, the
+    cosine of the (normalised) embeddings filled in where a rule had none; most similar first.
+
+    Args:
+        features: ``(N, D)`` embeddings, for the cosine of pairs found by hashes alone.
+        found: Pair lists of the rules (``rule`` and, for hashes, ``hash_distance`` set).
+    """
+    merged: dict[tuple[int, int], DuplicatePair] = {}
+    for pairs in found:
+        for p in pairs:
+            key = (p.a, p.b)
+            if key not in merged:
+                merged[key] = p
+                continue
+            q = merged[key]
+            rules = sorted(set(q.rule.split("+")) | set(p.rule.split("+")), key=RULES.index)
+            merged[key] = replace(
+                q,
+                rule="+".join(rules),
+                similarity=max(q.similarity, p.similarity),
+                hash_distance=max(q.hash_distance, p.hash_distance),
+            )
+    x = F.normalize(features.float(), dim=1)
+    out = [replace(p, similarity=float(x[p.a] @ x[p.b])) if math.isnan(p.similarity) else p for p in merged.values()]
+    return sorted(out, key=lambda p: (-p.similarity, p.a, p.b))
+
+
 def mark_exact(pairs: Sequence[DuplicatePair], digest: Callable[[int], str]) -> list[DuplicatePair]:
     """The pairs with ``exact=True`` where both items have the same digest.
 
@@ -168,7 +243,7 @@ def file_digest(path: str | Path) -> str:
 
 
 def write_duplicates_csv(pairs: Sequence[DuplicatePair], names: Sequence[str], path: str | Path) -> Path:
-    """Writes the pairs as CSV: ``path_a,path_b,similarity,exact``.
+    """Writes the pairs as CSV: ``path_a,path_b,similarity,exact,rule,hash_distance``.
 
     Args:
         pairs: The pairs, written in their order.
@@ -176,14 +251,26 @@ def write_duplicates_csv(pairs: Sequence[DuplicatePair], names: Sequence[str], p
         path: The CSV file (its folder is created).
 
     Returns:
-        ``path``. Similarities have 4 decimals; ``exact`` is ``true`` or ``false``.
+        ``path``. Similarities have 4 decimals; ``exact`` is ``true`` or ``false``; ``rule`` says
+        which rules found the pair (see :class:`DuplicatePair`); ``hash_distance`` is empty where
+        the images were not hashed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path_a", "path_b", "similarity", "exact"])
-        writer.writerows([names[p.a], names[p.b], f"{p.similarity:.4f}", "true" if p.exact else "false"] for p in pairs)
+        writer.writerow(["path_a", "path_b", "similarity", "exact", "rule", "hash_distance"])
+        writer.writerows(
+            [
+                names[p.a],
+                names[p.b],
+                f"{p.similarity:.4f}",
+                "true" if p.exact else "false",
+                p.rule,
+                "" if p.hash_distance < 0 else p.hash_distance,
+            ]
+            for p in pairs
+        )
     return path
 
 

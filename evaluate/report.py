@@ -238,7 +238,7 @@ def duplicates_section(dup: DuplicatePairs, source: str, plots: Mapping[str, Pat
         for a, b, sim, exact in dup.top
     )
     if dup.pairs == 0:
-        notes: tuple[str, ...] = ("No pair of images is above the threshold.",)
+        notes: tuple[str, ...] = ("No pair of images was found by any rule.",)
     elif dup.pairs > len(dup.top):
         notes = (f"The {len(dup.top)} most similar of {dup.pairs} pairs; the CSV lists them all.",)
     else:
@@ -250,17 +250,33 @@ def duplicates_section(dup: DuplicatePairs, source: str, plots: Mapping[str, Pat
         )
     if dup.warning:
         notes += (f"{WARNING_PREFIX}{dup.warning}.",)
+    rules = dict(dup.by_rule)
+    found_by = [f"embeddings at or above the cosine threshold ({dup.threshold:g})"]
+    if dup.relative_gap > 0:
+        found_by.append(
+            f"mutual nearest neighbours whose cosine stands {dup.relative_gap:g} above both images' typical "
+            "neighbour cosine (which depends less on how long the model trained)"
+        )
+    if dup.hash_max_distance >= 0:
+        found_by.append(
+            f"perceptual hashes (pHash of the image and of its mirror) within {dup.hash_max_distance} of 64 "
+            "bits (which do not depend on the model at all)"
+        )
+    if len(found_by) > 1:
+        notes += ("A pair is found by any of these rules (the CSV's rule column): " + "; ".join(found_by) + ".",)
     return Section(
         title="Near-duplicates",
         metrics=(
-            ("cosine threshold", f"{dup.threshold:g}"),
-            ("pairs above it", str(dup.pairs)),
+            ("pairs", str(dup.pairs)),
+            ("by perceptual hash", str(rules.get("hash", 0)) if dup.hash_max_distance >= 0 else "not hashed"),
+            (f"by cosine >= {dup.threshold:g}", str(rules.get("cosine", dup.pairs))),
+            ("by standing out from neighbours", str(rules.get("relative", 0)) if dup.relative_gap > 0 else "not used"),
             ("exact copies (same bytes)", str(dup.exact)),
         ),
         tables=(Table(("image A", "image B", "cosine", "exact copy"), rows),) if rows else (),
         notes=notes,
         figures=_figures(plots, ["duplicates"]),
-        files=((Path(dup.csv), "every pair above the threshold"),) if dup.csv else (),
+        files=((Path(dup.csv), "every pair found"),) if dup.csv else (),
     )
 
 

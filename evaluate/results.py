@@ -164,6 +164,12 @@ class DuplicatePairs:
         top: The most similar pairs: ``(image A, image B, cosine, exact copy)``.
         mirror_invariant: Compared through mirror-invariant embeddings (a mirrored copy is found).
         warning: Why many pairs may be look-alikes rather than copies ("" when none).
+        hash_max_distance: Perceptual hashes (of the image and its mirror) within this many bits of
+            64 also make a pair (-1: not hashed).
+        relative_gap: Mutual nearest neighbours this far above both images' typical neighbour
+            cosine also make a pair (0: not used).
+        by_rule: Pairs per rule that found them (``hash``, ``cosine``, ``relative``; a pair found
+            by several counts for each).
     """
 
     threshold: float
@@ -173,6 +179,9 @@ class DuplicatePairs:
     top: tuple[tuple[str, str, float, bool], ...]
     mirror_invariant: bool = False
     warning: str = ""
+    hash_max_distance: int = -1
+    relative_gap: float = 0.0
+    by_rule: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

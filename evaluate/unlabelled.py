@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,16 +26,22 @@ from twinview.evaluate.dataset import LabelledImages, LabelledSubset
 from twinview.evaluate.embedding_file import EmbeddingRows
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
+    RELATIVE_GAP,
+    RULES,
+    DuplicatePair,
     cluster,
     file_digest,
     mark_exact,
+    merge_pairs,
     near_duplicates,
     pairwise_cosines,
+    relative_duplicates,
     self_neighbours,
     similarity_stats,
     write_clusters_csv,
     write_duplicates_csv,
 )
+from twinview.evaluate.perceptual import MAX_DISTANCE, dataset_hashes, hash_pairs
 from twinview.evaluate.results import ClusterSizes, Diagnostics, DuplicatePairs, LabelFreeResult
 from twinview.evaluate.run import feature_diagnostics, view_alignment
 
@@ -73,6 +80,7 @@ def evaluate_unlabelled(
     training_log: Path | None = None,
     seed: int = 0,
     mirrored: torch.Tensor | None = None,
+    hash_workers: int = 2,
 ) -> LabelFreeResult:
     """Scores and draws the embeddings of one source without labels.
 
@@ -90,6 +98,9 @@ def evaluate_unlabelled(
         mirrored: ``(N, D)`` embeddings of the mirror images (same rows) by the trained backbone:
             near-duplicates are then searched with :func:`mirror_invariant` embeddings, so that a
             mirrored copy is found too.
+        hash_workers: DataLoader workers that decode every image once more for its perceptual
+            hash (and its mirror's), which finds near-exact copies whatever the model learnt; -1
+            leaves hashes out.
 
     Returns:
         The :class:`~twinview.evaluate.results.LabelFreeResult`.
@@ -112,7 +123,10 @@ def evaluate_unlabelled(
     backbones = {e.name: diagnostics(e.rows.embeddings, view_alignment(e.embedder, good, augment)) for e in embedded}
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
-    duplicates, drawn = duplicates_section(copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir)
+    hashes = dataset_hashes(good, workers=hash_workers) if hash_workers >= 0 else None  # -1: no hashes
+    duplicates, drawn = duplicates_section(
+        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, hashes
+    )
     similarity = backbones[trained.name].similarity
     typical = similarity.nn_cosine.p50 if similarity is not None else 0.0
     warning = ""
@@ -181,15 +195,23 @@ def duplicates_section(
     out_dir: Path,
     threshold: float,
     plots_dir: Path,
+    hashes: np.ndarray | None = None,
 ) -> tuple[DuplicatePairs, str]:
-    """Near-duplicate pairs above ``threshold`` (byte copies flagged) to ``duplicates.csv``, and their grid.
+    """Near-duplicate pairs (byte copies flagged) to ``duplicates.csv``, and their grid: embeddings
+    at or above ``threshold``, mutual nearest neighbours that stand out
+    (:func:`~twinview.evaluate.label_free.relative_duplicates`), and, given ``hashes``, perceptual
+    hashes within :data:`~twinview.evaluate.perceptual.MAX_DISTANCE` bits.
 
     Returns:
         The section of the result, and the grid's PNG file.
     """
     from twinview.evaluate import plots
 
-    found = near_duplicates(features, threshold)
+    by_hash = [
+        DuplicatePair(p.a, p.b, float("nan"), rule="hash", hash_distance=p.distance)
+        for p in (hash_pairs(hashes) if hashes is not None else [])
+    ]
+    found = merge_pairs(features, by_hash, near_duplicates(features, threshold), relative_duplicates(features))
     pairs = mark_exact(found, lambda i: content_digest(names[i], image, i))
     csv_path = write_duplicates_csv(pairs, names, Path(out_dir) / "duplicates.csv")
     shown = pairs[:DUPLICATES_SHOWN]
@@ -198,11 +220,21 @@ def duplicates_section(
         [p.similarity for p in shown],
         [p.exact for p in shown],
         plots_dir / "duplicates.png",
-        f"{len(pairs)} near-duplicate pairs at cosine >= {threshold:g}"
-        + (f" (the {len(shown)} most similar)" if len(pairs) > len(shown) else ""),
+        f"{len(pairs)} near-duplicate pairs" + (f" (the {len(shown)} most similar)" if len(pairs) > len(shown) else ""),
     )
     top = tuple((names[p.a], names[p.b], p.similarity, p.exact) for p in pairs[:TOP_PAIRS])
-    return DuplicatePairs(threshold, len(pairs), sum(p.exact for p in pairs), str(csv_path), top), str(grid)
+    counts = tuple((rule, sum(rule in p.rule.split("+") for p in pairs)) for rule in RULES)
+    result = DuplicatePairs(
+        threshold,
+        len(pairs),
+        sum(p.exact for p in pairs),
+        str(csv_path),
+        top,
+        hash_max_distance=MAX_DISTANCE if hashes is not None else -1,
+        relative_gap=RELATIVE_GAP,
+        by_rule=counts,
+    )
+    return result, str(grid)
 
 
 def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int) -> str:

@@ -186,6 +186,7 @@ def evaluate_label_free(
         training_log=model.training_log if training_curves else None,
         seed=model.cfg.train.seed,
         mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
+        hash_workers=model.cfg.data.num_workers,
     )
     return dataclasses.replace(result, skipped_list=str(skipped) if skipped.is_file() else "")
 
@@ -290,7 +291,8 @@ def print_label_free(result: LabelFreeResult) -> None:
     dup = result.duplicates
     if dup.warning:
         print(f"warning: {dup.warning}")
+    rules = ", ".join(f"{n} by {rule}" for rule, n in dup.by_rule)
     print(
-        f"near-duplicates at cosine >= {dup.threshold:g}: {dup.pairs} pair(s), {dup.exact} exact "
+        f"near-duplicates: {dup.pairs} pair(s) ({rules}; cosine >= {dup.threshold:g}), {dup.exact} exact "
         f"({dup.csv}); {result.clusters.k} clusters ({result.clusters.csv})"
     )

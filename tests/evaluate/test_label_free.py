@@ -24,8 +24,10 @@ from twinview.evaluate.label_free import (
     cluster,
     file_digest,
     mark_exact,
+    merge_pairs,
     near_duplicates,
     pairwise_cosines,
+    relative_duplicates,
     self_neighbours,
     similarity_stats,
     write_clusters_csv,
@@ -145,14 +147,61 @@ def test_mark_exact_compares_file_bytes_once_per_index(tmp_path: Path, monkeypat
 
 def test_duplicates_csv_round_trip(tmp_path: Path) -> None:
     names = ["a/x.png", "b,c.png", 'quote".png']
-    pairs = [DuplicatePair(0, 2, 0.987654, True), DuplicatePair(1, 2, 0.91, False)]
+    pairs = [DuplicatePair(0, 2, 0.987654, True), DuplicatePair(1, 2, 0.91, False, "hash+relative", 3)]
     out = write_duplicates_csv(pairs, names, tmp_path / "sub" / "dups.csv")
     with out.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows == [
-        ["path_a", "path_b", "similarity", "exact"],
-        ["a/x.png", 'quote".png', "0.9877", "true"],
-        ["b,c.png", 'quote".png', "0.9100", "false"],
+        ["path_a", "path_b", "similarity", "exact", "rule", "hash_distance"],
+        ["a/x.png", 'quote".png', "0.9877", "true", "cosine", ""],
+        ["b,c.png", 'quote".png', "0.9100", "false", "hash+relative", "3"],
+    ]
+
+
+def relative_loop(x: torch.Tensor, gap: float, k: int) -> list[tuple[int, int, float]]:
+    """The relative rule as its docstring states it, one image at a time."""
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    n = len(x)
+    sims = x @ x.T
+    sims.fill_diagonal_(-2.0)
+    order = [sorted(range(n), key=lambda j, i=i: -float(sims[i, j]))[: k + 1] for i in range(n)]
+    typical = [float(torch.tensor([float(sims[i, j]) for j in order[i][1:]]).median()) for i in range(n)]
+    out = []
+    for i in range(n):
+        j = order[i][0]
+        s = float(sims[i, j])
+        if i < j and order[j][0] == i and s - typical[i] >= gap and s - typical[j] >= gap:
+            out.append((i, j, s))
+    return sorted(out, key=lambda t: -t[2])
+
+
+def test_relative_duplicates_match_a_loop_and_find_copies_a_threshold_misses() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(60, 256)  # unrelated images: nearest neighbours at cosine ~0.2
+    x[50:55] = x[:5] + 0.6 * torch.randn(5, 256)  # copies at cosine ~0.85, far below a 0.985 threshold
+    for gap, k in ((0.2, 10), (0.1, 3), (0.4, 10)):
+        got = [(p.a, p.b, p.similarity) for p in relative_duplicates(x, gap=gap, k=k, chunk=7)]
+        want = relative_loop(x, gap, k)
+        assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want]
+        assert [s for *_, s in got] == pytest.approx([s for *_, s in want], abs=1e-5)
+    found = {(p.a, p.b) for p in relative_duplicates(x)}
+    assert found == {(i, 50 + i) for i in range(5)}  # the copies, and nothing else
+    assert near_duplicates(x, 0.985) == []
+    assert relative_duplicates(x[:2]) == []
+
+
+def test_merge_pairs_joins_rules_and_fills_the_cosine_of_hash_pairs() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    by_hash = [
+        DuplicatePair(0, 1, float("nan"), rule="hash", hash_distance=4),
+        DuplicatePair(1, 2, float("nan"), rule="hash", hash_distance=9),
+    ]
+    by_cosine = [DuplicatePair(0, 1, 0.8)]
+    by_relative = [DuplicatePair(0, 1, 0.8, rule="relative")]
+    merged = merge_pairs(x, by_relative, by_hash, by_cosine)
+    assert merged == [
+        DuplicatePair(0, 1, 0.8, rule="hash+cosine+relative", hash_distance=4),
+        DuplicatePair(1, 2, pytest.approx(0.6), rule="hash", hash_distance=9),
     ]
 
 

@@ -94,6 +94,9 @@ def _label_free(tmp_path: Path, top_b: str = "/elsewhere/y.png") -> LabelFreeRes
                 (str(images / "cats" / "a.png"), str(images / "cats" / "b.png"), 1.0, True),
                 (str(images / "x.png"), top_b, 0.96789, False),
             ),
+            hash_max_distance=10,
+            relative_gap=0.2,
+            by_rule=(("hash", 2), ("cosine", 1), ("relative", 1)),
         ),
         clusters=ClusterSizes(3, (60, 40, 20), str(run / "clusters.csv")),
         plots=plots,
@@ -198,7 +201,13 @@ def test_label_free_sections_in_order_with_formatted_numbers(tmp_path: Path) -> 
     )
 
     dup = s["Near-duplicates"]
-    assert dup.metrics == (("cosine threshold", "0.95"), ("pairs above it", "3"), ("exact copies (same bytes)", "1"))
+    assert dup.metrics == (
+        ("pairs", "3"),
+        ("by perceptual hash", "2"),
+        ("by cosine >= 0.95", "1"),
+        ("by standing out from neighbours", "1"),
+        ("exact copies (same bytes)", "1"),
+    )
     assert dup.tables == (
         Table(
             ("image A", "image B", "cosine", "exact copy"),
@@ -208,8 +217,9 @@ def test_label_free_sections_in_order_with_formatted_numbers(tmp_path: Path) -> 
             ),
         ),
     )
-    assert dup.notes == ("The 2 most similar of 3 pairs; the CSV lists them all.",)
-    assert dup.files == ((tmp_path / "run" / "duplicates.csv", "every pair above the threshold"),)
+    assert dup.notes[0] == "The 2 most similar of 3 pairs; the CSV lists them all."
+    assert "within 10 of 64 bits" in dup.notes[1] and "stands 0.2 above" in dup.notes[1]
+    assert dup.files == ((tmp_path / "run" / "duplicates.csv", "every pair found"),)
 
     clusters = s["Clusters"]
     assert clusters.metrics == (("k (k-means)", "3"),)
@@ -238,7 +248,7 @@ def test_label_free_sections_omit_what_the_result_lacks() -> None:
     assert rep.notes == (READING_GUIDE,) and rep.figures == ()
     dup = _by_title(sections)["Near-duplicates"]
     assert dup.tables == () and dup.files == ()
-    assert dup.notes == ("No pair of images is above the threshold.",)
+    assert dup.notes == ("No pair of images was found by any rule.",)
     assert _by_title(sections)["Clusters"].files == ()
 
 
@@ -254,7 +264,7 @@ def test_label_free_markdown_tables_links_and_escaped_cells(tmp_path: Path) -> N
     assert "| x.png | /odd\\|name.png | 0.9679 | no |" in lines
     assert "![cosine similarity histogram](plots/similarity.png)" in lines
     assert "![nearest neighbours (random init)](plots/random_neighbours.png)" in lines
-    assert "- [duplicates.csv](duplicates.csv): every pair above the threshold" in lines
+    assert "- [duplicates.csv](duplicates.csv): every pair found" in lines
     assert "- [clusters.csv](clusters.csv): the cluster of every image" in lines
     assert "| 2 | 20 | 16.7% |" in lines
     assert lines.index("## Summary") < lines.index("## Representation") < lines.index("## Clusters")
