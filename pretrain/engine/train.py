@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
 import signal
 import tempfile
 import time
@@ -310,6 +311,8 @@ def run_epochs(run: Run) -> Path:
                 save_checkpoint(accelerator, run.run_dir, cfg.train.keep_checkpoints, progress.epoch, shared=run.shared)
 
     accelerator.wait_for_everyone()
+    if not run.shared:  # this process's skip log lived in a temporary folder
+        shutil.rmtree(run.skip_log.directory, ignore_errors=True)
     weights = run.run_dir / WEIGHTS_FILE
     if accelerator.is_main_process:
         weights = save_weights(t.online, run.run_dir)
@@ -408,7 +411,12 @@ def _stop_if_asked(run: Run, worst_run: int, stop_voted: bool, signum: int | Non
         )
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name} at step {progress.step} (epoch {epoch}): the step finished and {saved} "
-            f"was written. Resume with: twinview pretrain --resume {run_dir}",
+            f"was written. "
+            + (
+                "The same command continues it (train.resume=auto)."
+                if cfg.train.resume == "auto"
+                else f"Resume with: twinview pretrain --resume {run_dir}"
+            ),
             signum,
         )
 
