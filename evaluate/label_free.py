@@ -212,6 +212,61 @@ def merge_pairs(features: torch.Tensor, *found: Sequence[DuplicatePair]) -> list
     return sorted(out, key=lambda p: (-p.similarity, p.a, p.b))
 
 
+OUTLIER_K = 10  # uniqueness: distance to this nearest other image
+NEAR_CONSTANT_STD = 4.0  # pixel standard deviation (0-255) under which an image counts as blank / one colour
+TINY_FRACTION = 0.25  # a file whose shorter side is under this fraction of the set's median is flagged tiny
+
+
+def uniqueness(features: torch.Tensor, k: int = OUTLIER_K, chunk: int | None = None) -> torch.Tensor:
+    """Each image's distance to its ``k``-th nearest other image, ``1 - cosine`` (in [0, 2]): high
+    for images that look like nothing else (FiftyOne Brain's uniqueness and fastdup's outliers rank
+    images the same way). The ``k``-th rather than the nearest neighbour, so that an image with a
+    few near-copies is not hidden by them.
+
+    Args:
+        features: ``(N, D)`` embeddings, ``N >= 2`` (``k`` is capped at ``N - 1``).
+        k: Which neighbour.
+        chunk: Rows per block of the search (see :func:`_others_topk`).
+
+    Returns:
+        ``(N,)`` float32 on the CPU.
+    """
+    n = features.shape[0]
+    x = F.normalize(features.float(), dim=1)  # (N, D)
+    _, sim = _others_topk(x, torch.arange(n, device=x.device), min(k, n - 1), chunk)  # (N, k)
+    return (1 - sim[:, -1]).cpu()
+
+
+def outlier_flags(pixel_std: float, size: tuple[int, int] | None, typical_side: float) -> str:
+    """``near-constant`` (a pixel standard deviation under :data:`NEAR_CONSTANT_STD`), ``tiny`` (a
+    shorter side under :data:`TINY_FRACTION` of ``typical_side``, the set's median shorter side),
+    both ``+``-joined, or ``""``."""
+    flags = []
+    if pixel_std < NEAR_CONSTANT_STD:
+        flags.append("near-constant")
+    if size is not None and 0 < min(size) < TINY_FRACTION * typical_side:
+        flags.append("tiny")
+    return "+".join(flags)
+
+
+def write_outliers_csv(
+    scores: torch.Tensor, flags: Sequence[str], names: Sequence[str], path: str | Path, k: int = OUTLIER_K
+) -> tuple[Path, list[int]]:
+    """Writes every image, most unusual first: ``path,uniqueness,flags``.
+
+    Returns:
+        ``path``, and the row order written (most unusual first; ties by index).
+    """
+    order = sorted(range(len(names)), key=lambda i: (-float(scores[i]), i))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", f"uniqueness_k{k}", "flags"])
+        writer.writerows([names[i], f"{float(scores[i]):.4f}", flags[i]] for i in order)
+    return path, order
+
+
 def mark_exact(pairs: Sequence[DuplicatePair], digest: Callable[[int], str]) -> list[DuplicatePair]:
     """The pairs with ``exact=True`` where both items have the same digest.
 

@@ -64,16 +64,34 @@ def image_hashes(images: Iterable[Image.Image]) -> np.ndarray:
     return np.array([image_hash(im) for im in images], dtype=np.uint64).reshape(-1, 2)
 
 
-def dataset_hashes(dataset: Any, workers: int = 2, batch: int = 256) -> np.ndarray:
-    """``(N, 2)`` uint64 hashes of a data set's ``(uint8 (3,S,S), label)`` items, in order, hashed
+@dataclass(frozen=True)
+class ImageScan:
+    """What one extra decoding pass over a data set gives the label-free evaluation.
+
+    Attributes:
+        hashes: ``(N, 2)`` uint64: each image's pHash and its mirror image's.
+        pixel_std: ``(N,)`` float32: the largest over the colour channels of the standard deviation
+            of a channel's pixel values (0-255): low for blank and single-colour images.
+    """
+
+    hashes: np.ndarray
+    pixel_std: np.ndarray
+
+
+def scan_images(dataset: Any, workers: int = 2, batch: int = 256) -> ImageScan:
+    """Hashes and pixel spreads of a data set's ``(uint8 (3,S,S), label)`` items, in order, computed
     in DataLoader workers (any sized, indexable data set, e.g. a ``LabelledSubset``)."""
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_hash_batch)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_scan_batch)
     parts = list(loader)
-    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.uint64)
+    if not parts:
+        return ImageScan(np.zeros((0, 2), dtype=np.uint64), np.zeros(0, dtype=np.float32))
+    return ImageScan(np.concatenate([h for h, _ in parts]), np.concatenate([s for _, s in parts]))
 
 
-def _hash_batch(items: list[tuple[torch.Tensor, int]]) -> np.ndarray:
-    return image_hashes(Image.fromarray(image.permute(1, 2, 0).numpy()) for image, _ in items)
+def _scan_batch(items: list[tuple[torch.Tensor, int]]) -> tuple[np.ndarray, np.ndarray]:
+    hashes = image_hashes(Image.fromarray(image.permute(1, 2, 0).numpy()) for image, _ in items)
+    spread = np.array([image.float().flatten(1).std(dim=1).max().item() for image, _ in items], dtype=np.float32)
+    return hashes, spread
 
 
 def _distances(block: np.ndarray, others: np.ndarray) -> np.ndarray:

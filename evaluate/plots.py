@@ -216,6 +216,25 @@ def pair_grid(
     return out
 
 
+def image_grid(images: Sequence[torch.Tensor], captions: Sequence[str], out: Path, title: str, cols: int = 5) -> Path:
+    """Images in rows of ``cols``, each captioned (e.g. the most unusual images and their scores).
+
+    Returns:
+        ``out``; without images, a figure saying there are none.
+    """
+    if not images:
+        return _message("no images", out, title)
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(images):
+            _tile(ax, images[i], captions[i], fontsize=7)
+        else:
+            ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
 def cluster_grid(cluster_images: Sequence[Sequence[torch.Tensor]], sizes: Sequence[int], out: Path) -> Path:
     """One row per cluster (the first ``CLUSTER_ROWS``): its images, labelled "cluster i (n images)".
 

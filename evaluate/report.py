@@ -27,6 +27,7 @@ from twinview.evaluate.results import (
     FinetuneResult,
     LabelFreeResult,
     LabelledResult,
+    Outliers,
     SimilarityStats,
 )
 
@@ -39,6 +40,7 @@ FIGURE_CAPTIONS = {
     "similarity": "cosine similarity histogram",
     "random_neighbours": "nearest neighbours (random init)",
     "duplicates": "near-duplicate pairs",
+    "outliers": "the most unusual images",
     "clusters": "cluster samples",
 }
 BACKBONE_NAMES = {"pretrained": "pretrained", "random_init": "random init"}
@@ -130,8 +132,8 @@ def label_free_sections(result: LabelFreeResult) -> list[Section]:
     """The sections of a label-free evaluation.
 
     Returns:
-        Summary, Representation, Training, Embedding map, Nearest neighbours, Near-duplicates and
-        Clusters, those that have data, in this order.
+        Summary, Representation, Training, Embedding map, Nearest neighbours, Near-duplicates,
+        Outliers and Clusters, those that have data, in this order.
     """
     plots = {name: Path(p) for name, p in result.plots.items()}
     candidates = [
@@ -141,6 +143,7 @@ def label_free_sections(result: LabelFreeResult) -> list[Section]:
         figure_section("Embedding map", plots, ["embeddings"]),
         figure_section("Nearest neighbours", plots, ["neighbours", "random_neighbours"]),
         duplicates_section(result.duplicates, result.source, plots),
+        outliers_section(result.outliers, result.source, plots) if result.outliers is not None else None,
         clusters_section(result.clusters, plots),
     ]
     return [s for s in candidates if s is not None]
@@ -277,6 +280,26 @@ def duplicates_section(dup: DuplicatePairs, source: str, plots: Mapping[str, Pat
         notes=notes,
         figures=_figures(plots, ["duplicates"]),
         files=((Path(dup.csv), "every pair found"),) if dup.csv else (),
+    )
+
+
+def outliers_section(out: Outliers, source: str, plots: Mapping[str, Path]) -> Section:
+    """The most unusual images, the flags and the CSV that ranks them all."""
+    rows = tuple((_short_path(name, source), f"{score:.4f}", flags or "-") for name, score, flags in out.top)
+    return Section(
+        title="Outliers",
+        metrics=(
+            ("uniqueness", f"1 - cosine to the {out.k}th nearest other image"),
+            ("near-constant images (blank, one colour)", str(out.near_constant)),
+            ("tiny files", str(out.tiny)),
+        ),
+        tables=(Table(("image", "uniqueness", "flags"), rows),) if rows else (),
+        notes=(
+            "The images that look like nothing else in the set come first: mislabelled, corrupt-looking or "
+            "off-topic images are among them, and are what to review first.",
+        ),
+        figures=_figures(plots, ["outliers"]),
+        files=((Path(out.csv), "every image, most unusual first, with its flags"),) if out.csv else (),
     )
 
 

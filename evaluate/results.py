@@ -185,6 +185,25 @@ class DuplicatePairs:
 
 
 @dataclass(frozen=True)
+class Outliers:
+    """The images that look like nothing else, and the blank or tiny ones.
+
+    Attributes:
+        k: Uniqueness is ``1 - cosine`` to the ``k``-th nearest other image.
+        csv: The file listing every image, most unusual first, with its flags.
+        top: The most unusual images: ``(image, uniqueness, flags)``.
+        near_constant: Images whose pixels hardly vary (blank, one colour).
+        tiny: Files whose shorter side is under a quarter of the set's median.
+    """
+
+    k: int
+    csv: str
+    top: tuple[tuple[str, float, str], ...]
+    near_constant: int = 0
+    tiny: int = 0
+
+
+@dataclass(frozen=True)
 class ClusterSizes:
     """k-means clusters of a source.
 
@@ -210,6 +229,7 @@ class LabelFreeResult:
         backbones: ``pretrained`` (and ``random_init``) -> the diagnostics of its embeddings.
         duplicates: Near-duplicate pairs.
         clusters: k-means clusters.
+        outliers: The most unusual images (None: not computed).
         plots: Figure name (``embeddings``, ``neighbours``, ``duplicates``, ...) -> PNG file.
         skipped_list: The file listing the images that could not be decoded ("" when none).
     """
@@ -222,6 +242,7 @@ class LabelFreeResult:
     clusters: ClusterSizes
     plots: dict[str, str] = field(default_factory=dict)
     skipped_list: str = ""
+    outliers: Outliers | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "num_images": self.num_images, "skipped": self.skipped}
@@ -229,6 +250,8 @@ class LabelFreeResult:
         out["duplicates"] = {k: v for k, v in asdict(self.duplicates).items() if k != "warning" or v}
         out["duplicates"]["top"] = [list(t) for t in self.duplicates.top]
         out["clusters"] = asdict(self.clusters) | {"sizes": list(self.clusters.sizes)}
+        if self.outliers is not None:
+            out["outliers"] = asdict(self.outliers) | {"top": [list(t) for t in self.outliers.top]}
         out["plots"] = dict(self.plots)
         if self.skipped_list:
             out["skipped_list"] = self.skipped_list

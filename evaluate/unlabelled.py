@@ -26,6 +26,7 @@ from twinview.evaluate.dataset import LabelledImages, LabelledSubset
 from twinview.evaluate.embedding_file import EmbeddingRows
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
+    OUTLIER_K,
     RELATIVE_GAP,
     RULES,
     DuplicatePair,
@@ -34,19 +35,23 @@ from twinview.evaluate.label_free import (
     mark_exact,
     merge_pairs,
     near_duplicates,
+    outlier_flags,
     pairwise_cosines,
     relative_duplicates,
     self_neighbours,
     similarity_stats,
+    uniqueness,
     write_clusters_csv,
     write_duplicates_csv,
+    write_outliers_csv,
 )
-from twinview.evaluate.perceptual import MAX_DISTANCE, dataset_hashes, hash_pairs
-from twinview.evaluate.results import ClusterSizes, Diagnostics, DuplicatePairs, LabelFreeResult
+from twinview.evaluate.perceptual import MAX_DISTANCE, ImageScan, hash_pairs, scan_images
+from twinview.evaluate.results import ClusterSizes, Diagnostics, DuplicatePairs, LabelFreeResult, Outliers
 from twinview.evaluate.run import feature_diagnostics, view_alignment
 
 GRID_QUERIES = 8  # rows of the nearest-neighbour grids
 GRID_NEIGHBOURS = 6  # neighbours per row
+OUTLIERS_SHOWN = 25  # images in the outliers grid (all are in outliers.csv)
 DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
 TOP_PAIRS = 20  # pairs listed in the report's table
 CLUSTER_IMAGES = 8  # most central images shown per cluster
@@ -80,7 +85,7 @@ def evaluate_unlabelled(
     training_log: Path | None = None,
     seed: int = 0,
     mirrored: torch.Tensor | None = None,
-    hash_workers: int = 2,
+    scan_workers: int = 2,
 ) -> LabelFreeResult:
     """Scores and draws the embeddings of one source without labels.
 
@@ -98,9 +103,9 @@ def evaluate_unlabelled(
         mirrored: ``(N, D)`` embeddings of the mirror images (same rows) by the trained backbone:
             near-duplicates are then searched with :func:`mirror_invariant` embeddings, so that a
             mirrored copy is found too.
-        hash_workers: DataLoader workers that decode every image once more for its perceptual
-            hash (and its mirror's), which finds near-exact copies whatever the model learnt; -1
-            leaves hashes out.
+        scan_workers: DataLoader workers that decode every image once more for its perceptual
+            hash (and its mirror's), which finds near-exact copies whatever the model learnt, and
+            its pixel spread (the near-constant flag of the outliers); -1 leaves that pass out.
 
     Returns:
         The :class:`~twinview.evaluate.results.LabelFreeResult`.
@@ -123,10 +128,11 @@ def evaluate_unlabelled(
     backbones = {e.name: diagnostics(e.rows.embeddings, view_alignment(e.embedder, good, augment)) for e in embedded}
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
-    hashes = dataset_hashes(good, workers=hash_workers) if hash_workers >= 0 else None  # -1: no hashes
+    scan = scan_images(good, workers=scan_workers) if scan_workers >= 0 else None  # -1: no extra pass
     duplicates, drawn = duplicates_section(
-        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, hashes
+        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, scan.hashes if scan else None
     )
+    outliers, unusual = outliers_section(features.to(device), trained.rows.names, image, out_dir, plots_dir, scan)
     similarity = backbones[trained.name].similarity
     typical = similarity.nn_cosine.p50 if similarity is not None else 0.0
     warning = ""
@@ -138,7 +144,7 @@ def evaluate_unlabelled(
     duplicates = dataclasses.replace(duplicates, mirror_invariant=mirrored is not None, warning=warning)
     clusters = cluster(features, num_clusters, seed=seed, central=CLUSTER_IMAGES)
     clusters_csv = write_clusters_csv(clusters, trained.rows.names, Path(out_dir) / "clusters.csv")
-    figures = {"duplicates": drawn}
+    figures = {"duplicates": drawn, "outliers": unusual}
     figures["clusters"] = str(
         plots.cluster_grid(
             [[image(i) for i in c] for c in clusters.central], clusters.sizes, plots_dir / "clusters.png"
@@ -165,6 +171,7 @@ def evaluate_unlabelled(
         duplicates=duplicates,
         clusters=ClusterSizes(len(clusters.sizes), tuple(clusters.sizes), str(clusters_csv)),
         plots=figures,
+        outliers=outliers,
     )
 
 
@@ -235,6 +242,61 @@ def duplicates_section(
         by_rule=counts,
     )
     return result, str(grid)
+
+
+def outliers_section(
+    features: torch.Tensor,
+    names: Sequence[str],
+    image: Callable[[int], torch.Tensor],
+    out_dir: Path,
+    plots_dir: Path,
+    scan: ImageScan | None,
+) -> tuple[Outliers, str]:
+    """Each image's uniqueness (:func:`~twinview.evaluate.label_free.uniqueness`) and flags to
+    ``outliers.csv``, most unusual first, and a grid of the :data:`OUTLIERS_SHOWN` most unusual.
+
+    Returns:
+        The section of the result, and the grid's PNG file.
+    """
+    from twinview.evaluate import plots
+
+    scores = uniqueness(features, OUTLIER_K)
+    std = scan.pixel_std if scan is not None else np.full(len(names), np.inf)
+    sizes = [_file_size(name) for name in names]
+    sides = [min(s) for s in sizes if s is not None]
+    typical = float(np.median(sides)) if sides else 0.0
+    flags = [outlier_flags(float(std[i]), sizes[i], typical) for i in range(len(names))]
+    csv_path, order = write_outliers_csv(scores, flags, names, Path(out_dir) / "outliers.csv", OUTLIER_K)
+    shown = order[:OUTLIERS_SHOWN]
+    grid = plots.image_grid(
+        [image(i) for i in shown],
+        [f"{float(scores[i]):.2f}" + (f" {flags[i]}" if flags[i] else "") for i in shown],
+        plots_dir / "outliers.png",
+        f"the {len(shown)} most unusual images (1 - cosine to the {OUTLIER_K}th nearest)",
+    )
+    top = tuple((names[i], float(scores[i]), flags[i]) for i in order[:TOP_PAIRS])
+    result = Outliers(
+        OUTLIER_K,
+        str(csv_path),
+        top,
+        near_constant=sum("near-constant" in f for f in flags),
+        tiny=sum("tiny" in f for f in flags),
+    )
+    return result, str(grid)
+
+
+def _file_size(name: str) -> tuple[int, int] | None:
+    """A file's width and height from its header (None for rows that are not files)."""
+    from PIL import Image
+
+    path = Path(name)
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 def content_digest(name: str, image: Callable[[int], torch.Tensor], row: int) -> str:

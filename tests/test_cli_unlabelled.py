@@ -26,7 +26,8 @@ TINY = [*CLI_TINY, "eval.batch_size=16"]
 
 @pytest.fixture(scope="module")
 def unlabelled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A run pretrained on a flat folder of 24 images plus planted copies: an exact one and a flip."""
+    """A run pretrained on a flat folder of 24 images plus planted copies (an exact one and a flip),
+    a one-colour image and a tiny one."""
     root = tmp_path_factory.mktemp("unlabelled")
     labelled = make_image_folder(root / "labelled")
     folder = root / "photos"
@@ -35,6 +36,9 @@ def unlabelled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         shutil.copy(f, folder / f"img_{i:03d}.png")
     shutil.copy(folder / "img_005.png", folder / "copy_of_005.png")  # the same bytes
     Image.open(folder / "img_017.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "flip_of_017.png")
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(folder / "blank.png")  # one colour: flagged near-constant
+    noise = np.random.default_rng(1).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "tiny.png")  # 5 px, under a quarter of the others' 24: flagged tiny
     runs = root / "runs"
     args = ["pretrain", "--config", "simclr-cifar10", f"data.path={folder}", f"train.output_dir={runs}"]
     assert main([*args, "train.run_name=u", *TINY]) == 0
@@ -48,13 +52,13 @@ def test_embed_evaluate_search(
     out = tmp_path / "photos.parquet"
     assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(out)]) == 0
     rows = read_embedding_file(out)
-    assert len(rows.names) == 26 and rows.labels is None and rows.embeddings.shape[1] == 512
+    assert len(rows.names) == 28 and rows.labels is None and rows.embeddings.shape[1] == 512
 
     assert main(["evaluate", str(run_dir), "--data", str(folder), "--duplicate-threshold", "0.99"]) == 0
     printed = capsys.readouterr().out
     assert "effective rank" in printed and "near-duplicates" in printed
     result = json.loads((run_dir / "eval.json").read_text())["label_free"]
-    assert result["num_images"] == 26 and result["skipped"] == 0
+    assert result["num_images"] == 28 and result["skipped"] == 0
     assert {"pretrained", "random_init"} <= result.keys()
     with (run_dir / "duplicates.csv").open() as f:
         pairs = {(Path(r["path_a"]).name, Path(r["path_b"]).name): r for r in csv.DictReader(f)}
@@ -63,11 +67,31 @@ def test_embed_evaluate_search(
     assert all(r["exact"] in ("False", "false", "0") for k, r in pairs.items() if k != copy)
     mirror = ("flip_of_017.png", "img_017.png")  # found through the mirror images' embeddings
     assert float(pairs[mirror]["similarity"]) > 0.999 and result["duplicates"]["mirror_invariant"]
+    for pair in (copy, mirror):  # found by the perceptual hashes too (distance 0: the mirror's hash)
+        assert "hash" in pairs[pair]["rule"].split("+") and pairs[pair]["hash_distance"] == "0"
     with (run_dir / "clusters.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 26
+        assert len(list(csv.DictReader(f))) == 28
+    with (run_dir / "outliers.csv").open() as f:
+        ranked = list(csv.DictReader(f))
+    assert len(ranked) == 28 and [float(r["uniqueness_k10"]) for r in ranked] == sorted(
+        (float(r["uniqueness_k10"]) for r in ranked), reverse=True
+    )
+    flags = {Path(r["path"]).name: r["flags"] for r in ranked}
+    assert flags["blank.png"] == "near-constant" and flags["tiny.png"] == "tiny"
+    assert {n for n, f in flags.items() if f} == {"blank.png", "tiny.png"}
+    assert result["outliers"]["near_constant"] == 1 and result["outliers"]["tiny"] == 1
     page = (run_dir / "report.html").read_text()
-    assert "Near-duplicates" in page and "Clusters" in page and 'src="plots/' not in page
-    for key in ("neighbours", "random_neighbours", "duplicates", "clusters", "similarity", "embeddings", "training"):
+    assert "Near-duplicates" in page and "Outliers" in page and "Clusters" in page and 'src="plots/' not in page
+    for key in (
+        "neighbours",
+        "random_neighbours",
+        "duplicates",
+        "outliers",
+        "clusters",
+        "similarity",
+        "embeddings",
+        "training",
+    ):
         assert Path(result["plots"][key]).is_file(), key
 
     # the random-init embeddings of evaluate come from the same engine: embed reproduces them

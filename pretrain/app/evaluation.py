@@ -186,7 +186,7 @@ def evaluate_label_free(
         training_log=model.training_log if training_curves else None,
         seed=model.cfg.train.seed,
         mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
-        hash_workers=model.cfg.data.num_workers,
+        scan_workers=model.cfg.data.num_workers,
     )
     return dataclasses.replace(result, skipped_list=str(skipped) if skipped.is_file() else "")
 
@@ -296,3 +296,9 @@ def print_label_free(result: LabelFreeResult) -> None:
         f"near-duplicates: {dup.pairs} pair(s) ({rules}; cosine >= {dup.threshold:g}), {dup.exact} exact "
         f"({dup.csv}); {result.clusters.k} clusters ({result.clusters.csv})"
     )
+    if result.outliers is not None:
+        o = result.outliers
+        print(
+            f"outliers: every image ranked by uniqueness, most unusual first ({o.csv}); "
+            f"{o.near_constant} near-constant, {o.tiny} tiny"
+        )

@@ -26,12 +26,15 @@ from twinview.evaluate.label_free import (
     mark_exact,
     merge_pairs,
     near_duplicates,
+    outlier_flags,
     pairwise_cosines,
     relative_duplicates,
     self_neighbours,
     similarity_stats,
+    uniqueness,
     write_clusters_csv,
     write_duplicates_csv,
+    write_outliers_csv,
 )
 
 
@@ -369,3 +372,38 @@ def test_similarity_histogram_draws(tmp_path: Path) -> None:
     out = plots.similarity_histogram({"pretrained": pretrained, "random init": random_init}, tmp_path / "h.png")
     assert_drawn(out)
     assert math.isclose(Image.open(out).size[0], 6.5 * 110, abs_tol=2)
+
+
+def test_uniqueness_is_one_minus_the_kth_neighbour_cosine_of_a_loop() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(30, 8)
+    xn = torch.nn.functional.normalize(x.double(), dim=1)
+    for k in (1, 3, 29, 50):  # 50: capped at N - 1
+        want = []
+        for i in range(len(x)):
+            others = sorted((float(xn[i] @ xn[j]) for j in range(len(x)) if j != i), reverse=True)
+            want.append(1 - others[min(k, len(x) - 1) - 1])
+        assert uniqueness(x, k=k, chunk=4).tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_an_image_unlike_the_others_ranks_first_and_flags_are_written(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(1, 32)
+    x = base + 0.3 * torch.randn(20, 32)  # one tight group
+    x[7] = torch.randn(32)  # and one image like none of them
+    scores = uniqueness(x, k=3)
+    assert int(scores.argmax()) == 7
+    flags = [outlier_flags(40.0, (96, 96), 96.0)] * 20
+    flags[3] = outlier_flags(1.0, (96, 96), 96.0)
+    flags[4] = outlier_flags(40.0, (12, 200), 96.0)  # 12 < 96 / 4
+    flags[5] = outlier_flags(0.0, (8, 8), 96.0)
+    assert flags[3:6] == ["near-constant", "tiny", "near-constant+tiny"]
+    assert outlier_flags(40.0, None, 96.0) == outlier_flags(40.0, (24, 24), 96.0) == ""  # 24 = 96 / 4: not tiny
+    names = [f"img{i}.png" for i in range(20)]
+    path, order = write_outliers_csv(scores, flags, names, tmp_path / "o" / "outliers.csv", k=3)
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "uniqueness_k3", "flags"] and rows[1][0] == "img7.png"
+    assert [r[0] for r in rows[1:]] == [names[i] for i in order] and len(rows) == 21
+    assert [float(r[1]) for r in rows[1:]] == sorted((float(r[1]) for r in rows[1:]), reverse=True)
+    assert {r[0]: r[2] for r in rows[1:]}["img5.png"] == "near-constant+tiny"
