@@ -267,6 +267,108 @@ def write_outliers_csv(
     return path, order
 
 
+LEAK_WARN_FRACTION = 0.005  # warn when more of the test set than this is in the training set
+
+
+@dataclass(frozen=True)
+class Leak:
+    """A test image that is (nearly) a training image.
+
+    Attributes:
+        test: Index of the test image.
+        train: Index of the training image it copies.
+        similarity: Cosine similarity of their embeddings.
+        rule: ``hash``, ``cosine`` or both (``+``-joined), as for near-duplicates.
+        hash_distance: Bits between their perceptual hashes (-1: not hashed).
+    """
+
+    test: int
+    train: int
+    similarity: float
+    rule: str
+    hash_distance: int = -1
+
+
+def find_leaks(
+    train: torch.Tensor,
+    test: torch.Tensor,
+    threshold: float,
+    hashes: tuple[np.ndarray, np.ndarray] | None = None,
+    max_distance: int = 10,
+    chunk: int | None = None,
+) -> list[Leak]:
+    """Test images that are near-duplicates of training images: the nearest training image at
+    cosine ``>= threshold``, or (given ``hashes``) a training image whose perceptual hash, or its
+    mirror's, is within ``max_distance`` bits.
+
+    Args:
+        train: ``(N, D)`` training embeddings.
+        test: ``(M, D)`` test embeddings.
+        threshold: The least cosine of a leak found by its embedding.
+        hashes: ``(train (N, 2), test (M, 2))`` uint64 from :func:`~twinview.evaluate.perceptual.image_hashes`.
+        max_distance: The most differing bits of a leak found by its hash.
+        chunk: Test rows per block of the search (memory ``chunk x N``).
+
+    Returns:
+        One leak per leaked test image, in test order; the training image is the nearest by
+        cosine when that rule matched, else the nearest by hash.
+    """
+    from twinview.evaluate.perceptual import nearest_hashes
+
+    a = F.normalize(train.float(), dim=1)  # (N, D)
+    b = F.normalize(test.float(), dim=1)  # (M, D)
+    chunk = chunk or max(1, min(CHUNK, BLOCK_FLOATS // max(1, len(a))))
+    best_sim, best_idx = [], []
+    for start in range(0, len(b), chunk):
+        top = (b[start : start + chunk] @ a.T).max(dim=1)  # (m,)
+        best_sim.append(top.values)
+        best_idx.append(top.indices)
+    sims = torch.cat(best_sim).cpu() if best_sim else torch.zeros(0)
+    nearest = torch.cat(best_idx).cpu() if best_idx else torch.zeros(0, dtype=torch.long)
+    if hashes is not None:
+        hash_idx, hash_dist = nearest_hashes(hashes[1], hashes[0])
+    leaks = []
+    for i in range(len(b)):
+        by_cosine = bool(sims[i] >= threshold)
+        by_hash = hashes is not None and int(hash_dist[i]) <= max_distance
+        if not (by_cosine or by_hash):
+            continue
+        j = int(nearest[i]) if by_cosine else int(hash_idx[i])
+        rule = "+".join(r for r, hit in (("hash", by_hash), ("cosine", by_cosine)) if hit)
+        distance = int(hash_dist[i]) if hashes is not None else -1
+        if hashes is not None and by_cosine and int(hash_idx[i]) != j:  # the hash match is another image
+            distance = int(_hamming(hashes[1][i], hashes[0][j]))
+        leaks.append(Leak(i, j, float(a[j] @ b[i]), rule, distance))
+    return leaks
+
+
+def _hamming(x: np.ndarray, y: np.ndarray) -> int:
+    """Bits between a hash pair and another's own or mirror hash, the smaller."""
+    return min(bin(int(x[0]) ^ int(y[0])).count("1"), bin(int(x[0]) ^ int(y[1])).count("1"))
+
+
+def write_leaks_csv(
+    leaks: Sequence[Leak], train_names: Sequence[str], test_names: Sequence[str], exact: Sequence[bool], path: Path
+) -> Path:
+    """Writes ``test_image,train_image,similarity,exact,rule,hash_distance``, one row per leak."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["test_image", "train_image", "similarity", "exact", "rule", "hash_distance"])
+        writer.writerows(
+            [
+                test_names[x.test],
+                train_names[x.train],
+                f"{x.similarity:.4f}",
+                "true" if same else "false",
+                x.rule,
+                "" if x.hash_distance < 0 else x.hash_distance,
+            ]
+            for x, same in zip(leaks, exact, strict=True)
+        )
+    return path
+
+
 def mark_exact(pairs: Sequence[DuplicatePair], digest: Callable[[int], str]) -> list[DuplicatePair]:
     """The pairs with ``exact=True`` where both items have the same digest.
 

@@ -102,6 +102,28 @@ def _distances(block: np.ndarray, others: np.ndarray) -> np.ndarray:
     return _POPCOUNT8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int16)
 
 
+def nearest_hashes(query: np.ndarray, reference: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Each query image's closest reference image by perceptual hash, mirrors included.
+
+    Args:
+        query: ``(M, 2)`` uint64 from :func:`image_hashes`.
+        reference: ``(N, 2)`` uint64, ``N >= 1``.
+        block: Query rows compared at once.
+
+    Returns:
+        ``(M,)`` reference indices (the first of equals) and ``(M,)`` distances in bits.
+    """
+    index, distance = [], []
+    for start in range(0, len(query), block):
+        rows = query[start : start + block, 0]
+        best = np.minimum(_distances(rows, reference[:, 0]), _distances(rows, reference[:, 1]))  # (m, N)
+        index.append(best.argmin(axis=1))
+        distance.append(best.min(axis=1))
+    if not index:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int16)
+    return np.concatenate(index), np.concatenate(distance)
+
+
 def hash_pairs(hashes: np.ndarray, max_distance: int = MAX_DISTANCE, block: int = 1024) -> list[HashPair]:
     """Every pair of images within ``max_distance`` bits, mirrors included.
 

@@ -27,6 +27,7 @@ from twinview.evaluate.results import (
     FinetuneResult,
     LabelFreeResult,
     LabelledResult,
+    Leaks,
     Outliers,
     SimilarityStats,
 )
@@ -87,7 +88,46 @@ def labelled_sections(result: Mapping[str, LabelledResult]) -> list[Section]:
     Returns:
         The sections, in the result's order.
     """
-    return [labelled_section(name, r) for name, r in result.items()]
+    sections = []
+    for name, r in result.items():
+        sections.append(labelled_section(name, r))
+        if r.leaks is not None:
+            sections.append(leaks_section(r.leaks))
+    return sections
+
+
+def leaks_section(leaks: Leaks) -> Section:
+    """Test images that are copies of training images, and the scores without them."""
+    metrics: tuple[tuple[str, str], ...] = (
+        ("test images", str(leaks.test_images)),
+        ("near-duplicates of a training image", f"{leaks.leaked} ({leaks.leaked / max(1, leaks.test_images):.1%})"),
+        ("byte-identical copies", str(leaks.exact)),
+    )
+    if leaks.leaked and leaks.knn_top1_without is not None and leaks.knn_top5_without is not None:
+        metrics += (
+            ("kNN top-1 without them", f"{leaks.knn_top1_without:.4f}"),
+            ("kNN top-5 without them", f"{leaks.knn_top5_without:.4f}"),
+        )
+        if leaks.probe_top1_without is not None:
+            metrics += (("linear probe top-1 without them", f"{leaks.probe_top1_without:.4f}"),)
+    notes: tuple[str, ...] = (
+        f"A test image leaks when its nearest training image has cosine >= {leaks.threshold:g}"
+        + (
+            f", or when their perceptual hashes (of the image and its mirror) are within {leaks.hash_max_distance} "
+            "of 64 bits"
+            if leaks.hash_max_distance >= 0
+            else ""
+        )
+        + ". A score on a test set that shares images with the training set is inflated.",
+    )
+    if leaks.warning:
+        notes += (f"{WARNING_PREFIX}{leaks.warning}.",)
+    return Section(
+        title="Leaks between train and test",
+        metrics=metrics,
+        notes=notes,
+        files=((Path(leaks.csv), "every leaked test image and its training image"),) if leaks.csv else (),
+    )
 
 
 def labelled_section(name: str, r: LabelledResult) -> Section:

@@ -111,6 +111,35 @@ class Diagnostics:
 
 
 @dataclass(frozen=True)
+class Leaks:
+    """Test images that are (near) copies of training images, and the scores without them.
+
+    Attributes:
+        test_images: Test images checked.
+        leaked: Of those, near-duplicates of a training image.
+        exact: Of those, byte-identical copies.
+        csv: The file listing every leak (test image, training image, similarity, rule).
+        threshold: Cosine from which a test image's nearest training image counts as its copy.
+        hash_max_distance: Perceptual hashes within this many bits of 64 count too (-1: not hashed).
+        knn_top1_without: kNN top-1 on the test images that did not leak (None: none is left).
+        knn_top5_without: kNN top-5 on them.
+        probe_top1_without: The linear probe's top-1 on them (None: no probe).
+        warning: Said when more than 0.5 % of the test set leaked ("" otherwise).
+    """
+
+    test_images: int
+    leaked: int
+    exact: int
+    csv: str
+    threshold: float
+    hash_max_distance: int
+    knn_top1_without: float | None
+    knn_top5_without: float | None
+    probe_top1_without: float | None = None
+    warning: str = ""
+
+
+@dataclass(frozen=True)
 class LabelledResult:
     """One backbone scored on a labelled reference / query pair.
 
@@ -122,6 +151,8 @@ class LabelledResult:
         linear_probe: The probe, when asked for.
         plots: PNG files drawn (embedding map, neighbour grid, training curves).
         backbone_unchanged: The evaluation did not change the backbone's weights or buffers.
+        leaks: Test images found in the training set, and the scores without them (None: not
+            checked, e.g. for the random-init copy).
     """
 
     knn: KnnResult
@@ -131,6 +162,7 @@ class LabelledResult:
     linear_probe: ProbeResult | None = None
     plots: tuple[str, ...] = ()
     backbone_unchanged: bool = True
+    leaks: Leaks | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -149,6 +181,8 @@ class LabelledResult:
         if self.plots:
             out["plots"] = list(self.plots)
         out["backbone_unchanged"] = self.backbone_unchanged
+        if self.leaks is not None:
+            out["leaks"] = {k: v for k, v in asdict(self.leaks).items() if k != "warning" or v}
         return out
 
 

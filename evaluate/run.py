@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from twinview.augment.config import AugmentConfig
 from twinview.augment.views import build_views
-from twinview.evaluate.config import EvalConfig
+from twinview.evaluate.config import DUPLICATE_THRESHOLD, EvalConfig
 from twinview.evaluate.dataset import Images, LabelledImages, check_labelled_pair
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.knn import knn_accuracy
+from twinview.evaluate.label_free import LEAK_WARN_FRACTION, file_digest, find_leaks, write_leaks_csv
 from twinview.evaluate.linear_probe import linear_probe
 from twinview.evaluate.metrics import (
     alignment,
@@ -30,7 +31,7 @@ from twinview.evaluate.metrics import (
     uniformity,
     verification_metrics,
 )
-from twinview.evaluate.results import Diagnostics, KnnResult, LabelledResult, SimilarityStats
+from twinview.evaluate.results import Diagnostics, KnnResult, LabelledResult, Leaks, SimilarityStats
 
 ALIGNMENT_SAMPLE = 512  # query images whose two views are compared
 DIAGNOSTIC_SAMPLE = 2000  # query features for uniformity and effective rank
@@ -72,6 +73,8 @@ def evaluate(
     seed: int = 0,
     plots_dir: Path | None = None,
     features_dir: Path | None = None,
+    leaks_dir: Path | None = None,
+    scan_workers: int = 2,
 ) -> LabelledResult:
     """Extracts frozen features of both sets and scores them.
 
@@ -88,6 +91,9 @@ def evaluate(
         plots_dir: Also draw the embedding map and a nearest-neighbour grid there.
         features_dir: Cache the features of each set there, keyed by its fingerprint and the
             backbone's weights, so a second evaluation skips the extraction.
+        leaks_dir: Also look for test images that are near-duplicates of training images
+            (:func:`leak_report`) and write ``leaks.csv`` there.
+        scan_workers: DataLoader workers of the leak check's hashing pass.
 
     Returns:
         The :class:`~twinview.evaluate.results.LabelledResult`.
@@ -99,6 +105,11 @@ def evaluate(
     before = embedder.weights()
     features = frozen_features(embedder, reference, query, features_dir)
     diagnostics = feature_diagnostics(features.query, view_alignment(embedder, query, augment))
+    leaks = None
+    if leaks_dir is not None:
+        leaks = leak_report(
+            features, reference, query, eval_cfg, leaks_dir, probe=probe, seed=seed, workers=scan_workers
+        )
     return LabelledResult(
         knn=knn_result(features, eval_cfg),
         retrieval=retrieval_result(features),
@@ -111,7 +122,71 @@ def evaluate(
         else None,
         plots=tuple(draw_plots(Path(plots_dir), reference, query, features)) if plots_dir is not None else (),
         backbone_unchanged=embedder.weights() == before,
+        leaks=leaks,
     )
+
+
+def leak_report(
+    features: FrozenFeatures,
+    reference: LabelledImages,
+    query: LabelledImages,
+    eval_cfg: EvalConfig,
+    out_dir: Path,
+    *,
+    probe: bool = False,
+    seed: int = 0,
+    workers: int = 2,
+    threshold: float = DUPLICATE_THRESHOLD,
+) -> Leaks:
+    """Test images that are near-duplicates of training images
+    (:func:`~twinview.evaluate.label_free.find_leaks`: the cosine threshold of near-duplicates, or
+    perceptual hashes of the image and its mirror), written to ``out_dir/leaks.csv``, and kNN (and
+    the probe) scored again without them: a score on a test set that shares images with the
+    training set is inflated.
+    """
+    from twinview.evaluate.perceptual import MAX_DISTANCE, scan_images
+
+    hashes = (scan_images(reference, workers).hashes, scan_images(query, workers).hashes)
+    found = find_leaks(features.reference, features.query, threshold, hashes, MAX_DISTANCE)
+    train_names = [str(f) for f in reference.index.files]
+    test_names = [str(f) for f in query.index.files]
+    exact = [_same_file(test_names[x.test], train_names[x.train]) for x in found]
+    path = write_leaks_csv(found, train_names, test_names, exact, Path(out_dir) / "leaks.csv")
+    keep = torch.ones(len(features.query), dtype=torch.bool)
+    keep[[x.test for x in found]] = False
+    kept = FrozenFeatures(
+        features.reference, features.reference_labels, features.query[keep], features.query_labels[keep]
+    )
+    knn = knn_result(kept, eval_cfg) if keep.any() else None
+    probed = None
+    if probe and found and keep.any():
+        probed = linear_probe(kept.reference, kept.reference_labels, kept.query, kept.query_labels, seed=seed).top1
+    share = len(found) / max(1, len(test_names))
+    warning = ""
+    if share > LEAK_WARN_FRACTION:
+        warning = (
+            f"{len(found)} of {len(test_names)} test images ({share:.1%}) are near-duplicates of training images "
+            f"({path}): scores on this test set are inflated; compare the scores without them"
+        )
+    return Leaks(
+        test_images=len(test_names),
+        leaked=len(found),
+        exact=sum(exact),
+        csv=str(path),
+        threshold=threshold,
+        hash_max_distance=MAX_DISTANCE,
+        knn_top1_without=knn.top1 if knn else None,
+        knn_top5_without=knn.top5 if knn else None,
+        probe_top1_without=probed,
+        warning=warning,
+    )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are files with the same bytes (rows of other sources: unknown, False)."""
+    if not (Path(a).is_file() and Path(b).is_file()):
+        return False
+    return Path(a).stat().st_size == Path(b).stat().st_size and file_digest(a) == file_digest(b)
 
 
 def knn_only(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -67,8 +68,17 @@ def test_pretrain_evaluate_export(image_folder: Path, tmp_path: Path, capsys: py
     assert set(pretrained["retrieval"]) == {"recall@1", "recall@5", "recall@10", "precision@1", "map@r"}
     assert 0.0 <= pretrained["verification"]["roc_auc"] <= 1.0 and pretrained["diagnostics"]["dims"] == 512
     assert 0.0 <= pretrained["diagnostics"]["alignment"] <= 4.0  # squared distance of unit vectors
+    # the same folder as both splits: every test image is a training image, and the user is told
+    leaks = pretrained["leaks"]
+    assert leaks["test_images"] == leaks["leaked"] == leaks["exact"] == 24 and leaks["knn_top1_without"] is None
+    assert "warning: 24 of 24 test images (100.0%) are near-duplicates of training images" in out
+    with (run_dir / "leaks.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and all(r["test_image"] == r["train_image"] and r["exact"] == "true" for r in rows)
+    assert "random_init" in result and "leaks" not in result["random_init"]  # a property of the data: checked once
     report = (run_dir / "report.md").read_text()
     assert "## pretrained" in report and "## random_init" in report and "linear probe top-1" in report
+    assert "## Leaks between train and test" in report
     from PIL import Image
 
     for name in ("training.png", "embeddings.png", "neighbours.png"):

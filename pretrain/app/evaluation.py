@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from twinview.evaluate.dataset import LabelledImages, check_labelled_pair, split_by_class
-from twinview.evaluate.results import LabelFreeResult, LabelledResult
+from twinview.evaluate.results import LabelFreeResult, LabelledResult, Leaks
 from twinview.pretrain.app.embedding import absolute_source, embed_images
 from twinview.pretrain.app.model import TrainedModel, launched_accelerator, load_model, main_print
 from twinview.pretrain.data.images import open_images
@@ -96,6 +96,8 @@ def evaluate_labelled(
             seed=cfg.train.seed,
             plots_dir=plots_dir if main_process and name == "pretrained" else None,
             features_dir=features_dir,
+            leaks_dir=out_dir if main_process and name == "pretrained" else None,  # a property of the data: once
+            scan_workers=cfg.data.num_workers,
         )
         if name == "pretrained" and model.training_log is not None and main_process:
             curves = str(training_curves(model.training_log, plots_dir / "training.png"))
@@ -103,6 +105,8 @@ def evaluate_labelled(
         results[name] = result
         if main_process:
             print_knn(f"{name.replace('_', '-')} backbone", result)
+            if result.leaks is not None:
+                print_leaks(result.leaks)
     return results if main_process else {}
 
 
@@ -274,6 +278,20 @@ def print_knn(label: str, result: LabelledResult) -> None:
         line += f"  linear probe top-1 {result.linear_probe.top1:.4f}"
     line += f"  MAP@R {result.retrieval['map@r']:.4f}  ROC AUC {result.verification['roc_auc']:.4f}"
     print(line)
+
+
+def print_leaks(leaks: Leaks) -> None:
+    """The leak check's line, and its warning."""
+    line = f"leaks: {leaks.leaked} of {leaks.test_images} test images are near-duplicates of training images"
+    if leaks.leaked:
+        line += f" ({leaks.exact} byte copies; {leaks.csv})"
+        if leaks.knn_top1_without is not None:
+            line += f"; kNN top-1 without them {leaks.knn_top1_without:.4f}"
+        if leaks.probe_top1_without is not None:
+            line += f", linear probe top-1 {leaks.probe_top1_without:.4f}"
+    print(line)
+    if leaks.warning:
+        print(f"warning: {leaks.warning}")
 
 
 def print_label_free(result: LabelFreeResult) -> None:

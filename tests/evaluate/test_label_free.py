@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
@@ -23,6 +24,7 @@ from twinview.evaluate.label_free import (
     auto_num_clusters,
     cluster,
     file_digest,
+    find_leaks,
     mark_exact,
     merge_pairs,
     near_duplicates,
@@ -407,3 +409,39 @@ def test_an_image_unlike_the_others_ranks_first_and_flags_are_written(tmp_path: 
     assert [r[0] for r in rows[1:]] == [names[i] for i in order] and len(rows) == 21
     assert [float(r[1]) for r in rows[1:]] == sorted((float(r[1]) for r in rows[1:]), reverse=True)
     assert {r[0]: r[2] for r in rows[1:]}["img5.png"] == "near-constant+tiny"
+
+
+def test_find_leaks_matches_a_loop_over_both_rules() -> None:
+    torch.manual_seed(0)
+    train = torch.randn(40, 64)
+    test = torch.randn(15, 64)
+    test[3] = train[7] + 0.01 * torch.randn(64)  # an embedding copy
+    rng = np.random.default_rng(0)
+    train_h = rng.integers(0, 2**63, (40, 2), dtype=np.int64).astype(np.uint64)
+    test_h = rng.integers(0, 2**63, (15, 2), dtype=np.int64).astype(np.uint64)
+    test_h[9, 0] = train_h[21, 1] ^ np.uint64(0b101)  # 2 bits from a training image's mirror hash
+    test_h[3] = train_h[7]  # the embedding copy is a hash copy as well
+    threshold, max_distance = 0.9, 4
+    a, b = F.normalize(train, dim=1), F.normalize(test, dim=1)
+
+    def bits(x: int) -> int:
+        return bin(x).count("1")
+
+    want = []
+    for i in range(15):
+        sims = [float(b[i] @ a[j]) for j in range(40)]
+        j_cos = max(range(40), key=lambda j: sims[j])
+        dists = [
+            min(bits(int(test_h[i, 0]) ^ int(train_h[j, 0])), bits(int(test_h[i, 0]) ^ int(train_h[j, 1])))
+            for j in range(40)
+        ]
+        j_hash = min(range(40), key=lambda j: dists[j])
+        by_cos, by_hash = sims[j_cos] >= threshold, dists[j_hash] <= max_distance
+        if by_cos or by_hash:
+            j = j_cos if by_cos else j_hash
+            rule = "+".join(r for r, hit in (("hash", by_hash), ("cosine", by_cos)) if hit)
+            want.append((i, j, rule, dists[j]))
+    got = find_leaks(train, test, threshold, (train_h, test_h), max_distance, chunk=4)
+    assert [(x.test, x.train, x.rule, x.hash_distance) for x in got] == want
+    assert [(x.test, x.train, x.rule) for x in got] == [(3, 7, "hash+cosine"), (9, 21, "hash")]
+    assert [(x.test, x.rule) for x in find_leaks(train, test, threshold)] == [(3, "cosine")]  # no hashes
