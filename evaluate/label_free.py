@@ -310,8 +310,9 @@ def find_leaks(
         chunk: Test rows per block of the search (memory ``chunk x N``).
 
     Returns:
-        One leak per leaked test image, in test order; the training image is the nearest by
-        cosine when that rule matched, else the nearest by hash.
+        One leak per leaked test image, in test order: with the training image whose hash matched
+        when one did (``rule`` adds ``cosine`` when their cosine passes too), else with the nearest
+        training image by cosine.
     """
     from twinview.evaluate.perceptual import nearest_hashes
 
@@ -329,16 +330,16 @@ def find_leaks(
         hash_idx, hash_dist = nearest_hashes(hashes[1], hashes[0])
     leaks = []
     for i in range(len(b)):
-        by_cosine = bool(sims[i] >= threshold)
         by_hash = hashes is not None and int(hash_dist[i]) <= max_distance
-        if not (by_cosine or by_hash):
-            continue
-        j = int(nearest[i]) if by_cosine else int(hash_idx[i])
-        rule = "+".join(r for r, hit in (("hash", by_hash), ("cosine", by_cosine)) if hit)
-        distance = int(hash_dist[i]) if hashes is not None else -1
-        if hashes is not None and by_cosine and int(hash_idx[i]) != j:  # the hash match is another image
-            distance = int(_hamming(hashes[1][i], hashes[0][j]))
-        leaks.append(Leak(i, j, float(a[j] @ b[i]), rule, distance))
+        if by_hash:  # the closer evidence of a copy: the image whose hash matches
+            j = int(hash_idx[i])
+            sim = float(a[j] @ b[i])
+            rule = "hash+cosine" if sim >= threshold else "hash"
+            leaks.append(Leak(i, j, sim, rule, int(hash_dist[i])))
+        elif sims[i] >= threshold:
+            j = int(nearest[i])
+            distance = int(_hamming(hashes[1][i], hashes[0][j])) if hashes is not None else -1
+            leaks.append(Leak(i, j, float(a[j] @ b[i]), "cosine", distance))
     return leaks
 
 

@@ -21,7 +21,7 @@ from twinview.evaluate.config import DUPLICATE_THRESHOLD, EvalConfig
 from twinview.evaluate.dataset import Images, LabelledImages, check_labelled_pair
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.knn import knn_accuracy
-from twinview.evaluate.label_free import LEAK_WARN_FRACTION, file_digest, find_leaks, write_leaks_csv
+from twinview.evaluate.label_free import LEAK_WARN_FRACTION, Leak, file_digest, find_leaks, write_leaks_csv
 from twinview.evaluate.linear_probe import linear_probe
 from twinview.evaluate.metrics import (
     alignment,
@@ -144,14 +144,12 @@ def leak_report(
     the probe) scored again without them: a score on a test set that shares images with the
     training set is inflated.
     """
-    from twinview.evaluate.perceptual import MAX_DISTANCE, scan_images
+    from twinview.evaluate.perceptual import MAX_DISTANCE
 
-    hashes = (scan_images(reference, workers).hashes, scan_images(query, workers).hashes)
-    found = find_leaks(features.reference, features.query, threshold, hashes, MAX_DISTANCE)
-    train_names = [str(f) for f in reference.index.files]
-    test_names = [str(f) for f in query.index.files]
-    exact = [_same_file(test_names[x.test], train_names[x.train]) for x in found]
-    path = write_leaks_csv(found, train_names, test_names, exact, Path(out_dir) / "leaks.csv")
+    found, exact, path = detect_leaks(
+        features.reference, features.query, reference, query, out_dir, workers=workers, threshold=threshold
+    )
+    test_names = query.index.files
     keep = torch.ones(len(features.query), dtype=torch.bool)
     keep[[x.test for x in found]] = False
     kept = FrozenFeatures(
@@ -180,6 +178,33 @@ def leak_report(
         probe_top1_without=probed,
         warning=warning,
     )
+
+
+def detect_leaks(
+    train_features: torch.Tensor,
+    test_features: torch.Tensor,
+    train: LabelledImages,
+    test: LabelledImages,
+    out_dir: Path,
+    *,
+    workers: int = 2,
+    threshold: float = DUPLICATE_THRESHOLD,
+) -> tuple[list[Leak], list[bool], Path]:
+    """The test images that are near-duplicates of training images, labelled or not: hashes of both
+    sets (one more decoding pass), :func:`~twinview.evaluate.label_free.find_leaks`, byte copies
+    marked, and ``out_dir/leaks.csv``.
+
+    Returns:
+        The leaks, whether each is a byte copy, and the CSV.
+    """
+    from twinview.evaluate.perceptual import MAX_DISTANCE, scan_images
+
+    hashes = (scan_images(train, workers).hashes, scan_images(test, workers).hashes)
+    found = find_leaks(train_features, test_features, threshold, hashes, MAX_DISTANCE)
+    train_names = [str(f) for f in train.index.files]
+    test_names = [str(f) for f in test.index.files]
+    exact = [_same_file(test_names[x.test], train_names[x.train]) for x in found]
+    return found, exact, write_leaks_csv(found, train_names, test_names, exact, Path(out_dir) / "leaks.csv")
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -247,3 +247,33 @@ def test_two_processes_write_the_same_label_free_report(unlabelled_run: tuple[Pa
         )
     assert (one / "duplicates.csv").read_text() == (two / "duplicates.csv").read_text()
     assert (one / "clusters.csv").read_text() == (two / "clusters.csv").read_text()
+
+
+def test_leaks_between_two_unlabeled_splits(
+    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``twinview leaks``: a byte copy and a mirrored copy of training images in the test split are
+    listed with their training images; images of their own are not."""
+    run_dir, folder = unlabelled_run
+    test = tmp_path / "test"
+    test.mkdir()
+    shutil.copy(folder / "img_003.png", test / "same_as_003.png")
+    Image.open(folder / "img_010.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(test / "flip_of_010.png")
+    rng = np.random.default_rng(7)
+    for i in range(4):  # images of their own (noise: no pHash near a training image's)
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(test / f"own_{i}.png")
+    out = tmp_path / "leaks"
+    # a one-epoch model puts every image near every other, so the cosine rule is made strict here
+    command = ["leaks", str(run_dir), "--train", str(folder), "--test", str(test), "--out", str(out)]
+    assert main([*command, "--duplicate-threshold", "0.99999"]) == 0
+    printed = capsys.readouterr().out
+    assert "backbone: the run's trained backbone" in printed and "2 of 6 test images (33.3%)" in printed
+    with (out / "leaks.csv").open() as f:
+        rows = {Path(r["test_image"]).name: r for r in csv.DictReader(f)}
+    assert set(rows) == {"same_as_003.png", "flip_of_010.png"}
+    assert (
+        Path(rows["same_as_003.png"]["train_image"]).name == "img_003.png"
+        and rows["same_as_003.png"]["exact"] == "true"
+    )
+    assert Path(rows["flip_of_010.png"]["train_image"]).name == "img_010.png"
+    assert rows["flip_of_010.png"]["exact"] == "false" and "hash" in rows["flip_of_010.png"]["rule"]

@@ -1,4 +1,4 @@
-"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``finetune``, ``embed``, ``search``, ``export``,
+"""The ``twinview`` command: ``pretrain``, ``evaluate``, ``finetune``, ``embed``, ``search``, ``leaks``, ``export``,
 ``preview`` and ``demo``. This module parses the command line and hands each command to its module in this package;
 run it as ``twinview ...`` or ``python -m twinview.pretrain.app.cli ...`` (``accelerate launch``)."""
 
@@ -205,6 +205,28 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_leaks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "leaks",
+        help="test images that are near-duplicates of training images (no labels needed)",
+        description="Compare two splits: every test image whose nearest training image is at the near-duplicate "
+        "cosine, or whose perceptual hash (or its mirror's) is within 10 of 64 bits of a training image's, goes to "
+        "leaks.csv (test image, training image, cosine, byte copy, rule). Uses the given run's or export's backbone.",
+    )
+    p.add_argument("model", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export")
+    p.add_argument("--train", required=True, help="the training images: anything data.path accepts")
+    p.add_argument("--test", required=True, help="the test images")
+    p.add_argument(
+        "--duplicate-threshold",
+        type=float,
+        default=None,
+        metavar="COS",
+        help=f"near-duplicate cosine (default {DUPLICATE_THRESHOLD})",
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="where leaks.csv goes (default: MODEL/leaks)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="of the model's config, e.g. data.num_workers=4")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="pretrain, evaluate and export on the embedded digits data set")
     p.add_argument("--output-dir", default="runs", help="parent of the demo's run directory")
@@ -221,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_embed(sub)
     _add_search(sub)
+    _add_leaks(sub)
     _add_export(sub)
     _add_preview(sub)
     _add_demo(sub)
@@ -235,6 +258,7 @@ _COMMANDS = {
     "finetune": ("finetuning", "run"),
     "embed": ("embedding", "run_embed"),
     "search": ("embedding", "run_search"),
+    "leaks": ("leaks", "run"),
     "export": ("export", "run"),
     "preview": ("preview", "run"),
     "demo": ("demo", "run"),

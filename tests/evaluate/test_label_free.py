@@ -436,11 +436,10 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
             for j in range(40)
         ]
         j_hash = min(range(40), key=lambda j: dists[j])
-        by_cos, by_hash = sims[j_cos] >= threshold, dists[j_hash] <= max_distance
-        if by_cos or by_hash:
-            j = j_cos if by_cos else j_hash
-            rule = "+".join(r for r, hit in (("hash", by_hash), ("cosine", by_cos)) if hit)
-            want.append((i, j, rule, dists[j]))
+        if dists[j_hash] <= max_distance:
+            want.append((i, j_hash, "hash+cosine" if sims[j_hash] >= threshold else "hash", dists[j_hash]))
+        elif sims[j_cos] >= threshold:
+            want.append((i, j_cos, "cosine", dists[j_cos]))
     got = find_leaks(train, test, threshold, (train_h, test_h), max_distance, chunk=4)
     assert [(x.test, x.train, x.rule, x.hash_distance) for x in got] == want
     assert [(x.test, x.train, x.rule) for x in got] == [(3, 7, "hash+cosine"), (9, 21, "hash")]

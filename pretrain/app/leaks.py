@@ -1,0 +1,43 @@
+"""``twinview leaks MODEL --train A --test B``: the test images that are near-duplicates of training
+images, with or without labels, before any score is trusted."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from twinview.evaluate.config import DUPLICATE_THRESHOLD
+from twinview.evaluate.label_free import LEAK_WARN_FRACTION
+from twinview.pretrain.app.model import load_model
+from twinview.pretrain.data.images import open_images
+from twinview.pretrain.data.source import resolve_source
+from twinview.pretrain.runs import CONFIG_FILE
+
+
+def run(args: argparse.Namespace) -> int:
+    """Embeds both sources with the model's backbone, hashes them, and writes ``leaks.csv``."""
+    from twinview.evaluate.run import detect_leaks
+
+    model = load_model(Path(args.model), args.overrides)
+    kind = "the run's trained backbone" if (model.path / CONFIG_FILE).is_file() else "the exported backbone"
+    out = Path(args.out) if args.out else model.path / "leaks"
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.cfg.data.size
+    train = open_images(resolve_source(args.train, survey=False), size)
+    test = open_images(resolve_source(args.test, survey=False), size)
+    print(f"Comparing {len(test):,} test images with {len(train):,} training images; backbone: {kind} ({model.path})")
+    embedder = model.embedder()
+    train_x, _ = embedder.features(train, out / "features")
+    test_x, _ = embedder.features(test, out / "features")
+    threshold = DUPLICATE_THRESHOLD if args.duplicate_threshold is None else args.duplicate_threshold
+    found, exact, path = detect_leaks(
+        train_x, test_x, train, test, out, workers=model.cfg.data.num_workers, threshold=threshold
+    )
+    share = len(found) / max(1, len(test))
+    print(
+        f"leaks: {len(found)} of {len(test)} test images ({share:.1%}) are near-duplicates of training images "
+        f"({sum(exact)} byte copies): {path}"
+    )
+    if share > LEAK_WARN_FRACTION:
+        print("warning: scores on this test set are inflated; evaluate on the test images that did not leak")
+    return 0
