@@ -295,11 +295,19 @@ def find_leaks(
     threshold: float,
     hashes: tuple[np.ndarray, np.ndarray] | None = None,
     max_distance: int = 10,
+    thumbs: tuple[np.ndarray, np.ndarray] | None = None,
+    gap: float = RELATIVE_GAP,
+    k: int = RELATIVE_K,
     chunk: int | None = None,
 ) -> list[Leak]:
-    """Test images that are near-duplicates of training images: the nearest training image at
-    cosine ``>= threshold``, or (given ``hashes``) a training image whose perceptual hash, or its
-    mirror's, is within ``max_distance`` bits.
+    """Test images that are near-duplicates of training images, by either of two rules:
+
+    * ``hash`` (given ``hashes``): the training image with the closest perceptual hash (or mirror
+      hash) is within ``max_distance`` bits and, given ``thumbs``, their thumbnails differ by at most
+      :data:`~twinview.evaluate.perceptual.THUMB_MAX_DIFF` (why: :mod:`~twinview.evaluate.perceptual`).
+    * ``cosine``: the nearest training image is at cosine ``>= threshold`` and ``gap`` above the
+      test image's typical training-neighbour cosine (the median of its 2nd to ``k+1``-th nearest),
+      so that a briefly trained model, which puts everything near everything, does not flag all.
 
     Args:
         train: ``(N, D)`` training embeddings.
@@ -307,39 +315,47 @@ def find_leaks(
         threshold: The least cosine of a leak found by its embedding.
         hashes: ``(train (N, 2), test (M, 2))`` uint64 from :func:`~twinview.evaluate.perceptual.image_hashes`.
         max_distance: The most differing bits of a leak found by its hash.
+        thumbs: ``(train (N, 8, 8), test (M, 8, 8))`` thumbnails that confirm a hash match.
+        gap: The least margin of a cosine leak over the typical cosine.
+        k: Neighbours that give the typical cosine.
         chunk: Test rows per block of the search (memory ``chunk x N``).
 
     Returns:
         One leak per leaked test image, in test order: with the training image whose hash matched
-        when one did (``rule`` adds ``cosine`` when their cosine passes too), else with the nearest
-        training image by cosine.
+        when that rule did (``rule`` adds ``cosine`` when the cosine rule holds for it too), else
+        with the nearest training image by cosine.
     """
-    from twinview.evaluate.perceptual import nearest_hashes
+    from twinview.evaluate.perceptual import THUMB_MAX_DIFF, nearest_hashes, thumb_difference
 
     a = F.normalize(train.float(), dim=1)  # (N, D)
     b = F.normalize(test.float(), dim=1)  # (M, D)
+    top = min(k + 1, len(a))
     chunk = chunk or max(1, min(CHUNK, BLOCK_FLOATS // max(1, len(a))))
-    best_sim, best_idx = [], []
+    sims_parts, idx_parts = [], []
     for start in range(0, len(b), chunk):
-        top = (b[start : start + chunk] @ a.T).max(dim=1)  # (m,)
-        best_sim.append(top.values)
-        best_idx.append(top.indices)
-    sims = torch.cat(best_sim).cpu() if best_sim else torch.zeros(0)
-    nearest = torch.cat(best_idx).cpu() if best_idx else torch.zeros(0, dtype=torch.long)
+        found = (b[start : start + chunk] @ a.T).topk(top, dim=1)  # (m, top)
+        sims_parts.append(found.values)
+        idx_parts.append(found.indices)
+    sims = torch.cat(sims_parts).cpu() if sims_parts else torch.zeros(0, top)  # (M, top)
+    idx = torch.cat(idx_parts).cpu() if idx_parts else torch.zeros(0, top, dtype=torch.long)
+    typical = sims[:, 1:].median(dim=1).values if top > 1 else torch.full((len(b),), -2.0)  # (M,)
     if hashes is not None:
         hash_idx, hash_dist = nearest_hashes(hashes[1], hashes[0])
     leaks = []
     for i in range(len(b)):
+        by_cosine = bool(sims[i, 0] >= threshold) and bool(sims[i, 0] - typical[i] >= gap)
         by_hash = hashes is not None and int(hash_dist[i]) <= max_distance
+        if by_hash and thumbs is not None:
+            by_hash = thumb_difference(thumbs[1][i], thumbs[0][int(hash_idx[i])]) <= THUMB_MAX_DIFF
         if by_hash:  # the closer evidence of a copy: the image whose hash matches
             j = int(hash_idx[i])
             sim = float(a[j] @ b[i])
-            rule = "hash+cosine" if sim >= threshold else "hash"
+            rule = "hash+cosine" if by_cosine and j == int(idx[i, 0]) else "hash"
             leaks.append(Leak(i, j, sim, rule, int(hash_dist[i])))
-        elif sims[i] >= threshold:
-            j = int(nearest[i])
+        elif by_cosine:
+            j = int(idx[i, 0])
             distance = int(_hamming(hashes[1][i], hashes[0][j])) if hashes is not None else -1
-            leaks.append(Leak(i, j, float(a[j] @ b[i]), "cosine", distance))
+            leaks.append(Leak(i, j, float(sims[i, 0]), "cosine", distance))
     return leaks
 
 

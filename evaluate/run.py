@@ -199,8 +199,10 @@ def detect_leaks(
     """
     from twinview.evaluate.perceptual import MAX_DISTANCE, scan_images
 
-    hashes = (scan_images(train, workers).hashes, scan_images(test, workers).hashes)
-    found = find_leaks(train_features, test_features, threshold, hashes, MAX_DISTANCE)
+    scans = (scan_images(train, workers), scan_images(test, workers))
+    hashes = (scans[0].hashes, scans[1].hashes)
+    thumbs = (scans[0].thumbs, scans[1].thumbs)
+    found = find_leaks(train_features, test_features, threshold, hashes, MAX_DISTANCE, thumbs)
     train_names = [str(f) for f in train.index.files]
     test_names = [str(f) for f in test.index.files]
     exact = [_same_file(test_names[x.test], train_names[x.train]) for x in found]

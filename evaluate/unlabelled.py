@@ -130,7 +130,7 @@ def evaluate_unlabelled(
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
     scan = scan_images(good, workers=scan_workers) if scan_workers >= 0 else None  # -1: no extra pass
     duplicates, drawn = duplicates_section(
-        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, scan.hashes if scan else None
+        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, scan
     )
     outliers, unusual = outliers_section(features.to(device), trained.rows.names, image, out_dir, plots_dir, scan)
     similarity = backbones[trained.name].similarity
@@ -202,12 +202,13 @@ def duplicates_section(
     out_dir: Path,
     threshold: float,
     plots_dir: Path,
-    hashes: np.ndarray | None = None,
+    scan: ImageScan | None = None,
 ) -> tuple[DuplicatePairs, str]:
     """Near-duplicate pairs (byte copies flagged) to ``duplicates.csv``, and their grid: embeddings
     at or above ``threshold``, mutual nearest neighbours that stand out
-    (:func:`~twinview.evaluate.label_free.relative_duplicates`), and, given ``hashes``, perceptual
-    hashes within :data:`~twinview.evaluate.perceptual.MAX_DISTANCE` bits.
+    (:func:`~twinview.evaluate.label_free.relative_duplicates`), and, given the images' ``scan``,
+    perceptual hashes within :data:`~twinview.evaluate.perceptual.MAX_DISTANCE` bits whose
+    thumbnails agree.
 
     Returns:
         The section of the result, and the grid's PNG file.
@@ -216,7 +217,7 @@ def duplicates_section(
 
     by_hash = [
         DuplicatePair(p.a, p.b, float("nan"), rule="hash", hash_distance=p.distance)
-        for p in (hash_pairs(hashes) if hashes is not None else [])
+        for p in (hash_pairs(scan.hashes, thumbs=scan.thumbs) if scan is not None else [])
     ]
     found = merge_pairs(features, by_hash, near_duplicates(features, threshold), relative_duplicates(features))
     pairs = mark_exact(found, lambda i: content_digest(names[i], image, i))
@@ -237,7 +238,7 @@ def duplicates_section(
         sum(p.exact for p in pairs),
         str(csv_path),
         top,
-        hash_max_distance=MAX_DISTANCE if hashes is not None else -1,
+        hash_max_distance=MAX_DISTANCE if scan is not None else -1,
         relative_gap=RELATIVE_GAP,
         by_rule=counts,
     )

@@ -421,7 +421,10 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
     test_h = rng.integers(0, 2**63, (15, 2), dtype=np.int64).astype(np.uint64)
     test_h[9, 0] = train_h[21, 1] ^ np.uint64(0b101)  # 2 bits from a training image's mirror hash
     test_h[3] = train_h[7]  # the embedding copy is a hash copy as well
-    threshold, max_distance = 0.9, 4
+    train_t = rng.integers(0, 256, (40, 8, 8), dtype=np.int64).astype(np.uint8)
+    test_t = rng.integers(0, 256, (15, 8, 8), dtype=np.int64).astype(np.uint8)
+    test_t[3] = train_t[7]  # thumbnails of a copy agree; test 9's do not (yet)
+    threshold, max_distance, gap, k = 0.9, 4, 0.2, 10
     a, b = F.normalize(train, dim=1), F.normalize(test, dim=1)
 
     def bits(x: int) -> int:
@@ -430,17 +433,33 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
     want = []
     for i in range(15):
         sims = [float(b[i] @ a[j]) for j in range(40)]
-        j_cos = max(range(40), key=lambda j: sims[j])
+        ranked = sorted(range(40), key=lambda j: -sims[j])
+        j_cos = ranked[0]
+        typical = float(torch.tensor([sims[j] for j in ranked[1 : k + 1]]).median())
+        by_cosine = sims[j_cos] >= threshold and sims[j_cos] - typical >= gap
         dists = [
             min(bits(int(test_h[i, 0]) ^ int(train_h[j, 0])), bits(int(test_h[i, 0]) ^ int(train_h[j, 1])))
             for j in range(40)
         ]
         j_hash = min(range(40), key=lambda j: dists[j])
-        if dists[j_hash] <= max_distance:
-            want.append((i, j_hash, "hash+cosine" if sims[j_hash] >= threshold else "hash", dists[j_hash]))
-        elif sims[j_cos] >= threshold:
+        thumb = min(
+            np.abs(test_t[i].astype(float) - train_t[j_hash]).mean(),
+            np.abs(test_t[i].astype(float) - train_t[j_hash][:, ::-1]).mean(),
+        )
+        if dists[j_hash] <= max_distance and thumb <= 8.0:
+            want.append((i, j_hash, "hash+cosine" if by_cosine and j_hash == j_cos else "hash", dists[j_hash]))
+        elif by_cosine:
             want.append((i, j_cos, "cosine", dists[j_cos]))
-    got = find_leaks(train, test, threshold, (train_h, test_h), max_distance, chunk=4)
+    thumbs = (train_t, test_t)
+    got = find_leaks(train, test, threshold, (train_h, test_h), max_distance, thumbs, gap, k, chunk=4)
     assert [(x.test, x.train, x.rule, x.hash_distance) for x in got] == want
-    assert [(x.test, x.train, x.rule) for x in got] == [(3, 7, "hash+cosine"), (9, 21, "hash")]
+    # test 9's hash is 2 bits from training image 21's mirror, but their thumbnails differ: a look-alike
+    assert [(x.test, x.train, x.rule) for x in got] == [(3, 7, "hash+cosine")]
+    test_t[9] = train_t[21][:, ::-1]  # now its thumbnail is that image's mirror: a copy
+    assert [(x.test, x.train, x.rule) for x in find_leaks(train, test, threshold, (train_h, test_h), 4, thumbs)] == [
+        (3, 7, "hash+cosine"),
+        (9, 21, "hash"),
+    ]
+    unconfirmed = find_leaks(train, test, threshold, (train_h, test_h), 4)  # without thumbnails: the hash alone
+    assert [(x.test, x.rule) for x in unconfirmed] == [(3, "hash+cosine"), (9, "hash")]
     assert [(x.test, x.rule) for x in find_leaks(train, test, threshold)] == [(3, "cosine")]  # no hashes

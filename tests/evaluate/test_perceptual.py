@@ -7,9 +7,10 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
-from twinview.evaluate.perceptual import HashPair, hash_pairs, image_hash, image_hashes
+from twinview.evaluate.perceptual import HashPair, hash_pairs, image_hash, image_hashes, scan_images, thumb_difference
 
 pytest.importorskip("imagehash")
 
@@ -62,3 +63,19 @@ def test_mirrored_reencoded_and_resized_copies_are_found_and_distinct_images_are
     assert {(o, c) for c, o in copies.items()} <= found
     assert next(p for p in pairs if p.b == 30).mirrored
     assert all(p.b in copies for p in pairs)  # no pair of two different images
+
+
+def test_thumbnails_confirm_a_hash_match_or_reject_a_look_alike() -> None:
+    images = [_photo(s) for s in range(6)]
+    images += [ImageOps.mirror(images[0]), _reencoded(images[1])]
+    items = [(torch.from_numpy(np.asarray(im)).permute(2, 0, 1).contiguous(), 0) for im in images]
+    scan = scan_images(items, workers=0, batch=3)
+    assert scan.hashes.shape == (8, 2) and scan.thumbs.shape == (8, 8, 8) and scan.pixel_std.shape == (8,)
+    assert np.array_equal(scan.hashes, image_hashes(images))
+    found = {(p.a, p.b) for p in hash_pairs(scan.hashes, thumbs=scan.thumbs)}
+    assert found == {(0, 6), (1, 7)}  # the mirror and the re-encode, confirmed
+    assert thumb_difference(scan.thumbs[0], scan.thumbs[6]) == 0.0  # a mirror compared mirrored
+    look_alike = scan.hashes.copy()
+    look_alike[2] = look_alike[3]  # same hash, different pictures
+    assert (2, 3) in {(p.a, p.b) for p in hash_pairs(look_alike)}
+    assert (2, 3) not in {(p.a, p.b) for p in hash_pairs(look_alike, thumbs=scan.thumbs)}
