@@ -5,11 +5,11 @@ WebDataset layout: the files of one sample share a key (``000123.jpg``, ``000123
 is the one image field (``data.image_column`` picks one of several), the label the ``.cls`` field
 if present.
 
-Training reads them with the ``webdataset`` package's tar iterator and key grouping
-(:class:`ShardStream`): ``datasets``' streaming builder, used before, cost ~240 us per sample in
-per-example feature encoding and thread hand-offs, which halved the images per second of 32 px
-shards against a folder (docs/BENCHMARKS.md); ``datasets`` still infers the fields and serves the
-evaluation's map-style reading (:func:`shard_rows`).
+Training reads them with a small tar reader of our own (:func:`tar_files`, why: there) and the
+``webdataset`` package's key grouping (:class:`ShardStream`): ``datasets``' streaming builder, used
+before, cost ~240 us per sample in per-example feature encoding and thread hand-offs, which halved
+the images per second of 32 px shards against a folder (docs/BENCHMARKS.md); ``datasets`` still
+infers the fields and serves the evaluation's map-style reading (:func:`shard_rows`).
 
 * Each process reads only its own share of the shards (``files[rank::world]``, also when the
   count does not divide), and each DataLoader worker a share of that (``[worker::workers]``); the
@@ -24,6 +24,7 @@ evaluation's map-style reading (:func:`shard_rows`).
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ import datasets
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from twinview.pretrain.data.decode import BadImage
 from twinview.pretrain.data.folder import SkipLog
@@ -198,9 +199,10 @@ class ShardStream(IterableDataset):
 
 
 def _members(f: Any, url: str, failed: list[Exception]) -> Iterator[dict[str, Any]]:
-    """A tar's files as ``webdataset`` members, ending (not raising) where the tar is damaged, so
-    that the key grouping still hands over the last whole sample; the error goes to ``failed``."""
-    files = tar_file_iterator(f)
+    """A tar's files as ``webdataset`` members (``fname``, ``data``, ``__url__``), ending (not
+    raising) where the tar is damaged, so that the key grouping still hands over the last whole
+    sample; the error goes to ``failed``."""
+    files = tar_files(f)
     while True:
         try:
             member = next(files)
@@ -211,3 +213,91 @@ def _members(f: Any, url: str, failed: list[Exception]) -> Iterator[dict[str, An
             return
         member["__url__"] = url
         yield member
+
+
+class TarDamaged(ValueError):
+    """A tar that ends inside a header or a file's data, or whose header is not a tar header."""
+
+
+def tar_files(f: Any) -> Iterator[dict[str, Any]]:
+    """The regular files of a tar stream in order, as ``{"fname", "data"}``.
+
+    Our own reader, because the standard ``tarfile`` module (which ``webdataset``'s iterator uses)
+    spends ~35 us per member parsing headers in Python: at 32 px, two members per sample made shards
+    0.88x a JPEG folder's images/s (docs/BENCHMARKS.md). This one reads the POSIX (ustar), GNU and
+    pax forms that ``tarfile``, GNU tar and ``webdataset``'s writer produce: names (with the ustar
+    prefix, GNU long names and pax ``path``), sizes in octal or base-256, and skips everything that
+    is not a regular file. Metadata files (``__*__``) are skipped, as ``webdataset`` does.
+
+    Raises:
+        TarDamaged: Where the stream ends inside a header or a file, or a header's checksum is wrong.
+    """
+    long_name = ""
+    while True:
+        header = f.read(512)
+        if not header or header == _ZERO_BLOCK:  # the end of the archive
+            return
+        if len(header) < 512:
+            raise TarDamaged(f"the tar ends inside a header ({len(header)} of 512 bytes)")
+        if _checksum(header) != _number(header[148:156]):
+            raise TarDamaged("a tar header has a wrong checksum")
+        size = _number(header[124:136])
+        kind = header[156:157]
+        data = f.read(size)
+        if len(data) < size:
+            raise TarDamaged(f"the tar ends inside a file ({len(data)} of {size} bytes)")
+        f.read(-size % 512)  # the padding to the next block
+        if kind == b"L":  # GNU: the next member's long name
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind in (b"x", b"g"):  # pax: key=value records, of which path names the next member
+            path = _pax_path(data)
+            long_name = path if kind == b"x" and path else long_name
+            continue
+        name = long_name or _name(header)
+        long_name = ""
+        if kind not in (b"0", b"\0", b"7") or _META.match(name):
+            continue
+        yield {"fname": name, "data": data}
+
+
+_ZERO_BLOCK = bytes(512)
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata names, which it skips too
+
+
+def _number(field: bytes) -> int:
+    """A tar number field: octal ASCII, or base-256 when its first byte has the high bit set."""
+    if field and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.strip(b"\0 ")
+    return int(digits, 8) if digits else 0
+
+
+def _checksum(header: bytes) -> int:
+    """The header's checksum: the sum of its bytes with the checksum field taken as spaces."""
+    return sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def _name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name
+
+
+def _pax_path(data: bytes) -> str:
+    """The ``path`` of pax extended-header records (``LEN key=value\\n``), or ""."""
+    path = ""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "replace")
+        pos += length
+    return path

@@ -205,3 +205,43 @@ def test_a_streamed_run_whose_reader_goes_away_still_exits(folder: Path, tmp_pat
     except subprocess.TimeoutExpired:
         run.kill()
         raise AssertionError("the run did not exit after its output pipe closed") from None
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_reader_reads_what_tarfile_writes(tmp_path: Path, tar_format: int) -> None:
+    """Names of every length (the ustar prefix, GNU long names, pax paths), empty files, directories
+    and metadata skipped, sizes, in order: the same files as the standard tarfile module reads."""
+    from twinview.pretrain.data.shards import TarDamaged, tar_files
+
+    rng = np.random.default_rng(0)
+    files = {
+        "a.jpg": rng.bytes(1000),
+        "a.cls": b"3",
+        "empty.txt": b"",
+        ("d" * 60) + "/" + ("e" * 70) + ".png": rng.bytes(513),  # 135 characters: ustar prefix or a long name
+        ("f" * 150) + ".png": rng.bytes(512),  # no "/" to split at: only GNU and pax can name it
+        "__meta__": b"skipped",
+    }
+    path = tmp_path / "t.tar"
+    written = []
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        info = tarfile.TarInfo("folder")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, data in files.items():
+            if tar_format == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name:
+                continue  # ustar cannot store it
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            written.append(name)
+    with path.open("rb") as f:
+        got = [(m["fname"], m["data"]) for m in tar_files(f)]
+    assert got == [(n, files[n]) for n in written if n != "__meta__"]
+    whole = path.read_bytes()
+    with tarfile.open(path) as tar:
+        second = tar.getmembers()[2]  # a.cls
+    for cut in (second.offset + 100, 1024 + 500):  # in a header; in a.jpg's data
+        stream = tar_files(io.BytesIO(whole[:cut]))
+        with pytest.raises(TarDamaged):
+            list(stream)
