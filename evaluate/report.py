@@ -294,11 +294,12 @@ def duplicates_section(dup: DuplicatePairs, source: str, plots: Mapping[str, Pat
     if dup.warning:
         notes += (f"{WARNING_PREFIX}{dup.warning}.",)
     rules = dict(dup.by_rule)
+    relative = str(rules.get("relative", 0)) if dup.relative_closeness > 0 else "not used"
     found_by = [f"embeddings at or above the cosine threshold ({dup.threshold:g})"]
-    if dup.relative_gap > 0:
+    if dup.relative_closeness > 0:
         found_by.append(
-            f"mutual nearest neighbours whose cosine stands {dup.relative_gap:g} above both images' typical "
-            "neighbour cosine (which depends less on how long the model trained)"
+            f"mutual nearest neighbours whose cosine goes {dup.relative_closeness:g} of the way from both images' "
+            "typical neighbour cosine to 1 (which depends far less on how long the model trained)"
         )
     if dup.hash_max_distance >= 0:
         found_by.append(
@@ -313,7 +314,10 @@ def duplicates_section(dup: DuplicatePairs, source: str, plots: Mapping[str, Pat
             ("pairs", str(dup.pairs)),
             ("by perceptual hash", str(rules.get("hash", 0)) if dup.hash_max_distance >= 0 else "not hashed"),
             (f"by cosine >= {dup.threshold:g}", str(rules.get("cosine", dup.pairs))),
-            ("by standing out from neighbours", str(rules.get("relative", 0)) if dup.relative_gap > 0 else "not used"),
+            (
+                "by standing out from neighbours",
+                relative,
+            ),
             ("exact copies (same bytes)", str(dup.exact)),
         ),
         tables=(Table(("image A", "image B", "cosine", "exact copy"), rows),) if rows else (),

@@ -200,8 +200,8 @@ class DuplicatePairs:
         warning: Why many pairs may be look-alikes rather than copies ("" when none).
         hash_max_distance: Perceptual hashes (of the image and its mirror) within this many bits of
             64 also make a pair (-1: not hashed).
-        relative_gap: Mutual nearest neighbours this far above both images' typical neighbour
-            cosine also make a pair (0: not used).
+        relative_closeness: Mutual nearest neighbours whose cosine goes this share of the way from
+            both images' typical neighbour cosine to 1 also make a pair (0: not used).
         by_rule: Pairs per rule that found them (``hash``, ``cosine``, ``relative``; a pair found
             by several counts for each).
     """
@@ -214,7 +214,7 @@ class DuplicatePairs:
     mirror_invariant: bool = False
     warning: str = ""
     hash_max_distance: int = -1
-    relative_gap: float = 0.0
+    relative_closeness: float = 0.0
     by_rule: tuple[tuple[str, int], ...] = ()
 
 

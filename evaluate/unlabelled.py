@@ -27,7 +27,7 @@ from twinview.evaluate.embedding_file import EmbeddingRows
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
     OUTLIER_K,
-    RELATIVE_GAP,
+    RELATIVE_CLOSENESS,
     RULES,
     DuplicatePair,
     cluster,
@@ -239,7 +239,7 @@ def duplicates_section(
         str(csv_path),
         top,
         hash_max_distance=MAX_DISTANCE if scan is not None else -1,
-        relative_gap=RELATIVE_GAP,
+        relative_closeness=RELATIVE_CLOSENESS,
         by_rule=counts,
     )
     return result, str(grid)

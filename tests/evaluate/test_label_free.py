@@ -163,7 +163,7 @@ def test_duplicates_csv_round_trip(tmp_path: Path) -> None:
     ]
 
 
-def relative_loop(x: torch.Tensor, gap: float, k: int) -> list[tuple[int, int, float]]:
+def relative_loop(x: torch.Tensor, closeness: float, k: int) -> list[tuple[int, int, float]]:
     """The relative rule as its docstring states it, one image at a time."""
     x = torch.nn.functional.normalize(x.double(), dim=1)
     n = len(x)
@@ -175,7 +175,8 @@ def relative_loop(x: torch.Tensor, gap: float, k: int) -> list[tuple[int, int, f
     for i in range(n):
         j = order[i][0]
         s = float(sims[i, j])
-        if i < j and order[j][0] == i and s - typical[i] >= gap and s - typical[j] >= gap:
+        near = (s - typical[i]) / (1 - typical[i]) >= closeness and (s - typical[j]) / (1 - typical[j]) >= closeness
+        if i < j and order[j][0] == i and near:
             out.append((i, j, s))
     return sorted(out, key=lambda t: -t[2])
 
@@ -184,9 +185,9 @@ def test_relative_duplicates_match_a_loop_and_find_copies_a_threshold_misses() -
     torch.manual_seed(0)
     x = torch.randn(60, 256)  # unrelated images: nearest neighbours at cosine ~0.2
     x[50:55] = x[:5] + 0.6 * torch.randn(5, 256)  # copies at cosine ~0.85, far below a 0.985 threshold
-    for gap, k in ((0.2, 10), (0.1, 3), (0.4, 10)):
-        got = [(p.a, p.b, p.similarity) for p in relative_duplicates(x, gap=gap, k=k, chunk=7)]
-        want = relative_loop(x, gap, k)
+    for closeness, k in ((0.7, 10), (0.3, 3), (0.9, 10)):
+        got = [(p.a, p.b, p.similarity) for p in relative_duplicates(x, closeness=closeness, k=k, chunk=7)]
+        want = relative_loop(x, closeness, k)
         assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want]
         assert [s for *_, s in got] == pytest.approx([s for *_, s in want], abs=1e-5)
     found = {(p.a, p.b) for p in relative_duplicates(x)}
@@ -424,7 +425,7 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
     train_t = rng.integers(0, 256, (40, 8, 8), dtype=np.int64).astype(np.uint8)
     test_t = rng.integers(0, 256, (15, 8, 8), dtype=np.int64).astype(np.uint8)
     test_t[3] = train_t[7]  # thumbnails of a copy agree; test 9's do not (yet)
-    threshold, max_distance, gap, k = 0.9, 4, 0.2, 10
+    threshold, max_distance, closeness, k = 0.9, 4, 0.7, 10
     a, b = F.normalize(train, dim=1), F.normalize(test, dim=1)
 
     def bits(x: int) -> int:
@@ -436,7 +437,7 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
         ranked = sorted(range(40), key=lambda j: -sims[j])
         j_cos = ranked[0]
         typical = float(torch.tensor([sims[j] for j in ranked[1 : k + 1]]).median())
-        by_cosine = sims[j_cos] >= threshold and sims[j_cos] - typical >= gap
+        by_cosine = sims[j_cos] >= threshold and (sims[j_cos] - typical) / (1 - typical) >= closeness
         dists = [
             min(bits(int(test_h[i, 0]) ^ int(train_h[j, 0])), bits(int(test_h[i, 0]) ^ int(train_h[j, 1])))
             for j in range(40)
@@ -451,7 +452,7 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
         elif by_cosine:
             want.append((i, j_cos, "cosine", dists[j_cos]))
     thumbs = (train_t, test_t)
-    got = find_leaks(train, test, threshold, (train_h, test_h), max_distance, thumbs, gap, k, chunk=4)
+    got = find_leaks(train, test, threshold, (train_h, test_h), max_distance, thumbs, closeness, k, chunk=4)
     assert [(x.test, x.train, x.rule, x.hash_distance) for x in got] == want
     # test 9's hash is 2 bits from training image 21's mirror, but their thumbnails differ: a look-alike
     assert [(x.test, x.train, x.rule) for x in got] == [(3, 7, "hash+cosine")]

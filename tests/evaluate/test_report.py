@@ -95,7 +95,7 @@ def _label_free(tmp_path: Path, top_b: str = "/elsewhere/y.png") -> LabelFreeRes
                 (str(images / "x.png"), top_b, 0.96789, False),
             ),
             hash_max_distance=10,
-            relative_gap=0.2,
+            relative_closeness=0.7,
             by_rule=(("hash", 2), ("cosine", 1), ("relative", 1)),
         ),
         clusters=ClusterSizes(3, (60, 40, 20), str(run / "clusters.csv")),
@@ -218,7 +218,7 @@ def test_label_free_sections_in_order_with_formatted_numbers(tmp_path: Path) -> 
         ),
     )
     assert dup.notes[0] == "The 2 most similar of 3 pairs; the CSV lists them all."
-    assert "within 10 of 64 bits" in dup.notes[1] and "stands 0.2 above" in dup.notes[1]
+    assert "within 10 of 64 bits" in dup.notes[1] and "goes 0.7 of the way" in dup.notes[1]
     assert dup.files == ((tmp_path / "run" / "duplicates.csv", "every pair found"),)
 
     clusters = s["Clusters"]
