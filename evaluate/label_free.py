@@ -150,12 +150,16 @@ RELATIVE_K = 10  # neighbours whose median is an image's typical neighbour simil
 # 30-epoch model, 29 of 30 90 % crops with the latter, and 7-8 other pairs, where the fixed cosine
 # 0.985 reports 1,349 other pairs with the 2-step model.
 RELATIVE_CLOSENESS = 0.7
+# ... and at least this far above it in cosine: where a model maps everything near everything
+# (typical cosine 0.9999, the demo's few steps), the ratio above is noise.
+RELATIVE_MIN_GAP = 0.01
 RULES = ("hash", "cosine", "relative")
 
 
 def _closeness(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``(s - t) / (1 - t)``: how much of the way from a typical cosine ``t`` to 1 a cosine ``s`` goes."""
-    return (s - t) / (1 - t).clamp_min(1e-6)
+    """``(s - t) / (1 - t)``: how much of the way from a typical cosine ``t`` to 1 a cosine ``s``
+    goes; 0 where ``s - t`` is under :data:`RELATIVE_MIN_GAP`."""
+    return torch.where(s - t >= RELATIVE_MIN_GAP, (s - t) / (1 - t).clamp_min(1e-6), torch.zeros_like(s))
 
 
 def relative_duplicates(
@@ -166,7 +170,8 @@ def relative_duplicates(
     trained, but it stands out from the image's other neighbours either way.
 
     For image ``i`` with nearest other image ``j`` (cosine ``s``), the pair is reported when ``i``
-    is also ``j``'s nearest and ``(s - t) / (1 - t) >= closeness`` for both, ``t`` being the median cosine of the
+    is also ``j``'s nearest and ``(s - t) / (1 - t) >= closeness`` (and ``s - t >= 0.01``) for
+    both, ``t`` being the median cosine of the
     image's 2nd to ``k+1``-th nearest others.
 
     Args:

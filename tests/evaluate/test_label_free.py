@@ -175,7 +175,7 @@ def relative_loop(x: torch.Tensor, closeness: float, k: int) -> list[tuple[int, 
     for i in range(n):
         j = order[i][0]
         s = float(sims[i, j])
-        near = (s - typical[i]) / (1 - typical[i]) >= closeness and (s - typical[j]) / (1 - typical[j]) >= closeness
+        near = all(s - t >= 0.01 and (s - t) / (1 - t) >= closeness for t in (typical[i], typical[j]))
         if i < j and order[j][0] == i and near:
             out.append((i, j, s))
     return sorted(out, key=lambda t: -t[2])
@@ -437,7 +437,11 @@ def test_find_leaks_matches_a_loop_over_both_rules() -> None:
         ranked = sorted(range(40), key=lambda j: -sims[j])
         j_cos = ranked[0]
         typical = float(torch.tensor([sims[j] for j in ranked[1 : k + 1]]).median())
-        by_cosine = sims[j_cos] >= threshold and (sims[j_cos] - typical) / (1 - typical) >= closeness
+        by_cosine = (
+            sims[j_cos] >= threshold
+            and sims[j_cos] - typical >= 0.01
+            and (sims[j_cos] - typical) / (1 - typical) >= closeness
+        )
         dists = [
             min(bits(int(test_h[i, 0]) ^ int(train_h[j, 0])), bits(int(test_h[i, 0]) ^ int(train_h[j, 1])))
             for j in range(40)
