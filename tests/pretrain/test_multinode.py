@@ -76,15 +76,16 @@ def _env(**extra: str) -> dict[str, str]:
 def _nodes(
     nodes: int, procs: int, args: list[str], root: Path, launcher: str = "accelerate", **extra: str
 ) -> list[subprocess.Popen]:
-    """``examples/slurm/node.sh ARGS`` once per node, as srun starts it, each node in ``root/nodeN``."""
+    """``examples/slurm/node.sh ARGS`` once per node, as a person starts it on each machine, each
+    node in ``root/nodeN``."""
     port = str(_free_port())
     started = []
     for node in range(nodes):
         cwd = root / f"node{node}"
         cwd.mkdir(parents=True, exist_ok=True)
-        env = _env(
-            SLURM_NNODES=str(nodes),
-            SLURM_NODEID=str(node),
+        env = _env(  # the variables of a start by hand (the SLURM ones: test_the_slurm_script_...)
+            NNODES=str(nodes),
+            NODE_RANK=str(node),
             MAIN_ADDR="127.0.0.1",
             MAIN_PORT=port,
             PROCS_PER_NODE=str(procs),
