@@ -12,7 +12,7 @@ top-1; at 1 % labels the pretrained fine-tune >= 1.5x scratch. Prints one JSON o
 table, the targets and the host kind.
 
 Usage: python bench/label_efficiency.py [--run RUN_DIR | --pretrain-epochs 30 --recipe moco-v2-photos]
-    [--labels 1%,10%,100%] [--epochs 30] [--archive PATH] [--out DIR [--resume]]
+    [--labels 1%,10%,100%] [--epochs 30] [--lr LR] [--layer-decay D] [--archive PATH] [--out DIR [--resume]]
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--labels", default="1%,10%,100%")
     parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (small subsets: >= 200 steps)")
+    parser.add_argument("--lr", type=float, help="peak fine-tuning lr (default: finetune's)")
+    parser.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default: finetune's; CNNs off)")
     parser.add_argument("--out", type=Path, help="finetune's output folder (default: RUN/finetune-bench-TIME)")
     parser.add_argument("--resume", action="store_true", help="continue (or extend) the fine-tunes in --out")
     args = parser.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
         run_dir,
         str(root / "train"),
         str(root / "val"),
-        FinetuneOptions(labels=args.labels, epochs=args.epochs),
+        FinetuneOptions(labels=args.labels, epochs=args.epochs, lr=args.lr, layer_decay=args.layer_decay),
         out,
         resume=args.resume,
     )

@@ -173,7 +173,7 @@ def label_free_sections(result: LabelFreeResult) -> list[Section]:
 
     Returns:
         Summary, Representation, Training, Embedding map, Nearest neighbours, Near-duplicates,
-        Outliers and Clusters, those that have data, in this order.
+        Outliers, Clusters and Explorer, those that have data, in this order.
     """
     plots = {name: Path(p) for name, p in result.plots.items()}
     candidates = [
@@ -185,8 +185,23 @@ def label_free_sections(result: LabelFreeResult) -> list[Section]:
         duplicates_section(result.duplicates, result.source, plots),
         outliers_section(result.outliers, result.source, plots) if result.outliers is not None else None,
         clusters_section(result.clusters, plots),
+        explorer_section(result) if result.explorer else None,
     ]
     return [s for s in candidates if s is not None]
+
+
+def explorer_section(result: LabelFreeResult) -> Section:
+    """Where the explorer page is and what it shows."""
+    return Section(
+        title="Explorer",
+        notes=(
+            f"Every image as a point of a 2-D map of the embeddings ({result.map_method}), coloured by cluster: "
+            "hover for the thumbnail, click for the image's nearest neighbours (the ranking twinview search gives), "
+            "its cluster and flags; filter by cluster, near-duplicates and outliers. Open the page in a browser; "
+            "it needs no network.",
+        ),
+        files=((Path(result.explorer), "explorer"),),
+    )
 
 
 def summary_section(result: LabelFreeResult) -> Section:

@@ -266,6 +266,8 @@ class LabelFreeResult:
         outliers: The most unusual images (None: not computed).
         plots: Figure name (``embeddings``, ``neighbours``, ``duplicates``, ...) -> PNG file.
         skipped_list: The file listing the images that could not be decoded ("" when none).
+        explorer: The explorer page (``explorer.html``; "" when not written).
+        map_method: What made the explorer's 2-D map.
     """
 
     source: str
@@ -277,6 +279,8 @@ class LabelFreeResult:
     plots: dict[str, str] = field(default_factory=dict)
     skipped_list: str = ""
     outliers: Outliers | None = None
+    explorer: str = ""
+    map_method: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "num_images": self.num_images, "skipped": self.skipped}
@@ -289,6 +293,8 @@ class LabelFreeResult:
         out["plots"] = dict(self.plots)
         if self.skipped_list:
             out["skipped_list"] = self.skipped_list
+        if self.explorer:
+            out["explorer"] = {"page": self.explorer, "map": self.map_method}
         return out
 
 

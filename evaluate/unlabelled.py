@@ -29,6 +29,7 @@ from twinview.evaluate.label_free import (
     OUTLIER_K,
     RELATIVE_CLOSENESS,
     RULES,
+    Clusters,
     DuplicatePair,
     cluster,
     file_digest,
@@ -86,6 +87,7 @@ def evaluate_unlabelled(
     seed: int = 0,
     mirrored: torch.Tensor | None = None,
     scan_workers: int = 2,
+    map_method: str = "auto",
 ) -> LabelFreeResult:
     """Scores and draws the embeddings of one source without labels.
 
@@ -106,6 +108,9 @@ def evaluate_unlabelled(
         scan_workers: DataLoader workers that decode every image once more for its perceptual
             hash (and its mirror's), which finds near-exact copies whatever the model learnt, and
             its pixel spread (the near-constant flag of the outliers); -1 leaves that pass out.
+            The explorer's thumbnails take one more pass with as many workers (0 for -1).
+        map_method: The explorer's 2-D map: ``auto``, ``umap``, ``tsne`` or ``pca``
+            (:func:`twinview.evaluate.explorer.project`).
 
     Returns:
         The :class:`~twinview.evaluate.results.LabelFreeResult`.
@@ -129,10 +134,12 @@ def evaluate_unlabelled(
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
     scan = scan_images(good, workers=scan_workers) if scan_workers >= 0 else None  # -1: no extra pass
-    duplicates, drawn = duplicates_section(
+    duplicates, drawn, pairs = duplicates_section(
         copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, scan
     )
-    outliers, unusual = outliers_section(features.to(device), trained.rows.names, image, out_dir, plots_dir, scan)
+    outliers, unusual, unusual_rows = outliers_section(
+        features.to(device), trained.rows.names, image, out_dir, plots_dir, scan
+    )
     similarity = backbones[trained.name].similarity
     typical = similarity.nn_cosine.p50 if similarity is not None else 0.0
     warning = ""
@@ -163,6 +170,19 @@ def evaluate_unlabelled(
         figures[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png", device))
     if training_log is not None and training_log.is_file():
         figures["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
+    page, method = explorer_page(
+        trained.rows.names,
+        features.to(device),
+        good,
+        clusters,
+        pairs,
+        unusual_rows,
+        Path(out_dir) / "explorer.html",
+        f"{len(trained.rows.names):,} images of {source}" if source else f"{len(trained.rows.names):,} images",
+        map_method=map_method,
+        seed=seed,
+        workers=max(scan_workers, 0),
+    )
     return LabelFreeResult(
         source=source,
         num_images=len(rows),
@@ -172,7 +192,66 @@ def evaluate_unlabelled(
         clusters=ClusterSizes(len(clusters.sizes), tuple(clusters.sizes), str(clusters_csv)),
         plots=figures,
         outliers=outliers,
+        explorer=str(page),
+        map_method=method,
     )
+
+
+def explorer_page(
+    names: Sequence[str],
+    features: torch.Tensor,
+    dataset: LabelledSubset,
+    clusters: Clusters,
+    pairs: Sequence[DuplicatePair],
+    unusual: OutlierRows,
+    path: Path,
+    title: str,
+    *,
+    map_method: str = "auto",
+    seed: int = 0,
+    workers: int = 2,
+) -> tuple[Path, str]:
+    """Writes the explorer (:mod:`twinview.evaluate.explorer`) of a label-free evaluation: points
+    coloured by k-means cluster, flagged as near-duplicates (of any rule) and outliers (the most
+    unusual :data:`OUTLIERS_SHOWN` and every near-constant or tiny image), thumbnails decoded in one
+    more pass over ``dataset`` (whose rows are the embedding's rows).
+
+    Returns:
+        The page, and the name of the map's method.
+    """
+    from twinview.evaluate.explorer import (
+        ExplorerPoints,
+        nearest_neighbours,
+        project,
+        thumbnail_batches,
+        write_explorer,
+        write_sprites,
+    )
+
+    layout = project(features, map_method, seed=seed)
+    neighbours, sims = nearest_neighbours(features)
+    sprites = write_sprites(thumbnail_batches(dataset, workers=workers), path)
+    notes: list[list[str]] = [[] for _ in names]
+    for p in pairs:
+        for me, other in ((p.a, p.b), (p.b, p.a)):
+            if len(notes[me]) < 3:
+                notes[me].append(f"duplicate ({p.rule}) of {Path(names[other]).name}")
+    rank = {row: place for place, row in enumerate(unusual.order, start=1)}
+    for i in range(len(names)):
+        flag = f", {unusual.flags[i]}" if unusual.flags[i] else ""
+        notes[i].append(f"uniqueness {float(unusual.scores[i]):.3f} (rank {rank[i]:,} of {len(names):,}){flag}")
+    points = ExplorerPoints(
+        names,
+        layout,
+        neighbours,
+        sims,
+        clusters.labels.cpu().numpy(),
+        [f"{g} ({n} images)" for g, n in enumerate(clusters.sizes)],
+        "cluster",
+        flags={"duplicate": sorted({r for p in pairs for r in (p.a, p.b)}), "outlier": unusual.shown()},
+        notes=["; ".join(n) for n in notes],
+    )
+    return write_explorer(points, sprites, path, title), layout.method
 
 
 def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
@@ -195,6 +274,19 @@ def diagnostics(features: torch.Tensor, alignment: float) -> Diagnostics:
     return feature_diagnostics(features, alignment, similarity_stats(features))
 
 
+@dataclass(frozen=True)
+class OutlierRows:
+    """Every row's uniqueness and flags, and the rows most unusual first."""
+
+    scores: torch.Tensor
+    flags: list[str]
+    order: list[int]
+
+    def shown(self) -> list[int]:
+        """The rows the report draws (the most unusual) and every flagged one."""
+        return sorted(set(self.order[:OUTLIERS_SHOWN]) | {i for i, f in enumerate(self.flags) if f})
+
+
 def duplicates_section(
     features: torch.Tensor,
     names: Sequence[str],
@@ -203,7 +295,7 @@ def duplicates_section(
     threshold: float,
     plots_dir: Path,
     scan: ImageScan | None = None,
-) -> tuple[DuplicatePairs, str]:
+) -> tuple[DuplicatePairs, str, list[DuplicatePair]]:
     """Near-duplicate pairs (byte copies flagged) to ``duplicates.csv``, and their grid: embeddings
     at or above ``threshold``, mutual nearest neighbours that stand out
     (:func:`~twinview.evaluate.label_free.relative_duplicates`), and, given the images' ``scan``,
@@ -211,7 +303,7 @@ def duplicates_section(
     thumbnails agree.
 
     Returns:
-        The section of the result, and the grid's PNG file.
+        The section of the result, the grid's PNG file, and the pairs (most similar first).
     """
     from twinview.evaluate import plots
 
@@ -242,7 +334,7 @@ def duplicates_section(
         relative_closeness=RELATIVE_CLOSENESS,
         by_rule=counts,
     )
-    return result, str(grid)
+    return result, str(grid), pairs
 
 
 def outliers_section(
@@ -252,12 +344,12 @@ def outliers_section(
     out_dir: Path,
     plots_dir: Path,
     scan: ImageScan | None,
-) -> tuple[Outliers, str]:
+) -> tuple[Outliers, str, OutlierRows]:
     """Each image's uniqueness (:func:`~twinview.evaluate.label_free.uniqueness`) and flags to
     ``outliers.csv``, most unusual first, and a grid of the :data:`OUTLIERS_SHOWN` most unusual.
 
     Returns:
-        The section of the result, and the grid's PNG file.
+        The section of the result, the grid's PNG file, and every row's score and flags.
     """
     from twinview.evaluate import plots
 
@@ -283,7 +375,7 @@ def outliers_section(
         near_constant=sum("near-constant" in f for f in flags),
         tiny=sum("tiny" in f for f in flags),
     )
-    return result, str(grid)
+    return result, str(grid), OutlierRows(scores, flags, order)
 
 
 def _file_size(name: str) -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -88,3 +89,13 @@ def wait_for_log_lines() -> Callable[[Path, int], None]:
         assert _log_lines(path) >= lines, f"{path} did not reach {lines} lines in time"
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The chromium binary for the browser tests (tests/browser.py); they skip without one (.ci/run
+    installs Debian's package in CI)."""
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("chromium is not installed (CI installs it: apt-get install chromium)")
+    return found

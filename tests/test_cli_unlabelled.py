@@ -277,3 +277,46 @@ def test_leaks_between_two_unlabeled_splits(
     )
     assert Path(rows["flip_of_010.png"]["train_image"]).name == "img_010.png"
     assert rows["flip_of_010.png"]["exact"] == "false" and "hash" in rows["flip_of_010.png"]["rule"]
+
+
+def test_the_explorer_lists_the_neighbours_twinview_search_finds(
+    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, chromium: str
+) -> None:
+    from tests.browser import BrowserPage
+
+    run_dir, folder = unlabelled_run
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run_dir), "--data", str(folder), "--out", str(out), "--map", "pca"]) == 0
+    assert "explorer: " in capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())["label_free"]
+    page = Path(result["explorer"]["page"])
+    assert page == out / "explorer.html" and result["explorer"]["map"] == "PCA (scikit-learn)"
+    assert 'href="explorer.html"' in (out / "report.html").read_text()
+    index = tmp_path / "photos.parquet"
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(index)]) == 0
+    names = [str(n) for n in read_embedding_file(index).names]
+    capsys.readouterr()
+
+    query = folder / "img_017.png"
+    grid = tmp_path / "search.png"
+    assert (
+        main(["search", str(run_dir), "--index", str(index), "--query", str(query), "--k", "11", "--out", str(grid)])
+        == 0
+    )
+    found = [line.split() for line in capsys.readouterr().out.splitlines()[2:12]]  # after the query and itself
+    expected = [(path, float(sim)) for _, sim, path in found]
+    with BrowserPage(chromium, tmp_path / "profile", page) as view:
+        view.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        row = names.index(str(query))
+        x, y = view.evaluate(f"explorer.position({row})")
+        view.click(x, y)
+        assert view.evaluate("explorer.selected()") == row
+        listed = view.evaluate(
+            "Array.from(document.querySelectorAll('#neighbours li'), li => "
+            "[Number(li.dataset.row), Number(li.querySelector('.sim').textContent)])"
+        )
+        assert view.problems == []
+    shown = [(names[r], s) for r, s in listed]
+    assert len(shown) == 10  # k on the page: 10 (search was asked for 11, the first being the query itself)
+    assert [n for n, _ in shown] == [n for n, _ in expected]
+    assert np.allclose([s for _, s in shown], [s for _, s in expected], atol=2e-4)

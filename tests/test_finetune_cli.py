@@ -181,3 +181,33 @@ def test_two_processes_give_the_numbers_of_one(data: tuple[Path, Path], tmp_path
     assert ra["pretrained"]["steps"] == rb["pretrained"]["steps"] == 2 * 7
     assert ra["pretrained"]["top1"] == rb["pretrained"]["top1"]
     assert ra["pretrained"]["top5"] == rb["pretrained"]["top5"]
+
+
+def test_layer_decay_changes_the_pretrained_fine_tune_and_not_the_baseline(
+    run_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from twinview.pretrain.app.finetuning import SETTINGS_FILE
+
+    def finetune(out: Path, *extra: str) -> dict[str, Any]:
+        args = ["finetune", str(run_dir), "--train", str(data[0]), "--test", str(data[1]), "--out", str(out)]
+        assert main([*args, "--labels", "100%", "--batch-size", "8", "--no-probe", "--no-export", *FAST, *extra]) == 0
+        budget: dict[str, Any] = json.loads((out / "finetune.json").read_text())["budgets"][0]
+        return budget
+
+    plain, decayed = finetune(tmp_path / "plain"), finetune(tmp_path / "decayed", "--layer-decay", "0.5")
+
+    def recorded(out: Path, init: str) -> Any:
+        return json.loads((out / f"100pct-{init}" / SETTINGS_FILE).read_text())["settings"]["layer_decay"]
+
+    assert recorded(tmp_path / "decayed", "pretrained") == 0.5 and recorded(tmp_path / "decayed", "scratch") is None
+    keep = ("top1", "top5", "epochs", "steps")
+    assert {k: decayed["scratch"][k] for k in keep} == {k: plain["scratch"][k] for k in keep}
+
+    def model(out: Path, init: str) -> dict[str, torch.Tensor]:
+        return _weights(out / f"100pct-{init}" / "model.pt")
+
+    a, b = model(tmp_path / "plain", "scratch"), model(tmp_path / "decayed", "scratch")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the baseline is the same fine-tune, bit for bit
+    a, b = model(tmp_path / "plain", "pretrained"), model(tmp_path / "decayed", "pretrained")
+    stem = next(k for k in a if k.startswith("conv1"))  # the first layer's lr is scaled by 0.5 ** depth
+    assert not torch.equal(a[stem], b[stem])

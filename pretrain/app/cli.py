@@ -74,6 +74,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means clusters (default: from N)")
     p.add_argument(
+        "--map",
+        choices=("auto", "umap", "tsne", "pca"),
+        default="auto",
+        help="the explorer's 2-D map of --data (default auto: UMAP where umap-learn is installed, else t-SNE up "
+        "to 20,000 images, else PCA)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         metavar="DIR",
@@ -123,7 +130,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=128, help="images per process per step (default: 128)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default: 1e-3 per 256 images, ViTs 5e-4)")
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (default: ViTs 0.75, CNNs off)")
+    p.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="layer-wise lr decay of the pretrained fine-tune, not the baseline (default: ViTs 0.75, CNNs off)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--precision", default="auto", help="auto, no, bf16 or fp16 (auto: bf16 where native)")
     p.add_argument("--seed", type=int, default=0, help="subsets, heads, data order and views")

@@ -123,6 +123,7 @@ def evaluate_label_free(
     num_clusters: int | None = None,
     accelerator: Any | None = None,
     training_curves: bool = True,
+    map_method: str = "auto",
 ) -> LabelFreeResult | None:
     """The label-free evaluation (:func:`twinview.evaluate.unlabelled.evaluate_unlabelled`) of a
     source, for the trained backbone against a random-init copy.
@@ -140,6 +141,7 @@ def evaluate_label_free(
         accelerator: Several processes split the embedding; only the main process scores and
             draws (the others return None).
         training_curves: Draw the run's training curves too (not when a labelled evaluation did).
+        map_method: The explorer's 2-D map (``auto``, ``umap``, ``tsne``, ``pca``).
 
     Returns:
         The result on the main process; its plots are in ``OUT_DIR/plots/data/`` and the images
@@ -191,6 +193,7 @@ def evaluate_label_free(
         seed=model.cfg.train.seed,
         mirrored=read_embedding_file(files["pretrained_mirrored"]).embeddings,
         scan_workers=model.cfg.data.num_workers,
+        map_method=map_method,
     )
     return dataclasses.replace(result, skipped_list=str(skipped) if skipped.is_file() else "")
 
@@ -250,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
             num_clusters=args.clusters,
             accelerator=accelerator,
             training_curves=not labelled,  # else the labelled evaluation drew the curves
+            map_method=args.map,
         )
         if label_free is not None:
             print_label_free(label_free)
@@ -320,3 +324,5 @@ def print_label_free(result: LabelFreeResult) -> None:
             f"outliers: every image ranked by uniqueness, most unusual first ({o.csv}); "
             f"{o.near_constant} near-constant, {o.tiny} tiny"
         )
+    if result.explorer:
+        print(f"explorer: {result.explorer} (map: {result.map_method}); open it in a browser")

@@ -74,7 +74,8 @@ class FinetuneOptions:
         min_steps: Steps every fine-tune takes at least.
         batch_size: Images per process per step.
         lr: Peak AdamW lr for the global batch (None: 1e-3 per 256 for CNNs, 5e-4 for ViTs).
-        layer_decay: Layer-wise lr decay (None: 0.75 for ViTs, off for CNNs; 0 turns it off).
+        layer_decay: Layer-wise lr decay of the pretrained fine-tune (None: 0.75 for ViTs, off for
+            CNNs; 0 turns it off). The from-scratch baseline never uses it.
         weight_decay: AdamW weight decay.
         precision: ``auto``, ``no``, ``bf16`` or ``fp16``.
         seed: Subsets, heads, data order and views.
@@ -172,6 +173,12 @@ def resolve_settings(model: TrainedModel, options: FinetuneOptions, processes: i
     )
 
 
+def _for_init(settings: FinetuneSettings, init: str) -> FinetuneSettings:
+    """Layer-wise lr decay keeps what the pretrained early layers learnt; a random init has nothing
+    to keep (DeiT trains ViTs from scratch without it), so the baseline runs without it."""
+    return settings if init == "pretrained" else dataclasses.replace(settings, layer_decay=None)
+
+
 def _slug(budget: LabelBudget) -> str:
     return budget.text.replace("%", "pct").replace("/", "-per-")
 
@@ -232,7 +239,7 @@ def finetune_model(
     inits = INITS if options.baseline else INITS[:1]
     for budget in budgets:  # before any compute: a resumed folder of other settings is refused
         for init in inits:
-            _check_same_settings(out_dir / f"{_slug(budget)}-{init}", settings, subsets[budget.text])
+            _check_same_settings(out_dir / f"{_slug(budget)}-{init}", _for_init(settings, init), subsets[budget.text])
     probes = _probes(model, train_set, test_set, subsets, options.seed, out_dir) if options.probe else {}
     results, best = [], None
     for budget in budgets:
@@ -242,7 +249,16 @@ def finetune_model(
             folder = out_dir / f"{_slug(budget)}-{init}"
             backbone = model.backbone if init == "pretrained" else model.random_init()
             scores[init] = _one(
-                backbone, len(classes), train_set, idx, test_set, test_labels, settings, folder, init, budget
+                backbone,
+                len(classes),
+                train_set,
+                idx,
+                test_set,
+                test_labels,
+                _for_init(settings, init),
+                folder,
+                init,
+                budget,
             )
             if init == "pretrained" and (best is None or scores[init].top1 > best[1].top1):
                 best = (budget, scores[init], folder)
@@ -464,7 +480,8 @@ def _print_start(
         f"  fine-tunes  pretrained{' and from scratch (random init)' if options.baseline else ''}, "
         f"{'with' if options.probe else 'no'} linear probe",
         f"  recipe      AdamW lr {s.lr:g} (global batch {s.batch_size * state.num_processes}), wd {s.weight_decay:g}, "
-        f"layer decay {s.layer_decay if s.layer_decay else 'off'}, cosine with {s.warmup_fraction:.0%} warm-up, "
+        f"layer decay {f'{s.layer_decay:g} (pretrained only)' if s.layer_decay else 'off'}, "
+        f"cosine with {s.warmup_fraction:.0%} warm-up, "
         f"label smoothing {s.label_smoothing:g}",
         f"  schedule    {s.epochs} epochs, at least {s.min_steps} steps per fine-tune (small subsets: more epochs)",
         f"  views       random resized crop {s.crop_size} px (scale {s.crop_scale[0]:g}-{s.crop_scale[1]:g}) + flip on "

@@ -7,22 +7,14 @@ They need Debian's chromium, which .ci/run installs; without it they skip, sayin
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import select
-import shutil
-import subprocess
-import time
-from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser import load_page, run_chromium
 from twinview.evaluate.report import label_free_sections, write_html
 from twinview.evaluate.results import (
     ClusterSizes,
@@ -35,193 +27,10 @@ from twinview.evaluate.results import (
 
 pytestmark = pytest.mark.slow  # end-to-end: make test-fast leaves these out
 
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
-BROWSER_TIMEOUT_S = 60
 RUN_NAME = "runs/label-free <demo> & co"
 # matplotlib's C1, C2, C3: the colours of the embeddings, similarity and neighbours histograms (seeds 1-3)
 HISTOGRAM_COLOURS = {"embeddings": (255, 127, 14), "similarity": (44, 160, 44), "neighbours": (214, 39, 40)}
 PLOT_NAMES = ("training", "embeddings", "similarity", "neighbours", "random_neighbours", "duplicates", "clusters")
-
-
-# --- chromium ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """The chromium binary; the tests skip without one (.ci/run installs Debian's package in CI)."""
-    found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("chromium is not installed (CI installs it: apt-get install chromium)")
-    return found
-
-
-def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """One headless chromium command (e.g. ``--dump-dom URL``) with a fresh profile in ``profile``."""
-    return subprocess.run(
-        [binary, *FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True,
-        text=True,
-        timeout=BROWSER_TIMEOUT_S,
-        check=True,
-    )
-
-
-# --- the console check, over the DevTools protocol ----------------------------------------------
-
-
-@dataclass
-class PageLoad:
-    """What loading a page showed: its problems and, for each ``<img>``, its decoded width (0 = broken)."""
-
-    problems: list[str] = field(default_factory=list)
-    image_widths: list[int] = field(default_factory=list)
-
-
-class DevToolsPipe:
-    """A chromium started with ``--remote-debugging-pipe``: JSON messages separated by NUL bytes,
-    written to its fd 3 and read from its fd 4."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        profile.mkdir(parents=True, exist_ok=True)
-        self.log = profile / "chromium-stderr.txt"
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-        # Chromium's ends go above fd 10 first, so bash's moves to fds 3 and 4 cannot clobber them
-        # (dash, Debian's sh, takes no fd number above 9).
-        theirs = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w)]
-        for fd in (to_chrome_r, from_chrome_w):
-            os.close(fd)
-        script = f'exec "$0" "$@" 3<&{theirs[0]} 4>&{theirs[1]} {theirs[0]}<&- {theirs[1]}>&-'
-        with self.log.open("w") as stderr:
-            self.proc = subprocess.Popen(
-                ["bash", "-c", script, binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe"],
-                pass_fds=theirs,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        for fd in theirs:
-            os.close(fd)
-        self._buffer = b""
-        self._last_id = 0
-        self.events: list[dict[str, Any]] = []
-        self.deadline = time.monotonic() + BROWSER_TIMEOUT_S
-
-    def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> int:
-        """Sends a command; returns its id."""
-        self._last_id += 1
-        message: dict[str, Any] = {"id": self._last_id, "method": method, "params": params or {}}
-        if session is not None:
-            message["sessionId"] = session
-        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
-        return self._last_id
-
-    def receive(self, until: float) -> dict[str, Any] | None:
-        """The next message, or None when none came before the monotonic time ``until``."""
-        while b"\0" not in self._buffer:
-            left = until - time.monotonic()
-            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
-                return None
-            chunk = os.read(self._from_chrome, 1 << 16)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        raw, self._buffer = self._buffer.split(b"\0", 1)
-        message: dict[str, Any] = json.loads(raw)
-        return message
-
-    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> dict[str, Any]:
-        """Sends a command and returns its result; the events that arrive meanwhile are kept."""
-        call_id = self.send(method, params, session)
-        while (message := self.receive(self.deadline)) is not None:
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                result: dict[str, Any] = message["result"]
-                return result
-            self.events.append(message)
-        raise TimeoutError(f"chromium did not answer {method}; its stderr ends:\n{self.stderr_tail()}")
-
-    def wait_for(self, event: str, settle_s: float = 0.3) -> None:
-        """Keeps events until ``event`` arrived, then for ``settle_s`` more (late console messages)."""
-        while not any(e.get("method") == event for e in self.events):
-            message = self.receive(self.deadline)
-            if message is None:
-                raise TimeoutError(f"no {event} from chromium; its stderr ends:\n{self.stderr_tail()}")
-            self.events.append(message)
-        settle = time.monotonic() + settle_s
-        while (message := self.receive(settle)) is not None:
-            self.events.append(message)
-
-    def stderr_tail(self, lines: int = 20) -> str:
-        """The last lines chromium wrote to stderr (for the message of a failure)."""
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def close(self) -> None:
-        """Asks chromium to quit, kills it if it does not, and closes the pipes."""
-        try:
-            if self.proc.poll() is None:
-                self.send("Browser.close")
-                self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            os.close(self._to_chrome)
-            os.close(self._from_chrome)
-
-
-def load_page(binary: str, profile: Path, page: Path) -> PageLoad:
-    """Loads ``page`` in headless chromium and collects what a developer console would show as errors.
-
-    Problems are uncaught exceptions (``Runtime.exceptionThrown``), ``console.error`` / ``console.assert``
-    calls (``Runtime.consoleAPICalled``) and browser log entries of level error, such as
-    ``Failed to load resource`` for a missing image (``Log.entryAdded``).
-    """
-    browser = DevToolsPipe(binary, profile)
-    try:
-        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Runtime", "Log", "Page"):
-            browser.call(f"{domain}.enable", session=session)
-        browser.call("Page.navigate", {"url": page.resolve().as_uri()}, session)
-        browser.wait_for("Page.loadEventFired")
-        widths = browser.call(
-            "Runtime.evaluate",
-            {"expression": "Array.from(document.images, i => i.naturalWidth)", "returnByValue": True},
-            session,
-        )["result"]["value"]
-        return PageLoad(console_problems(browser.events), widths)
-    finally:
-        browser.close()
-
-
-def console_problems(events: list[dict[str, Any]]) -> list[str]:
-    """The error-level messages among DevTools events, one line each."""
-    problems = []
-    for event in events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            problems.append(f"{details['text']} {details.get('exception', {}).get('description', '')}".strip())
-        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            problems.append(
-                "console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
-            )
-        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            problems.append(f"{params['entry']['text']} ({params['entry'].get('url', '')})")
-    return problems
 
 
 # --- the report under test ---------------------------------------------------------------------
