@@ -86,7 +86,7 @@ def main() -> None:
         sims,
         labels,
         [f"{g} ({int((labels == g).sum())} images)" for g in range(labels.max() + 1)],
-        flags={"duplicate": list(range(0, args.rows, 97)), "outlier": list(range(5, args.rows, 211))},
+        flags={"duplicates": list(range(0, args.rows, 97)), "outliers": list(range(5, args.rows, 211))},
     )
     started = time.perf_counter()
     write_explorer(points, sprites, page, f"explorer benchmark, {args.rows:,} points")

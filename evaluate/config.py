@@ -1,5 +1,5 @@
 """The ``eval`` config section: how frozen features are scored; the label-free evaluation's default
-threshold."""
+threshold and the explorer's map methods."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 # (docs/BENCHMARKS.md, "Without labels"). Here, not in evaluate/unlabelled.py, so the command-line
 # help reads it without importing torch.
 DUPLICATE_THRESHOLD = 0.985
+# The explorer's 2-D maps (evaluate/explorer.py), here for the same reason.
+MAP_METHODS = ("auto", "umap", "tsne", "pca")
+TSNE_MAX_ROWS = 20_000  # beyond, scikit-learn's t-SNE takes many minutes on a few cores: PCA then
 
 
 @dataclass

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-MAP_METHODS = ("auto", "umap", "tsne", "pca")
-TSNE_MAX_ROWS = 20_000  # beyond, scikit-learn's t-SNE takes many minutes on a few cores: PCA then
+from twinview.evaluate.config import MAP_METHODS, TSNE_MAX_ROWS
+from twinview.evaluate.neighbours import NeighbourGraph, neighbour_graph
+
 THUMB_SIDE = 64  # pixels of a thumbnail in the sprite sheets (smaller images keep their own side)
 SHEET_TILES = 32  # a sheet is 32 x 32 thumbnails (2,048 px square at 64 px)
 INLINE_BYTES = 8 << 20  # sprite sheets up to this total are inlined into the page
@@ -119,29 +120,27 @@ def _unit_square(xy: np.ndarray) -> np.ndarray:
     return ((xy - (low + high) / 2) / extent + 0.5).astype(np.float32)
 
 
-def nearest_neighbours(features: torch.Tensor, k: int = NEIGHBOURS, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    features: torch.Tensor, k: int = NEIGHBOURS, block: int | None = None, graph: NeighbourGraph | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` most similar other rows by cosine similarity, most similar first.
 
     The ranking :func:`twinview.evaluate.search.search` gives for the row's own embedding, with
-    the row itself left out. Exact, in blocks of ``block`` rows (memory ``block x N`` floats).
+    the row itself left out (exact up to :data:`~twinview.evaluate.neighbours.FAISS_MIN_ROWS`
+    rows on a CPU; faiss beyond, where installed).
+
+    Args:
+        features: ``(N, D)`` embeddings.
+        k: Neighbours per row.
+        block: Rows per block of an exact search (memory ``block x N`` floats).
+        graph: The features' neighbour graph with at least ``k`` neighbours, if already searched.
 
     Returns:
         ``(N, k')`` int64 rows and ``(N, k')`` float32 similarities, ``k' = min(k, N - 1)``.
     """
-    x = F.normalize(features.float(), dim=1)  # (N, D)
-    n = len(x)
-    k = min(k, n - 1)
-    rows, sims = [], []
-    for start in range(0, n, block):
-        sim = x[start : start + block] @ x.T  # (m, N)
-        m = sim.shape[0]
-        sim[torch.arange(m), torch.arange(start, start + m)] = float("-inf")  # never itself
-        top = sim.topk(k, dim=1)
-        rows.append(top.indices)
-        sims.append(top.values)
-    if not rows:
-        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
-    return torch.cat(rows).cpu().numpy(), torch.cat(sims).float().cpu().numpy()
+    k = min(k, len(features) - 1)
+    idx, sims = (graph or neighbour_graph(features, k, block)).first(k)
+    return idx.cpu().numpy().astype(np.int64), sims.float().cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -248,8 +247,8 @@ class ExplorerPoints:
         groups: ``(N,)`` each image's group (cluster or class), an index into ``group_names``.
         group_names: The groups' names, e.g. ``cluster 0 (120 images)``.
         group_kind: ``cluster`` or ``class``.
-        flags: Flag name (``duplicate``, ``outlier``, ``leak``) -> the rows that have it; a flag
-            with no rows is listed with a count of 0.
+        flags: Flag name (``duplicates``, ``outliers``, ``leaks``) -> the rows that have it; a
+            flag with no rows is listed with a count of 0.
         notes: Per row, one line shown on click (e.g. ``duplicate of a.jpg (hash)``), or empty.
     """
 

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
+from twinview.evaluate.neighbours import NeighbourGraph, cross_topk, exact_others_topk, neighbour_graph, uses_faiss
 from twinview.evaluate.results import SimilarityStats, Spread
 
-CHUNK = 4096  # rows per block of a search against all rows, at most
-BLOCK_FLOATS = 1 << 26  # similarities a block may hold (256 MB of float32), so a million rows fit too
 FULL_KMEANS_MAX = 20000  # above this many rows, MiniBatchKMeans
 KMEANS_INITS = 2  # k-means++ restarts of the full-batch KMeans (the best inertia wins; each costs a full fit)
 MINIBATCH_INITS = 3  # and of MiniBatchKMeans
@@ -71,35 +70,12 @@ class Clusters:
     central: list[list[int]]
 
 
-def _others_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most similar other rows of each of ``rows`` in ``x``, in blocks of ``chunk`` rows.
-
-    Args:
-        x: ``(N, D)`` L2-normalised features.
-        rows: ``(R,)`` long indices into ``x``.
-        k: Neighbours per row, ``<= N - 1``.
-        chunk: Rows per block (memory ``chunk x N``); None: ``CHUNK``, fewer where ``N`` is so large
-            that a block would hold more than ``BLOCK_FLOATS`` similarities.
-
-    Returns:
-        ``(R, k)`` long indices and ``(R, k)`` similarities, most similar first.
-    """
-    chunk = chunk or max(1, min(CHUNK, BLOCK_FLOATS // len(x)))
-    indices, sims = [], []
-    for start in range(0, len(rows), chunk):
-        block = rows[start : start + chunk]  # (m,)
-        sim = x[block] @ x.T  # (m, N)
-        sim[torch.arange(len(block), device=x.device), block] = float("-inf")  # never itself
-        top = sim.topk(k, dim=1)  # (m, k)
-        indices.append(top.indices)
-        sims.append(top.values)
-    if not indices:
-        return torch.empty(0, k, dtype=torch.long, device=x.device), torch.empty(0, k, device=x.device)
-    return torch.cat(indices), torch.cat(sims)
-
-
 def near_duplicates(
-    features: torch.Tensor, threshold: float, k: int = 10, chunk: int | None = None
+    features: torch.Tensor,
+    threshold: float,
+    k: int = 10,
+    chunk: int | None = None,
+    graph: NeighbourGraph | None = None,
 ) -> list[DuplicatePair]:
     """Pairs of items whose embeddings have cosine similarity ``>= threshold``.
 
@@ -113,7 +89,8 @@ def near_duplicates(
         features: ``(N, D)`` embeddings.
         threshold: The least cosine similarity of a reported pair.
         k: Neighbours of each item that are considered.
-        chunk: Rows per block of the search (None: bounded by ``BLOCK_FLOATS``, see :func:`_others_topk`).
+        chunk: Rows per block of an exact search (see :func:`~twinview.evaluate.neighbours.neighbour_graph`).
+        graph: The features' neighbour graph with at least ``k`` neighbours, if already searched.
 
     Returns:
         The pairs, ``a < b``, each once, most similar first (ties by ``(a, b)``); the similarity of
@@ -127,14 +104,13 @@ def near_duplicates(
     n = features.shape[0]
     if n < 2:
         return []
-    x = F.normalize(features.float(), dim=1)  # (N, D)
-    idx, sim = _others_topk(x, torch.arange(n, device=x.device), min(k, n - 1), chunk)  # (N, k)
+    idx, sim = (graph or neighbour_graph(features, k, chunk)).first(min(k, n - 1))  # (N, k)
     keep = sim >= threshold
-    rows = torch.arange(n, device=x.device)[:, None].expand_as(idx)[keep]  # (P,)
+    rows = torch.arange(n, device=idx.device)[:, None].expand_as(idx)[keep]  # (P,)
     cols, sims = idx[keep], sim[keep]
     a, b = torch.minimum(rows, cols), torch.maximum(rows, cols)
     keys, inverse = torch.unique(a * n + b, return_inverse=True)  # sorted: by (a, b)
-    best = torch.full((len(keys),), float("-inf"), device=x.device).scatter_reduce(0, inverse, sims, "amax")
+    best = torch.full((len(keys),), float("-inf"), device=idx.device).scatter_reduce(0, inverse, sims, "amax")
     order = best.sort(descending=True, stable=True).indices  # ties keep (a, b) order
     keys, best = keys[order].cpu(), best[order].cpu()
     return [
@@ -163,7 +139,11 @@ def _closeness(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def relative_duplicates(
-    features: torch.Tensor, closeness: float = RELATIVE_CLOSENESS, k: int = RELATIVE_K, chunk: int | None = None
+    features: torch.Tensor,
+    closeness: float = RELATIVE_CLOSENESS,
+    k: int = RELATIVE_K,
+    chunk: int | None = None,
+    graph: NeighbourGraph | None = None,
 ) -> list[DuplicatePair]:
     """Pairs of mutual nearest neighbours whose similarity stands far above each one's typical
     neighbour similarity: a copy's cosine to its original depends on how well the model was
@@ -178,7 +158,8 @@ def relative_duplicates(
         features: ``(N, D)`` embeddings (``N >= 3``; fewer: no pairs).
         closeness: The least share of the way from the typical cosine to 1, for both images.
         k: Neighbours behind the nearest that give the typical similarity.
-        chunk: Rows per block of the search (see :func:`_others_topk`).
+        chunk: Rows per block of an exact search (see :func:`~twinview.evaluate.neighbours.neighbour_graph`).
+        graph: The features' neighbour graph with at least ``k + 1`` neighbours, if already searched.
 
     Returns:
         The pairs, ``a < b``, most similar first, ``rule="relative"``.
@@ -186,11 +167,10 @@ def relative_duplicates(
     n = features.shape[0]
     if n < 3:
         return []
-    x = F.normalize(features.float(), dim=1)  # (N, D)
-    idx, sim = _others_topk(x, torch.arange(n, device=x.device), min(k + 1, n - 1), chunk)  # (N, k+1)
+    idx, sim = (graph or neighbour_graph(features, k + 1, chunk)).first(min(k + 1, n - 1))  # (N, k+1)
     nearest, best = idx[:, 0], sim[:, 0]  # (N,)
     typical = sim[:, 1:].median(dim=1).values  # (N,)
-    rows = torch.arange(n, device=x.device)
+    rows = torch.arange(n, device=idx.device)
     mutual = (nearest[nearest] == rows) & (rows < nearest)  # each pair once, from its smaller index
     stands_out = (_closeness(best, typical) >= closeness) & (_closeness(best, typical[nearest]) >= closeness)
     keep = (mutual & stands_out).nonzero().flatten()
@@ -232,7 +212,9 @@ NEAR_CONSTANT_STD = 4.0  # pixel standard deviation (0-255) under which an image
 TINY_FRACTION = 0.25  # a file whose shorter side is under this fraction of the set's median is flagged tiny
 
 
-def uniqueness(features: torch.Tensor, k: int = OUTLIER_K, chunk: int | None = None) -> torch.Tensor:
+def uniqueness(
+    features: torch.Tensor, k: int = OUTLIER_K, chunk: int | None = None, graph: NeighbourGraph | None = None
+) -> torch.Tensor:
     """Each image's distance to its ``k``-th nearest other image, ``1 - cosine`` (in [0, 2]): high
     for images that look like nothing else (FiftyOne Brain's uniqueness and fastdup's outliers rank
     images the same way). The ``k``-th rather than the nearest neighbour, so that an image with a
@@ -241,14 +223,14 @@ def uniqueness(features: torch.Tensor, k: int = OUTLIER_K, chunk: int | None = N
     Args:
         features: ``(N, D)`` embeddings, ``N >= 2`` (``k`` is capped at ``N - 1``).
         k: Which neighbour.
-        chunk: Rows per block of the search (see :func:`_others_topk`).
+        chunk: Rows per block of an exact search (see :func:`~twinview.evaluate.neighbours.neighbour_graph`).
+        graph: The features' neighbour graph with at least ``k`` neighbours, if already searched.
 
     Returns:
         ``(N,)`` float32 on the CPU.
     """
     n = features.shape[0]
-    x = F.normalize(features.float(), dim=1)  # (N, D)
-    _, sim = _others_topk(x, torch.arange(n, device=x.device), min(k, n - 1), chunk)  # (N, k)
+    _, sim = (graph or neighbour_graph(features, k, chunk)).first(min(k, n - 1))  # (N, k)
     return (1 - sim[:, -1]).cpu()
 
 
@@ -334,7 +316,8 @@ def find_leaks(
         thumbs: ``(train (N, 8, 8), test (M, 8, 8))`` thumbnails that confirm a hash match.
         closeness: The least share of the way from the typical cosine to 1 of a cosine leak.
         k: Neighbours that give the typical cosine.
-        chunk: Test rows per block of the search (memory ``chunk x N``).
+        chunk: Test rows per block of an exact search (memory ``chunk x N``; faiss from
+            :data:`~twinview.evaluate.neighbours.FAISS_MIN_ROWS` training rows, where installed).
 
     Returns:
         One leak per leaked test image, in test order: with the training image whose hash matched
@@ -346,14 +329,8 @@ def find_leaks(
     a = F.normalize(train.float(), dim=1)  # (N, D)
     b = F.normalize(test.float(), dim=1)  # (M, D)
     top = min(k + 1, len(a))
-    chunk = chunk or max(1, min(CHUNK, BLOCK_FLOATS // max(1, len(a))))
-    sims_parts, idx_parts = [], []
-    for start in range(0, len(b), chunk):
-        found = (b[start : start + chunk] @ a.T).topk(top, dim=1)  # (m, top)
-        sims_parts.append(found.values)
-        idx_parts.append(found.indices)
-    sims = torch.cat(sims_parts).cpu() if sims_parts else torch.zeros(0, top)  # (M, top)
-    idx = torch.cat(idx_parts).cpu() if idx_parts else torch.zeros(0, top, dtype=torch.long)
+    idx, sims = cross_topk(b, a, top, chunk)  # (M, top)
+    idx, sims = idx.cpu(), sims.cpu()
     typical = sims[:, 1:].median(dim=1).values if top > 1 else torch.full((len(b),), -2.0)  # (M,)
     if hashes is not None:
         hash_idx, hash_dist = nearest_hashes(hashes[1], hashes[0])
@@ -472,6 +449,8 @@ def auto_num_clusters(n: int) -> int:
 
 def _kmeans_labels(x: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
     """k-means labels of the rows of ``x`` (seeded)."""
+    if uses_faiss(len(x)):  # scikit-learn's mini-batches take minutes at a million rows; faiss seconds
+        return _faiss_kmeans_labels(x, num_clusters, seed)
     # Full-batch Lloyd iterations cost N x K x D per step and per restart; up to ~20k rows that is
     # cheap and gives the best partition. Above, mini-batches reach nearly the same inertia in a
     # fraction of the time and memory.
@@ -480,6 +459,18 @@ def _kmeans_labels(x: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
     else:
         model = MiniBatchKMeans(num_clusters, batch_size=MINIBATCH_SIZE, n_init=MINIBATCH_INITS, random_state=seed)
     return model.fit_predict(x)
+
+
+def _faiss_kmeans_labels(x: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
+    """faiss's k-means (Lloyd on a sample of at most 256 rows per centroid, the best of
+    :data:`MINIBATCH_INITS` seeded runs), then every row's nearest centroid."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    kmeans = faiss.Kmeans(x.shape[1], num_clusters, niter=20, nredo=MINIBATCH_INITS, seed=seed, verbose=False)
+    kmeans.train(x)
+    _, labels = kmeans.index.search(x, 1)
+    return labels[:, 0].astype(np.int64)
 
 
 def _by_size(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
@@ -648,4 +639,4 @@ def self_neighbours(
     if n < 2:
         raise ValueError("neighbours need at least two embeddings.")
     x = F.normalize(features.float(), dim=1)  # (N, D)
-    return _others_topk(x, queries.long().to(x.device), min(k, n - 1), chunk)
+    return exact_others_topk(x, queries.long().to(x.device), min(k, n - 1), chunk)

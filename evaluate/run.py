@@ -9,9 +9,11 @@ of a pretraining run, and every section has its own function below.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -207,6 +209,62 @@ def detect_leaks(
     test_names = [str(f) for f in test.index.files]
     exact = [_same_file(test_names[x.test], train_names[x.train]) for x in found]
     return found, exact, write_leaks_csv(found, train_names, test_names, exact, Path(out_dir) / "leaks.csv")
+
+
+def leaks_explorer(
+    train_features: torch.Tensor,
+    test_features: torch.Tensor,
+    train: LabelledImages,
+    test: LabelledImages,
+    leaks: Sequence[Leak],
+    path: Path,
+    *,
+    map_method: str = "auto",
+    seed: int = 0,
+    workers: int = 2,
+) -> tuple[Path, str]:
+    """The explorer (:mod:`twinview.evaluate.explorer`) of both splits on one map: points coloured
+    by split, the leaked test images and their training twins flagged ``leaks``, each image's
+    nearest neighbours over both splits; thumbnails from one more decoding pass.
+
+    Returns:
+        The page, and the name of the map's method.
+    """
+    import itertools
+
+    from twinview.evaluate.explorer import (
+        ExplorerPoints,
+        nearest_neighbours,
+        project,
+        thumbnail_batches,
+        write_explorer,
+        write_sprites,
+    )
+
+    features = torch.cat([train_features, test_features])
+    n_train = len(train_features)
+    names = [str(f) for f in train.index.files] + [str(f) for f in test.index.files]
+    layout = project(features, map_method, seed=seed)
+    neighbours, sims = nearest_neighbours(features)
+    batches = itertools.chain(thumbnail_batches(train, workers=workers), thumbnail_batches(test, workers=workers))
+    sprites = write_sprites(batches, path)
+    notes = [""] * len(names)
+    for x in leaks:
+        notes[n_train + x.test] = f"leaked: a near-duplicate of training image {Path(names[x.train]).name}"
+        notes[x.train] = f"has a near-duplicate in the test split: {Path(names[n_train + x.test]).name}"
+    points = ExplorerPoints(
+        names,
+        layout,
+        neighbours,
+        sims,
+        np.repeat([0, 1], [n_train, len(test_features)]),
+        [f"train ({n_train:,} images)", f"test ({len(test_features):,} images)"],
+        "split",
+        flags={"leaks": sorted({r for x in leaks for r in (x.train, n_train + x.test)})},
+        notes=notes,
+    )
+    title = f"{len(test_features):,} test and {n_train:,} training images: {len(leaks)} leaked"
+    return write_explorer(points, sprites, path, title), layout.method
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -1,8 +1,9 @@
 """``twinview search``: the nearest rows of an embedding file to a few query embeddings.
 
-Exact cosine search, read a batch of rows at a time with a running top-k, so the index never has to
-fit in memory. There is no approximate index: exact search of 10 queries against 50,000 rows takes
-well under a second on a CPU (docs/BENCHMARKS.md), and faiss is not a dependency.
+Exact cosine search, read a batch of rows at a time with a running top-k, so the embeddings never
+have to fit in memory: 10 queries against 50,000 rows take well under a second on a CPU
+(docs/BENCHMARKS.md). Where ``twinview embed --index ivf|hnsw`` wrote a faiss index beside the file
+(:mod:`twinview.evaluate.neighbours`), the index answers instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from twinview.evaluate.embedding_file import iter_embedding_file
+from twinview.evaluate.neighbours import index_file, index_search, open_index_file
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,13 @@ class Hits:
         rows: ``(Q, k)`` row numbers in the embedding file.
         similarities: ``(Q, k)`` cosine similarities.
         names: ``Q`` lists of ``k`` paths (or row ids).
+        engine: ``exact``, or the faiss index beside the file that answered.
     """
 
     rows: torch.Tensor
     similarities: torch.Tensor
     names: list[list[str]]
+    engine: str = "exact"
 
 
 def running_topk(
@@ -66,6 +70,17 @@ def search(queries: torch.Tensor, index: Path, k: int = 10, batch_rows: int = 65
     Raises:
         ValueError: If the widths of the queries and the file differ.
     """
+    opened = open_index_file(index)
+    if opened is not None:  # twinview embed --index: faiss
+        faiss_index, made = opened
+        if made["dims"] != queries.shape[1]:
+            raise ValueError(
+                f"'{index}' holds {made['dims']}-dim embeddings, the queries have {queries.shape[1]}: "
+                "search with the model that made the file."
+            )
+        best = index_search(faiss_index, queries, k)
+        engine = f"faiss {made['kind'].upper()} index {index_file(index).name} ({made['rows']:,} rows)"
+        return _named(best, index, batch_rows, engine)
     q = F.normalize(queries.float(), dim=1)
     best = (torch.empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.long))
     for block in iter_embedding_file(index, batch_rows, columns=("embedding",)):
@@ -75,8 +90,14 @@ def search(queries: torch.Tensor, index: Path, k: int = 10, batch_rows: int = 65
                 "search with the model that made the file."
             )
         best = running_topk(best, q @ F.normalize(block.embeddings, dim=1).T, block.start, k)
-    wanted = set(best[1].flatten().tolist())
+    return _named(best, index, batch_rows, "exact")
+
+
+def _named(best: tuple[torch.Tensor, torch.Tensor], index: Path, batch_rows: int, engine: str) -> Hits:
+    """The hits with the names of their rows (read from the file)."""
+    wanted = set(best[1].flatten().tolist()) - {-1}
     found: dict[int, str] = {}
     for block in iter_embedding_file(index, batch_rows, columns=("path",)):  # only the names of the hits
         found |= {r: n for r, n in enumerate(block.names, start=block.start) if r in wanted}
-    return Hits(best[1], best[0], [[found[r] for r in row] for row in best[1].tolist()])
+    names = [[found[r] for r in row if r >= 0] for row in best[1].tolist()]
+    return Hits(best[1], best[0], names, engine)

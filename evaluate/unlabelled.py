@@ -28,6 +28,7 @@ from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
     OUTLIER_K,
     RELATIVE_CLOSENESS,
+    RELATIVE_K,
     RULES,
     Clusters,
     DuplicatePair,
@@ -46,6 +47,7 @@ from twinview.evaluate.label_free import (
     write_duplicates_csv,
     write_outliers_csv,
 )
+from twinview.evaluate.neighbours import NeighbourGraph, neighbour_graph
 from twinview.evaluate.perceptual import MAX_DISTANCE, ImageScan, hash_pairs, scan_images
 from twinview.evaluate.results import ClusterSizes, Diagnostics, DuplicatePairs, LabelFreeResult, Outliers
 from twinview.evaluate.run import feature_diagnostics, view_alignment
@@ -56,6 +58,8 @@ OUTLIERS_SHOWN = 25  # images in the outliers grid (all are in outliers.csv)
 DUPLICATES_SHOWN = 30  # pairs drawn (all are in duplicates.csv)
 TOP_PAIRS = 20  # pairs listed in the report's table
 CLUSTER_IMAGES = 8  # most central images shown per cluster
+DUPLICATE_K = 10  # near-duplicates among each image's 10 nearest others
+NEIGHBOURS = 10  # listed by the explorer on click
 LOOKALIKE_MARGIN = 0.01  # warn when the median nearest-neighbour cosine is this close to the threshold
 
 
@@ -134,11 +138,14 @@ def evaluate_unlabelled(
     features = trained.rows.embeddings
     copies = features if mirrored is None else mirror_invariant(features, mirrored)
     scan = scan_images(good, workers=scan_workers) if scan_workers >= 0 else None  # -1: no extra pass
+    # each image's nearest others, searched once per embedding (exact, or faiss for large sets)
+    copies_graph = neighbour_graph(copies.to(device), max(DUPLICATE_K, RELATIVE_K + 1))
+    graph = neighbour_graph(features.to(device), max(OUTLIER_K, NEIGHBOURS))
     duplicates, drawn, pairs = duplicates_section(
-        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, scan
+        copies.to(device), trained.rows.names, image, out_dir, threshold, plots_dir, scan, copies_graph
     )
     outliers, unusual, unusual_rows = outliers_section(
-        features.to(device), trained.rows.names, image, out_dir, plots_dir, scan
+        features.to(device), trained.rows.names, image, out_dir, plots_dir, scan, graph
     )
     similarity = backbones[trained.name].similarity
     typical = similarity.nn_cosine.p50 if similarity is not None else 0.0
@@ -177,6 +184,7 @@ def evaluate_unlabelled(
         clusters,
         pairs,
         unusual_rows,
+        graph,
         Path(out_dir) / "explorer.html",
         f"{len(trained.rows.names):,} images of {source}" if source else f"{len(trained.rows.names):,} images",
         map_method=map_method,
@@ -204,6 +212,7 @@ def explorer_page(
     clusters: Clusters,
     pairs: Sequence[DuplicatePair],
     unusual: OutlierRows,
+    graph: NeighbourGraph,
     path: Path,
     title: str,
     *,
@@ -229,7 +238,7 @@ def explorer_page(
     )
 
     layout = project(features, map_method, seed=seed)
-    neighbours, sims = nearest_neighbours(features)
+    neighbours, sims = nearest_neighbours(features, graph=graph)
     sprites = write_sprites(thumbnail_batches(dataset, workers=workers), path)
     notes: list[list[str]] = [[] for _ in names]
     for p in pairs:
@@ -248,7 +257,7 @@ def explorer_page(
         clusters.labels.cpu().numpy(),
         [f"{g} ({n} images)" for g, n in enumerate(clusters.sizes)],
         "cluster",
-        flags={"duplicate": sorted({r for p in pairs for r in (p.a, p.b)}), "outlier": unusual.shown()},
+        flags={"duplicates": sorted({r for p in pairs for r in (p.a, p.b)}), "outliers": unusual.shown()},
         notes=["; ".join(n) for n in notes],
     )
     return write_explorer(points, sprites, path, title), layout.method
@@ -295,6 +304,7 @@ def duplicates_section(
     threshold: float,
     plots_dir: Path,
     scan: ImageScan | None = None,
+    graph: NeighbourGraph | None = None,
 ) -> tuple[DuplicatePairs, str, list[DuplicatePair]]:
     """Near-duplicate pairs (byte copies flagged) to ``duplicates.csv``, and their grid: embeddings
     at or above ``threshold``, mutual nearest neighbours that stand out
@@ -311,7 +321,12 @@ def duplicates_section(
         DuplicatePair(p.a, p.b, float("nan"), rule="hash", hash_distance=p.distance)
         for p in (hash_pairs(scan.hashes, thumbs=scan.thumbs) if scan is not None else [])
     ]
-    found = merge_pairs(features, by_hash, near_duplicates(features, threshold), relative_duplicates(features))
+    found = merge_pairs(
+        features,
+        by_hash,
+        near_duplicates(features, threshold, DUPLICATE_K, graph=graph),
+        relative_duplicates(features, graph=graph),
+    )
     pairs = mark_exact(found, lambda i: content_digest(names[i], image, i))
     csv_path = write_duplicates_csv(pairs, names, Path(out_dir) / "duplicates.csv")
     shown = pairs[:DUPLICATES_SHOWN]
@@ -344,6 +359,7 @@ def outliers_section(
     out_dir: Path,
     plots_dir: Path,
     scan: ImageScan | None,
+    graph: NeighbourGraph | None = None,
 ) -> tuple[Outliers, str, OutlierRows]:
     """Each image's uniqueness (:func:`~twinview.evaluate.label_free.uniqueness`) and flags to
     ``outliers.csv``, most unusual first, and a grid of the :data:`OUTLIERS_SHOWN` most unusual.
@@ -353,7 +369,7 @@ def outliers_section(
     """
     from twinview.evaluate import plots
 
-    scores = uniqueness(features, OUTLIER_K)
+    scores = uniqueness(features, OUTLIER_K, graph=graph)
     std = scan.pixel_std if scan is not None else np.full(len(names), np.inf)
     sizes = [_file_size(name) for name in names]
     sides = [min(s) for s in sizes if s is not None]

@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -277,6 +278,26 @@ def test_leaks_between_two_unlabeled_splits(
     )
     assert Path(rows["flip_of_010.png"]["train_image"]).name == "img_010.png"
     assert rows["flip_of_010.png"]["exact"] == "false" and "hash" in rows["flip_of_010.png"]["rule"]
+    # the explorer shows both splits, the leaked test images and their training twins flagged
+    assert f"explorer: {out / 'explorer.html'}" in printed
+    data = _explorer_data(out / "explorer.html")
+    names = [data["prefix"] + n for n in data["names"]]
+    assert data["groupKind"] == "split" and data["groupNames"] == ["train (28 images)", "test (6 images)"]
+    assert [data["group"][names.index(str(test / f"own_{i}.png"))] for i in range(4)] == [1] * 4
+    flagged = {Path(names[r]).name for r in data["flags"]["leaks"]}
+    assert flagged == {"same_as_003.png", "img_003.png", "flip_of_010.png", "img_010.png"}
+    assert (
+        "leaked: a near-duplicate of training image img_003.png"
+        in data["notes"][names.index(str(test / "same_as_003.png"))]
+    )
+
+
+def _explorer_data(page: Path) -> dict[str, Any]:
+    """The JSON an explorer page reads."""
+    text = page.read_text()
+    start = text.index('id="explorer-data">') + len('id="explorer-data">')
+    data: dict[str, Any] = json.loads(text[start : text.index("</script>", start)])
+    return data
 
 
 def test_the_explorer_lists_the_neighbours_twinview_search_finds(
@@ -320,3 +341,32 @@ def test_the_explorer_lists_the_neighbours_twinview_search_finds(
     assert len(shown) == 10  # k on the page: 10 (search was asked for 11, the first being the query itself)
     assert [n for n, _ in shown] == [n for n, _ in expected]
     assert np.allclose([s for _, s in shown], [s for _, s in expected], atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_embed_writes_a_faiss_index_that_search_uses(
+    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, kind: str
+) -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install twinview[scale])")
+    run_dir, folder = unlabelled_run
+    exact, indexed = tmp_path / "exact.parquet", tmp_path / "indexed.parquet"
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(exact)]) == 0
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(indexed), "--index", kind]) == 0
+    assert f"Wrote a faiss {kind.upper()} index to {indexed}.faiss" in capsys.readouterr().out
+
+    def search(index: Path) -> tuple[list[str], str]:
+        query = ["--query", str(folder / "img_017.png"), "--k", "5", "--out", str(tmp_path / "s.png")]
+        assert main(["search", str(run_dir), "--index", str(index), *query]) == 0
+        captured = capsys.readouterr()
+        return [line.rsplit(maxsplit=1)[-1] for line in captured.out.splitlines()[1:6]], captured.err
+
+    by_exact, said = search(exact)
+    assert "search: exact" in said
+    by_index, said = search(indexed)
+    assert f"search: faiss {kind.upper()} index indexed.parquet.faiss (28 rows)" in said
+    assert by_index == by_exact  # 28 rows: one IVF cell, or every HNSW node visited
+    # an index of an earlier version of the file is refused, not trusted
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(indexed), "--overwrite"]) == 0
+    query = ["--query", str(folder / "img_017.png"), "--out", str(tmp_path / "s.png")]
+    assert main(["search", str(run_dir), "--index", str(indexed), *query]) == 2
+    assert "indexes an earlier version" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from twinview.evaluate.config import DUPLICATE_THRESHOLD
+from twinview.evaluate.config import DUPLICATE_THRESHOLD, MAP_METHODS, TSNE_MAX_ROWS
 from twinview.pretrain import __version__
 from twinview.pretrain.config import ConfigError, shipped_recipes
 from twinview.pretrain.data.decode import BadImage
@@ -65,21 +65,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", default=None, help="images to inspect without labels: anything data.path accepts")
     p.add_argument("--split", default="train", help="split of a Hugging Face --data source (default: train)")
-    p.add_argument(
-        "--duplicate-threshold",
-        type=float,
-        default=None,
-        metavar="COS",
-        help=f"near-duplicate cosine (default {DUPLICATE_THRESHOLD})",
-    )
+    _add_duplicate_threshold(p)
     p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means clusters (default: from N)")
-    p.add_argument(
-        "--map",
-        choices=("auto", "umap", "tsne", "pca"),
-        default="auto",
-        help="the explorer's 2-D map of --data (default auto: UMAP where umap-learn is installed, else t-SNE up "
-        "to 20,000 images, else PCA)",
-    )
+    _add_map(p)
     p.add_argument(
         "--out",
         default=None,
@@ -171,6 +159,13 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="embeddings.parquet or embeddings.npy")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding type in the file")
+    p.add_argument(
+        "--index",
+        choices=("ivf", "hnsw"),
+        default=None,
+        help="also write a faiss index beside the file (FILE.faiss), which twinview search then uses; needs "
+        "pip install twinview[scale]",
+    )
     p.add_argument("--split", default="train", help="split of a Hugging Face source (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.batch_size=256 data.num_workers=4")
@@ -223,11 +218,21 @@ def _add_leaks(sub: argparse._SubParsersAction) -> None:
         help="test images that are near-duplicates of training images (no labels needed)",
         description="Compare two splits: every test image whose nearest training image is at the near-duplicate "
         "cosine, or whose perceptual hash (or its mirror's) is within 10 of 64 bits of a training image's, goes to "
-        "leaks.csv (test image, training image, cosine, byte copy, rule). Uses the given run's or export's backbone.",
+        "leaks.csv (test image, training image, cosine, byte copy, rule), and explorer.html shows both splits on one "
+        "map with the leaks flagged. Uses the given run's or export's backbone.",
     )
     p.add_argument("model", metavar="RUN_DIR_OR_EXPORT", help="a run directory or a folder written by twinview export")
     p.add_argument("--train", required=True, help="the training images: anything data.path accepts")
     p.add_argument("--test", required=True, help="the test images")
+    _add_duplicate_threshold(p)
+    _add_map(p)
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="where leaks.csv and explorer.html go (default: MODEL/leaks)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="of the model's config, e.g. data.num_workers=4")
+
+
+def _add_duplicate_threshold(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--duplicate-threshold",
         type=float,
@@ -235,8 +240,16 @@ def _add_leaks(sub: argparse._SubParsersAction) -> None:
         metavar="COS",
         help=f"near-duplicate cosine (default {DUPLICATE_THRESHOLD})",
     )
-    p.add_argument("--out", default=None, metavar="DIR", help="where leaks.csv goes (default: MODEL/leaks)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="of the model's config, e.g. data.num_workers=4")
+
+
+def _add_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--map",
+        choices=MAP_METHODS,
+        default="auto",
+        help="the explorer's 2-D map (default auto: UMAP where umap-learn is installed, else t-SNE up to "
+        f"{TSNE_MAX_ROWS:,} images, else PCA)",
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,10 @@ def embed_images(
 def run_embed(args: argparse.Namespace) -> int:
     """``twinview embed MODEL --data SOURCE --out FILE ...``"""
     from twinview.evaluate.embed import skipped_file
+    from twinview.evaluate.neighbours import faiss_available, write_index_file
 
+    if args.index and not faiss_available():
+        raise ValueError(f"--index {args.index} needs faiss: pip install twinview[scale] (or faiss-cpu).")
     model = load_model(Path(args.run_dir), args.overrides)
     accelerator = launched_accelerator()
     source = resolve_source(absolute_source(args.data), split=args.split, survey=False)
@@ -107,6 +111,10 @@ def run_embed(args: argparse.Namespace) -> int:
     )
     if summary.skipped:
         main_print(f"Skipped {len(summary.skipped)} image(s) that could not be decoded: {skipped_file(summary.out)}")
+    if args.index and (accelerator is None or accelerator.is_main_process):
+        started = time.perf_counter()
+        written = write_index_file(Path(args.out), args.index, seed=model.cfg.train.seed)
+        print(f"Wrote a faiss {args.index.upper()} index to {written} in {time.perf_counter() - started:.0f} s.")
     return 0
 
 
@@ -197,6 +205,7 @@ def run_search(args: argparse.Namespace) -> int:
     found = search_images(model, Path(args.index), args.query, args.k)
     for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    print(f"search: {found.hits.engine}", file=sys.stderr)
     for name, row, sims in zip(found.queries, found.hits.names, found.hits.similarities.tolist(), strict=True):
         print(name)
         for rank, (other, sim) in enumerate(zip(row, sims, strict=True), start=1):

@@ -152,6 +152,7 @@ def evaluate_label_free(
     from twinview.evaluate.config import DUPLICATE_THRESHOLD
     from twinview.evaluate.embed import skipped_file
     from twinview.evaluate.embedding_file import read_embedding_file
+    from twinview.evaluate.neighbours import engine_note
     from twinview.evaluate.unlabelled import Embedded, evaluate_unlabelled
 
     dataset = open_images(source, model.cfg.data.size, strict=True)  # a bad image is listed, not replaced
@@ -171,6 +172,7 @@ def evaluate_label_free(
             embed_images(model, embedder, source, dataset, files[name], mirrored=mirrored, desc=desc)
     if accelerator is not None and not accelerator.is_main_process:
         return None
+    print(f"neighbour search of {len(dataset):,} images: {engine_note(len(dataset), trained.device)}")
     skipped = out_dir / "skipped_data.txt"
     listed = skipped_file(files["pretrained"])
     if listed.is_file():

@@ -15,8 +15,10 @@ from twinview.pretrain.runs import CONFIG_FILE
 
 
 def run(args: argparse.Namespace) -> int:
-    """Embeds both sources with the model's backbone, hashes them, and writes ``leaks.csv``."""
-    from twinview.evaluate.run import detect_leaks
+    """Embeds both sources with the model's backbone, hashes them, and writes ``leaks.csv`` and an
+    explorer of both splits (``explorer.html``)."""
+    from twinview.evaluate.neighbours import engine_note
+    from twinview.evaluate.run import detect_leaks, leaks_explorer
 
     model = load_model(Path(args.model), args.overrides)
     kind = "the run's trained backbone" if (model.path / CONFIG_FILE).is_file() else "the exported backbone"
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     embedder = model.embedder()
     train_x, _ = embedder.features(train, out / "features")
     test_x, _ = embedder.features(test, out / "features")
+    print(f"neighbour search of {len(train):,} training images: {engine_note(len(train))}")
     threshold = DUPLICATE_THRESHOLD if args.duplicate_threshold is None else args.duplicate_threshold
     found, exact, path = detect_leaks(
         train_x, test_x, train, test, out, workers=model.cfg.data.num_workers, threshold=threshold
@@ -40,4 +43,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if share > LEAK_WARN_FRACTION:
         print("warning: scores on this test set are inflated; evaluate on the test images that did not leak")
+    page, method = leaks_explorer(
+        train_x,
+        test_x,
+        train,
+        test,
+        found,
+        out / "explorer.html",
+        map_method=args.map,
+        seed=model.cfg.train.seed,
+        workers=model.cfg.data.num_workers,
+    )
+    print(f"explorer: {page} (map: {method}; both splits, leaks flagged); open it in a browser")
     return 0

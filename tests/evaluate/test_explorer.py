@@ -128,7 +128,7 @@ def _points(names: list[str], k: int = 2) -> ExplorerPoints:
         np.full((n, k), 0.5, dtype=np.float32),
         np.zeros(n, dtype=np.int64),
         ["0 (all)"],
-        flags={"duplicate": [2, 0], "outlier": []},
+        flags={"duplicates": [2, 0], "outliers": []},
     )
 
 
@@ -138,7 +138,7 @@ def test_page_data_shortens_names_and_refuses_mismatched_parts(tmp_path: Path) -
     data = page_data(_points(names), sprites)
 
     assert data["prefix"] == "/data/photos/" and data["names"] == ["a/1.jpg", "b/2.jpg", "a/3.jpg"]
-    assert data["k"] == 2 and data["neighbours"] == [1, 2, 2, 0, 0, 1] and data["flags"]["duplicate"] == [0, 2]
+    assert data["k"] == 2 and data["neighbours"] == [1, 2, 2, 0, 0, 1] and data["flags"]["duplicates"] == [0, 2]
     fewer = write_sprites(_flat_thumbs(_colours(2), 8), tmp_path / "q.html")
     with pytest.raises(ValueError, match="3 names, 3 map points, 3 groups, 3 neighbour rows and 2 thumbnails"):
         page_data(_points(names), fewer)

@@ -53,7 +53,7 @@ def _page(folder: Path, inline: bool) -> tuple[Path, ExplorerPoints, np.ndarray]
         sims,
         np.arange(N) % 4,
         [f"{g} (16 images)" for g in range(4)],
-        flags={"duplicate": [3, 10, 42], "outlier": [7], "leak": []},
+        flags={"duplicates": [3, 10, 42], "outliers": [7], "leaks": []},
         notes=[f"note {i}" for i in range(N)],
     )
     page = folder / "explorer.html"
@@ -134,8 +134,8 @@ def test_flag_filters_hide_the_other_points(chromium: str, explorer: Explorer, t
     with BrowserPage(chromium, tmp_path / "profile", page) as view:
         _frame(view)
         assert view.evaluate("document.getElementById('count').textContent") == "64 of 64 images"
-        assert view.evaluate("document.getElementById('flag-leak').disabled") is True  # none to show
-        box = _rect(view, "#flag-duplicate")
+        assert view.evaluate("document.getElementById('flag-leaks').disabled") is True  # none to show
+        box = _rect(view, "#flag-duplicates")
         view.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         assert view.evaluate("document.getElementById('count').textContent") == "3 of 64 images"
         x, y = view.evaluate("explorer.position(11)")  # not a duplicate: hidden, so no tooltip
@@ -144,7 +144,7 @@ def test_flag_filters_hide_the_other_points(chromium: str, explorer: Explorer, t
         x, y = view.evaluate("explorer.position(42)")
         view.mouse("mouseMoved", x, y)
         assert view.evaluate("document.getElementById('tip').dataset.row") == "42"
-        box = _rect(view, "#flag-outlier")  # duplicates or outliers
+        box = _rect(view, "#flag-outliers")  # duplicates or outliers
         view.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         assert view.evaluate("document.getElementById('count').textContent") == "4 of 64 images"
         assert view.problems == []
