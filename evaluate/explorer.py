@@ -6,8 +6,8 @@ page says which). The page (``explorer.html``, :func:`write_explorer`) draws the
 (50,000 points stay smooth: one ``fillRect`` per point, no DOM node per point), shows an image's
 thumbnail on hover, and on click lists its k nearest other images by cosine similarity of the
 embeddings (:func:`nearest_neighbours`: the ranking ``twinview search`` gives for the image, without
-the image itself), its group (k-means cluster or class) and its flags (near-duplicate, outlier,
-leak), with filters by group and flag.
+the image itself; from 100,000 images on a CPU, faiss's approximate graph), its group (k-means
+cluster or class) and its flags (near-duplicate, outlier, leak), with filters by group and flag.
 
 Thumbnails are JPEG sprite sheets (:func:`write_sprites`): inlined into the page as ``data:`` URLs
 up to :data:`INLINE_BYTES`, so small sets give one file to send; beyond, the sheets lie in
@@ -43,6 +43,9 @@ THUMB_SIDE = 64  # pixels of a thumbnail in the sprite sheets (smaller images ke
 SHEET_TILES = 32  # a sheet is 32 x 32 thumbnails (2,048 px square at 64 px)
 INLINE_BYTES = 8 << 20  # sprite sheets up to this total are inlined into the page
 NEIGHBOURS = 10  # nearest images listed on click
+# The page holds every point's name, position and neighbours as JSON (~150 bytes per image) and a
+# browser parses it at once: beyond this many images it is not written (use search and the CSVs).
+MAX_ROWS = 200_000
 JPEG_QUALITY = 80
 FILES_DIR_SUFFIX = "_files"  # explorer.html -> explorer_files/
 
@@ -162,20 +165,28 @@ class Sprites:
     nbytes: int
 
 
-def thumbnail_batches(dataset: Any, side: int = THUMB_SIDE, workers: int = 2, batch: int = 256) -> Iterator[np.ndarray]:
-    """``(m, t, t, 3)`` uint8 thumbnails of a data set's ``(uint8 (3,S,S), label)`` items, in order,
-    made in DataLoader workers; ``t = min(side, S)``."""
-    from torch.utils.data import DataLoader
+class _Thumbnails:
+    """DataLoader collate: ``(uint8 (3,S,S), label)`` items -> ``(m, t, t, 3)`` uint8 thumbnails
+    (a class, not a closure, so that workers started by spawn can unpickle it)."""
 
-    def collate(items: list[tuple[torch.Tensor, int]]) -> np.ndarray:
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> np.ndarray:
         images = torch.stack([image for image, _ in items])  # (m, 3, S, S) uint8
-        t = min(side, images.shape[-1])
+        t = min(self.side, images.shape[-1])
         if t != images.shape[-1]:
             images = F.interpolate(images.float(), size=(t, t), mode="bilinear", antialias=True, align_corners=False)
             images = images.round().clamp(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).contiguous().numpy()
 
-    yield from DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate)
+
+def thumbnail_batches(dataset: Any, side: int = THUMB_SIDE, workers: int = 2, batch: int = 256) -> Iterator[np.ndarray]:
+    """``(m, t, t, 3)`` uint8 thumbnails of a data set's ``(uint8 (3,S,S), label)`` items, in order,
+    made in DataLoader workers; ``t = min(side, S)``."""
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_Thumbnails(side))
 
 
 def write_sprites(
@@ -191,24 +202,30 @@ def write_sprites(
         tiles: Thumbnails per sheet row and column.
         inline_bytes: The most bytes inlined.
     """
+    from io import BytesIO
+
     folder = page.with_name(page.stem + FILES_DIR_SUFFIX)
     if folder.exists():
         shutil.rmtree(folder)
     per_sheet = tiles * tiles
-    sheets: list[bytes] = []
+    sheets: list[Path] = []  # written as they fill, so memory holds one sheet
     pending: list[np.ndarray] = []
-    side, count = 0, 0
+    side, count, nbytes = 0, 0, 0
 
     def flush(thumbs: np.ndarray) -> None:
-        canvas = np.full((tiles * side, tiles * side, 3), 255, dtype=np.uint8)
-        for j, thumb in enumerate(thumbs):
-            r, c = divmod(j, tiles)
-            canvas[r * side : (r + 1) * side, c * side : (c + 1) * side] = thumb
-        from io import BytesIO
-
+        nonlocal nbytes
+        filled = np.full((per_sheet, side, side, 3), 255, dtype=np.uint8)
+        filled[: len(thumbs)] = thumbs
+        # (tiles * tiles, s, s, 3) -> rows of tiles: (tiles, s, tiles, s, 3) -> one image
+        sheet = (
+            filled.reshape(tiles, tiles, side, side, 3).transpose(0, 2, 1, 3, 4).reshape(tiles * side, tiles * side, 3)
+        )
         buffer = BytesIO()
-        Image.fromarray(canvas).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        sheets.append(buffer.getvalue())
+        Image.fromarray(sheet).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        folder.mkdir(parents=True, exist_ok=True)
+        sheets.append(folder / f"sheet-{len(sheets):03d}.jpg")
+        sheets[-1].write_bytes(buffer.getvalue())
+        nbytes += buffer.tell()
 
     for batch in batches:
         if len(batch) == 0:
@@ -223,15 +240,12 @@ def write_sprites(
         pending = [held] if len(held) else []
     if pending:
         flush(np.concatenate(pending))
-    nbytes = sum(len(s) for s in sheets)
     if nbytes <= inline_bytes:
-        urls = ["data:image/jpeg;base64," + base64.b64encode(sheet).decode("ascii") for sheet in sheets]
+        urls = ["data:image/jpeg;base64," + base64.b64encode(sheet.read_bytes()).decode("ascii") for sheet in sheets]
+        if folder.exists():
+            shutil.rmtree(folder)
     else:
-        folder.mkdir(parents=True)
-        urls = []
-        for i, sheet in enumerate(sheets):
-            (folder / f"sheet-{i:03d}.jpg").write_bytes(sheet)
-            urls.append(f"{folder.name}/sheet-{i:03d}.jpg")
+        urls = [f"{folder.name}/{sheet.name}" for sheet in sheets]
     return Sprites(tuple(urls), side, tiles, count, nbytes)
 
 
@@ -305,7 +319,7 @@ def write_explorer(points: ExplorerPoints, sprites: Sprites, path: Path, title: 
     """Writes the explorer page (the template ``explorer.html`` of this package, with the data)."""
     template = resources.files("twinview.evaluate").joinpath("explorer.html").read_text(encoding="utf-8")
     data = json.dumps(page_data(points, sprites), separators=(",", ":"), allow_nan=False)
-    data = data.replace("</", "<\\/")  # a name with "</script>" cannot end the data block
+    data = data.replace("<", "\\u003c")  # no name can end the data block or open a comment in it
     before, after = template.split("__DATA__")  # the template holds it once
     title = html.escape(title)
     page = before.replace("__TITLE__", title) + data + after.replace("__TITLE__", title)

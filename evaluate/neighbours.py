@@ -152,7 +152,7 @@ def cross_topk(
         ``(M, k)`` long indices into ``base`` and ``(M, k)`` similarities, most similar first.
     """
     a = F.normalize(base.float(), dim=1)  # (N, D)
-    b = F.normalize(queries.float(), dim=1)  # (M, D)
+    b = F.normalize(queries.float(), dim=1).to(a.device)  # (M, D)
     k = min(k, len(a))
     if uses_faiss(len(a), a.device) and k > 0 and len(b):
         index = ivf_index(a.numpy())
@@ -161,7 +161,7 @@ def cross_topk(
     chunk = chunk or max(1, min(CHUNK, BLOCK_FLOATS // max(1, len(a))))
     parts = [(b[start : start + chunk] @ a.T).topk(k, dim=1) for start in range(0, len(b), chunk)]
     if not parts:
-        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+        return torch.zeros(0, k, dtype=torch.long, device=a.device), torch.zeros(0, k, device=a.device)
     return torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts])
 
 
@@ -204,12 +204,20 @@ def hnsw_index(x: np.ndarray, links: int = 32, ef_search: int = 64) -> Any:
 
 
 def _search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, k)`` similarities and int64 ids, in blocks of :data:`QUERY_BLOCK` queries; a query
-    with fewer than ``k`` candidates in its cells gets id -1 and similarity -inf there."""
+    """``(M, k)`` similarities and int64 ids (``k <= index.ntotal``), in blocks of
+    :data:`QUERY_BLOCK` queries. A query whose visited cells hold fewer than ``k`` rows (faiss
+    answers id -1 there) is searched again in every cell, so no id is ever -1."""
     sims, ids = [], []
     for start in range(0, len(queries), QUERY_BLOCK):
-        s, i = index.search(np.ascontiguousarray(queries[start : start + QUERY_BLOCK], dtype=np.float32), k)
-        sims.append(np.where(i >= 0, s, -np.inf).astype(np.float32))
+        block = np.ascontiguousarray(queries[start : start + QUERY_BLOCK], dtype=np.float32)
+        s, i = index.search(block, k)
+        short = (i < 0).any(axis=1)
+        if short.any() and hasattr(index, "nprobe"):  # an inverted file: visit every cell for these
+            visited = index.nprobe
+            index.nprobe = index.nlist
+            s[short], i[short] = index.search(np.ascontiguousarray(block[short]), k)
+            index.nprobe = visited
+        sims.append(s.astype(np.float32))
         ids.append(i.astype(np.int64))
     return np.concatenate(sims), np.concatenate(ids)
 
@@ -238,9 +246,23 @@ def _index_meta_file(embeddings: Path) -> Path:
     return Path(f"{embeddings}.faiss.json")
 
 
-def _file_stamp(path: Path) -> dict[str, int]:
-    stat = Path(path).stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+STAMP_SAMPLES = 16  # blocks of the embedding file hashed to tell its versions apart
+STAMP_BLOCK = 4096
+
+
+def _file_stamp(path: Path) -> dict[str, Any]:
+    """The file's size and a hash of :data:`STAMP_SAMPLES` blocks spread over it: another version
+    of the file (other embeddings) differs, a copy elsewhere (another mtime) does not, and it
+    costs a few reads, not a pass over gigabytes."""
+    import hashlib
+
+    size = Path(path).stat().st_size
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for i in range(STAMP_SAMPLES):
+            f.seek(max(0, (size - STAMP_BLOCK) * i // max(1, STAMP_SAMPLES - 1)))
+            digest.update(f.read(STAMP_BLOCK))
+    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
 
 
 def write_index_file(embeddings: Path, kind: str, seed: int = 0) -> Path:
@@ -263,9 +285,11 @@ def write_index_file(embeddings: Path, kind: str, seed: int = 0) -> Path:
 
     if kind not in INDEX_KINDS:
         raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got '{kind}'.")
-    parts = [F.normalize(b.embeddings, dim=1).numpy() for b in iter_embedding_file(embeddings, columns=("embedding",))]
-    x = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-    del parts
+    x = np.zeros((0, 0), dtype=np.float32)
+    for block in iter_embedding_file(embeddings, columns=("embedding",)):  # one copy of the rows in memory
+        if block.start == 0:
+            x = np.empty((_row_count(embeddings), block.embeddings.shape[1]), dtype=np.float32)
+        x[block.start : block.start + len(block.embeddings)] = F.normalize(block.embeddings, dim=1).numpy()
     index = ivf_index(x, seed) if kind == "ivf" else hnsw_index(x)
     path = index_file(embeddings)
     temporary = path.with_name(path.name + ".tmp")
@@ -282,6 +306,15 @@ def write_index_file(embeddings: Path, kind: str, seed: int = 0) -> Path:
     }
     _index_meta_file(embeddings).write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def _row_count(embeddings: Path) -> int:
+    """Rows of an embedding file, from its footer (Parquet) or header (``.npy``)."""
+    if Path(embeddings).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(embeddings).metadata.num_rows)
+    return int(np.load(embeddings, mmap_mode="r").shape[0])
 
 
 def open_index_file(embeddings: Path) -> tuple[Any, dict[str, Any]] | None:
@@ -313,6 +346,6 @@ def open_index_file(embeddings: Path) -> tuple[Any, dict[str, Any]] | None:
 def index_search(index: Any, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Q, k)`` cosine similarities and rows of the queries' nearest rows in a faiss index of
     normalised embeddings."""
-    q = F.normalize(queries.float(), dim=1).numpy()
+    q = F.normalize(queries.float(), dim=1).cpu().numpy()
     sims, ids = _search(index, q, min(k, int(index.ntotal)))
     return torch.from_numpy(sims), torch.from_numpy(ids)

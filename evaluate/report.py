@@ -196,7 +196,8 @@ def explorer_section(result: LabelFreeResult) -> Section:
         title="Explorer",
         notes=(
             f"Every image as a point of a 2-D map of the embeddings ({result.map_method}), coloured by cluster: "
-            "hover for the thumbnail, click for the image's nearest neighbours (the ranking twinview search gives), "
+            "hover for the thumbnail, click for the image's nearest neighbours (as twinview search ranks them; from "
+            "100,000 images, faiss's approximate graph), "
             "its cluster and flags; filter by cluster, near-duplicates and outliers. Open the page in a browser; "
             "it needs no network.",
         ),

@@ -248,10 +248,10 @@ def leaks_explorer(
     neighbours, sims = nearest_neighbours(features)
     batches = itertools.chain(thumbnail_batches(train, workers=workers), thumbnail_batches(test, workers=workers))
     sprites = write_sprites(batches, path)
-    notes = [""] * len(names)
+    notes: list[list[str]] = [[] for _ in names]
     for x in leaks:
-        notes[n_train + x.test] = f"leaked: a near-duplicate of training image {Path(names[x.train]).name}"
-        notes[x.train] = f"has a near-duplicate in the test split: {Path(names[n_train + x.test]).name}"
+        notes[n_train + x.test].append(f"leaked: a near-duplicate of training image {Path(names[x.train]).name}")
+        notes[x.train].append(f"has a near-duplicate in the test split: {Path(names[n_train + x.test]).name}")
     points = ExplorerPoints(
         names,
         layout,
@@ -261,7 +261,7 @@ def leaks_explorer(
         [f"train ({n_train:,} images)", f"test ({len(test_features):,} images)"],
         "split",
         flags={"leaks": sorted({r for x in leaks for r in (x.train, n_train + x.test)})},
-        notes=notes,
+        notes=["; ".join(n) for n in notes],
     )
     title = f"{len(test_features):,} test and {n_train:,} training images: {len(leaks)} leaked"
     return write_explorer(points, sprites, path, title), layout.method

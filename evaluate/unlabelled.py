@@ -24,6 +24,7 @@ from twinview.augment.config import AugmentConfig
 from twinview.evaluate.config import DUPLICATE_THRESHOLD
 from twinview.evaluate.dataset import LabelledImages, LabelledSubset
 from twinview.evaluate.embedding_file import EmbeddingRows
+from twinview.evaluate.explorer import MAX_ROWS as EXPLORER_MAX_ROWS
 from twinview.evaluate.features import Embedder
 from twinview.evaluate.label_free import (
     OUTLIER_K,
@@ -177,20 +178,22 @@ def evaluate_unlabelled(
         figures[key] = str(neighbour_grid(e, queries, image, plots_dir / f"{key}.png", device))
     if training_log is not None and training_log.is_file():
         figures["training"] = str(plots.training_curves(training_log, plots_dir / "training.png"))
-    page, method = explorer_page(
-        trained.rows.names,
-        features.to(device),
-        good,
-        clusters,
-        pairs,
-        unusual_rows,
-        graph,
-        Path(out_dir) / "explorer.html",
-        f"{len(trained.rows.names):,} images of {source}" if source else f"{len(trained.rows.names):,} images",
-        map_method=map_method,
-        seed=seed,
-        workers=max(scan_workers, 0),
-    )
+    page, method = Path(), ""
+    if len(features) <= EXPLORER_MAX_ROWS:
+        page, method = explorer_page(
+            trained.rows.names,
+            features.to(device),
+            good,
+            clusters,
+            pairs,
+            unusual_rows,
+            graph,
+            Path(out_dir) / "explorer.html",
+            f"{len(trained.rows.names):,} images of {source}" if source else f"{len(trained.rows.names):,} images",
+            map_method=map_method,
+            seed=seed,
+            workers=max(scan_workers, 0),
+        )
     return LabelFreeResult(
         source=source,
         num_images=len(rows),
@@ -200,7 +203,7 @@ def evaluate_unlabelled(
         clusters=ClusterSizes(len(clusters.sizes), tuple(clusters.sizes), str(clusters_csv)),
         plots=figures,
         outliers=outliers,
-        explorer=str(page),
+        explorer=str(page) if method else "",
         map_method=method,
     )
 

@@ -110,7 +110,9 @@ class DevToolsPipe:
         return message
 
     def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> dict[str, Any]:
-        """Sends a command and returns its result; the events that arrive meanwhile are kept."""
+        """Sends a command and returns its result (within :data:`BROWSER_TIMEOUT_S`); the events
+        that arrive meanwhile are kept."""
+        self.deadline = time.monotonic() + BROWSER_TIMEOUT_S
         call_id = self.send(method, params, session)
         while (message := self.receive(self.deadline)) is not None:
             if message.get("id") == call_id:

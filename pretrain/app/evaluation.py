@@ -302,6 +302,8 @@ def print_leaks(leaks: Leaks) -> None:
 
 def print_label_free(result: LabelFreeResult) -> None:
     """The label-free headline: RankMe and alignment of both backbones, duplicates, clusters."""
+    from twinview.evaluate.explorer import MAX_ROWS as EXPLORER_MAX_ROWS
+
     skipped = f" ({result.skipped} skipped)" if result.skipped else ""
     print(f"{result.num_images:,} images{skipped}")
     for name, d in result.backbones.items():
@@ -328,3 +330,5 @@ def print_label_free(result: LabelFreeResult) -> None:
         )
     if result.explorer:
         print(f"explorer: {result.explorer} (map: {result.map_method}); open it in a browser")
+    else:
+        print(f"explorer: not written for {result.num_images:,} images (at most {EXPLORER_MAX_ROWS:,})")

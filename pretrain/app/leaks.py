@@ -17,6 +17,7 @@ from twinview.pretrain.runs import CONFIG_FILE
 def run(args: argparse.Namespace) -> int:
     """Embeds both sources with the model's backbone, hashes them, and writes ``leaks.csv`` and an
     explorer of both splits (``explorer.html``)."""
+    from twinview.evaluate.explorer import MAX_ROWS as EXPLORER_MAX_ROWS
     from twinview.evaluate.neighbours import engine_note
     from twinview.evaluate.run import detect_leaks, leaks_explorer
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     embedder = model.embedder()
     train_x, _ = embedder.features(train, out / "features")
     test_x, _ = embedder.features(test, out / "features")
-    print(f"neighbour search of {len(train):,} training images: {engine_note(len(train))}")
+    print(f"neighbour search of {len(train):,} training images: {engine_note(len(train), train_x.device)}")
     threshold = DUPLICATE_THRESHOLD if args.duplicate_threshold is None else args.duplicate_threshold
     found, exact, path = detect_leaks(
         train_x, test_x, train, test, out, workers=model.cfg.data.num_workers, threshold=threshold
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if share > LEAK_WARN_FRACTION:
         print("warning: scores on this test set are inflated; evaluate on the test images that did not leak")
+    if len(train) + len(test) > EXPLORER_MAX_ROWS:
+        print(f"explorer: not written for {len(train) + len(test):,} images (at most {EXPLORER_MAX_ROWS:,})")
+        return 0
     page, method = leaks_explorer(
         train_x,
         test_x,

@@ -145,10 +145,11 @@ def test_page_data_shortens_names_and_refuses_mismatched_parts(tmp_path: Path) -
 
 
 def test_a_name_cannot_end_the_pages_data_block(tmp_path: Path) -> None:
-    names = ["x/</script><script>alert(1)</script>.jpg", "x/b.jpg"]
+    names = ["x/</script><script>alert(1)</script>.jpg", "x/<!--<script>b.jpg"]
     sprites = write_sprites(_flat_thumbs(_colours(2), 8), tmp_path / "p.html")
     page = write_explorer(_points(names, k=1), sprites, tmp_path / "p.html", 't <&> "q"').read_text()
 
     block = re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page, re.S)
-    assert block is not None and json.loads(block.group(1))["names"][0] == "</script><script>alert(1)</script>.jpg"
+    assert block is not None and "<" not in block.group(1)
+    assert json.loads(block.group(1))["names"] == ["</script><script>alert(1)</script>.jpg", "<!--<script>b.jpg"]
     assert "<title>t &lt;&amp;&gt; &quot;q&quot;</title>" in page

@@ -78,6 +78,13 @@ def _mean_colour(view: BrowserPage, rect: dict[str, float], inset: float = 4) ->
 
 
 def _frame(view: BrowserPage) -> None:
+    """Waits until every sprite sheet is decoded (sheets beside the page load on first use) and
+    two frames are drawn."""
+    view.evaluate(
+        "Promise.all(Array.from(document.styleSheets).flatMap(s => Array.from(s.cssRules))"
+        ".map(r => r.style && r.style.backgroundImage).filter(b => b && b.startsWith('url('))"
+        ".map(b => { const i = new Image(); i.src = b.slice(5, -2); return i.decode(); }))"
+    )
     view.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
@@ -99,7 +106,8 @@ def test_hover_shows_the_images_own_thumbnail(chromium: str, explorer: Explorer,
             assert view.evaluate("document.getElementById('tip-name').textContent") == f"img_{i:02d}.jpg"
             seen = _mean_colour(view, _rect(view, "#tip-thumb"))
             assert np.abs(seen - colours[i]).max() < 16, (i, seen, colours[i])
-        view.mouse("mouseMoved", 3, 3)  # the empty margin: no point, no tooltip
+        canvas = _rect(view, "#canvas")
+        view.mouse("mouseMoved", canvas["x"] + 3, canvas["y"] + 3)  # the canvas's empty corner: no tooltip
         assert view.evaluate("document.getElementById('tip').style.display") == "none"
         assert view.problems == []
 
