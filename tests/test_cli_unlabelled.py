@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.browser import BrowserPage
 from twinview.evaluate.embedding_file import read_embedding_file
 from twinview.pretrain.app.cli import main
 
@@ -110,6 +111,40 @@ def test_embed_evaluate_search(
     rank, sim, path = lines[1].split()
     assert rank == "1" and path == str(query) and float(sim) == pytest.approx(1.0, abs=1e-4)
     assert len(lines) == 5 and np.asarray(Image.open(grid)).std() > 0
+
+    # the explorer: written beside the report and linked from it; a click on the query's point in a
+    # real browser lists the neighbours that twinview search finds (after the query itself)
+    assert f"explorer: {run_dir / 'explorer.html'}" in printed
+    assert result["explorer"]["page"] == str(run_dir / "explorer.html")
+    assert 'href="explorer.html"' in (run_dir / "report.html").read_text()
+    chromium = shutil.which("chromium")
+    if chromium is None:  # tests/evaluate/test_explorer_browser.py says why it skips
+        return
+    assert (
+        main(["search", str(run_dir), "--index", str(out), "--query", str(query), "--k", "11", "--out", str(grid)]) == 0
+    )
+    found = [line.split() for line in capsys.readouterr().out.splitlines()[2:12]]  # after the query and itself
+    expected = [(path, float(sim)) for _, sim, path in found]
+    names = [str(n) for n in rows.names]
+    with BrowserPage(chromium, tmp_path / "profile", run_dir / "explorer.html") as view:
+        view.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        row = names.index(str(query))
+        x, y = view.evaluate(f"explorer.position({row})")
+        view.click(x, y)
+        assert view.evaluate("explorer.selected()") == row
+        listed = view.evaluate(
+            "Array.from(document.querySelectorAll('#neighbours li'), li => "
+            "[Number(li.dataset.row), Number(li.querySelector('.sim').textContent)])"
+        )
+        assert view.problems == []
+    shown = [(names[r], s) for r, s in listed]
+    assert len(shown) == 10  # k on the page: 10 (search was asked for 11, the first being the query itself)
+    assert np.allclose([s for _, s in shown], [s for _, s in expected], atol=2e-4)
+
+    def by_tie(hits: list[tuple[str, float]]) -> list[set[str]]:  # ties (a byte copy) in either order
+        return [{n for n, s in hits if abs(s - t) < 1e-4} for _, t in hits]
+
+    assert by_tie(shown) == by_tie(expected)
 
 
 def test_embed_equals_the_features_evaluate_caches(image_folder: Path, tmp_path: Path) -> None:
@@ -298,54 +333,6 @@ def _explorer_data(page: Path) -> dict[str, Any]:
     start = text.index('id="explorer-data">') + len('id="explorer-data">')
     data: dict[str, Any] = json.loads(text[start : text.index("</script>", start)])
     return data
-
-
-def test_the_explorer_lists_the_neighbours_twinview_search_finds(
-    unlabelled_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, chromium: str
-) -> None:
-    from tests.browser import BrowserPage
-
-    run_dir, folder = unlabelled_run
-    out = tmp_path / "eval"
-    assert main(["evaluate", str(run_dir), "--data", str(folder), "--out", str(out), "--map", "pca"]) == 0
-    assert "explorer: " in capsys.readouterr().out
-    result = json.loads((out / "eval.json").read_text())["label_free"]
-    page = Path(result["explorer"]["page"])
-    assert page == out / "explorer.html" and result["explorer"]["map"] == "PCA (scikit-learn)"
-    assert 'href="explorer.html"' in (out / "report.html").read_text()
-    index = tmp_path / "photos.parquet"
-    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(index)]) == 0
-    names = [str(n) for n in read_embedding_file(index).names]
-    capsys.readouterr()
-
-    query = folder / "img_017.png"
-    grid = tmp_path / "search.png"
-    assert (
-        main(["search", str(run_dir), "--index", str(index), "--query", str(query), "--k", "11", "--out", str(grid)])
-        == 0
-    )
-    found = [line.split() for line in capsys.readouterr().out.splitlines()[2:12]]  # after the query and itself
-    expected = [(path, float(sim)) for _, sim, path in found]
-    with BrowserPage(chromium, tmp_path / "profile", page) as view:
-        view.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-        row = names.index(str(query))
-        x, y = view.evaluate(f"explorer.position({row})")
-        view.click(x, y)
-        assert view.evaluate("explorer.selected()") == row
-        listed = view.evaluate(
-            "Array.from(document.querySelectorAll('#neighbours li'), li => "
-            "[Number(li.dataset.row), Number(li.querySelector('.sim').textContent)])"
-        )
-        assert view.problems == []
-    shown = [(names[r], s) for r, s in listed]
-    assert len(shown) == 10  # k on the page: 10 (search was asked for 11, the first being the query itself)
-    assert np.allclose([s for _, s in shown], [s for _, s in expected], atol=2e-4)
-
-    # the same names in the same order, but for ties (img_005 and its byte copy have one cosine)
-    def by_tie(found: list[tuple[str, float]]) -> list[set[str]]:
-        return [{n for n, s in found if abs(s - t) < 1e-4} for _, t in found]
-
-    assert by_tie(shown) == by_tie(expected)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
