@@ -3,14 +3,14 @@ with faiss, and the nearest images of one set in another.
 
 Near-duplicates, relative duplicates, uniqueness, the explorer's neighbours and leaks all start from
 this graph. The exact search compares every row with every other in blocks on the embeddings'
-device: right up to ~10^5 rows on a CPU (50,000 rows: ~25 s on 2 cores), but its time grows with
+device: right up to ~10^5 rows on a CPU (50,000 rows of 512: 15 s on 2 cores), but its time grows with
 N^2 (a million rows: hours). From :data:`FAISS_MIN_ROWS` rows on a CPU, where ``faiss`` is installed
 (``pip install twinview[scale]``), the graph comes from a faiss inverted-file index (``IndexIVFFlat``,
 inner product of the normalised embeddings: Jégou et al., "Product quantization for nearest
 neighbor search", 2011, and Johnson et al., "Billion-scale similarity search with GPUs", 2017):
 k-means cells, each row compared only with the rows of its :data:`NPROBE` nearest cells. Its
 recall against the exact graph and its time at a million rows are in docs/BENCHMARKS.md
-(``bench/scale.py``). On a GPU the exact search stays (a million rows take seconds there).
+(``bench/scale.py``). On a GPU the exact search stays (faiss-gpu is not wired in; not measured here).
 """
 
 from __future__ import annotations

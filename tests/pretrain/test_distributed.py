@@ -121,6 +121,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         views_rng.load_state_dict(state)
         out["views_rng"] = (len(state["per_rank"]), first, torch.rand(3, generator=views_rng.generator))
         torch.save(out, f"{out_file}.{rank}")
+        dist.barrier()  # both done before either tears gloo down (a rank leaving early aborted its peer once)
     finally:
         dist.destroy_process_group()
 
