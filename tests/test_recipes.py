@@ -82,7 +82,7 @@ PINNED: dict[str, set[str]] = {
         "train.batch_size",
     },
     "moco-v3-vit-small": {"objective.moco_v3.temperature", "objective.moco_v3.momentum", "optim.base_batch_size"},
-    "simclr-cifar10": {"model.backbone", "objective.name", "objective.simclr.temperature", "train.batch_size"},
+    "simclr-cifar10": {"model.backbone", "objective.name", "train.batch_size"},
     "simclr-imagenet": {"augment.recipe", "model.proj_dim", "objective.name", "optim.base_batch_size"},
     "simclr-photos": {
         "augment.recipe",
