@@ -43,7 +43,7 @@ THUMB_SIDE = 64  # pixels of a thumbnail in the sprite sheets (smaller images ke
 SHEET_TILES = 32  # a sheet is 32 x 32 thumbnails (2,048 px square at 64 px)
 INLINE_BYTES = 8 << 20  # sprite sheets up to this total are inlined into the page
 NEIGHBOURS = 10  # nearest images listed on click
-# The page holds every point's name, position and neighbours as JSON (~150 bytes per image) and a
+# The page holds every point's name, position and neighbours as JSON (8.6 MB for 50,000) and a
 # browser parses it at once: beyond this many images it is not written (use search and the CSVs).
 MAX_ROWS = 200_000
 JPEG_QUALITY = 80
@@ -329,3 +329,33 @@ def write_explorer(points: ExplorerPoints, sprites: Sprites, path: Path, title: 
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(path)
     return path
+
+
+def explore(
+    features: torch.Tensor,
+    names: Sequence[str],
+    thumbnails: Iterable[np.ndarray],
+    groups: np.ndarray,
+    group_names: Sequence[str],
+    group_kind: str,
+    path: Path,
+    title: str,
+    *,
+    flags: Mapping[str, Sequence[int]],
+    notes: Sequence[str] = (),
+    map_method: str = "auto",
+    seed: int = 0,
+    graph: NeighbourGraph | None = None,
+) -> tuple[Path, str]:
+    """Everything of an explorer page from embeddings: the map (:func:`project`), the neighbours
+    (:func:`nearest_neighbours`, from ``graph`` when already searched), the sprite sheets of
+    ``thumbnails`` (:func:`write_sprites`, in row order) and the page (:func:`write_explorer`).
+
+    Returns:
+        The page, and the name of the map's method.
+    """
+    layout = project(features, map_method, seed=seed)
+    neighbours, sims = nearest_neighbours(features, graph=graph)
+    sprites = write_sprites(thumbnails, path)
+    points = ExplorerPoints(names, layout, neighbours, sims, groups, group_names, group_kind, flags, notes)
+    return write_explorer(points, sprites, path, title), layout.method

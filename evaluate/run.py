@@ -232,39 +232,28 @@ def leaks_explorer(
     """
     import itertools
 
-    from twinview.evaluate.explorer import (
-        ExplorerPoints,
-        nearest_neighbours,
-        project,
-        thumbnail_batches,
-        write_explorer,
-        write_sprites,
-    )
+    from twinview.evaluate.explorer import explore, thumbnail_batches
 
-    features = torch.cat([train_features, test_features])
     n_train = len(train_features)
     names = [str(f) for f in train.index.files] + [str(f) for f in test.index.files]
-    layout = project(features, map_method, seed=seed)
-    neighbours, sims = nearest_neighbours(features)
-    batches = itertools.chain(thumbnail_batches(train, workers=workers), thumbnail_batches(test, workers=workers))
-    sprites = write_sprites(batches, path)
     notes: list[list[str]] = [[] for _ in names]
     for x in leaks:
         notes[n_train + x.test].append(f"leaked: a near-duplicate of training image {Path(names[x.train]).name}")
         notes[x.train].append(f"has a near-duplicate in the test split: {Path(names[n_train + x.test]).name}")
-    points = ExplorerPoints(
+    return explore(
+        torch.cat([train_features, test_features]),
         names,
-        layout,
-        neighbours,
-        sims,
+        itertools.chain(thumbnail_batches(train, workers=workers), thumbnail_batches(test, workers=workers)),
         np.repeat([0, 1], [n_train, len(test_features)]),
         [f"train ({n_train:,} images)", f"test ({len(test_features):,} images)"],
         "split",
+        path,
+        f"{len(test_features):,} test and {n_train:,} training images: {len(leaks)} leaked",
         flags={"leaks": sorted({r for x in leaks for r in (x.train, n_train + x.test)})},
         notes=["; ".join(n) for n in notes],
+        map_method=map_method,
+        seed=seed,
     )
-    title = f"{len(test_features):,} test and {n_train:,} training images: {len(leaks)} leaked"
-    return write_explorer(points, sprites, path, title), layout.method
 
 
 def _same_file(a: str, b: str) -> bool:

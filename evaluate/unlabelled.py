@@ -231,18 +231,8 @@ def explorer_page(
     Returns:
         The page, and the name of the map's method.
     """
-    from twinview.evaluate.explorer import (
-        ExplorerPoints,
-        nearest_neighbours,
-        project,
-        thumbnail_batches,
-        write_explorer,
-        write_sprites,
-    )
+    from twinview.evaluate.explorer import explore, thumbnail_batches
 
-    layout = project(features, map_method, seed=seed)
-    neighbours, sims = nearest_neighbours(features, graph=graph)
-    sprites = write_sprites(thumbnail_batches(dataset, workers=workers), path)
     notes: list[list[str]] = [[] for _ in names]
     for p in pairs:
         for me, other in ((p.a, p.b), (p.b, p.a)):
@@ -252,18 +242,21 @@ def explorer_page(
     for i in range(len(names)):
         flag = f", {unusual.flags[i]}" if unusual.flags[i] else ""
         notes[i].append(f"uniqueness {float(unusual.scores[i]):.3f} (rank {rank[i]:,} of {len(names):,}){flag}")
-    points = ExplorerPoints(
+    return explore(
+        features,
         names,
-        layout,
-        neighbours,
-        sims,
+        thumbnail_batches(dataset, workers=workers),
         clusters.labels.cpu().numpy(),
         [f"{g} ({n} images)" for g, n in enumerate(clusters.sizes)],
         "cluster",
+        path,
+        title,
         flags={"duplicates": sorted({r for p in pairs for r in (p.a, p.b)}), "outliers": unusual.shown()},
         notes=["; ".join(n) for n in notes],
+        map_method=map_method,
+        seed=seed,
+        graph=graph,
     )
-    return write_explorer(points, sprites, path, title), layout.method
 
 
 def mirror_invariant(features: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:

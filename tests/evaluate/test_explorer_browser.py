@@ -66,6 +66,12 @@ def _rect(view: BrowserPage, selector: str) -> dict[str, float]:
     return json.loads(box)
 
 
+def _click(view: BrowserPage, selector: str) -> None:
+    """A real mouse click at the centre of the element."""
+    box = _rect(view, selector)
+    view.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+
 def _mean_colour(view: BrowserPage, rect: dict[str, float], inset: float = 4) -> np.ndarray:
     clip = {
         "x": rect["x"] + inset,
@@ -129,8 +135,7 @@ def test_click_lists_the_nearest_neighbours_and_follows_them(chromium: str, expl
         big = _mean_colour(view, _rect(view, "#selected .thumb"))
         assert np.abs(big - colours[10]).max() < 16
 
-        second = _rect(view, "#neighbours li:nth-child(2)")  # a real click on the second neighbour
-        view.click(second["x"] + second["width"] / 2, second["y"] + second["height"] / 2)
+        _click(view, "#neighbours li:nth-child(2)")  # a real click on the second neighbour
         assert view.evaluate("explorer.selected()") == int(points.neighbours[10][1])
         view.call("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape"})
         assert view.evaluate("explorer.selected()") == -1
@@ -143,8 +148,7 @@ def test_flag_filters_hide_the_other_points(chromium: str, explorer: Explorer, t
         _frame(view)
         assert view.evaluate("document.getElementById('count').textContent") == "64 of 64 images"
         assert view.evaluate("document.getElementById('flag-leaks').disabled") is True  # none to show
-        box = _rect(view, "#flag-duplicates")
-        view.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        _click(view, "#flag-duplicates")
         assert view.evaluate("document.getElementById('count').textContent") == "3 of 64 images"
         x, y = view.evaluate("explorer.position(11)")  # not a duplicate: hidden, so no tooltip
         view.mouse("mouseMoved", x, y)
@@ -152,8 +156,7 @@ def test_flag_filters_hide_the_other_points(chromium: str, explorer: Explorer, t
         x, y = view.evaluate("explorer.position(42)")
         view.mouse("mouseMoved", x, y)
         assert view.evaluate("document.getElementById('tip').dataset.row") == "42"
-        box = _rect(view, "#flag-outliers")  # duplicates or outliers
-        view.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        _click(view, "#flag-outliers")  # duplicates or outliers
         assert view.evaluate("document.getElementById('count').textContent") == "4 of 64 images"
         assert view.problems == []
 
