@@ -6,10 +6,15 @@ them runs unchanged on one CPU, one GPU or many processes launched by ``accelera
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from accelerate.state import PartialState
 
 
 def world_size() -> int:
@@ -128,6 +133,54 @@ def use_cpu(cpu_setting: bool) -> bool:
     accelerator only when told ``cpu=True``; otherwise each process trains alone.
     """
     return cpu_setting or not torch.accelerator.is_available()
+
+
+def process_state(cpu_setting: bool) -> PartialState:
+    """Accelerate's process state (device, rank, process count), its process group joined through
+    :func:`join_process_group` first: every entry point asks here rather than ``PartialState()``."""
+    from accelerate.state import PartialState
+
+    cpu = use_cpu(cpu_setting)
+    join_process_group(cpu)
+    return PartialState(cpu=cpu)
+
+
+ROUND_PREFIX = "twinview/round_"  # + torchrun's restart count: the process group's keys in the agent's store
+
+
+def join_process_group(cpu: bool, timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Creates the default process group under torchrun's elastic agent with its keys under a
+    prefix of this round (``TORCHELASTIC_RESTART_COUNT``), so a restarted round never reads the last
+    round's.
+
+    ``torchrun --max-restarts`` (and ``accelerate launch --max_restarts``, which runs the same agent)
+    hands every round of training processes the same store, hosted by the agent for the whole job,
+    and torch's own ``env://`` rendezvous writes the process group's keys there unprefixed (torch
+    2.14: ``torch/distributed/rendezvous.py``, "We create a new TCPStore for every retry so no need to
+    add prefix", which holds for the rendezvous but not for the store the agent keeps). After a
+    ``kill -9`` the restarted round then finds the dead round's keys: a process reads its peer's old
+    gloo address and fails to connect ("Connection refused"), or the round's collectives pair up
+    wrongly and hang (seen in ``tests/pretrain/test_multinode.py``; pytorch/pytorch#135712 reports the
+    same for NCCL's unique id). Each agent counts its own restarts; a failed process fails its
+    whole group on every node, so every agent restarts once per failure and the counts agree.
+
+    A no-op when a process group exists, outside torch's elastic agent, with one process, or on an
+    accelerator other than CUDA (Accelerate's own set-up runs there). The backend is the one
+    Accelerate picks: NCCL on CUDA, gloo on a CPU.
+    """
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = not cpu and torch.cuda.is_available()
+    if world < 2 or (not cpu and not cuda):
+        return
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    round_store = dist.PrefixStore(ROUND_PREFIX + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), agent_store)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=round_store, rank=int(os.environ["RANK"]), world_size=world, timeout=timeout
+    )
 
 
 def cpu_computes_bf16() -> bool:

@@ -215,11 +215,9 @@ def _on_main_shared(cfg: Config, make: Callable[[], T]) -> T:
     error shared with every launched process (an error that cannot be pickled as its text)."""
     import pickle
 
-    from accelerate.state import PartialState
+    from twinview.pretrain.distributed import process_state
 
-    from twinview.pretrain.distributed import use_cpu
-
-    state = PartialState(cpu=use_cpu(cfg.train.cpu))
+    state = process_state(cfg.train.cpu)
     if state.num_processes == 1:
         return make()
     outcome: list[object] = [None]

@@ -213,9 +213,7 @@ def finetune_model(
             before any training.
         FileExistsError: ``out`` holds results and neither ``resume`` nor ``overwrite`` is set.
     """
-    from accelerate import PartialState
-
-    from twinview.pretrain.distributed import use_cpu
+    from twinview.pretrain.distributed import process_state
 
     check_options(options)
     model = load_model(Path(model_path), list(overrides))
@@ -224,7 +222,7 @@ def finetune_model(
     sources = resolve_source(train, survey=False), resolve_source(test, survey=False)
     check_labelled_pair(open_images(sources[0], size), open_images(sources[1], size), ("--train", "--test"))
     budgets = parse_budgets(options.labels)
-    state = PartialState(cpu=use_cpu(False))
+    state = process_state(False)
     train_set = open_labelled(sources[0], size, cfg)
     test_set = open_labelled(sources[1], size, cfg)
     labels, classes = list(train_set.index.labels), list(train_set.index.classes)

@@ -106,8 +106,9 @@ def launched_accelerator() -> Any | None:
         return None
     from accelerate import Accelerator
 
-    from twinview.pretrain.distributed import use_cpu
+    from twinview.pretrain.distributed import join_process_group, use_cpu
 
+    join_process_group(use_cpu(False))
     return Accelerator(cpu=use_cpu(False))  # CPU-only machines: see use_cpu
 
 

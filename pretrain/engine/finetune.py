@@ -43,7 +43,7 @@ from twinview.evaluate.progress import Progress as Bar
 from twinview.evaluate.results import FinetuneScore
 from twinview.pretrain.data.cache import CachedDataset, batched_collate
 from twinview.pretrain.data.loaders import Batches
-from twinview.pretrain.distributed import use_cpu
+from twinview.pretrain.distributed import join_process_group, use_cpu
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
 from twinview.pretrain.engine.optim import cosine_schedule
 from twinview.pretrain.engine.signals import StopRequest, TrainingInterrupted
@@ -151,6 +151,7 @@ def make_accelerator(mixed_precision: str, cpu: bool = False) -> Accelerator:
     pretraining's ``build_run`` does), so a fine-tune may follow a run of another precision in the
     same process (a notebook, a benchmark that pretrains first)."""
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    join_process_group(use_cpu(cpu))
     return Accelerator(
         mixed_precision=mixed_precision,
         cpu=use_cpu(cpu),

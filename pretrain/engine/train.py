@@ -35,7 +35,7 @@ from twinview.pretrain.config import Config, as_dict, save_config
 from twinview.pretrain.data.folder import SkipLog
 from twinview.pretrain.data.loaders import Batches, build_batches
 from twinview.pretrain.data.source import resolve_data, resolve_image_size
-from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, everyone, use_cpu
+from twinview.pretrain.distributed import all_reduce_min, cpu_computes_bf16, everyone, process_state, use_cpu
 from twinview.pretrain.engine.accumulation import Pass, cached_passes, concat, gradient_sync
 from twinview.pretrain.engine.checkpoints import Progress, load_latest, save_checkpoint
 from twinview.pretrain.engine.metrics_log import (
@@ -323,7 +323,7 @@ def run_epochs(run: Run) -> Path:
 
 def current_world(cfg: Config) -> World:
     """The processes and device this run trains on (Accelerate's process state), for the checks."""
-    state = PartialState(cpu=use_cpu(cfg.train.cpu))
+    state = process_state(cfg.train.cpu)
     cuda = state.device.type == "cuda"
     return World(
         processes=state.num_processes,

@@ -223,11 +223,6 @@ def test_the_slurm_script_on_two_nodes_stops_at_its_warning_requeues_and_continu
     assert _steps(run_dir) == _steps(reference["folder"])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known intermittent bug (2026-12-07, open): a kill -9 that lands while a checkpoint is saved can leave "
-    "the restarted round hung at the next save of that epoch, or its gloo mesh unconnected; passes otherwise",
-)
 def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_resumes_exactly(
     tmp_path: Path, data: dict[str, list[str]], reference: dict[str, Path], wait_for_log_lines: object
 ) -> None:
