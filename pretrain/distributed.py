@@ -165,8 +165,9 @@ def join_process_group(cpu: bool, timeout: timedelta = timedelta(minutes=30)) ->
     whole group on every node, so every agent restarts once per failure and the counts agree.
 
     A no-op when a process group exists, outside torch's elastic agent, with one process, or on an
-    accelerator other than CUDA (Accelerate's own set-up runs there). The backend is the one
-    Accelerate picks: NCCL on CUDA, gloo on a CPU.
+    accelerator other than CUDA (Accelerate's own set-up runs there). The backend: NCCL on CUDA, as
+    Accelerate picks; gloo on a CPU, which every torch build has (Accelerate would pick oneCCL or
+    MPI where one is installed).
     """
     if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
