@@ -7,7 +7,6 @@ them runs unchanged on one CPU, one GPU or many processes launched by ``accelera
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -127,12 +126,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def use_cpu(cpu_setting: bool) -> bool:
-    """Whether Accelerate must be told ``cpu=True``: asked for, or no accelerator on the machine.
+    """Whether Accelerate must be told ``cpu=True``: asked for (the setting, or ``accelerate launch
+    --cpu``, which sets ``ACCELERATE_USE_CPU``), or no accelerator on the machine.
 
     Accelerate counts the processes of ``accelerate launch``/``torchrun`` on a machine without an
     accelerator only when told ``cpu=True``; otherwise each process trains alone.
     """
-    return cpu_setting or not torch.accelerator.is_available()
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return cpu_setting or launched_cpu or not torch.accelerator.is_available()
 
 
 def process_state(cpu_setting: bool) -> PartialState:
@@ -146,42 +147,61 @@ def process_state(cpu_setting: bool) -> PartialState:
 
 
 ROUND_PREFIX = "twinview/round_"  # + torchrun's restart count: the process group's keys in the agent's store
+_joins = 0  # process groups this process has joined (a run, then an evaluation, in one process)
 
 
-def join_process_group(cpu: bool, timeout: timedelta = timedelta(minutes=30)) -> None:
+def join_process_group(cpu: bool) -> None:
     """Creates the default process group under torchrun's elastic agent with its keys under a
     prefix of this round (``TORCHELASTIC_RESTART_COUNT``), so a restarted round never reads the last
     round's.
 
     ``torchrun --max-restarts`` (and ``accelerate launch --max_restarts``, which runs the same agent)
     hands every round of training processes the same store, hosted by the agent for the whole job,
-    and torch's own ``env://`` rendezvous writes the process group's keys there unprefixed (torch
-    2.14: ``torch/distributed/rendezvous.py``, "We create a new TCPStore for every retry so no need to
-    add prefix", which holds for the rendezvous but not for the store the agent keeps). After a
-    ``kill -9`` the restarted round then finds the dead round's keys: a process reads its peer's old
-    gloo address and fails to connect ("Connection refused"), or the round's collectives pair up
-    wrongly and hang (seen in ``tests/pretrain/test_multinode.py``; pytorch/pytorch#135712 reports the
-    same for NCCL's unique id). Each agent counts its own restarts; a failed process fails its
-    whole group on every node, so every agent restarts once per failure and the counts agree.
+    and torch's own ``env://`` rendezvous writes the process group's keys there with a prefix that is
+    the same in every round (torch 2.14: ``torch/distributed/rendezvous.py``, "We create a new
+    TCPStore for every retry so no need to add prefix", which holds for the rendezvous but not for
+    the store the agent keeps). After a ``kill -9`` the restarted round then finds the dead round's
+    keys: a process reads its peer's old gloo address and fails to connect ("Connection refused"),
+    or the round's collectives pair up wrongly and hang (seen in ``tests/pretrain/test_multinode.py``;
+    pytorch/pytorch#135712 reports the same for NCCL's unique id). The prefix also counts the groups
+    this process joined, so a second group after the first was destroyed (training, then an
+    evaluation in the same process) does not read the first one's keys either.
+
+    The restart count is each agent's own. With torchrun's static rendezvous (fixed node ranks, as
+    ``examples/slurm/node.sh`` launches) a failed process fails its group on every node, every agent
+    restarts once per failure, and the counts agree. The elastic ``c10d`` rendezvous restarts without
+    counting on a membership change, so there the agent must not share its store with the training
+    processes: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (node.sh exports it), which makes this a no-op
+    and gives every round a fresh store (docs/SCALE.md).
 
     A no-op when a process group exists, outside torch's elastic agent, with one process, or on an
     accelerator other than CUDA (Accelerate's own set-up runs there). The backend: NCCL on CUDA, as
     Accelerate picks; gloo on a CPU, which every torch build has (Accelerate would pick oneCCL or
-    MPI where one is installed).
+    MPI where one is installed). Timeouts are torch's defaults for the backend, as Accelerate leaves
+    them (NCCL 10 minutes, gloo 30).
     """
+    global _joins
     if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = not cpu and torch.cuda.is_available()
     if world < 2 or (not cpu and not cuda):
         return
+    from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
+
+    timeout = default_pg_nccl_timeout if cuda and default_pg_nccl_timeout is not None else default_pg_timeout
     agent_store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
     )
-    round_store = dist.PrefixStore(ROUND_PREFIX + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), agent_store)
+    prefix = f"{ROUND_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/join_{_joins}"
     dist.init_process_group(
-        "nccl" if cuda else "gloo", store=round_store, rank=int(os.environ["RANK"]), world_size=world, timeout=timeout
+        "nccl" if cuda else "gloo",
+        store=dist.PrefixStore(prefix, agent_store),
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        timeout=timeout,
     )
+    _joins += 1
 
 
 def cpu_computes_bf16() -> bool:

@@ -35,6 +35,9 @@ PORT=${MAIN_PORT:-29500}
 # SHUTDOWN_TIMEOUT seconds for them (its default is 30) before it kills them.
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export PET_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
+# With torchrun's elastic c10d rendezvous (--rdzv-backend c10d, not used below) a restarted round gets a
+# fresh store of its own instead of the last round's keys (twinview.pretrain.distributed.join_process_group).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 if [ "${LAUNCHER:-accelerate}" = torchrun ]; then
   exec torchrun --nnodes "$NODES" --node_rank "$NODE" --nproc_per_node "$PROCS" \
