@@ -108,8 +108,9 @@ def launched_accelerator() -> Any | None:
 
     from twinview.pretrain.distributed import join_process_group, use_cpu
 
-    join_process_group(use_cpu(False))
-    return Accelerator(cpu=use_cpu(False))  # CPU-only machines: see use_cpu
+    cpu = use_cpu(False)  # CPU-only machines: see use_cpu
+    join_process_group(cpu)
+    return Accelerator(cpu=cpu)
 
 
 def is_main_process() -> bool:

@@ -151,10 +151,11 @@ def make_accelerator(mixed_precision: str, cpu: bool = False) -> Accelerator:
     pretraining's ``build_run`` does), so a fine-tune may follow a run of another precision in the
     same process (a notebook, a benchmark that pretrains first)."""
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    join_process_group(use_cpu(cpu))
+    on_cpu = use_cpu(cpu)
+    join_process_group(on_cpu)
     return Accelerator(
         mixed_precision=mixed_precision,
-        cpu=use_cpu(cpu),
+        cpu=on_cpu,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
 
